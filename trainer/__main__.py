@@ -1,0 +1,109 @@
+"""The Hydra entry: compose, validate, build, fit, test the best checkpoint, export, report."""
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.checkpoint import load_checkpoint
+from trainer.cli import exit_codes, import_user_modules, resume_argv
+from trainer.config import register_configs, validate
+from trainer.export import export_model
+from trainer.loop import Trainer, pick_device
+from trainer.setup import build_data, build_trainer, find_checkpoint, load_resume_state
+
+log = logging.getLogger("trainer")
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def train(cfg: DictConfig) -> float | None:
+    """Returns the best value of checkpoint.monitor, which Hydra's sweepers optimise."""
+    # Errors are turned into exit codes here, inside the job: past this point Hydra would add its
+    # own report of a failed job to our one-line message.
+    with exit_codes():
+        return run(cfg)
+
+
+def run(cfg: DictConfig) -> float | None:
+    started = time.perf_counter()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    import_user_modules(list(cfg.imports))
+    validate(cfg)
+    device = pick_device(cfg.trainer.device)
+    state = load_resume_state(find_checkpoint(cfg.resume, run_dir), cfg)
+    bundle, loaders = build_data(cfg, device)
+    trainer = build_trainer(cfg, run_dir, device, loaders, None if state is None else state["progress"]["step"])
+    if state is None:
+        sample = torch.stack([bundle.train[i][0] for i in range(min(64, len(bundle.train)))])
+        trainer.metrics.images("train/samples", sample, bundle.mean, bundle.std)
+    else:
+        trainer.load_state_dict(state)
+        p = trainer.progress
+        log.info("resumed %s at epoch %d, batch %d, step %d", cfg.resume, p.epoch, p.batches_in_epoch, p.step)
+    log.info("training %s on %s (%d train / %d val images) on %s, run dir %s", cfg.model.name, cfg.dataset.name,
+             len(bundle.train), len(bundle.val), device, run_dir)
+    trainer.fit()
+    finish(cfg, trainer, bundle, run_dir, started)
+    return trainer.progress.best
+
+
+def finish(cfg: DictConfig, trainer: Trainer, bundle, run_dir: Path, started: float) -> None:
+    """Test the best checkpoint, export it, and write metrics.json and the hparams summary."""
+    best = run_dir / "checkpoints" / "best.pt"
+    if best.is_file():
+        trainer.load_weights(load_checkpoint(best))
+    else:
+        log.warning("no best checkpoint (%s was never finite); testing the last weights", cfg.checkpoint.monitor)
+    test = trainer.evaluate(trainer.loaders.test, cfg.trainer.limit_test_batches, "test")
+    inputs = torch.stack([bundle.test[i][0] for i in range(min(8, len(bundle.test)))])
+    export_started = time.perf_counter()
+    manifest = export_model(trainer.model, inputs, run_dir / "export", list(cfg.export.formats),
+                            tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,
+                            metadata={"model": cfg.model.name, "checkpoint": "checkpoints/best.pt",
+                                      "classes": bundle.classes, "image_size": bundle.image_size,
+                                      "normalization": {"mean": bundle.mean, "std": bundle.std}})
+    trainer.timer.add("export", time.perf_counter() - export_started)
+    p = trainer.progress
+    metrics = {key: p.metrics.get(key) for key in ("train/loss", "train/acc", "val/loss", "val/acc")}
+    metrics.update({"test/loss": test["test/loss"], "test/acc": test["test/acc"], "epochs": p.epoch, "steps": p.step,
+                    "images_per_sec": p.images_trained / max(p.train_time_s, 1e-9),
+                    "train_time_s": p.train_time_s, "wall_time_s": time.perf_counter() - started,
+                    "best": {"monitor": cfg.checkpoint.monitor, "value": p.best, "epoch": p.best_epoch}})
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    trainer.metrics.write(test, step=p.step)
+    trainer.metrics.hparams(_hparams(cfg), {k: v for k, v in metrics.items() if isinstance(v, float)})
+    trainer.metrics.close()
+    log.info("test/loss %.4f  test/acc %.4f  (best %s %.4f at epoch %d)", test["test/loss"], test["test/acc"],
+             cfg.checkpoint.monitor, p.best if p.best is not None else float("nan"), p.best_epoch)
+    log.info("time per phase:\n%s", trainer.timer.table())
+    failed = [fmt for fmt, r in manifest["formats"].items() if "error" in r]
+    if failed:
+        print(f"error: export: {', '.join(failed)} failed (see train.log); the other formats, the checkpoints "
+              f"and metrics.json are written", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _hparams(cfg: DictConfig) -> dict[str, str | float | int | bool]:
+    return {"model": cfg.model.name, "dataset": cfg.dataset.name, "optimizer": cfg.optimizer.name,
+            "scheduler": cfg.scheduler.name, "lr": cfg.optimizer.lr, "batch_size": cfg.loader.batch_size,
+            "max_epochs": cfg.trainer.max_epochs, "precision": str(cfg.trainer.precision), "seed": cfg.seed}
+
+
+def main() -> None:
+    # Hydra would print its own multi-line report and exit 1; we want exceptions back, to exit 2 with
+    # one line for the user's mistakes and 1 with a traceback for the rest.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    with exit_codes():
+        sys.argv = resume_argv(sys.argv)
+        train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The shell around a run: exit codes, one-line errors, the argv of a resume, user imports."""
+import contextlib
+import importlib
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra and OmegaConf explain over several lines with internals; keep what names the key and the fix."""
+    from hydra.errors import MissingConfigException
+    if isinstance(error, MissingConfigException) and error.options:
+        group = (error.missing_cfg_file or "").split("/")[0] or "config"
+        wanted = (error.missing_cfg_file or "").split("/")[-1]
+        return f"{group}={wanted}: no such option; choose one of {', '.join(error.options)}"
+    text = str(error) if error.__cause__ is None else f"{error}: {error.__cause__}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not re.match(r"(full_key|object_type|reference_type|msg)[:=]|Set the environment", ln)]
+    text = " ".join(keep or lines or [type(error).__name__])
+    key = re.search(r"full_key: (\S+)", str(error))
+    if key and key.group(1) not in text:
+        text = f"{key.group(1)}: {text}"
+    return text
+
+
+@contextlib.contextmanager
+def exit_codes() -> Iterator[None]:
+    """0 done; 2 the user's mistake, in one line; 130/143 from the signal guard; 1 anything else, with
+    its traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        yield
+    except UserError as e:
+        _log_to_files(str(e))
+        _fail(2, str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        _fail(2, _one_line(e))
+    except KeyboardInterrupt:
+        _fail(130, "interrupted")
+
+
+def _log_to_files(message: str) -> None:
+    """Into train.log when the run dir exists; the console gets the one line from _fail, not two."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _fail(code: int, message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def import_user_modules(modules: list[str]) -> None:
+    """`imports: [my_pkg.models]`: the user's registrations, without editing this package."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `python -m` puts the working folder on the path; console scripts don't
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"imports: cannot import '{name}' ({e}); run from the folder that holds it "
+                            f"or install it") from None
+        except Exception:
+            raise UserError(f"imports: importing '{name}' failed:\n{traceback.format_exc()}") from None
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`resume=<run dir or checkpoint>` continues that run in its own folder with its own config: the
+    run's saved overrides are replayed under the new ones, and Hydra's run dir is pointed at it."""
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if resume in (None, "auto", "null"):
+        return argv
+    target = Path(resume)
+    if not target.exists():
+        raise UserError(f"resume: {resume} does not exist; give a run dir, a checkpoint file, or auto")
+    run_dir = target if target.is_dir() else target.parent.parent
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        if target.is_dir():
+            raise UserError(f"resume: {resume} is not a run dir (no .hydra/overrides.yaml); give the run's folder "
+                            f"under outputs/, or a checkpoint file")
+        return argv  # a checkpoint outside any run: a new run dir, with the config on this command line
+    from omegaconf import OmegaConf
+    if any(a in ("-m", "--multirun") for a in argv):
+        raise UserError("resume: resuming one run cannot be combined with -m/--multirun")
+    flags, given = [a for a in argv[1:] if a.startswith("-")], [a for a in argv[1:] if not a.startswith("-")]
+    given_keys = {_key(a) for a in given} | {"hydra.run.dir"}
+    replayed = [o for o in OmegaConf.load(saved) if _key(o) not in given_keys]
+    hydra_saved = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.overrides.hydra
+    replayed += [o for o in hydra_saved if _key(o) == "hydra.searchpath" and _key(o) not in given_keys]
+    return [argv[0], *flags, *replayed, *given, f"hydra.run.dir={run_dir.resolve()}"]

@@ -1,0 +1,10 @@
+"""DATASETS entries return a DataBundle; `build_loaders` turns one into DataLoaders."""
+from trainer.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+from trainer.data import synthetic, vision  # noqa: E402,F401  (registers the built-in datasets)
+from trainer.data.arrays import DataBundle  # noqa: E402
+from trainer.data.loader import build_loaders, Loaders  # noqa: E402
+
+__all__ = ["DATASETS", "DataBundle", "Loaders", "build_loaders"]

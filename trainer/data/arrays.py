@@ -1,0 +1,83 @@
+"""Datasets held as one uint8 tensor: decoded once, augmented per sample with transforms.v2."""
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from trainer.errors import UserError
+
+
+@dataclass
+class DataBundle:
+    """What a DATASETS entry returns; the rest of the framework reads only this."""
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list[str]
+    in_channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+
+class ArrayDataset(Dataset):
+    def __init__(self, images: Tensor, labels: Tensor, indices: Tensor | None, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+        self.indices = indices if indices is not None else torch.arange(len(labels))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        j = self.indices[i]
+        return self.transform(self.images[j]), int(self.labels[j])
+
+
+def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float],
+                    resize: int | None) -> v2.Compose:
+    """uint8 CHW image -> optional resize -> augmentation steps by name -> float, normalised."""
+    steps: list[Callable] = [v2.Resize(resize, antialias=True)] if resize else []
+    for spec in augment:
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        step = getattr(v2, str(name), None)
+        if not (isinstance(step, type) and issubclass(step, v2.Transform)):
+            raise UserError(f"dataset.augment: '{name}' is not a torchvision.transforms.v2 transform "
+                            f"(e.g. RandomCrop, RandomHorizontalFlip, ColorJitter)")
+        try:
+            steps.append(step(**spec))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"dataset.augment: {name}({spec}) is invalid: {e}") from None
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def bundle_from_arrays(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], classes: list[str], *,
+                       val_split: float, augment: Sequence[dict], mean: Sequence[float], std: Sequence[float],
+                       image_size: int, split_seed: int = 0) -> DataBundle:
+    """Split off a validation set (fixed by split_seed, so every run seed validates on the same images)
+    and attach the train transform to the training part only."""
+    images, labels = train
+    channels, native_size = images.shape[1], images.shape[-1]
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) != channels:
+            raise UserError(f"dataset.{key}: needs {channels} values (one per channel), got {list(values)}")
+    resize = image_size if image_size != native_size else None
+    train_tf = build_transform(augment, mean, std, resize)
+    eval_tf = build_transform([], mean, std, resize)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
+    n_val = int(round(val_split * len(labels)))
+    if val_split > 0:
+        if n_val == 0 or n_val == len(labels):
+            raise UserError(f"dataset.val_split: {val_split} of {len(labels)} images leaves an empty split")
+        val = ArrayDataset(images, labels, order[:n_val].sort().values, eval_tf)
+        train_set = ArrayDataset(images, labels, order[n_val:].sort().values, train_tf)
+    else:
+        val = ArrayDataset(*test, None, eval_tf)
+        train_set = ArrayDataset(images, labels, None, train_tf)
+    return DataBundle(train=train_set, val=val, test=ArrayDataset(*test, None, eval_tf), classes=classes,
+                      in_channels=channels, image_size=image_size, mean=list(mean), std=list(std))

@@ -1,0 +1,98 @@
+"""DataLoaders whose batches depend only on the seed and the epoch, never on the worker count.
+
+The training sampler draws each epoch's order from (seed, epoch) and hands every sample its own
+augmentation seed, so worker processes hold no random state that matters: 0, 2 or 8 workers give the
+same batches, and a resumed run can restart the order at any position.
+"""
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from trainer.data.arrays import DataBundle
+
+
+def _mix(*values: int) -> int:
+    """A deterministic 63-bit mix of integers (Python's hash() of ints is not mixed enough)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (index, augmentation seed); the order is a function of (seed, epoch) alone."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order; `start` skips samples already trained on (mid-epoch resume)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        else:
+            order = torch.arange(self.size)
+        for index in order[self.start:].tolist():
+            yield index, _mix(self.seed, self.epoch, index)
+
+
+class SeededSamples(Dataset):
+    """Runs a dataset's random transforms under the seed its sampler chose for that sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        # Seed only the CPU generator that transforms draw from (torch.manual_seed would also seed
+        # every accelerator: 100x slower), and restore it afterwards so model code in the main
+        # process (dropout) is unaffected when num_workers=0.
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(saved)
+
+
+def _worker_init(worker_id: int) -> None:
+    import signal
+    # Ctrl-C reaches the whole process group; only the main process should act on it (it saves a
+    # checkpoint and stops the workers itself).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    random.seed(torch.initial_seed() % 2**32)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    sampler: EpochSampler  # the train loader's, for set_epoch
+
+
+def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_memory: bool,
+                  prefetch_factor: int, persistent_workers: bool, shuffle: bool, drop_last: bool,
+                  seed: int) -> Loaders:
+    workers = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
+                   prefetch_factor=prefetch_factor if num_workers else None,
+                   persistent_workers=persistent_workers and num_workers > 0)
+    sampler = EpochSampler(len(bundle.train), seed, shuffle)
+    train = DataLoader(SeededSamples(bundle.train), batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+                       **workers)
+    val, test = (DataLoader(ds, batch_size=batch_size, shuffle=False, **workers) for ds in (bundle.val, bundle.test))
+    return Loaders(train=train, val=val, test=test, sampler=sampler)

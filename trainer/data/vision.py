@@ -1,0 +1,85 @@
+"""The torchvision datasets, downloaded with retries and verified, then held as uint8 tensors."""
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torchvision import datasets as tvd
+
+from trainer.data import DATASETS
+from trainer.data.arrays import DataBundle, bundle_from_arrays
+from trainer.errors import UserError
+from trainer.instrument import retry
+
+log = logging.getLogger(__name__)
+
+# What a person who cannot download should place under dataset.root, per dataset.
+EXPECTED_FILES = {
+    "cifar10": "cifar-10-batches-py/ (from cifar-10-python.tar.gz)",
+    "cifar100": "cifar-100-python/ (from cifar-100-python.tar.gz)",
+    "mnist": "MNIST/raw/ (the four *-ubyte files)",
+    "fashion_mnist": "FashionMNIST/raw/ (the four *-ubyte files)",
+}
+
+
+def _without_checksums(cls: type) -> type:
+    """The same dataset class, checking that CIFAR's files exist but not their MD5: for copies made
+    by hand or by tests. torchvision skips the MD5 comparison when the expected value is None."""
+    return type(cls.__name__, (cls,), {
+        "train_list": [[name, None] for name, _ in cls.train_list],
+        "test_list": [[name, None] for name, _ in cls.test_list],
+        "meta": {**cls.meta, "md5": None},
+    })
+
+
+def _open(name: str, cls: type, root: str, train: bool, download: bool) -> tvd.VisionDataset:
+    fetch = retry(attempts=3, base_delay=2.0, exceptions=(OSError,))(cls)  # URLError is an OSError
+    try:
+        return fetch(root, train=train, download=download)
+    except OSError as e:
+        raise UserError(f"dataset={name}: could not download to {Path(root).resolve()} after 3 tries ({e}); "
+                        f"check the network, or download it elsewhere and put {EXPECTED_FILES[name]} "
+                        f"under dataset.root") from None
+    except RuntimeError as e:  # torchvision's "not found or corrupted"
+        hint = ("check the network and run again (partial files are replaced), or put " if download
+                else "set dataset.download=true, or put ")
+        raise UserError(f"dataset={name}: no valid data under {Path(root).resolve()} ({e.args[0].rstrip('.')}); "
+                        f"{hint}{EXPECTED_FILES[name]} under dataset.root") from None
+
+
+def _arrays(ds: tvd.VisionDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.as_tensor(ds.data)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # grey NHW / colour NHWC
+    return images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+def _torchvision_dataset(name: str, cls: type, *, root: str, download: bool, val_split: float,
+                         augment: Sequence[dict], mean: Sequence[float], std: Sequence[float], num_classes: int,
+                         in_channels: int, image_size: int, verify_checksum: bool) -> DataBundle:
+    if not verify_checksum and hasattr(cls, "train_list"):
+        cls = _without_checksums(cls)
+    train, test = (_open(name, cls, root, split, download) for split in (True, False))
+    classes = list(train.classes)
+    bundle = bundle_from_arrays(_arrays(train), _arrays(test), classes, val_split=val_split, augment=augment,
+                                mean=mean, std=std, image_size=image_size)
+    for key, expected, actual in (("num_classes", len(classes), num_classes),
+                                  ("in_channels", bundle.in_channels, in_channels)):
+        if expected != actual:
+            raise UserError(f"dataset.{key}: {name} has {expected}, but the config says {actual}")
+    return bundle
+
+
+def _register(name: str, cls: type) -> None:
+    def build(root: str, mean: Sequence[float], std: Sequence[float], num_classes: int, in_channels: int,
+              image_size: int, download: bool = True, val_split: float = 0.0, augment: Sequence[dict] = (),
+              verify_checksum: bool = True) -> DataBundle:
+        return _torchvision_dataset(name, cls, root=root, download=download, val_split=val_split,
+                                    augment=augment, mean=mean, std=std, num_classes=num_classes,
+                                    in_channels=in_channels, image_size=image_size, verify_checksum=verify_checksum)
+    build.__name__ = name
+    DATASETS.register(name)(build)
+
+
+for _name, _cls in (("cifar10", tvd.CIFAR10), ("cifar100", tvd.CIFAR100), ("mnist", tvd.MNIST),
+                    ("fashion_mnist", tvd.FashionMNIST)):
+    _register(_name, _cls)

@@ -1,0 +1,49 @@
+"""`python -m trainer.evaluate run=<run dir> [checkpoint=best|last] [overrides]`: the test metrics of a
+finished run, computed with that run's own saved config (overrides such as dataset.root=... apply on top)."""
+import json
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from trainer.checkpoint import load_checkpoint
+from trainer.cli import exit_codes, import_user_modules
+from trainer.config import validate
+from trainer.errors import UserError
+from trainer.loop import AUTOCAST_DTYPES, evaluate, pick_device, unwrap
+from trainer.setup import build_data, build_model
+
+
+def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, float]:
+    saved = run / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"run: {run} is not a run dir (no .hydra/config.yaml); give a folder under outputs/")
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"checkpoint: '{checkpoint}' is not one of best, last")
+    cfg = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(overrides))
+    import_user_modules(list(cfg.imports))
+    validate(cfg)
+    device = pick_device(cfg.trainer.device)
+    state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
+    _, loaders = build_data(cfg, device)
+    model = build_model(cfg).to(device)
+    unwrap(model).load_state_dict(state["model"])
+    loss, acc = evaluate(model, loaders.test, device, AUTOCAST_DTYPES[str(cfg.trainer.precision)],
+                         cfg.trainer.limit_test_batches)
+    return {"test/loss": loss, "test/acc": acc, "checkpoint": checkpoint, "epoch": state["progress"]["epoch"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    with exit_codes():
+        args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
+        if "run" not in args:
+            raise UserError("run: missing; usage: python -m trainer.evaluate run=<run dir> [checkpoint=best|last]")
+        run, checkpoint = Path(args.pop("run")), args.pop("checkpoint", "best")
+        result = evaluate_run(run, checkpoint, [f"{k}={v}" for k, v in args.items()])
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

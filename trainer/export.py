@@ -1,0 +1,69 @@
+"""Export formats and the parity check: each format is written, reloaded, and compared with the
+eager model on real inputs of a batch size other than the one used to export it."""
+import json
+import logging
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger("trainer")
+
+
+def export_torchscript(model: nn.Module, example: Tensor, path: Path, max_batch: int) -> Callable[[Tensor], Tensor]:
+    # TorchScript is deprecated from torch 2.14 on; users still ask for it, so we export it and
+    # silence that one warning here, and nowhere else.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+        return torch.jit.load(str(path))
+
+
+def export_torch_export(model: nn.Module, example: Tensor, path: Path, max_batch: int) -> Callable[[Tensor], Tensor]:
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return torch.export.load(str(path)).module()
+
+
+EXPORTERS = {
+    "torchscript": ("model.torchscript.pt", export_torchscript),
+    "torch_export": ("model.pt2", export_torch_export),
+}
+
+
+def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[str], *, tolerance: float,
+                 max_batch: int, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Writes each format and export/manifest.json; a format that fails is recorded with its error
+    and the others are still written. `inputs` are real, preprocessed test images."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    example, check = inputs[:2], inputs[: max(3, min(len(inputs), 8))]  # check at another batch size
+    with torch.no_grad():
+        expected = model(check)
+    results: dict[str, Any] = {}
+    for fmt in formats:
+        filename, exporter = EXPORTERS[fmt]
+        try:
+            with torch.no_grad():
+                loaded = exporter(model, example, out_dir / filename, max_batch)
+                diff = (loaded(check) - expected).abs().max().item()
+            results[fmt] = {"file": filename, "max_abs_diff": diff, "parity": diff <= tolerance}
+            if diff > tolerance:
+                logger.error("export %s: output differs from the eager model by %.3g (> export.tolerance %.3g)",
+                             fmt, diff, tolerance)
+        except Exception as e:  # one format failing must not cost the others
+            logger.debug("export %s failed:\n%s", fmt, traceback.format_exc())
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            logger.error("export %s failed: %s", fmt, message)
+            (out_dir / filename).unlink(missing_ok=True)
+            results[fmt] = {"file": None, "error": f"{type(e).__name__}: {message}"}
+    manifest = {**metadata, "formats": results,
+                "input": {"shape": [-1, *inputs.shape[1:]], "dtype": "float32", "max_batch": max_batch},
+                "torch_version": torch.__version__}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,183 @@
+"""The decorators the framework is built around (timing, reporting, guarding, retrying) and the
+metric sinks they write to. Each decorator is small and acts on what the wrapped function returns."""
+import functools
+import logging
+import random
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+log = logging.getLogger("trainer")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase. On CUDA it synchronises before reading the clock, so the GPU's
+    queued work is counted in the phase that queued it; call sites are per epoch, not per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # deliberate sync: once per timed phase, never per step
+        return time.perf_counter()
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+        self.calls[phase] += 1
+
+    def table(self) -> str:
+        total = sum(s for p, s in self.seconds.items() if p != "data wait") or 1.0
+        rows = [f"{'phase':<16}{'total s':>10}{'calls':>8}{'mean ms':>10}{'share':>8}"]
+        for phase, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            calls = self.calls[phase]
+            rows.append(f"{phase:<16}{seconds:>10.2f}{calls:>8}{1000 * seconds / calls:>10.1f}"
+                        f"{100 * seconds / total:>7.1f}%")
+        return "\n".join(rows)
+
+
+def timed(phase: str) -> Callable[[F], F]:
+    """Times a method into `self.timer`; when it returns a metrics dict, adds `{phase}_time_s`, and
+    `images_per_sec` where the dict counts the images it processed under "images"."""
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            start = self.timer.now()
+            result = fn(self, *args, **kwargs)
+            elapsed = self.timer.now() - start
+            self.timer.add(phase, elapsed)
+            if isinstance(result, dict):
+                result[f"{phase}_time_s"] = elapsed
+                if "images" in result:
+                    result["images_per_sec"] = result["images"] / max(elapsed, 1e-9)
+            return result
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
+def timed_iter(items: Iterable, timer: PhaseTimer, phase: str = "data wait") -> Iterator:
+    """Yields from `items`, charging the time spent waiting for each one to `phase`. No sync here:
+    on a GPU the wait for data overlaps queued compute, which is what it should measure."""
+    iterator = iter(items)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        timer.add(phase, time.perf_counter() - start)
+        yield item
+
+
+def reports(fn: F) -> F:
+    """Sends the metrics dict a method returns to `self.metrics` at the current step."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        result = fn(self, *args, **kwargs)
+        self.metrics.write(result, step=self.progress.step)
+        return result
+    return wrapper  # type: ignore[return-value]
+
+
+class StopRequested(Exception):
+    """Raised at a step boundary after a stop signal, so the guard can checkpoint and exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 143}
+
+
+def guarded(fn: F) -> F:
+    """Turns Ctrl-C, SIGTERM and SIGUSR1 into "finish this step, save a checkpoint, exit 130/143".
+
+    The handlers only set `self.stop_signal`; the loop checks it between optimizer steps and raises
+    StopRequested, which lands here, where `self.save_checkpoint()` runs before the exit."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return fn(self, *args, **kwargs)
+        def request_stop(signum, frame):
+            log.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
+            self.stop_signal = signum
+        previous = {s: signal.signal(s, request_stop) for s in EXIT_CODES}
+        try:
+            return fn(self, *args, **kwargs)
+        except StopRequested as stop:
+            path = self.save_checkpoint()
+            log.warning("saved %s after %s; resume with: python -m trainer resume=%s", path, stop,
+                        path.parent.parent)
+            raise SystemExit(EXIT_CODES[stop.signum]) from None
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return wrapper  # type: ignore[return-value]
+
+
+def retry(attempts: int, base_delay: float, exceptions: tuple[type[BaseException], ...]) -> Callable[[F], F]:
+    """Retries with exponential backoff and full jitter; the last failure propagates."""
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for attempt in range(1, attempts + 1):
+                try:
+                    return fn(*args, **kwargs)
+                except exceptions as e:
+                    if attempt == attempts:
+                        raise
+                    delay = random.uniform(0, base_delay * 2 ** (attempt - 1))
+                    log.warning("%s failed (%s); try %d of %d in %.1f s", fn.__name__, e, attempt + 1,
+                                attempts, delay)
+                    time.sleep(delay)
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
+class MetricLog:
+    """TensorBoard events plus one readable line per report in train.log."""
+
+    def __init__(self, logdir: Path, purge_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imports TensorFlow-lite bits: load only when used
+        # purge_step drops the events a killed run wrote after its last checkpoint, so resumed curves
+        # carry no duplicate points.
+        self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
+
+    def write(self, metrics: dict[str, Any], step: int) -> None:
+        scalars = {k: v for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))}
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        if "epoch" in metrics:
+            log.info("epoch %d | %s", metrics["epoch"], "  ".join(_fmt(k, v) for k, v in scalars.items()))
+
+    def images(self, tag: str, images: torch.Tensor, mean: list[float], std: list[float]) -> None:
+        """A grid of normalised images, shown as the model sees them before normalisation."""
+        from torchvision.utils import make_grid
+        images = images * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+        self.writer.add_image(tag, make_grid(images.clamp(0, 1), nrow=8), 0)
+
+    def hparams(self, params: dict[str, Any], final: dict[str, float]) -> None:
+        self.writer.add_hparams(params, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _fmt(key: str, value: float) -> str:
+    if key == "lr":
+        return f"lr {value:.3g}"
+    if key == "images_per_sec":
+        return f"{value:,.0f} img/s"
+    if key.endswith("time_s"):
+        return f"{value:.1f} s"
+    return f"{key} {value:.4f}"

@@ -1,0 +1,257 @@
+"""The Trainer: setup in __init__, then fit() reads top to bottom: train an epoch, validate, report,
+checkpoint. It never knows which model, dataset or optimizer it runs."""
+import itertools
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from trainer.checkpoint import copy_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.data import Loaders
+from trainer.errors import UserError
+from trainer.instrument import MetricLog, PhaseTimer, StopRequested, guarded, reports, timed, timed_iter
+
+log = logging.getLogger("trainer")
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """Where training stands; everything a resumed run needs besides the tensors."""
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    batches_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, images
+    best: float | None = None  # best value of the monitored metric so far
+    best_epoch: int = 0
+    images_trained: int = 0
+    train_time_s: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's report
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda: no CUDA device is visible here; use trainer.device=auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("trainer.device=mps: Apple's MPS is not available here; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def plan_steps(train_batches: int, limit: int | None, accumulate: int, max_epochs: int,
+               max_steps: int) -> tuple[int, int, int]:
+    """(batches per epoch, optimizer steps per epoch, total optimizer steps) for the schedule."""
+    batches = min(train_batches, limit) if limit else train_batches
+    steps_per_epoch = math.ceil(batches / accumulate)
+    total = steps_per_epoch * max_epochs
+    return batches, steps_per_epoch, min(total, max_steps) if max_steps > 0 else total
+
+
+def _batch_sums(loss_sum: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    """(loss sum, correct, count) as one device tensor; built from device ops only, so no copy from
+    the host (which would wait for the queued work) happens per step."""
+    correct = (logits.argmax(1) == labels).sum().float()
+    return torch.stack([loss_sum, correct, torch.ones_like(correct) * len(labels)])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile or DDP wrappers: checkpoints hold its state, no prefixes."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None,
+             limit: int | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) over the loader's first `limit` batches (all when None)."""
+    model.eval()
+    sums = torch.zeros(3, device=device)
+    for images, labels in itertools.islice(loader, limit):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images)
+        sums += _batch_sums(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), logits, labels)
+    loss_sum, correct, seen = sums.tolist()  # deliberate sync: once per evaluation
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: LambdaLR, loaders: Loaders, *,
+                 settings: Any, checkpoint: Any, label_smoothing: float, device: torch.device,
+                 run_dir: Path, metrics: MetricLog, config: dict[str, Any]) -> None:
+        self.model, self.optimizer, self.scheduler, self.loaders = model.to(device), optimizer, scheduler, loaders
+        self.settings, self.checkpointing, self.device, self.metrics = settings, checkpoint, device, metrics
+        self.config = config  # resolved, plain: saved in every checkpoint
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.autocast_dtype = AUTOCAST_DTYPES[str(settings.precision)]
+        if self.autocast_dtype is torch.float16 and device.type != "cuda":
+            raise UserError("trainer.precision=16: float16 with loss scaling needs a CUDA device; use bf16 here")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
+        self.batch_size = loaders.train.batch_sampler.batch_size
+        self.batches_per_epoch, _, self.total_steps = plan_steps(
+            len(loaders.train), settings.limit_train_batches, settings.accumulate_grad_batches,
+            settings.max_epochs, settings.max_steps)
+        self.progress = Progress()
+        self.timer = PhaseTimer(device)
+        self.stop_signal: int | None = None
+
+    # ---- the loop -------------------------------------------------------------------------------
+    @guarded
+    def fit(self) -> dict[str, float]:
+        p = self.progress
+        while p.epoch < self.settings.max_epochs and p.step < self.total_steps:
+            train = self.train_epoch()
+            val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val")
+            self.end_epoch(train, val)
+            if self.stop_signal:
+                raise StopRequested(self.stop_signal)
+        return p.metrics
+
+    @timed("train")
+    def train_epoch(self) -> dict[str, float]:
+        p, accumulate = self.progress, self.settings.accumulate_grad_batches
+        self.model.train()
+        self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch * self.batch_size)
+        sums = torch.tensor(p.epoch_sums, device=self.device)  # metrics accumulate on the device
+        images_before = p.epoch_sums[2]
+        bar = tqdm(total=self.batches_per_epoch, initial=p.batches_in_epoch, unit="batch", leave=False,
+                   desc=f"epoch {p.epoch + 1}/{self.settings.max_epochs}",
+                   disable=None if self.settings.progress_bar else True)
+        batches = timed_iter(self.loaders.train, self.timer)
+        for images, labels in itertools.islice(batches, self.batches_per_epoch - p.batches_in_epoch):
+            # non_blocking copies overlap with compute when the loader pins memory
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            p.batches_in_epoch += 1
+            step_now = p.batches_in_epoch % accumulate == 0 or p.batches_in_epoch == self.batches_per_epoch
+            sums += self.train_step(images, labels, step_now)
+            bar.update()
+            if not step_now:
+                continue
+            p.step += 1
+            if p.step % self.settings.log_every_n_steps == 0:
+                self._show_progress(bar, sums)
+            every = self.checkpointing.every_n_steps
+            if (every and p.step % every == 0) or self.stop_signal:
+                p.epoch_sums = sums.tolist()  # deliberate sync: a checkpoint needs the values
+                self.save_checkpoint()
+            if self.stop_signal:
+                raise StopRequested(self.stop_signal)
+            if p.step >= self.total_steps:
+                break
+        bar.close()
+        loss_sum, correct, seen = sums.tolist()  # deliberate sync: once per epoch
+        p.epoch_sums, p.batches_in_epoch = [0.0, 0.0, 0.0], 0
+        return {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1),
+                "images": seen - images_before}
+
+    def train_step(self, images: Tensor, labels: Tensor, step_now: bool) -> Tensor:
+        """Forward and backward; an optimizer step when `step_now`. Returns (loss sum, correct, count)
+        as a device tensor, so nothing here waits for the device."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(images)
+            loss = self.criterion(logits, labels)
+        self.scaler.scale(loss / self.settings.accumulate_grad_batches).backward()
+        if step_now:
+            if self.settings.gradient_clip_val > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.gradient_clip_val)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return _batch_sums(loss.detach().float() * len(labels), logits, labels)
+
+    @timed("eval")
+    def evaluate(self, loader: DataLoader, limit: int | None, split: str) -> dict[str, float]:
+        loss, acc = evaluate(self.model, loader, self.device, self.autocast_dtype, limit)
+        return {f"{split}/loss": loss, f"{split}/acc": acc}
+
+    @reports
+    def end_epoch(self, train: dict[str, float], val: dict[str, float]) -> dict[str, float]:
+        p = self.progress
+        p.epoch += 1
+        p.images_trained += int(train["images"])
+        p.train_time_s += train["train_time_s"]
+        p.metrics = {"epoch": p.epoch, "train/loss": train["train/loss"], "train/acc": train["train/acc"],
+                     "val/loss": val["val/loss"], "val/acc": val["val/acc"],
+                     "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images_per_sec"],
+                     "epoch_time_s": train["train_time_s"] + val["eval_time_s"]}
+        value = p.metrics[self.checkpointing.monitor]
+        improved = math.isfinite(value) and (p.best is None or (value > p.best if self.checkpointing.mode == "max"
+                                                                else value < p.best))
+        if improved:
+            p.best, p.best_epoch = value, p.epoch
+        last = p.epoch % self.checkpointing.every_n_epochs == 0 or p.epoch == self.settings.max_epochs \
+            or p.step >= self.total_steps
+        if last:
+            saved = self.save_checkpoint()
+        if improved:
+            best = self.checkpoint_dir / "best.pt"
+            if last:
+                copy_checkpoint(saved, best)  # same state: link it rather than serialise it twice
+            else:
+                save_checkpoint(self.state_dict(), best)
+        return p.metrics
+
+    def _show_progress(self, bar: tqdm, sums: Tensor) -> None:
+        if bar.disable:
+            return
+        loss_sum, correct, seen = sums.tolist()  # deliberate sync, once per log interval
+        rate = bar.format_dict.get("rate") or 0.0
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
+                        img_s=f"{rate * self.batch_size:,.0f}", refresh=False)
+
+    # ---- state ----------------------------------------------------------------------------------
+    @timed("checkpoint")
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.state_dict(), self.checkpoint_dir / "last.pt")
+
+    def state_dict(self) -> dict[str, Any]:
+        from trainer import __version__
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "progress": self.progress.state_dict(), "rng": rng_state(), "config": self.config,
+                "version": __version__}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a checkpoint; the current config's optimizer hyperparameters win over the saved
+        ones (with a warning when they differ), so an override given on resume is never ignored."""
+        unwrap(self.model).load_state_dict(state["model"])
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, wanted in zip(self.optimizer.param_groups, configured):
+            for key, value in wanted.items():
+                if group.get(key) != value:
+                    log.warning("optimizer %s changed on resume: %s -> %s (applied)", key, group.get(key), value)
+                    group[key] = value
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
+        lrs = [base * f(self.scheduler.last_epoch) for base, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress.load_state_dict(state["progress"])
+        set_rng_state(state["rng"])
+
+    def load_weights(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])

@@ -1,0 +1,104 @@
+"""OPTIMIZERS and SCHEDULERS: small strategy functions chosen by name.
+
+Every optimizer strategy splits the parameters so norms and biases get no weight decay (decaying them
+only shrinks a scale or a shift and hurts accuracy). Every scheduler is a LambdaLR over optimizer
+steps: the learning rate is a pure function of the step count, so a resumed run recomputes it exactly,
+and a run extended to more epochs recomputes the schedule for the new horizon.
+"""
+import math
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainer.errors import UserError
+from trainer.registry import Registry
+
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
+SCHEDULERS: Registry[LambdaLR] = Registry("scheduler")
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    if weight_decay < 0:
+        raise UserError(f"optimizer.weight_decay: must be 0 or more, got {weight_decay}")
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 or decay_norm_and_bias else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(model: nn.Module, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
+        decay_norm_and_bias: bool = False) -> Optimizer:
+    if nesterov and momentum <= 0:
+        raise UserError("optimizer.nesterov: needs optimizer.momentum > 0; set one or the other")
+    return torch.optim.SGD(param_groups(model, weight_decay, decay_norm_and_bias), lr=lr, momentum=momentum,
+                           nesterov=nesterov)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: float = 0.05, decay_norm_and_bias: bool = False) -> Optimizer:
+    return torch.optim.AdamW(param_groups(model, weight_decay, decay_norm_and_bias), lr=lr, betas=tuple(betas),
+                             eps=eps)
+
+
+@OPTIMIZERS.register("adam")
+def adam(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+         weight_decay: float = 0.0, decay_norm_and_bias: bool = False) -> Optimizer:
+    return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias), lr=lr, betas=tuple(betas),
+                            eps=eps)
+
+
+def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    if warmup_epochs < 0:
+        raise UserError(f"scheduler.warmup_epochs: must be 0 or more, got {warmup_epochs}")
+    return min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+
+
+@SCHEDULERS.register("cosine")
+def cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
+           min_lr_ratio: float = 0.0) -> LambdaLR:
+    """Linear warmup from ~0, then cosine decay to min_lr_ratio * lr at the last step."""
+    warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return LambdaLR(optimizer, factor)
+
+
+@SCHEDULERS.register("onecycle")
+def onecycle(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, pct_start: float = 0.3,
+             div_factor: float = 25.0, final_div_factor: float = 1e4) -> LambdaLR:
+    """Leslie Smith's one-cycle learning rate (cosine up to lr, then down), without momentum cycling."""
+    if not 0 < pct_start < 1:
+        raise UserError(f"scheduler.pct_start: must be in (0, 1), got {pct_start}")
+    peak = max(int(pct_start * total_steps), 1)
+    start, end = 1 / div_factor, 1 / (div_factor * final_div_factor)
+
+    def factor(step: int) -> float:
+        if step < peak:
+            return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * step / peak))
+        progress = min((step - peak) / max(total_steps - peak, 1), 1.0)
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+    return LambdaLR(optimizer, factor)
+
+
+@SCHEDULERS.register("step")
+def step(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, step_epochs: int = 30,
+         gamma: float = 0.1) -> LambdaLR:
+    """Multiplies the learning rate by gamma every step_epochs epochs."""
+    if step_epochs < 1:
+        raise UserError(f"scheduler.step_epochs: must be 1 or more, got {step_epochs}")
+    return LambdaLR(optimizer, lambda s: gamma ** (s // (step_epochs * steps_per_epoch)))
+
+
+@SCHEDULERS.register("constant")
+def constant(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0) -> LambdaLR:
+    warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
+    return LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else 1.0)
