@@ -22,7 +22,12 @@ log = logging.getLogger("trainer")
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# An absolute path: Hydra resolves a relative one against the calling module, which differs between
+# `python -m trainer` and the `trainer` console script.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
     """Returns the best value of checkpoint.monitor, which Hydra's sweepers optimise."""
     # Errors are turned into exit codes here, inside the job: past this point Hydra would add its

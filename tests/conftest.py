@@ -1,0 +1,79 @@
+"""Shared helpers: run the real entry point, compose the real config, write datasets in their real
+on-disk formats. Nothing here reads outside the repository or the test's temporary folder."""
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A run small enough for seconds on two cores, still through every phase.
+TINY = ["dataset=synthetic", "dataset.train_size=1024", "dataset.test_size=128", "model=cnn", "model.width=16",
+        "loader.batch_size=32", "loader.num_workers=0", "trainer.max_epochs=2", "trainer.progress_bar=false"]
+
+
+def run_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, timeout: int = 300,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` in a subprocess, as a person would type it."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def compose_config(*overrides: str):
+    from trainer.config import register_configs
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config
+
+
+# ---- datasets in their real on-disk formats ----------------------------------------------------
+def _images(n: int, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).tolist()
+
+
+def write_cifar10(root: Path, per_batch: int = 20) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        data, labels = _images(per_batch, (3 * 32 * 32,), i)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f)
+    return root
+
+
+def write_cifar100(root: Path, n: int = 40) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for i, name in enumerate(["train", "test"]):
+        data, _ = _images(n, (3 * 32 * 32,), i)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": [k % 100 for k in range(n)]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{k}" for k in range(100)]}, f)
+    return root
+
+
+def write_mnist(root: Path, folder_name: str = "MNIST", n: int = 40) -> Path:
+    raw = root / folder_name / "raw"
+    raw.mkdir(parents=True)
+    for i, prefix in enumerate(["train", "t10k"]):
+        images, labels = _images(n, (28, 28), i)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + bytes(labels))
+    return root

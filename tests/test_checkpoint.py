@@ -1,0 +1,78 @@
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.checkpoint import copy_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.errors import UserError
+
+
+def _state():
+    return {"model": {"w": torch.randn(64, 64)}, "progress": {"epoch": 3, "step": 90}, "rng": rng_state()}
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    state = _state()
+    path = save_checkpoint(state, tmp_path / "last.pt")
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["progress"] == state["progress"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+    torch.load(path, weights_only=True)  # loadable by anyone with the safe loader
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = save_checkpoint(_state(), tmp_path / "last.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match=r"last\.pt: truncated"):
+        load_checkpoint(path)
+
+
+def test_flipped_bytes_are_caught_by_the_checksum(tmp_path):
+    path = save_checkpoint(_state(), tmp_path / "last.pt")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data, where torch.load alone notices nothing
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"last\.pt: corrupt checkpoint \(checksum mismatch"):
+        load_checkpoint(path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_arbitrary_pickles_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "trainer-checkpoint/1", "x": Payload()}, path)
+    with pytest.raises(UserError, match="refused, it needs arbitrary unpickling"):
+        load_checkpoint(path)
+
+
+def test_foreign_files_are_refused(tmp_path):
+    torch.save({"w": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(UserError, match="not a checkpoint written by this framework"):
+        load_checkpoint(tmp_path / "plain.pt")
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(UserError, match="truncated or not a checkpoint"):
+        load_checkpoint(tmp_path / "notes.pt")
+    with pytest.raises(UserError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_copy_survives_replacing_the_source(tmp_path):
+    last = save_checkpoint({"v": torch.tensor(1)}, tmp_path / "last.pt")
+    best = copy_checkpoint(last, tmp_path / "best.pt")
+    save_checkpoint({"v": torch.tensor(2)}, last)
+    assert load_checkpoint(best)["v"].item() == 1 and load_checkpoint(last)["v"].item() == 2
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    save_checkpoint({"rng": rng_state()}, tmp_path / "c.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]

@@ -1,0 +1,58 @@
+"""Every config group file composes with the real defaults and passes validation."""
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from conftest import CONF, compose_config
+from trainer.config import validate
+from trainer.errors import UserError
+
+GROUPS = ["model", "dataset", "optimizer", "scheduler", "trainer", "experiment", "debug"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = compose_config(f"{group}={option}")
+    validate(cfg)
+    if group in ("model", "dataset", "optimizer", "scheduler"):
+        assert cfg[group].name == option  # a group file names its registry entry
+
+
+def test_model_takes_classes_and_channels_from_the_dataset():
+    cfg = compose_config("dataset=mnist", "model=mlp")
+    assert (cfg.model.num_classes, cfg.model.in_channels, cfg.model.image_size) == (10, 1, 28)
+    assert compose_config("dataset=cifar100").model.num_classes == 100
+
+
+def test_debug_profiles_shrink_the_run():
+    fast = compose_config("debug=fast")
+    assert fast.trainer.max_epochs == 1 and fast.trainer.limit_train_batches == 5 and fast.loader.num_workers == 0
+    overfit = compose_config("debug=overfit")
+    assert overfit.loader.shuffle is False and list(overfit.dataset.augment) == [] and overfit.scheduler.name == "constant"
+
+
+def test_schema_rejects_misspelled_keys_and_wrong_types_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        compose_config("trainer.max_epoch=3")
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config("trainer.max_epochs=three")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("loader.num_workers=-1", "loader.num_workers"),
+    ("loader.batch_size=0", "loader.batch_size"),
+    ("trainer.device=gpu", "trainer.device"),
+    ("trainer.precision=8", "trainer.precision"),
+    ("checkpoint.monitor=val/f1", "checkpoint.monitor"),
+    ("export.formats=[onnx]", "export.formats"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("dataset.val_split=1.0", "dataset.val_split"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),
+    ("+model.detph=34", "model.detph"),
+    ("optimizer.momentum=fast", "optimizer.momentum"),
+])
+def test_validate_names_the_key(override, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        validate(compose_config(override))

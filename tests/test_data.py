@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from conftest import write_cifar10, write_cifar100, write_mnist
+from trainer import DATASETS
+from trainer.data import build_loaders
+from trainer.errors import UserError
+from trainer.instrument import retry
+
+STATS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+def _synthetic(**kw):
+    return DATASETS.build("synthetic", **{"train_size": 200, "test_size": 50, **kw})
+
+
+def test_synthetic_is_seeded_and_shaped_like_cifar():
+    a, b = _synthetic(), _synthetic()
+    assert torch.equal(a.train.images, b.train.images)
+    assert not torch.equal(a.train.images, _synthetic(seed=1).train.images)
+    image, label = a.test[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 10
+    assert len(a.train) + len(a.val) == 200 and len(a.test) == 50  # val_split 0.1 held out of train
+
+
+def test_val_split_is_disjoint_fixed_and_unaugmented():
+    bundle = _synthetic(val_split=0.25, augment=[{"name": "RandomHorizontalFlip", "p": 1.0}])
+    train_idx, val_idx = set(bundle.train.indices.tolist()), set(bundle.val.indices.tolist())
+    assert len(val_idx) == 50 and not train_idx & val_idx
+    assert val_idx == set(_synthetic(val_split=0.25, seed=7).val.indices.tolist())  # same images whatever the run
+    i = bundle.val.indices[0]
+    assert torch.equal(bundle.val[0][0], bundle.test.transform(bundle.val.images[i]))  # eval transform: no flip
+    j = bundle.train.indices[0]
+    assert torch.equal(bundle.train[0][0], bundle.test.transform(bundle.train.images[j]).flip(-1))
+
+
+def test_unknown_augmentation_and_wrong_stats_are_user_errors():
+    with pytest.raises(UserError, match="dataset.augment: 'RandomCropp'"):
+        _synthetic(augment=[{"name": "RandomCropp", "size": 32}])
+    with pytest.raises(UserError, match=r"dataset\.mean: needs 3 values"):
+        _synthetic(mean=[0.5], std=[0.2, 0.2, 0.2])
+
+
+def _batches(bundle, workers, epoch=0, seed=3):
+    loaders = build_loaders(bundle, batch_size=16, num_workers=workers, pin_memory=False, prefetch_factor=2,
+                            persistent_workers=False, shuffle=True, drop_last=False, seed=seed)
+    loaders.sampler.set_epoch(epoch)
+    return [b for b in loaders.train]
+
+
+def test_same_seed_same_batches_whatever_the_worker_count():
+    bundle = _synthetic(augment=[{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHorizontalFlip"}])
+    zero, two = _batches(bundle, 0), _batches(bundle, 2)
+    assert len(zero) == len(two) == 12
+    for (xa, ya), (xb, yb) in zip(zero, two):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other_epoch = _batches(bundle, 0, epoch=1)
+    assert not torch.equal(zero[0][0], other_epoch[0][0])  # a new order and new augmentation each epoch
+
+
+def test_sampler_restarts_mid_epoch_at_the_same_position():
+    bundle = _synthetic()
+    loaders = build_loaders(bundle, batch_size=16, num_workers=0, pin_memory=False, prefetch_factor=2,
+                            persistent_workers=False, shuffle=True, drop_last=False, seed=3)
+    loaders.sampler.set_epoch(2)
+    full = list(loaders.train)
+    loaders.sampler.set_epoch(2, start=5 * 16)
+    rest = list(loaders.train)
+    assert len(rest) == len(full) - 5
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full[5:], rest))
+
+
+@pytest.mark.parametrize("name,writer,channels,classes", [
+    ("cifar10", write_cifar10, 3, 10),
+    ("cifar100", write_cifar100, 3, 100),
+    ("mnist", lambda root: write_mnist(root, "MNIST"), 1, 10),
+    ("fashion_mnist", lambda root: write_mnist(root, "FashionMNIST"), 1, 10),
+])
+def test_torchvision_datasets_read_their_real_on_disk_format(tmp_path, name, writer, channels, classes):
+    writer(tmp_path)
+    size = 32 if channels == 3 else 28
+    bundle = DATASETS.build(name, root=str(tmp_path), download=False, verify_checksum=False, num_classes=classes,
+                            in_channels=channels, image_size=size, mean=[0.5] * channels, std=[0.25] * channels,
+                            augment=[{"name": "RandomHorizontalFlip"}])
+    image, label = bundle.train[0]
+    assert image.shape == (channels, size, size) and 0 <= label < classes
+    assert len(bundle.classes) == classes and len(bundle.test) > 0
+
+
+def test_cifar_checksums_catch_corrupt_files(tmp_path):
+    write_cifar10(tmp_path)  # not the real bytes, so the real MD5 check must reject them
+    with pytest.raises(UserError, match=r"dataset=cifar10: no valid data under .*dataset\.download=true"):
+        DATASETS.build("cifar10", root=str(tmp_path), download=False, num_classes=10, in_channels=3, image_size=32,
+                       **STATS)
+
+
+def test_missing_data_says_what_to_put_where(tmp_path):
+    with pytest.raises(UserError, match=r"MNIST/raw/"):
+        DATASETS.build("mnist", root=str(tmp_path), download=False, num_classes=10, in_channels=1, image_size=28,
+                       mean=[0.5], std=[0.25])
+
+
+def test_class_count_mismatch_is_reported(tmp_path):
+    write_cifar10(tmp_path)
+    with pytest.raises(UserError, match=r"dataset\.num_classes: cifar10 has 10"):
+        DATASETS.build("cifar10", root=str(tmp_path), download=False, verify_checksum=False, num_classes=12,
+                       in_channels=3, image_size=32, **STATS)
+
+
+def test_retry_backs_off_then_succeeds_or_gives_up(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr("trainer.instrument.time.sleep", sleeps.append)
+    calls = []
+
+    @retry(attempts=3, base_delay=1.0, exceptions=(OSError,))
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("offline")
+        return "ok"
+
+    assert flaky() == "ok" and len(calls) == 3
+    assert len(sleeps) == 2 and 0 <= sleeps[0] <= 1.0 and 0 <= sleeps[1] <= 2.0  # exponential, with jitter
+
+    @retry(attempts=2, base_delay=0.0, exceptions=(OSError,))
+    def down():
+        raise TimeoutError("no route")
+
+    with pytest.raises(TimeoutError):
+        down()

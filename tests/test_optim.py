@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+from trainer import MODELS, OPTIMIZERS, SCHEDULERS
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])
+def test_no_weight_decay_on_norms_and_biases(name):
+    model = MODELS.build("cnn", num_classes=10, width=8)
+    opt = OPTIMIZERS.build(name, model=model, lr=0.1, weight_decay=0.01)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    everything = OPTIMIZERS.build(name, model=model, lr=0.1, weight_decay=0.01, decay_norm_and_bias=True)
+    assert len(everything.param_groups[0]["params"]) == len(list(model.parameters()))
+
+
+def test_sgd_uses_nesterov_momentum():
+    opt = OPTIMIZERS.build("sgd", model=torch.nn.Linear(2, 2), lr=0.1)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+
+
+def _lrs(name, total=100, per_epoch=10, **params):
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    sched = SCHEDULERS.build(name, optimizer=opt, total_steps=total, steps_per_epoch=per_epoch, **params)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_cosine_warms_up_linearly_then_decays_to_min():
+    lrs = _lrs("cosine", warmup_epochs=1, min_lr_ratio=0.1)
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warmup
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_onecycle_peaks_at_pct_start():
+    lrs = _lrs("onecycle", pct_start=0.3)
+    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 30
+    assert lrs[0] == pytest.approx(1 / 25) and lrs[-1] < 1e-3
+
+
+def test_step_and_constant():
+    lrs = _lrs("step", step_epochs=3, gamma=0.5)
+    assert lrs[29] == 1.0 and lrs[30] == 0.5 and lrs[60] == 0.25
+    assert set(_lrs("constant")) == {1.0}
+    warm = _lrs("constant", warmup_epochs=0.5)
+    assert warm[0] == pytest.approx(1 / 6) and warm[5:] == [1.0] * 95
+    assert not any(math.isnan(x) for x in warm)
