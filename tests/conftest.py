@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # A run small enough for seconds on two cores, still through every phase.
-TINY = ["dataset=synthetic", "dataset.train_size=1024", "dataset.test_size=128", "model=cnn", "model.width=16",
-        "loader.batch_size=32", "loader.num_workers=0", "trainer.max_epochs=2", "trainer.progress_bar=false"]
+TINY_DATA = ["dataset=synthetic", "dataset.train_size=1024", "dataset.test_size=128"]
+TINY_MODEL = ["model=cnn", "model.width=16"]
+TINY_RUN = ["loader.batch_size=32", "loader.num_workers=0", "trainer.max_epochs=2", "trainer.progress_bar=false"]
+TINY = TINY_DATA + TINY_MODEL + TINY_RUN
 
 
 def run_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, timeout: int = 300,

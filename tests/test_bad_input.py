@@ -1,0 +1,69 @@
+"""Every input a person can get wrong: exit 2 and one plain line that names the key, no traceback.
+
+Most cases call the real entry point, `trainer.__main__.main`, in this process (Hydra composes for real;
+it is only the interpreter start that is skipped); two go through a subprocess to pin the exit code
+and the stderr a person sees."""
+import sys
+
+import pytest
+
+from conftest import TINY_DATA, TINY_RUN, run_trainer, write_cifar10
+from trainer.__main__ import main
+
+
+def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
+    base = TINY_RUN + (TINY_DATA if not any(a.startswith("dataset=") for a in args) else [])
+    monkeypatch.setattr(sys, "argv", ["trainer", *base, f"hydra.run.dir={tmp_path / 'run'}", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model=resnte"], "model=resnte: no such option; choose one of cnn, mlp, resnet, torchvision"),
+    (["dataset=imagenet"], "dataset=imagenet: no such option"),
+    (["optimizer=lamb"], "optimizer=lamb: no such option; choose one of adam, adamw, sgd"),
+    (["scheduler=linear"], "scheduler=linear: no such option"),
+    (["trainer.max_epoch=3"], "trainer.max_epoch"),
+    (["model.detph=3"], "model.detph"),
+    (["+model.detph=3"], "model.detph: not a parameter of model 'resnet'"),
+    (["trainer.max_epochs=abc"], "trainer.max_epochs"),
+    (["optimizer.lr=fast"], "optimizer.lr: expected float"),
+    (["loader.batch_size=-4"], "loader.batch_size: must be 1 or more"),
+    (["loader.num_workers=-1"], "loader.num_workers: must be 0"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs: must be 1 or more"),
+    (["dataset.train_size=0"], "dataset.train_size: must be 1 or more"),
+    (["trainer.device=tpu"], "trainer.device: 'tpu' is not one of auto, cpu, cuda, mps"),
+    (["trainer.precision=16"], "trainer.precision=16"),
+    (["model=torchvision", "model.arch=resnet19"], "model.arch: 'resnet19' is not a torchvision"),
+    (["imports=[no_such_module]"], "imports: cannot import 'no_such_module'"),
+    (["resume=/no/such/run"], "resume: /no/such/run does not exist"),
+    (["dataset.augment=[{name: Blur}]"], "dataset.augment: 'Blur'"),
+])
+def test_bad_input_exits_2_with_one_line(monkeypatch, capsys, tmp_path, args, needle):
+    code, err = _main_exit(monkeypatch, capsys, tmp_path, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_missing_data_subprocess(tmp_path):
+    result = run_trainer(*TINY_RUN, "dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false",
+                         f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert "dataset=cifar10: no valid data under" in result.stderr and "cifar-10-batches-py" in result.stderr
+    assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
+    assert "no valid data" in (tmp_path / "run" / "train.log").read_text()  # and it is in the run's log
+
+
+def test_composition_error_subprocess(tmp_path):
+    result = run_trainer("model=resnte", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "model=resnte" in result.stderr
+
+
+def test_corrupt_cifar_with_checksums_on(monkeypatch, capsys, tmp_path):
+    write_cifar10(tmp_path / "data")
+    code, err = _main_exit(monkeypatch, capsys, tmp_path, "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
+                           "dataset.download=false")
+    assert code == 2 and "corrupted" in err and "dataset.root" in err
