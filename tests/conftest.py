@@ -28,11 +28,11 @@ def run_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, ti
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def compose_config(*overrides: str):
+def compose_config(*overrides: str, return_hydra_config: bool = False):
     from trainer.config import register_configs
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     (["loader.num_workers=-1"], "loader.num_workers: must be 0"),
     (["trainer.max_epochs=0"], "trainer.max_epochs: must be 1 or more"),
     (["dataset.train_size=0"], "dataset.train_size: must be 1 or more"),
-    (["trainer.device=tpu"], "trainer.device: 'tpu' is not one of auto, cpu, cuda, mps"),
+    (["trainer.device=tpu"], "trainer.device: must be one of auto, cpu, cuda, mps, got 'tpu'"),
     (["trainer.precision=16"], "trainer.precision=16"),
     (["model=torchvision", "model.arch=resnet19"], "model.arch: 'resnet19' is not a torchvision"),
     (["imports=[no_such_module]"], "imports: cannot import 'no_such_module'"),

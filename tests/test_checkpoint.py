@@ -1,5 +1,4 @@
 import os
-import pickle
 import random
 
 import numpy as np

@@ -115,7 +115,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_extending_a_finished_run_equals_training_longer(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     assert run_trainer(*RESUMABLE, f"hydra.run.dir={run_dir}").returncode == 0
-    resumed = run_trainer(f"resume={run_dir}", "trainer.max_epochs=4")
+    resumed = run_trainer(f"resume={run_dir / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=4")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_state(run_dir, uninterrupted)
     assert "trainer.max_epochs=4" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # same dir, config updated
@@ -125,22 +125,24 @@ def test_extending_a_finished_run_equals_training_longer(tmp_path, uninterrupted
     assert steps == sorted(set(steps)) and len(steps) == 4  # continued, no duplicate points
 
 
-def test_sigterm_saves_mid_epoch_and_resume_is_exact(tmp_path, uninterrupted):
+@pytest.mark.parametrize("signum,code,workers", [(signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 0)])
+def test_a_signal_saves_mid_epoch_and_resume_is_exact(tmp_path, uninterrupted, signum, code, workers):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "trainer", *RESUMABLE, "trainer.max_epochs=4",
-                             "loader.num_workers=2", f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                             f"loader.num_workers={workers}", f"hydra.run.dir={run_dir}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = run_dir / "train.log"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and "epoch 1 |" in log.read_text()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == code, stderr
     progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
     assert 1 <= progress["epoch"] < 4
+    assert "resume with: python -m trainer resume=" in (run_dir / "train.log").read_text()
     # resumed with a different worker count than the interrupted run
-    resumed = run_trainer(f"resume={run_dir}", "loader.num_workers=0")
+    resumed = run_trainer(f"resume={run_dir}", f"loader.num_workers={2 - workers}")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_state(run_dir, uninterrupted)
 
@@ -164,3 +166,19 @@ def test_resume_refuses_another_model_and_a_corrupt_checkpoint(golden, tmp_path)
     copy.write_bytes(data[: len(data) - 100])
     bad = run_trainer(*TINY, f"resume={copy}", f"hydra.run.dir={tmp_path / 'run'}")
     assert bad.returncode == 2 and "copy.pt: truncated" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_hydra_entry_returns_the_monitored_metric(tmp_path):
+    """What Hydra's sweepers optimise: the task function's return value, the best checkpoint.monitor."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+    from conftest import compose_config
+    from trainer.__main__ import run
+    cfg = compose_config(*TINY, "trainer.max_epochs=1", "export.formats=[]", "checkpoint.monitor=val/loss",
+                         "checkpoint.mode=min", return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        HydraConfig.instance().set_config(cfg)
+        del cfg["hydra"]
+    best = run(cfg)
+    assert best == pytest.approx(json.loads((tmp_path / "metrics.json").read_text())["val/loss"])

@@ -30,7 +30,8 @@ def test_a_users_own_model_trains_without_editing_the_package(tmp_path):
                                             "torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), "
                                             "torch.nn.Linear(hidden, num_classes))")
     run_dir = tmp_path / "run"
-    result = run_trainer(*TINY_DATA, *TINY_RUN, *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)  # run from the user's folder
+    # run from the user's folder, as they would
+    result = run_trainer(*TINY_DATA, *TINY_RUN, *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/acc"] > 0.2  # it learned something (chance 0.1)
@@ -64,8 +65,8 @@ def test_one_failing_export_format_keeps_the_others(tmp_path):
 
 def test_multirun_gives_one_run_dir_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_trainer("-m", *TINY_DATA, *TINY_RUN, "trainer.max_epochs=1", "export.formats=[]", "optimizer.lr=0.1,0.01",
-                         "model=cnn,mlp", f"hydra.sweep.dir={sweep}")
+    result = run_trainer("-m", *TINY_DATA, *TINY_RUN, "trainer.max_epochs=1", "export.formats=[]",
+                         "optimizer.lr=0.1,0.01", "model=cnn,mlp", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]

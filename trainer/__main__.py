@@ -9,7 +9,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import exit_codes, import_user_modules, resume_argv

@@ -23,7 +23,8 @@ def _one_line(error: BaseException) -> str:
         return f"{group}={wanted}: no such option; choose one of {', '.join(error.options)}"
     text = str(error) if error.__cause__ is None else f"{error}: {error.__cause__}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not re.match(r"(full_key|object_type|reference_type|msg)[:=]|Set the environment", ln)]
+    noise = r"(full_key|object_type|reference_type|msg)[:=]|Set the environment"
+    keep = [ln for ln in lines if not re.match(noise, ln)]
     text = " ".join(keep or lines or [type(error).__name__])
     key = re.search(r"full_key: (\S+)", str(error))
     if key and key.group(1) not in text:

@@ -90,40 +90,51 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+def _at_least(n: int):
+    return lambda v: v >= n
+
+
+# (key, test, what a valid value is): checked in order, the first failure is reported.
+RULES = [
+    ("trainer.device", lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
+    ("trainer.precision", lambda v: str(v) in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    ("trainer.max_epochs", _at_least(1), "1 or more"),
+    ("trainer.max_steps", lambda v: v == -1 or v >= 1, "-1 (no limit) or 1 or more"),
+    ("trainer.limit_train_batches", lambda v: v is None or v >= 1, "null (all) or 1 or more"),
+    ("trainer.limit_val_batches", lambda v: v is None or v >= 1, "null (all) or 1 or more"),
+    ("trainer.limit_test_batches", lambda v: v is None or v >= 1, "null (all) or 1 or more"),
+    ("trainer.accumulate_grad_batches", _at_least(1), "1 or more"),
+    ("trainer.gradient_clip_val", _at_least(0), "0 (off) or positive"),
+    ("trainer.log_every_n_steps", _at_least(1), "1 or more"),
+    ("loader.batch_size", _at_least(1), "1 or more"),
+    ("loader.num_workers", _at_least(0), "0 (load in the main process) or more"),
+    ("loader.prefetch_factor", _at_least(1), "1 or more"),
+    ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("checkpoint.every_n_epochs", _at_least(1), "1 or more"),
+    ("checkpoint.every_n_steps", _at_least(0), "0 (off) or more"),
+    ("checkpoint.monitor", lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}"),
+    ("checkpoint.mode", lambda v: v in ("max", "min"), "one of max, min"),
+    ("export.formats", lambda v: set(v) <= set(EXPORT_FORMATS), f"a list of {', '.join(EXPORT_FORMATS)}"),
+    ("dataset.num_classes", _at_least(2), "2 or more"),
+    ("dataset.val_split", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optimizer.lr", lambda v: v > 0, "positive"),
+]
+
+
 def validate(cfg: DictConfig) -> None:
-    """Every check that needs more than a type: ranges, choices, and the registry entries' parameters."""
+    """Every check that needs more than a type: the registry entries' parameters, ranges, choices."""
     from trainer import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
 
-    t, ld, ck = cfg.trainer, cfg.loader, cfg.checkpoint
-    _require(t.device in DEVICES, f"trainer.device: '{t.device}' is not one of {', '.join(DEVICES)}")
-    _require(str(t.precision) in PRECISIONS,
-             f"trainer.precision: '{t.precision}' is not one of {', '.join(PRECISIONS)}")
-    for key in ("max_epochs", "accumulate_grad_batches", "log_every_n_steps"):
-        _require(t[key] >= 1, f"trainer.{key}: must be 1 or more, got {t[key]}")
-    _require(t.max_steps == -1 or t.max_steps >= 1, f"trainer.max_steps: must be -1 (no limit) or 1 or more, got {t.max_steps}")
-    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
-        _require(t[key] is None or t[key] >= 1, f"trainer.{key}: must be null (all) or 1 or more, got {t[key]}")
-    _require(t.gradient_clip_val >= 0, f"trainer.gradient_clip_val: must be 0 (off) or positive, got {t.gradient_clip_val}")
-    _require(ld.batch_size >= 1, f"loader.batch_size: must be 1 or more, got {ld.batch_size}")
-    _require(ld.num_workers >= 0, f"loader.num_workers: must be 0 (load in the main process) or more, got {ld.num_workers}")
-    _require(ld.prefetch_factor >= 1, f"loader.prefetch_factor: must be 1 or more, got {ld.prefetch_factor}")
-    _require(0 <= cfg.loss.label_smoothing < 1, f"loss.label_smoothing: must be in [0, 1), got {cfg.loss.label_smoothing}")
-    _require(ck.every_n_epochs >= 1, f"checkpoint.every_n_epochs: must be 1 or more, got {ck.every_n_epochs}")
-    _require(ck.every_n_steps >= 0, f"checkpoint.every_n_steps: must be 0 (off) or more, got {ck.every_n_steps}")
-    _require(ck.monitor in MONITORS, f"checkpoint.monitor: '{ck.monitor}' is not one of {', '.join(MONITORS)}")
-    _require(ck.mode in ("max", "min"), f"checkpoint.mode: '{ck.mode}' is not one of max, min")
-    for fmt in cfg.export.formats:
-        _require(fmt in EXPORT_FORMATS, f"export.formats: '{fmt}' is not one of {', '.join(EXPORT_FORMATS)}")
-    for group, registry, provided in ((("model", MODELS, ())), ("dataset", DATASETS, ()),
-                                       ("optimizer", OPTIMIZERS, ("model",)),
-                                       ("scheduler", SCHEDULERS, ("optimizer", "total_steps", "steps_per_epoch"))):
+    for group, registry, provided in (("model", MODELS, ()), ("dataset", DATASETS, ()),
+                                      ("optimizer", OPTIMIZERS, ("model",)),
+                                      ("scheduler", SCHEDULERS, ("optimizer", "total_steps", "steps_per_epoch"))):
         section = cfg[group]
         _require(isinstance(section, DictConfig) and "name" in section,
                  f"{group}: missing; choose one with {group}=<name> ({', '.join(registry.names())})")
-        registry.check(section.name, params_of(section), provided)
-    _require(cfg.dataset.num_classes >= 2, f"dataset.num_classes: must be 2 or more, got {cfg.dataset.num_classes}")
-    _require(0 <= cfg.dataset.val_split < 1, f"dataset.val_split: must be in [0, 1), got {cfg.dataset.val_split}")
-    _require(cfg.optimizer.lr > 0, f"optimizer.lr: must be positive, got {cfg.optimizer.lr}")
+        registry.check(section.name, params_of(section), provided)  # types too: the rules below compare
+    for key, ok, requirement in RULES:
+        value = OmegaConf.select(cfg, key)
+        _require(ok(value), f"{key}: must be {requirement}, got {value!r}")
 
 
 def params_of(section: DictConfig) -> dict[str, Any]:

@@ -121,7 +121,8 @@ class Trainer:
         while p.epoch < self.settings.max_epochs and p.step < self.total_steps:
             train = self.train_epoch()
             val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val")
-            self.end_epoch(train, val)
+            self.end_epoch(train, val)  # reported before it is checkpointed: a resume never loses the point
+            self.save_epoch_checkpoints()
             if self.stop_signal:
                 raise StopRequested(self.stop_signal)
         return p.metrics
@@ -152,9 +153,9 @@ class Trainer:
             every = self.checkpointing.every_n_steps
             if (every and p.step % every == 0) or self.stop_signal:
                 p.epoch_sums = sums.tolist()  # deliberate sync: a checkpoint needs the values
+                if self.stop_signal:
+                    raise StopRequested(self.stop_signal)  # the guard saves the checkpoint
                 self.save_checkpoint()
-            if self.stop_signal:
-                raise StopRequested(self.stop_signal)
             if p.step >= self.total_steps:
                 break
         bar.close()
@@ -200,17 +201,21 @@ class Trainer:
                                                                 else value < p.best))
         if improved:
             p.best, p.best_epoch = value, p.epoch
-        last = p.epoch % self.checkpointing.every_n_epochs == 0 or p.epoch == self.settings.max_epochs \
+        return p.metrics
+
+    def save_epoch_checkpoints(self) -> None:
+        """last.pt every checkpoint.every_n_epochs and at the end; best.pt when the monitor improved."""
+        p = self.progress
+        due = p.epoch % self.checkpointing.every_n_epochs == 0 or p.epoch == self.settings.max_epochs \
             or p.step >= self.total_steps
-        if last:
-            saved = self.save_checkpoint()
-        if improved:
+        if due:
+            last = self.save_checkpoint()
+        if p.best_epoch == p.epoch:
             best = self.checkpoint_dir / "best.pt"
-            if last:
-                copy_checkpoint(saved, best)  # same state: link it rather than serialise it twice
+            if due:
+                copy_checkpoint(last, best)  # the same state: link it rather than serialise it twice
             else:
                 save_checkpoint(self.state_dict(), best)
-        return p.metrics
 
     def _show_progress(self, bar: tqdm, sums: Tensor) -> None:
         if bar.disable:
@@ -245,7 +250,8 @@ class Trainer:
                     group[key] = value
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
-        lrs = [base * f(self.scheduler.last_epoch) for base, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        step = self.scheduler.last_epoch
+        lrs = [base * f(step) for base, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self.scheduler._last_lr = lrs
