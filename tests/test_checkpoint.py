@@ -75,3 +75,43 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def _progress(step):
+    return {"model": {"w": torch.full((4,), float(step))}, "progress": {"step": step}}
+
+
+def test_history_keeps_the_newest_and_prunes_only_after_saving(tmp_path):
+    from trainer.checkpoint import keep_history
+    for step in (10, 20, 30):
+        last = save_checkpoint(_progress(step), tmp_path / "last.pt")
+        keep_history(last, step, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == ["step-000000020.pt", "step-000000030.pt"]
+    assert load_checkpoint(tmp_path / "step-000000030.pt")["progress"]["step"] == 30
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "step-000000030.pt")  # a link, not a copy
+    keep_history(last, 30, keep=1)  # keep_last=1: no history is written
+    assert len(list(tmp_path.glob("step-*.pt"))) == 2
+
+
+def test_newest_valid_falls_back_past_damaged_files(tmp_path, caplog):
+    from trainer.checkpoint import keep_history, newest_valid
+    for step in (10, 20):
+        keep_history(save_checkpoint(_progress(step), tmp_path / "last.pt"), step, keep=3)
+    (tmp_path / "last.pt").unlink()
+    save_checkpoint(_progress(30), tmp_path / "last.pt")
+    (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:200])  # the newest is truncated
+    path, state = newest_valid(tmp_path)
+    assert path.name == "step-000000020.pt" and state["progress"]["step"] == 20
+    assert "last.pt: truncated" in caplog.text
+    for p in tmp_path.glob("*.pt"):
+        p.write_bytes(b"junk")
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        newest_valid(tmp_path)
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    from trainer.checkpoint import remove_stale_temporaries
+    (tmp_path / ".last.pt.123.tmp").write_bytes(b"half")
+    save_checkpoint(_progress(1), tmp_path / "last.pt")
+    remove_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -1,15 +1,11 @@
 """End to end through `python -m trainer` in a subprocess, on tiny synthetic data."""
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_trainer
+from conftest import TINY, run_trainer
 from trainer.checkpoint import load_checkpoint
 
 
@@ -87,85 +83,6 @@ def test_evaluate_reproduces_the_runs_test_metrics(golden):
     assert reported["test/acc"] == metrics["test/acc"] and reported["test/loss"] == pytest.approx(metrics["test/loss"])
     last = run_trainer(f"run={golden}", "checkpoint=last", module="trainer.evaluate")
     assert last.returncode == 0 and json.loads(last.stdout.strip().splitlines()[-1])["checkpoint"] == "last"
-
-
-# ---- resume ------------------------------------------------------------------------------------
-RESUMABLE = [*TINY, "scheduler=step", "checkpoint.every_n_steps=10"]  # a schedule that does not depend on max_epochs
-
-
-def _assert_same_state(a: Path, b: Path) -> None:
-    sa, sb = load_checkpoint(a / "checkpoints" / "last.pt"), load_checkpoint(b / "checkpoints" / "last.pt")
-    assert sa["progress"]["step"] == sb["progress"]["step"]
-    for key, tensor in sa["model"].items():
-        assert torch.equal(tensor, sb["model"][key]), key
-    for pid, buf in sa["optimizer"]["state"].items():
-        for key, tensor in buf.items():
-            assert torch.equal(tensor, sb["optimizer"]["state"][pid][key]), (pid, key)
-    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    result = run_trainer(*RESUMABLE, "trainer.max_epochs=4", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
-    return run_dir
-
-
-def test_extending_a_finished_run_equals_training_longer(tmp_path, uninterrupted):
-    run_dir = tmp_path / "run"
-    assert run_trainer(*RESUMABLE, f"hydra.run.dir={run_dir}").returncode == 0
-    resumed = run_trainer(f"resume={run_dir / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=4")
-    assert resumed.returncode == 0, resumed.stderr
-    _assert_same_state(run_dir, uninterrupted)
-    assert "trainer.max_epochs=4" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # same dir, config updated
-    assert "resumed" in (run_dir / "train.log").read_text()
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    steps = [e.step for e in EventAccumulator(str(run_dir / "tensorboard")).Reload().Scalars("val/acc")]
-    assert steps == sorted(set(steps)) and len(steps) == 4  # continued, no duplicate points
-
-
-@pytest.mark.parametrize("signum,code,workers", [(signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 0)])
-def test_a_signal_saves_mid_epoch_and_resume_is_exact(tmp_path, uninterrupted, signum, code, workers):
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *RESUMABLE, "trainer.max_epochs=4",
-                             f"loader.num_workers={workers}", f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log = run_dir / "train.log"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and "epoch 1 |" in log.read_text()):
-        time.sleep(0.05)
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == code, stderr
-    progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
-    assert 1 <= progress["epoch"] < 4
-    assert "resume with: python -m trainer resume=" in (run_dir / "train.log").read_text()
-    # resumed with a different worker count than the interrupted run
-    resumed = run_trainer(f"resume={run_dir}", f"loader.num_workers={2 - workers}")
-    assert resumed.returncode == 0, resumed.stderr
-    _assert_same_state(run_dir, uninterrupted)
-
-
-def test_resume_auto_starts_fresh_then_continues(tmp_path):
-    run_dir = tmp_path / "run"
-    first = run_trainer(*TINY, "trainer.max_epochs=1", "export.formats=[]", "resume=auto", f"hydra.run.dir={run_dir}")
-    assert first.returncode == 0, first.stderr
-    assert "no checkpoint" in (run_dir / "train.log").read_text()
-    again = run_trainer(*TINY, "trainer.max_epochs=2", "export.formats=[]", "resume=auto", f"hydra.run.dir={run_dir}")
-    assert again.returncode == 0, again.stderr
-    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
-    assert "resumed auto at epoch 1" in (run_dir / "train.log").read_text()
-
-
-def test_resume_refuses_another_model_and_a_corrupt_checkpoint(golden, tmp_path):
-    other = run_trainer(f"resume={golden}", "model.width=32")
-    assert other.returncode == 2 and "model.width: 16 -> 32" in other.stderr
-    copy = tmp_path / "copy.pt"
-    data = (golden / "checkpoints" / "last.pt").read_bytes()
-    copy.write_bytes(data[: len(data) - 100])
-    bad = run_trainer(*TINY, f"resume={copy}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert bad.returncode == 2 and "copy.pt: truncated" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_hydra_entry_returns_the_monitored_metric(tmp_path):

@@ -16,7 +16,7 @@ from trainer.cli import exit_codes, import_user_modules, resume_argv
 from trainer.config import register_configs, validate
 from trainer.export import export_model
 from trainer.loop import Trainer, pick_device
-from trainer.setup import build_data, build_trainer, find_checkpoint, load_resume_state
+from trainer.setup import build_data, build_trainer, load_resume_state
 
 log = logging.getLogger("trainer")
 register_configs()
@@ -42,14 +42,13 @@ def run(cfg: DictConfig) -> float | None:
     import_user_modules(list(cfg.imports))
     validate(cfg)
     device = pick_device(cfg.trainer.device)
-    state = load_resume_state(find_checkpoint(cfg.resume, run_dir), cfg)
+    state = load_resume_state(cfg.resume, run_dir, cfg)
     bundle, loaders = build_data(cfg, device)
-    trainer = build_trainer(cfg, run_dir, device, loaders, None if state is None else state["progress"]["step"])
+    trainer = build_trainer(cfg, run_dir, device, loaders, state)
     if state is None:
         sample = torch.stack([bundle.train[i][0] for i in range(min(64, len(bundle.train)))])
         trainer.metrics.images("train/samples", sample, bundle.mean, bundle.std)
     else:
-        trainer.load_state_dict(state)
         p = trainer.progress
         log.info("resumed %s at epoch %d, batch %d, step %d", cfg.resume, p.epoch, p.batches_in_epoch, p.step)
     log.info("training %s on %s (%d train / %d val images) on %s, run dir %s", cfg.model.name, cfg.dataset.name,

@@ -4,9 +4,11 @@ A checkpoint is a torch.save zip of tensors and plain Python values only, so it 
 `weights_only=True`. The zip format stores a CRC-32 of every record, which `load_checkpoint` checks
 before unpickling: torch.load alone accepts a file with flipped bytes in a tensor.
 """
+import logging
 import os
 import pickle
 import random
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 
 from trainer.errors import UserError
 
+log = logging.getLogger("trainer")
 FORMAT = "trainer-checkpoint/1"
 
 
@@ -25,6 +28,18 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)  # makes the rename itself durable, not only the file's bytes
     finally:
         os.close(fd)
+
+
+def _pause_for_tests(state: dict[str, Any]) -> None:
+    """Test hook: TRAINER_TEST_PAUSE_IN_SAVE=<step>:<marker file> stops the process while it saves the
+    checkpoint of that step, written but not yet renamed into place, so a test can kill it at the
+    worst instant. Unset, it costs one dictionary look-up per save."""
+    hook = os.environ.get("TRAINER_TEST_PAUSE_IN_SAVE")
+    if hook:
+        step, marker = hook.split(":", 1)
+        if state.get("progress", {}).get("step") == int(step):
+            Path(marker).touch()
+            time.sleep(600)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
@@ -37,6 +52,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        _pause_for_tests(state)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -81,6 +97,46 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint written by this framework (no '{FORMAT}' marker)")
     return state
+
+
+def history_name(step: int) -> str:
+    return f"step-{step:09d}.pt"
+
+
+def keep_history(last: Path, step: int, keep: int) -> None:
+    """Keeps the newest `keep` checkpoints as step-N.pt (hard links: the newest costs no space), and
+    removes older ones only now that the new one is durable."""
+    if keep <= 1:
+        return
+    copy_checkpoint(last, last.with_name(history_name(step)))
+    for old in sorted(last.parent.glob("step-*.pt"))[:-keep]:
+        old.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """A process killed while saving leaves its temporary file; the complete checkpoints are intact."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def newest_valid(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint in a run's checkpoints/ folder that passes verification: last.pt, then the
+    step-N.pt history newest first, then best.pt. Each one passed over is logged with the reason."""
+    candidates = [folder / "last.pt", *sorted(folder.glob("step-*.pt"), reverse=True), folder / "best.pt"]
+    problems = []
+    for path in (c for c in candidates if c.is_file()):
+        try:
+            state = load_checkpoint(path)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            log.warning("skipped a checkpoint: %s", problem)
+        if problems:
+            log.warning("resuming from %s (step %d), the newest valid checkpoint", path, state["progress"]["step"])
+        return path, state
+    raise UserError(f"resume: no valid checkpoint in {folder} "
+                    f"({'; '.join(problems) or 'none saved yet'}); start the run again")
 
 
 def rng_state() -> dict[str, Any]:

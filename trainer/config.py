@@ -32,6 +32,8 @@ class TrainerConfig:
     gradient_clip_val: float = 0.0  # 0: no clipping
     log_every_n_steps: int = 20
     progress_bar: bool = True
+    on_nonfinite: str = "stop"  # stop, or skip_batch (costs one host sync per step)
+    max_skipped_batches: int = 10
 
 
 @dataclass
@@ -56,6 +58,9 @@ class CheckpointConfig:
     every_n_steps: int = 0  # 0: only at epoch ends
     monitor: str = "val/acc"
     mode: str = "max"
+    keep_last: int = 2  # the newest N checkpoints kept as step-N.pt, to fall back on if last.pt is damaged
+    reset_optimizer: bool = False  # on resume: fresh optimizer state instead of the checkpoint's
+    reset_scheduler: bool = False  # on resume: the learning-rate schedule restarts at the current step
 
 
 @dataclass
@@ -106,6 +111,9 @@ RULES = [
     ("trainer.accumulate_grad_batches", _at_least(1), "1 or more"),
     ("trainer.gradient_clip_val", _at_least(0), "0 (off) or positive"),
     ("trainer.log_every_n_steps", _at_least(1), "1 or more"),
+    ("trainer.on_nonfinite", lambda v: v in ("stop", "skip_batch"), "one of stop, skip_batch"),
+    ("trainer.max_skipped_batches", _at_least(0), "0 or more"),
+    ("checkpoint.keep_last", _at_least(1), "1 or more"),
     ("loader.batch_size", _at_least(1), "1 or more"),
     ("loader.num_workers", _at_least(0), "0 (load in the main process) or more"),
     ("loader.prefetch_factor", _at_least(1), "1 or more"),

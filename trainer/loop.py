@@ -14,12 +14,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from trainer.checkpoint import copy_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.checkpoint import copy_checkpoint, keep_history, rng_state, save_checkpoint, set_rng_state
 from trainer.data import Loaders
 from trainer.errors import UserError
 from trainer.instrument import MetricLog, PhaseTimer, StopRequested, guarded, reports, timed, timed_iter
 
 log = logging.getLogger("trainer")
+NONFINITE_CAUSES = ("Likely causes: a learning rate too high (lower optimizer.lr, add scheduler warmup or "
+                    "trainer.gradient_clip_val), or float16 overflow (use trainer.precision=bf16 or 32); "
+                    "trainer.on_nonfinite=skip_batch skips such batches instead")
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
@@ -34,6 +37,8 @@ class Progress:
     best_epoch: int = 0
     images_trained: int = 0
     train_time_s: float = 0.0
+    skipped_batches: int = 0  # non-finite losses skipped with trainer.on_nonfinite=skip_batch
+    schedule_start: int = 0  # the step the learning-rate schedule counts from (moved by reset_scheduler)
     metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's report
 
     def state_dict(self) -> dict[str, Any]:
@@ -42,6 +47,10 @@ class Progress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+class NonFiniteLoss(UserError):
+    """Training produced NaN or Inf; raised before anything non-finite reaches a checkpoint."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,21 +146,28 @@ class Trainer:
         bar = tqdm(total=self.batches_per_epoch, initial=p.batches_in_epoch, unit="batch", leave=False,
                    desc=f"epoch {p.epoch + 1}/{self.settings.max_epochs}",
                    disable=None if self.settings.progress_bar else True)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         batches = timed_iter(self.loaders.train, self.timer)
         for images, labels in itertools.islice(batches, self.batches_per_epoch - p.batches_in_epoch):
             # non_blocking copies overlap with compute when the loader pins memory
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             p.batches_in_epoch += 1
             step_now = p.batches_in_epoch % accumulate == 0 or p.batches_in_epoch == self.batches_per_epoch
-            sums += self.train_step(images, labels, step_now)
+            batch_sums = self.train_step(images, labels, step_now)
+            sums += batch_sums
+            # Remember the first step whose loss was not finite, on the device: no sync per step.
+            first_bad = torch.where((first_bad < 0) & ~batch_sums[0].isfinite(), first_bad.new_full((), p.step + 1),
+                                    first_bad)
             bar.update()
             if not step_now:
                 continue
             p.step += 1
             if p.step % self.settings.log_every_n_steps == 0:
+                self._check_finite(first_bad)  # deliberate sync, once per log interval
                 self._show_progress(bar, sums)
             every = self.checkpointing.every_n_steps
             if (every and p.step % every == 0) or self.stop_signal:
+                self._check_finite(first_bad)
                 p.epoch_sums = sums.tolist()  # deliberate sync: a checkpoint needs the values
                 if self.stop_signal:
                     raise StopRequested(self.stop_signal)  # the guard saves the checkpoint
@@ -159,6 +175,7 @@ class Trainer:
             if p.step >= self.total_steps:
                 break
         bar.close()
+        self._check_finite(first_bad)
         loss_sum, correct, seen = sums.tolist()  # deliberate sync: once per epoch
         p.epoch_sums, p.batches_in_epoch = [0.0, 0.0, 0.0], 0
         return {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1),
@@ -170,7 +187,11 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.model(images)
             loss = self.criterion(logits, labels)
-        self.scaler.scale(loss / self.settings.accumulate_grad_batches).backward()
+        skip = self.settings.on_nonfinite == "skip_batch" and not loss.isfinite().item()  # a sync, in this mode only
+        if skip:
+            self._skip_batch()
+        else:
+            self.scaler.scale(loss / self.settings.accumulate_grad_batches).backward()
         if step_now:
             if self.settings.gradient_clip_val > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -179,7 +200,23 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
+        if skip:
+            return torch.zeros(3, device=self.device)
         return _batch_sums(loss.detach().float() * len(labels), logits, labels)
+
+    def _skip_batch(self) -> None:
+        p = self.progress
+        p.skipped_batches += 1
+        log.warning("non-finite loss at step %d: batch skipped (%d so far)", p.step + 1, p.skipped_batches)
+        if p.skipped_batches > self.settings.max_skipped_batches:
+            raise NonFiniteLoss(f"trainer.max_skipped_batches: {p.skipped_batches} batches had a non-finite loss "
+                                f"(by step {p.step + 1}); {NONFINITE_CAUSES}")
+
+    def _check_finite(self, first_bad: Tensor) -> None:
+        step = int(first_bad.item())
+        if step >= 0:
+            raise NonFiniteLoss(f"trainer: the loss became NaN or Inf at step {step} (epoch {self.progress.epoch + 1}); "
+                                f"stopped without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
 
     @timed("eval")
     def evaluate(self, loader: DataLoader, limit: int | None, split: str) -> dict[str, float]:
@@ -228,7 +265,13 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------------
     @timed("checkpoint")
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.state_dict(), self.checkpoint_dir / "last.pt")
+        state = self.state_dict()
+        if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
+            raise NonFiniteLoss(f"trainer: the weights became NaN or Inf by step {self.progress.step}; stopped "
+                                f"without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
+        last = save_checkpoint(state, self.checkpoint_dir / "last.pt")
+        keep_history(last, self.progress.step, self.checkpointing.keep_last)
+        return last
 
     def state_dict(self) -> dict[str, Any]:
         from trainer import __version__
@@ -237,18 +280,22 @@ class Trainer:
                 "progress": self.progress.state_dict(), "rng": rng_state(), "config": self.config,
                 "version": __version__}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a checkpoint; the current config's optimizer hyperparameters win over the saved
-        ones (with a warning when they differ), so an override given on resume is never ignored."""
+    def load_state_dict(self, state: dict[str, Any], reset_optimizer: bool = False,
+                        reset_scheduler: bool = False) -> None:
+        """Restores a checkpoint. The current config's optimizer hyperparameters win over the saved ones
+        (with a warning when they differ), so an override given on resume is never ignored."""
         unwrap(self.model).load_state_dict(state["model"])
-        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, wanted in zip(self.optimizer.param_groups, configured):
-            for key, value in wanted.items():
-                if group.get(key) != value:
-                    log.warning("optimizer %s changed on resume: %s -> %s (applied)", key, group.get(key), value)
-                    group[key] = value
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress.load_state_dict(state["progress"])
+        if reset_optimizer:
+            log.warning("checkpoint.reset_optimizer: optimizer state (momentum, moments) starts fresh")
+        else:
+            self._load_optimizer(state["optimizer"])
+        if reset_scheduler:
+            self.progress.schedule_start = self.progress.step
+            log.warning("checkpoint.reset_scheduler: the learning-rate schedule restarts at step %d", self.progress.step)
+        else:
+            self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a function of the step: recompute the current rate from this config's base rates.
         self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
         step = self.scheduler.last_epoch
         lrs = [base * f(step) for base, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
@@ -256,8 +303,19 @@ class Trainer:
             group["lr"] = lr
         self.scheduler._last_lr = lrs
         self.scaler.load_state_dict(state["scaler"])
-        self.progress.load_state_dict(state["progress"])
         set_rng_state(state["rng"])
+
+    def _load_optimizer(self, saved: dict[str, Any]) -> None:
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        changes = set()
+        for group, wanted in zip(self.optimizer.param_groups, configured):
+            for key, value in wanted.items():
+                if group.get(key) != value:
+                    changes.add(("lr" if key == "initial_lr" else key, str(group.get(key)), str(value)))
+                    group[key] = value
+        for key, old, new in sorted(changes):
+            log.warning("optimizer.%s changed on resume: %s -> %s (applied)", key, old, new)
 
     def load_weights(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])

@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
 from trainer.config import params_of
 from trainer.data import DATASETS, DataBundle, Loaders, build_loaders
 from trainer.errors import UserError
@@ -40,42 +40,51 @@ def build_model(cfg: DictConfig) -> nn.Module:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders: Loaders,
-                  resume_step: int | None) -> Trainer:
+                  state: dict[str, Any] | None) -> Trainer:
+    """Builds the model, optimizer, schedule and metric log, and restores `state` when resuming."""
     model = build_model(cfg)
     optimizer = OPTIMIZERS.build(cfg.optimizer.name, model=model, **params_of(cfg.optimizer))
-    t = cfg.trainer
+    t, ck = cfg.trainer, cfg.checkpoint
     _, steps_per_epoch, total_steps = plan_steps(len(loaders.train), t.limit_train_batches,
                                                  t.accumulate_grad_batches, t.max_epochs, t.max_steps)
-    scheduler = SCHEDULERS.build(cfg.scheduler.name, optimizer=optimizer, total_steps=total_steps,
+    resumed_step = None if state is None else state["progress"]["step"]
+    schedule_start = 0 if state is None else resumed_step if ck.reset_scheduler else \
+        state["progress"].get("schedule_start", 0)
+    scheduler = SCHEDULERS.build(cfg.scheduler.name, optimizer=optimizer, total_steps=total_steps - schedule_start,
                                  steps_per_epoch=steps_per_epoch, **params_of(cfg.scheduler))
     # Purge what a killed run logged after its checkpoint, so resumed curves have no duplicate points.
-    metrics = MetricLog(run_dir / "tensorboard", purge_step=None if resume_step is None else resume_step + 1)
-    return Trainer(model, optimizer, scheduler, loaders, settings=t, checkpoint=cfg.checkpoint,
-                   label_smoothing=cfg.loss.label_smoothing, device=device, run_dir=run_dir, metrics=metrics,
-                   config=OmegaConf.to_container(cfg, resolve=True))
+    metrics = MetricLog(run_dir / "tensorboard", purge_step=None if state is None else resumed_step + 1)
+    remove_stale_temporaries(run_dir / "checkpoints")
+    trainer = Trainer(model, optimizer, scheduler, loaders, settings=t, checkpoint=ck,
+                      label_smoothing=cfg.loss.label_smoothing, device=device, run_dir=run_dir, metrics=metrics,
+                      config=OmegaConf.to_container(cfg, resolve=True))
+    if state is not None:
+        trainer.load_state_dict(state, reset_optimizer=ck.reset_optimizer, reset_scheduler=ck.reset_scheduler)
+    return trainer
 
 
-def find_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint `resume` points at: a file, a run dir's last.pt, or with `auto` this run dir's
-    last.pt when there is one."""
+def load_resume_state(resume: str | None, run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The state `resume` points at: a checkpoint file (verified, no fallback), a run dir's newest valid
+    checkpoint, or with `auto` this run dir's newest valid checkpoint when there is one."""
     if resume is None:
         return None
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.pt"
-        if last.is_file():
-            return last
-        log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
-        return None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-        if not path.is_file():
-            raise UserError(f"resume: {resume} has no checkpoints/last.pt; the run saved none yet, start it again")
-    return path
+        try:
+            _, state = newest_valid(run_dir / "checkpoints")
+        except UserError as e:
+            log.warning("resume=auto: %s; starting fresh", str(e).removeprefix("resume: "))
+            return None
+    elif Path(resume).is_dir():
+        _, state = newest_valid(Path(resume) / "checkpoints")
+    else:
+        state = load_checkpoint(Path(resume))
+    check_compatible(state["config"], OmegaConf.to_container(cfg, resolve=True))
+    return state
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A checkpoint's model only fits the architecture and data it was trained for."""
+    """A checkpoint's model only fits the architecture and data it was trained for; changes to the
+    optimizer or schedule are allowed, and said."""
     differences = [f"{group}.{key}: {saved[group].get(key)!r} -> {current[group].get(key)!r}"
                    for group in ("model", "dataset")
                    for key in sorted(set(saved[group]) | set(current[group]))
@@ -84,14 +93,10 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     if differences:
         raise UserError(f"resume: the checkpoint was trained with another model or dataset ({'; '.join(differences)}); "
                         f"resume with the original settings, or start a new run")
-    if saved["optimizer"]["name"] != current["optimizer"]["name"]:
+    if saved["optimizer"]["name"] != current["optimizer"]["name"] and not current["checkpoint"]["reset_optimizer"]:
         raise UserError(f"optimizer.name: the checkpoint's optimizer is {saved['optimizer']['name']}; resume with "
-                        f"optimizer={saved['optimizer']['name']}, or start a new run")
-
-
-def load_resume_state(path: Path | None, cfg: DictConfig) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    state = load_checkpoint(path)
-    check_compatible(state["config"], OmegaConf.to_container(cfg, resolve=True))
-    return state
+                        f"optimizer={saved['optimizer']['name']}, or add checkpoint.reset_optimizer=true")
+    for key in sorted(set(saved["scheduler"]) | set(current["scheduler"])):
+        if saved["scheduler"].get(key) != current["scheduler"].get(key):
+            log.warning("scheduler.%s changed on resume: %r -> %r (applied)", key, saved["scheduler"].get(key),
+                        current["scheduler"].get(key))

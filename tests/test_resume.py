@@ -1,0 +1,249 @@
+"""Kill a run at any instant, resume it, and get the weights of a run that was never interrupted."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, TINY, TINY_DATA, TINY_RUN, run_trainer
+from trainer.checkpoint import load_checkpoint
+
+# A schedule that does not depend on max_epochs (so a 2-epoch run extended to 4 can equal a 4-epoch
+# run), and checkpoints inside epochs: 29 steps an epoch, so saves at steps 10, 20, 29 (epoch end), 30...
+RESUMABLE = [*TINY, "scheduler=step", "checkpoint.every_n_steps=10", "export.formats=[]"]
+
+
+def _assert_same_state(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a / "checkpoints" / "last.pt"), load_checkpoint(b / "checkpoints" / "last.pt")
+    assert sa["progress"]["step"] == sb["progress"]["step"] == 4 * 29
+    for key, tensor in sa["model"].items():
+        assert torch.equal(tensor, sb["model"][key]), key
+    for pid, buf in sa["optimizer"]["state"].items():
+        for key, tensor in buf.items():
+            assert torch.equal(tensor, sb["optimizer"]["state"][pid][key]), (pid, key)
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = run_trainer(*RESUMABLE, "trainer.max_epochs=4", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def _start(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", *RESUMABLE, "trainer.max_epochs=4", *extra,
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def _wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _log_has(run_dir: Path, text: str) -> bool:
+    log = run_dir / "train.log"
+    return log.is_file() and text in log.read_text()
+
+
+def test_extending_a_finished_run_equals_training_longer(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    assert run_trainer(*RESUMABLE, f"hydra.run.dir={run_dir}").returncode == 0
+    resumed = run_trainer(f"resume={run_dir / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=4")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_state(run_dir, uninterrupted)
+    assert "trainer.max_epochs=4" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # same dir, config updated
+    assert "resumed" in (run_dir / "train.log").read_text()
+    steps = [e.step for e in EventAccumulator(str(run_dir / "tensorboard")).Reload().Scalars("val/acc")]
+    assert steps == sorted(set(steps)) and len(steps) == 4  # continued, no duplicate points
+
+
+@pytest.mark.parametrize("signum,code,workers", [(signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 0)])
+def test_a_signal_saves_mid_epoch_and_resume_is_exact(tmp_path, uninterrupted, signum, code, workers):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir, f"loader.num_workers={workers}")
+    _wait_for(lambda: _log_has(run_dir, "epoch 1 |"))
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
+    assert 1 <= progress["epoch"] < 4
+    assert "resume with: python -m trainer resume=" in (run_dir / "train.log").read_text()
+    # resumed with a different worker count than the interrupted run
+    resumed = run_trainer(f"resume={run_dir}", f"loader.num_workers={2 - workers}")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_state(run_dir, uninterrupted)
+
+
+def test_sigusr1_checkpoints_and_exits_143(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for(lambda: _log_has(run_dir, "training cnn"))
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "after SIGUSR1" in (run_dir / "train.log").read_text() and (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_sigkill_while_writing_a_checkpoint(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "paused"
+    proc = _start(run_dir, "loader.num_workers=2", env={"TRAINER_TEST_PAUSE_IN_SAVE": f"40:{marker}"})
+    _wait_for(marker.exists)  # the step-40 checkpoint is written to its temporary file, not yet renamed
+    proc.kill()
+    proc.wait()
+    folder = run_dir / "checkpoints"
+    assert list(folder.glob(".last.pt.*.tmp"))  # killed in the middle of the save
+    assert load_checkpoint(folder / "last.pt")["progress"]["step"] == 30  # the previous one is whole
+    resumed = run_trainer(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(folder.glob(".*.tmp"))
+    _assert_same_state(run_dir, uninterrupted)
+
+
+def test_sigkill_mid_epoch_with_a_corrupt_newest_checkpoint(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for(lambda: _log_has(run_dir, "epoch 2 |"))
+    proc.kill()  # no handler runs: whatever is on disk is what there is
+    proc.wait()
+    last = run_dir / "checkpoints" / "last.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # and then the disk flips a bit in the newest checkpoint
+    last.write_bytes(bytes(data))
+    resumed = run_trainer(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "skipped a checkpoint" in log and "checksum mismatch" in log and "newest valid checkpoint" in log
+    _assert_same_state(run_dir, uninterrupted)
+
+
+def test_no_valid_checkpoint_is_an_error_unless_auto(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_trainer(*TINY, "trainer.max_epochs=1", "export.formats=[]", f"hydra.run.dir={run_dir}").returncode == 0
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:1000])
+    named = run_trainer(f"resume={run_dir}")
+    assert named.returncode == 2 and "resume: no valid checkpoint in" in named.stderr and "truncated" in named.stderr
+    auto = run_trainer(*TINY, "trainer.max_epochs=1", "export.formats=[]", "resume=auto", f"hydra.run.dir={run_dir}")
+    assert auto.returncode == 0, auto.stderr
+    assert "starting fresh" in (run_dir / "train.log").read_text()
+
+
+def test_resume_auto_starts_fresh_then_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_trainer(*TINY, "trainer.max_epochs=1", "export.formats=[]", "resume=auto", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr
+    assert "starting fresh" in (run_dir / "train.log").read_text()
+    again = run_trainer(*TINY, "trainer.max_epochs=2", "export.formats=[]", "resume=auto", f"hydra.run.dir={run_dir}")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
+    assert "resumed auto at epoch 1" in (run_dir / "train.log").read_text()
+
+
+def test_changed_hyperparameters_are_applied_and_said(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_trainer(*RESUMABLE, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}").returncode == 0
+    resumed = run_trainer(f"resume={run_dir}", "trainer.max_epochs=2", "optimizer.lr=0.05",
+                          "optimizer.weight_decay=0.001", "scheduler.gamma=0.5", "checkpoint.reset_scheduler=true")
+    assert resumed.returncode == 0, resumed.stderr
+    log = (run_dir / "train.log").read_text()
+    for line in ["optimizer.lr changed on resume: 0.1 -> 0.05 (applied)",
+                 "optimizer.weight_decay changed on resume: 0.0005 -> 0.001 (applied)",
+                 "scheduler.gamma changed on resume: 0.1 -> 0.5 (applied)", "schedule restarts at step 29"]:
+        assert line in log, line
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["progress"]["schedule_start"] == 29
+    assert {g["initial_lr"] for g in state["optimizer"]["param_groups"]} == {0.05}
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.001
+
+
+def test_resume_refuses_another_model_and_a_damaged_file(uninterrupted, tmp_path):
+    other = run_trainer(f"resume={uninterrupted}", "model.width=32")
+    assert other.returncode == 2 and "model.width: 16 -> 32" in other.stderr
+    copy = tmp_path / "copy.pt"
+    data = (uninterrupted / "checkpoints" / "last.pt").read_bytes()
+    copy.write_bytes(data[: len(data) - 100])
+    bad = run_trainer(*TINY, f"resume={copy}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert bad.returncode == 2 and "copy.pt: truncated" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- non-finite losses ---------------------------------------------------------------------------
+FLAKY_MODEL = """
+import os
+import torch
+from trainer import MODELS
+
+class EveryNthIsNaN(torch.nn.Module):
+    def __init__(self, in_channels, num_classes, n):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 8, 3), torch.nn.ReLU(),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, num_classes))
+        self.n, self.calls = n, 0
+
+    def forward(self, x):
+        y = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls % self.n == 0:
+                return y * float("nan")
+        return y
+
+@MODELS.register("flaky")
+def flaky(num_classes: int, in_channels: int = 3) -> torch.nn.Module:
+    # from the environment, not the config: a resume with another model config is refused, rightly
+    return EveryNthIsNaN(in_channels, num_classes, int(os.environ.get("NAN_EVERY", "7")))
+"""
+
+
+def _flaky_project(tmp_path: Path) -> list[str]:
+    (tmp_path / "flaky_models.py").write_text(FLAKY_MODEL)
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "flaky.yaml").write_text(
+        "name: flaky\nnum_classes: ${dataset.num_classes}\nin_channels: ${dataset.in_channels}\n")
+    return [*TINY_DATA, *TINY_RUN, "imports=[flaky_models]", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            "model=flaky", "export.formats=[]"]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.pt"))}
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = _flaky_project(tmp_path)
+    run_dir = tmp_path / "run"
+    first = run_trainer(*args, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                        env={"NAN_EVERY": "1000"})
+    assert first.returncode == 0, first.stderr
+    before = _digest(run_dir / "checkpoints")
+    # the resumed model counts its calls from 0: the 7th training batch after the resume is NaN
+    bad = run_trainer(f"resume={run_dir}", "trainer.max_epochs=2", cwd=tmp_path, env={"NAN_EVERY": "7"})
+    assert bad.returncode == 2, bad.stderr
+    assert "the loss became NaN or Inf at step 36 (epoch 2)" in bad.stderr and "learning rate" in bad.stderr
+    assert _digest(run_dir / "checkpoints") == before  # nothing overwritten
+
+
+def test_skip_batch_skips_and_counts_then_stops_past_the_limit(tmp_path):
+    args = _flaky_project(tmp_path)
+    run_dir = tmp_path / "run"
+    ok = run_trainer(*args, "trainer.on_nonfinite=skip_batch", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["skipped_batches"] == 29 // 7
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert all(v == v for v in (metrics["train/loss"], metrics["val/loss"]))  # finite, no NaN leaked in
+    too_many = run_trainer(*args, "trainer.on_nonfinite=skip_batch", "trainer.max_skipped_batches=2",
+                           f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+    assert too_many.returncode == 2 and "trainer.max_skipped_batches: 3 batches" in too_many.stderr
