@@ -215,7 +215,8 @@ class Trainer:
     def _check_finite(self, first_bad: Tensor) -> None:
         step = int(first_bad.item())
         if step >= 0:
-            raise NonFiniteLoss(f"trainer: the loss became NaN or Inf at step {step} (epoch {self.progress.epoch + 1}); "
+            epoch = self.progress.epoch + 1
+            raise NonFiniteLoss(f"trainer: the loss became NaN or Inf at step {step} (epoch {epoch}); "
                                 f"stopped without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
 
     @timed("eval")
@@ -292,7 +293,8 @@ class Trainer:
             self._load_optimizer(state["optimizer"])
         if reset_scheduler:
             self.progress.schedule_start = self.progress.step
-            log.warning("checkpoint.reset_scheduler: the learning-rate schedule restarts at step %d", self.progress.step)
+            log.warning("checkpoint.reset_scheduler: the learning-rate schedule restarts at step %d",
+                        self.progress.step)
         else:
             self.scheduler.load_state_dict(state["scheduler"])
         # The schedule is a function of the step: recompute the current rate from this config's base rates.
