@@ -11,7 +11,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.cli import exit_codes, import_user_modules
 from trainer.config import validate
 from trainer.errors import UserError
-from trainer.loop import AUTOCAST_DTYPES, evaluate, pick_device, unwrap
+from trainer.loop import AUTOCAST_DTYPES, evaluate_model, pick_device, unwrap
 from trainer.setup import build_data, build_model
 
 
@@ -29,7 +29,7 @@ def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, 
     _, loaders = build_data(cfg, device)
     model = build_model(cfg).to(device)
     unwrap(model).load_state_dict(state["model"])
-    loss, acc = evaluate(model, loaders.test, device, AUTOCAST_DTYPES[str(cfg.trainer.precision)],
+    loss, acc = evaluate_model(model, loaders.test, device, AUTOCAST_DTYPES[str(cfg.trainer.precision)],
                          cfg.trainer.limit_test_batches)
     return {"test/loss": loss, "test/acc": acc, "checkpoint": checkpoint, "epoch": state["progress"]["epoch"]}
 

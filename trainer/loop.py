@@ -88,7 +88,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None,
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None,
              limit: int | None = None) -> tuple[float, float]:
     """(mean loss, accuracy) over the loader's first `limit` batches (all when None)."""
     model.eval()
@@ -221,7 +221,7 @@ class Trainer:
 
     @timed("eval")
     def evaluate(self, loader: DataLoader, limit: int | None, split: str) -> dict[str, float]:
-        loss, acc = evaluate(self.model, loader, self.device, self.autocast_dtype, limit)
+        loss, acc = evaluate_model(self.model, loader, self.device, self.autocast_dtype, limit)
         return {f"{split}/loss": loss, f"{split}/acc": acc}
 
     @reports
