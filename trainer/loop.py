@@ -88,8 +88,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None,
-             limit: int | None = None) -> tuple[float, float]:
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
+                   autocast_dtype: torch.dtype | None, limit: int | None = None) -> tuple[float, float]:
     """(mean loss, accuracy) over the loader's first `limit` batches (all when None)."""
     model.eval()
     sums = torch.zeros(3, device=device)
