@@ -115,3 +115,43 @@ def test_stale_temporaries_are_removed(tmp_path):
     save_checkpoint(_progress(1), tmp_path / "last.pt")
     remove_stale_temporaries(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_full_disk_is_a_clear_error_and_the_old_checkpoint_survives(tmp_path, monkeypatch):
+    import errno
+    save_checkpoint(_progress(1), tmp_path / "last.pt")
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("trainer.checkpoint.torch.save", disk_full)
+    with pytest.raises(UserError, match=r"last\.pt: could not write the checkpoint \(No space left on device\)"):
+        save_checkpoint(_progress(2), tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "last.pt")["progress"]["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_background_writer_snapshots_the_state_and_reports_errors(tmp_path):
+    from trainer.checkpoint import CheckpointWriter
+    weights = torch.zeros(4)
+    writer = CheckpointWriter(tmp_path, keep_last=1)
+    writer.save({"model": {"w": weights}, "progress": {"step": 1}}, step=1, last=True, best=True)
+    weights += 1  # training goes on while the write is in flight
+    writer.wait()
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["model"]["w"], torch.zeros(4))
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    import trainer.checkpoint
+    original, trainer.checkpoint.torch.save = trainer.checkpoint.torch.save, disk_full
+    try:
+        writer.save({"model": {"w": weights}, "progress": {"step": 2}}, step=2, last=True, best=False)
+        with pytest.raises(UserError, match="could not write the checkpoint"):
+            writer.wait()  # the background failure surfaces in the training thread
+    finally:
+        trainer.checkpoint.torch.save = original
+    assert load_checkpoint(tmp_path / "last.pt")["progress"]["step"] == 1

@@ -10,6 +10,7 @@ import pickle
 import random
 import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,56 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
             os.fsync(f.fileno())
         _pause_for_tests(state)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:  # a full disk, a read-only or vanished folder
+        raise UserError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous one is intact. "
+                        f"Free space or fix the folder, then resume") from None
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
     return path
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a state dict's tensors on the CPU, so training can go on changing the originals while
+    the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: snapshot(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(value) for value in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread: the training loop waits only for a copy of the state.
+
+    One write is in flight at most; the next save, or `wait()`, blocks until it is durable and re-raises
+    its error. The write itself is save_checkpoint's (temporary file, fsync, rename), so a crash at any
+    instant still leaves the previous checkpoint whole."""
+
+    def __init__(self, folder: Path, keep_last: int) -> None:
+        self.folder, self.keep_last = folder, keep_last
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def save(self, state: dict[str, Any], step: int, last: bool, best: bool) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._write, snapshot(state), step, last, best)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, state: dict[str, Any], step: int, last: bool, best: bool) -> None:
+        if last:
+            path = save_checkpoint(state, self.folder / "last.pt")
+            keep_history(path, step, self.keep_last)
+            if best:
+                copy_checkpoint(path, self.folder / "best.pt")  # the same state: a link, not a second write
+        elif best:
+            save_checkpoint(state, self.folder / "best.pt")
 
 
 def copy_checkpoint(source: Path, path: Path) -> Path:

@@ -103,7 +103,7 @@ def guarded(fn: F) -> F:
     """Turns Ctrl-C, SIGTERM and SIGUSR1 into "finish this step, save a checkpoint, exit 130/143".
 
     The handlers only set `self.stop_signal`; the loop checks it between optimizer steps and raises
-    StopRequested, which lands here, where `self.save_checkpoint()` runs before the exit."""
+    StopRequested, which lands here, where `self.save_checkpoint(wait=True)` runs before the exit."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
@@ -115,7 +115,7 @@ def guarded(fn: F) -> F:
         try:
             return fn(self, *args, **kwargs)
         except StopRequested as stop:
-            path = self.save_checkpoint()
+            path = self.save_checkpoint(wait=True)
             log.warning("saved %s after %s; resume with: python -m trainer resume=%s", path, stop,
                         path.parent.parent)
             raise SystemExit(EXIT_CODES[stop.signum]) from None

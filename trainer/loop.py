@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from trainer.checkpoint import copy_checkpoint, keep_history, rng_state, save_checkpoint, set_rng_state
+from trainer.checkpoint import CheckpointWriter, rng_state, set_rng_state
 from trainer.data import Loaders
 from trainer.errors import UserError
 from trainer.instrument import MetricLog, PhaseTimer, StopRequested, guarded, reports, timed, timed_iter
@@ -110,6 +110,7 @@ class Trainer:
         self.settings, self.checkpointing, self.device, self.metrics = settings, checkpoint, device, metrics
         self.config = config  # resolved, plain: saved in every checkpoint
         self.checkpoint_dir = run_dir / "checkpoints"
+        self.writer = CheckpointWriter(self.checkpoint_dir, checkpoint.keep_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.autocast_dtype = AUTOCAST_DTYPES[str(settings.precision)]
         if self.autocast_dtype is torch.float16 and device.type != "cuda":
@@ -127,13 +128,16 @@ class Trainer:
     @guarded
     def fit(self) -> dict[str, float]:
         p = self.progress
-        while p.epoch < self.settings.max_epochs and p.step < self.total_steps:
-            train = self.train_epoch()
-            val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val")
-            self.end_epoch(train, val)  # reported before it is checkpointed: a resume never loses the point
-            self.save_epoch_checkpoints()
-            if self.stop_signal:
-                raise StopRequested(self.stop_signal)
+        try:
+            while p.epoch < self.settings.max_epochs and p.step < self.total_steps:
+                train = self.train_epoch()
+                val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val")
+                self.end_epoch(train, val)  # reported before it is checkpointed: a resume never loses the point
+                self.save_epoch_checkpoints()
+                if self.stop_signal:
+                    raise StopRequested(self.stop_signal)
+        finally:
+            self.writer.wait()  # whatever happens, the checkpoint in flight lands before fit returns
         return p.metrics
 
     @timed("train")
@@ -246,14 +250,8 @@ class Trainer:
         p = self.progress
         due = p.epoch % self.checkpointing.every_n_epochs == 0 or p.epoch == self.settings.max_epochs \
             or p.step >= self.total_steps
-        if due:
-            last = self.save_checkpoint()
-        if p.best_epoch == p.epoch:
-            best = self.checkpoint_dir / "best.pt"
-            if due:
-                copy_checkpoint(last, best)  # the same state: link it rather than serialise it twice
-            else:
-                save_checkpoint(self.state_dict(), best)
+        if due or p.best_epoch == p.epoch:
+            self.save_checkpoint(last=due, best=p.best_epoch == p.epoch)
 
     def _show_progress(self, bar: tqdm, sums: Tensor) -> None:
         if bar.disable:
@@ -265,14 +263,17 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------------
     @timed("checkpoint")
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, last: bool = True, best: bool = False, wait: bool = False) -> Path:
+        """Copies the state and hands it to the background writer; the time charged to "checkpoint" is
+        what the loop waits for (the copy, and any previous write still in flight)."""
         state = self.state_dict()
         if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
             raise NonFiniteLoss(f"trainer: the weights became NaN or Inf by step {self.progress.step}; stopped "
                                 f"without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
-        last = save_checkpoint(state, self.checkpoint_dir / "last.pt")
-        keep_history(last, self.progress.step, self.checkpointing.keep_last)
-        return last
+        self.writer.save(state, self.progress.step, last=last, best=best)
+        if wait:
+            self.writer.wait()
+        return self.checkpoint_dir / ("last.pt" if last else "best.pt")
 
     def state_dict(self) -> dict[str, Any]:
         from trainer import __version__
