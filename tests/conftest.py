@@ -79,3 +79,21 @@ def write_mnist(root: Path, folder_name: str = "MNIST", n: int = 40) -> Path:
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + bytes(labels))
     return root
+
+
+def write_imagefolder(root: Path, classes=("cat", "dog", "frog"), per_class: int = 6,
+                      splits=("train", "val"), size=(40, 30)) -> Path:
+    """Images of three kinds of file, of a size other than the training size, one colour per class."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    formats = [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")]
+    for split in splits:
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.full((size[1], size[0], 3), 60 * label + 40, dtype=np.uint8)
+                pixels = np.clip(pixels + rng.integers(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+                suffix, fmt = formats[i % 3]
+                Image.fromarray(pixels).save(folder / f"{i}.{suffix}", fmt)
+    return root

@@ -3,7 +3,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from conftest import CONF, compose_config
+from conftest import CONF, compose_config, write_imagefolder
 from trainer.config import validate
 from trainer.errors import UserError
 
@@ -12,8 +12,9 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_group_option_composes_and_validates(group, option):
-    cfg = compose_config(f"{group}={option}")
+def test_every_group_option_composes_and_validates(group, option, tmp_path):
+    extra = [f"dataset.root={write_imagefolder(tmp_path)}"] if option == "imagefolder" else []  # a required key
+    cfg = compose_config(f"{group}={option}", *extra)
     validate(cfg)
     if group in ("model", "dataset", "optimizer", "scheduler"):
         assert cfg[group].name == option  # a group file names its registry entry

@@ -128,3 +128,53 @@ def test_retry_backs_off_then_succeeds_or_gives_up(monkeypatch):
 
     with pytest.raises(TimeoutError):
         down()
+
+
+# ---- imagefolder ---------------------------------------------------------------------------------
+def _folder(root, **kw):
+    from trainer.data.folder import count_classes
+    params = {"root": str(root), "num_classes": count_classes(str(root)), "image_size": 16, **kw}
+    return DATASETS.build("imagefolder", **params)
+
+
+def test_imagefolder_reads_png_jpeg_and_webp_resized_and_labelled(tmp_path):
+    from conftest import write_imagefolder
+    write_imagefolder(tmp_path)
+    bundle = _folder(tmp_path)
+    assert bundle.classes == ["cat", "dog", "frog"] and len(bundle.train) == 18 and len(bundle.val) == 18
+    assert bundle.train.images.shape == (18, 3, 16, 16) and bundle.train.images.dtype == torch.uint8
+    assert sorted(set(bundle.train.labels.tolist())) == [0, 1, 2]
+    # each class has its own brightness: the labels follow the folders
+    means = [bundle.train.images[bundle.train.labels == k].float().mean().item() for k in range(3)]
+    assert means == sorted(means)
+    assert len(bundle.test) == 18  # no test/ folder: the best checkpoint is tested on val/
+
+
+def test_imagefolder_val_split_test_folder_and_errors(tmp_path):
+    from conftest import write_imagefolder
+    write_imagefolder(tmp_path, splits=("train", "test"))
+    with pytest.raises(UserError, match="has no val/ folder; hold out part of train"):
+        _folder(tmp_path)
+    bundle = _folder(tmp_path, val_split=0.5)
+    assert len(bundle.train) == len(bundle.val) == 9 and len(bundle.test) == 18
+    with pytest.raises(UserError, match=r"dataset\.num_classes: .* has 3 class folders"):
+        DATASETS.build("imagefolder", root=str(tmp_path), num_classes=4, val_split=0.5)
+
+
+def test_imagefolder_skips_or_refuses_unreadable_images(tmp_path, caplog):
+    from conftest import write_imagefolder
+    write_imagefolder(tmp_path)
+    (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    bundle = _folder(tmp_path)
+    assert len(bundle.train) == 18 and "skipped 1 unreadable image(s)" in caplog.text and "broken.jpg" in caplog.text
+    with pytest.raises(UserError, match=r"cannot decode .*broken\.jpg.*dataset\.on_error=skip"):
+        _folder(tmp_path, on_error="error")
+
+
+def test_imagefolder_class_count_resolver_and_missing_root(tmp_path):
+    from conftest import compose_config, write_imagefolder
+    write_imagefolder(tmp_path)
+    cfg = compose_config("dataset=imagefolder", f"dataset.root={tmp_path}", "model=cnn")
+    assert cfg.dataset.num_classes == 3 and cfg.model.num_classes == 3
+    with pytest.raises(UserError, match="has no train/ folder"):
+        _folder(tmp_path / "nowhere")

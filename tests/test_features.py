@@ -121,3 +121,15 @@ def test_console_script_is_declared():
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("trainer") == "trainer.__main__:main"
     assert (CONF / "config.yaml").is_file()
+
+
+def test_imagefolder_end_to_end(tmp_path):
+    from conftest import write_imagefolder
+    write_imagefolder(tmp_path / "images", per_class=12)
+    run_dir = tmp_path / "run"
+    result = run_trainer("debug=fast", "model=cnn", "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}",
+                         "export.formats=[torchscript]", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["classes"] == ["cat", "dog", "frog"] and manifest["input"]["shape"] == [-1, 3, 32, 32]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]["dataset"]["num_classes"] == 3

@@ -21,6 +21,14 @@ def _one_line(error: BaseException) -> str:
         group = (error.missing_cfg_file or "").split("/")[0] or "config"
         wanted = (error.missing_cfg_file or "").split("/")[-1]
         return f"{group}={wanted}: no such option; choose one of {', '.join(error.options)}"
+    cause: BaseException | None = error
+    while cause is not None:  # our own message, raised inside a config resolver, says it best
+        if isinstance(cause, UserError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    missing = re.search(r"Missing mandatory value: (\S+)", str(error))
+    if missing:
+        return f"{missing.group(1)}: required and not set; add {missing.group(1)}=... to the command line"
     text = str(error) if error.__cause__ is None else f"{error}: {error.__cause__}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     noise = r"(full_key|object_type|reference_type|msg)[:=]|Set the environment"

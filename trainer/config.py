@@ -88,6 +88,9 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+    # `num_classes: ${class_count:${.root}}` counts an image folder's classes when the config resolves.
+    from trainer.data.folder import count_classes
+    OmegaConf.register_new_resolver("class_count", count_classes, replace=True)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -58,9 +58,10 @@ def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], st
 
 def bundle_from_arrays(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], classes: list[str], *,
                        val_split: float, augment: Sequence[dict], mean: Sequence[float], std: Sequence[float],
-                       image_size: int, split_seed: int = 0) -> DataBundle:
-    """Split off a validation set (fixed by split_seed, so every run seed validates on the same images)
-    and attach the train transform to the training part only."""
+                       image_size: int, split_seed: int = 0, val: tuple[Tensor, Tensor] | None = None) -> DataBundle:
+    """The validation set is `val` when the data has one; otherwise a `val_split` fraction of train
+    (fixed by split_seed, so every run seed validates on the same images), or else the test split.
+    The train transform goes to the training part only."""
     images, labels = train
     channels, native_size = images.shape[1], images.shape[-1]
     for key, values in (("mean", mean), ("std", std)):
@@ -74,10 +75,10 @@ def bundle_from_arrays(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
     if val_split > 0:
         if n_val == 0 or n_val == len(labels):
             raise UserError(f"dataset.val_split: {val_split} of {len(labels)} images leaves an empty split")
-        val = ArrayDataset(images, labels, order[:n_val].sort().values, eval_tf)
+        val_set = ArrayDataset(images, labels, order[:n_val].sort().values, eval_tf)
         train_set = ArrayDataset(images, labels, order[n_val:].sort().values, train_tf)
     else:
-        val = ArrayDataset(*test, None, eval_tf)
+        val_set = ArrayDataset(*(val or test), None, eval_tf)
         train_set = ArrayDataset(images, labels, None, train_tf)
-    return DataBundle(train=train_set, val=val, test=ArrayDataset(*test, None, eval_tf), classes=classes,
+    return DataBundle(train=train_set, val=val_set, test=ArrayDataset(*test, None, eval_tf), classes=classes,
                       in_channels=channels, image_size=image_size, mean=list(mean), std=list(std))

@@ -1,0 +1,93 @@
+"""`imagefolder`: a person's own images, root/train/<class>/*, root/val/<class>/*, root/test/<class>/*.
+
+Images are decoded once with torchvision.io (JPEG, PNG, WebP), resized on the shorter side and
+centre-cropped to dataset.image_size, and held as one uint8 tensor, so the per-step cost is the
+augmentation alone. That suits folders that fit in memory at the training size (10^5 images at
+32x32 are 300 MB); bigger collections want the streaming dataset.
+"""
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from trainer.data import DATASETS
+from trainer.data.arrays import DataBundle, bundle_from_arrays
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def class_names(root: str | Path) -> list[str]:
+    """The class folders under root/train, sorted: their order is the label order."""
+    train = Path(root) / "train"
+    if not train.is_dir():
+        raise UserError(f"dataset.root: {Path(root).resolve()} has no train/ folder; imagefolder expects "
+                        f"root/train/<class>/<image> (and optionally val/ and test/ alike)")
+    names = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if len(names) < 2:
+        raise UserError(f"dataset.root: {train} needs two or more class folders, found {len(names)}")
+    return names
+
+
+def count_classes(root: str) -> int:
+    """The `class_count` config resolver: `num_classes: ${class_count:${.root}}`."""
+    return len(class_names(root))
+
+
+def _decode(path: Path, size: int, channels: int) -> torch.Tensor:
+    image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+
+
+def _load_split(folder: Path, classes: list[str], size: int, channels: int,
+                on_error: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of one split; unreadable ones are skipped with a warning and a count, or an error."""
+    unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
+    if unknown:
+        raise UserError(f"dataset.root: {folder} has class folders that train/ lacks: {', '.join(unknown)}")
+    files = [(path, label) for label, name in enumerate(classes) if (folder / name).is_dir()
+             for path in sorted((folder / name).iterdir()) if path.suffix.lower() in SUFFIXES]
+    if not files:
+        raise UserError(f"dataset.root: no .jpg, .png or .webp images under {folder}/<class>/")
+    images, labels, bad = [], [], []
+    for path, label in tqdm(files, desc=f"decoding {folder.name}/", unit="img", leave=False, disable=None):
+        try:
+            images.append(_decode(path, size, channels))
+            labels.append(label)
+        except RuntimeError as e:  # torchvision's decoders raise RuntimeError on bad data
+            if on_error == "error":
+                raise UserError(f"dataset.on_error=error: cannot decode {path} ({str(e).splitlines()[0]}); "
+                                f"fix or remove it, or set dataset.on_error=skip") from None
+            bad.append(path)
+    if bad:
+        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), folder, bad[0])
+    return torch.stack(images), torch.tensor(labels)
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(root: str, num_classes: int, image_size: int = 32, in_channels: int = 3, val_split: float = 0.0,
+                augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
+                std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip") -> DataBundle:
+    if on_error not in ("skip", "error"):
+        raise UserError(f"dataset.on_error: must be one of skip, error, got {on_error!r}")
+    if in_channels not in (1, 3):
+        raise UserError(f"dataset.in_channels: imagefolder decodes to 1 (grey) or 3 (RGB) channels, got {in_channels}")
+    classes = class_names(root)
+    if num_classes != len(classes):
+        raise UserError(f"dataset.num_classes: {Path(root) / 'train'} has {len(classes)} class folders, "
+                        f"but the config says {num_classes}")
+    splits = {name: _load_split(Path(root) / name, classes, image_size, in_channels, on_error)
+              for name in ("train", "val", "test") if (Path(root) / name).is_dir()}
+    if "val" not in splits and val_split == 0:
+        raise UserError(f"dataset.val_split: {root} has no val/ folder; hold out part of train, e.g. "
+                        f"dataset.val_split=0.1")
+    if "val" in splits and val_split > 0:
+        raise UserError(f"dataset.val_split: {root} has a val/ folder already; set dataset.val_split=0")
+    return bundle_from_arrays(splits["train"], splits.get("test", splits.get("val")), classes,
+                              val=splits.get("val"), val_split=val_split, augment=augment, mean=mean, std=std,
+                              image_size=image_size)
