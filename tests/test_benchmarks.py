@@ -9,9 +9,26 @@ def test_checkpoint_benchmark_measures_both_sides():
     assert result.returncode == 0, result.stderr
     summary, line = result.stdout.strip().splitlines()[-2:]
     data = json.loads(line)
-    assert "durable after" in summary and "training blocked" in summary and data["benchmark"] == "checkpoint" and data["rounds"] == 2
+    assert "durable after" in summary and "training blocked" in summary
+    assert data["benchmark"] == "checkpoint" and data["rounds"] == 2
     assert abs(data["bytes_ours"] - data["bytes_plain"]) < 0.01 * data["bytes_plain"]  # the same state, format
     for side in ("save_blocking_s_ours", "save_s_ours", "save_s_plain", "save_s_plain_fsync", "load_s_ours",
                  "load_s_plain"):
         assert data[side] > 0
     assert data["save_ratio"] == data["save_s_ours"] / data["save_s_plain"]
+
+
+def test_loader_benchmark_feeds_every_configuration_the_same_images(tmp_path):
+    from conftest import write_imagefolder
+    write_imagefolder(tmp_path / "images", per_class=8, size=(32, 32))
+    result = run_trainer("--data", str(tmp_path / "images"), "--epochs", "1", "--batch-size", "8",
+                         module="benchmarks.loader", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    runs = data["results"]
+    assert list(runs) == ["standard", "ours-0w", "ours-2w", "on-device"]
+    assert {r["images"] for r in runs.values()} == {24}  # 3 classes x 8 train images, each once
+    assert runs["standard"]["ratio_to_standard"] == 1.0
+    for r in runs.values():
+        assert r["images_per_sec"] > 0 and r["peak_pss_mb"] > 0
+        assert r["ratio_to_standard"] == r["images_per_sec"] / runs["standard"]["images_per_sec"]

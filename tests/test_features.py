@@ -133,3 +133,10 @@ def test_imagefolder_end_to_end(tmp_path):
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "frog"] and manifest["input"]["shape"] == [-1, 3, 32, 32]
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]["dataset"]["num_classes"] == 3
+
+
+def test_on_device_loader_trains_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_trainer(*TINY, "loader.on_device=true", "export.formats=[]", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["val/acc"] > 0.6

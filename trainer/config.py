@@ -45,6 +45,7 @@ class LoaderConfig:
     persistent_workers: bool = True
     shuffle: bool = True
     drop_last: bool = False
+    on_device: bool = False  # hold the dataset on the device and augment whole batches there
 
 
 @dataclass

@@ -116,7 +116,7 @@ class Trainer:
         if self.autocast_dtype is torch.float16 and device.type != "cuda":
             raise UserError("trainer.precision=16: float16 with loss scaling needs a CUDA device; use bf16 here")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
-        self.batch_size = loaders.train.batch_sampler.batch_size
+        self.batch_size = loaders.batch_size
         self.batches_per_epoch, _, self.total_steps = plan_steps(
             len(loaders.train), settings.limit_train_batches, settings.accumulate_grad_batches,
             settings.max_epochs, settings.max_steps)

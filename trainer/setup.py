@@ -27,7 +27,8 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[DataBundle, Loade
     pin = device.type == "cuda" if ld.pin_memory is None else ld.pin_memory
     loaders = build_loaders(bundle, batch_size=ld.batch_size, num_workers=ld.num_workers, pin_memory=pin,
                             prefetch_factor=ld.prefetch_factor, persistent_workers=ld.persistent_workers,
-                            shuffle=ld.shuffle, drop_last=ld.drop_last, seed=cfg.seed)
+                            shuffle=ld.shuffle, drop_last=ld.drop_last, seed=cfg.seed,
+                            on_device=device if ld.on_device else None)
     if len(loaders.train) == 0:
         raise UserError(f"loader.batch_size: {ld.batch_size} with loader.drop_last=true leaves no training batch "
                         f"({len(bundle.train)} images); lower the batch size")

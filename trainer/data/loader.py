@@ -5,8 +5,9 @@ augmentation seed, so worker processes hold no random state that matters: 0, 2 o
 same batches, and a resumed run can restart the order at any position.
 """
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
@@ -79,15 +80,24 @@ def _worker_init(worker_id: int) -> None:
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader
-    sampler: EpochSampler  # the train loader's, for set_epoch
+    train: Iterable  # of (images, labels) batches, with len()
+    val: Iterable
+    test: Iterable
+    sampler: Any  # the train loader's EpochSampler (or DeviceBatches): set_epoch(epoch, start)
+    batch_size: int
 
 
 def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_memory: bool,
                   prefetch_factor: int, persistent_workers: bool, shuffle: bool, drop_last: bool,
-                  seed: int) -> Loaders:
+                  seed: int, on_device: torch.device | None = None) -> Loaders:
+    """DataLoaders over the bundle; with `on_device`, batches cut and augmented on that device instead."""
+    if on_device is not None:
+        from trainer.data.device import DeviceBatches  # it builds on _mix, here
+        train = DeviceBatches(bundle.train, batch_size=batch_size, device=on_device, seed=seed, shuffle=shuffle,
+                              drop_last=drop_last)
+        val, test = (DeviceBatches(ds, batch_size=batch_size, device=on_device, seed=seed, shuffle=False,
+                                   drop_last=False) for ds in (bundle.val, bundle.test))
+        return Loaders(train=train, val=val, test=test, sampler=train, batch_size=batch_size)
     workers = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
                    prefetch_factor=prefetch_factor if num_workers else None,
                    persistent_workers=persistent_workers and num_workers > 0)
@@ -95,4 +105,5 @@ def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_
     train = DataLoader(SeededSamples(bundle.train), batch_sampler=BatchSampler(sampler, batch_size, drop_last),
                        **workers)
     val, test = (DataLoader(ds, batch_size=batch_size, shuffle=False, **workers) for ds in (bundle.val, bundle.test))
-    return Loaders(train=train, val=val, test=test, sampler=sampler)
+    return Loaders(train=train, val=val, test=test, sampler=sampler, batch_size=batch_size)
+

@@ -1,0 +1,93 @@
+"""`loader.on_device=true`: the whole uint8 dataset lives on the training device; each epoch is one
+permutation, and augmentation runs on whole batches as tensor operations, with no per-sample Python.
+
+It reproduces the dataset's own transform (read from its transforms.v2 pipeline): Resize is applied
+once up front, RandomCrop with constant padding and RandomHorizontalFlip per sample but batched,
+then scaling and Normalize. Other augmentation steps have no batched version here and are refused.
+Every random draw of an epoch comes from a generator seeded by (seed, epoch) and is indexed by the
+sample's position in the epoch, so the same seed gives the same batches, and a resume can start
+mid-epoch.
+"""
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms import v2
+
+from trainer.data.arrays import ArrayDataset
+from trainer.data.loader import _mix
+from trainer.errors import UserError
+
+
+class DeviceBatches:
+    def __init__(self, dataset: ArrayDataset, *, batch_size: int, device: torch.device, seed: int, shuffle: bool,
+                 drop_last: bool) -> None:
+        if not isinstance(dataset, ArrayDataset):
+            raise UserError("loader.on_device: needs a dataset held in memory as one tensor (synthetic, cifar10, "
+                            "cifar100, mnist, fashion_mnist, imagefolder); set loader.on_device=false")
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.epoch, self.start = 0, 0
+        self.crop: tuple[tuple[int, int], list[int], float] | None = None
+        self.flip_p = 0.0
+        images = dataset.images[dataset.indices]
+        for step in dataset.transform.transforms:
+            if isinstance(step, v2.Resize):
+                images = torch.cat([step(chunk) for chunk in images.split(1024)])  # once, not every epoch
+            elif isinstance(step, v2.RandomCrop) and step.padding_mode == "constant" and not step.pad_if_needed:
+                self.crop = (step.size, step.padding or [0, 0, 0, 0], float(step.fill))
+            elif isinstance(step, v2.RandomHorizontalFlip):
+                self.flip_p = step.p
+            elif isinstance(step, v2.Normalize):
+                shape = (1, -1, 1, 1)
+                self.mean = torch.tensor(step.mean, device=device).view(shape)
+                self.std = torch.tensor(step.std, device=device).view(shape)
+            elif not isinstance(step, v2.ToDtype):
+                raise UserError(f"loader.on_device: dataset.augment step {type(step).__name__} has no batched "
+                                f"version; use RandomCrop and RandomHorizontalFlip, or loader.on_device=false")
+        self.images = images.to(device)
+        self.labels = dataset.labels[dataset.indices].to(device)
+        self.device = device
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order; `start` skips samples already trained on (mid-epoch resume)."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        remaining = len(self.labels) - self.start
+        return remaining // self.batch_size if self.drop_last else -(-remaining // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        offsets = flips = None
+        if self.crop is not None:
+            (h, w), (left, right, top, bottom), _ = self.crop  # transforms.v2 keeps padding in this order
+            limits = torch.tensor([self.images.shape[-2] + top + bottom - h + 1,
+                                   self.images.shape[-1] + left + right - w + 1])
+            offsets = (torch.rand(n, 2, generator=generator) * limits).long().to(self.device)
+        if self.flip_p > 0:
+            flips = (torch.rand(n, generator=generator) < self.flip_p).to(self.device)
+        order = order.to(self.device)  # one copy per epoch; everything below stays on the device
+        stop = n - n % self.batch_size if self.drop_last else n
+        for first in range(self.start, stop, self.batch_size):
+            position = slice(first, min(first + self.batch_size, stop))
+            index = order[position]
+            images = self.images[index]
+            if offsets is not None:
+                images = self._crop(images, offsets[position])
+            if flips is not None:
+                images = torch.where(flips[position].view(-1, 1, 1, 1), images.flip(-1), images)
+            # the arithmetic of v2.ToDtype(scale=True) and v2.Normalize, so both paths give the same floats
+            yield images.float().mul_(1 / 255).sub_(self.mean).div_(self.std), self.labels[index]
+
+    def _crop(self, images: Tensor, offsets: Tensor) -> Tensor:
+        """A different crop per image, as one gather from the padded batch."""
+        (h, w), (left, right, top, bottom), fill = self.crop
+        padded = F.pad(images, (left, right, top, bottom), value=fill)
+        rows = (offsets[:, 0, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (offsets[:, 1, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        batch = torch.arange(len(images), device=images.device)[:, None, None, None]
+        channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        return padded[batch, channels, rows, cols]
