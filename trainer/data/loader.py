@@ -4,7 +4,7 @@ The training sampler draws each epoch's order from (seed, epoch) and hands every
 augmentation seed, so worker processes hold no random state that matters: 0, 2 or 8 workers give the
 same batches, and a resumed run can restart the order at any position.
 """
-import random
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,11 +71,9 @@ class SeededSamples(Dataset):
 
 
 def _worker_init(worker_id: int) -> None:
-    import signal
     # Ctrl-C reaches the whole process group; only the main process should act on it (it saves a
-    # checkpoint and stops the workers itself).
+    # checkpoint and stops the workers itself). torch seeds each worker's random, numpy and torch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    random.seed(torch.initial_seed() % 2**32)
 
 
 @dataclass
