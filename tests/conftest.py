@@ -97,3 +97,13 @@ def write_imagefolder(root: Path, classes=("cat", "dog", "frog"), per_class: int
                 suffix, fmt = formats[i % 3]
                 Image.fromarray(pixels).save(folder / f"{i}.{suffix}", fmt)
     return root
+
+
+def write_npy(root: Path, n: int = 40, layout: str = "NHWC") -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        images = rng.integers(0, 256, (n, 32, 32, 3) if layout == "NHWC" else (n, 3, 32, 32), dtype=np.uint8)
+        np.save(root / f"{split}_images.npy", images)
+        np.save(root / f"{split}_labels.npy", rng.integers(0, 10, n))
+    return root

@@ -32,3 +32,12 @@ def test_loader_benchmark_feeds_every_configuration_the_same_images(tmp_path):
     for r in runs.values():
         assert r["images_per_sec"] > 0 and r["peak_pss_mb"] > 0
         assert r["ratio_to_standard"] == r["images_per_sec"] / runs["standard"]["images_per_sec"]
+
+
+def test_memory_benchmark_reads_every_image_in_each_configuration():
+    result = run_trainer("--mb", "4", "--workers", "0", "2", module="benchmarks.memory", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["mmap"], r["workers"]) for r in data["runs"]] == [(True, 0), (True, 2), (False, 0), (False, 2)]
+    assert {r["images"] for r in data["runs"]} == {data["images"]} and data["images"] == 4 * 2**20 // 3072
+    assert all(r["peak_pss_mb"] > 0 and r["peak_anonymous_mb"] > 0 for r in data["runs"])

@@ -13,7 +13,9 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes_and_validates(group, option, tmp_path):
-    extra = [f"dataset.root={write_imagefolder(tmp_path)}"] if option == "imagefolder" else []  # a required key
+    required = {"imagefolder": [f"dataset.root={write_imagefolder(tmp_path)}"],
+                "numpy": [f"dataset.root={tmp_path}", "dataset.num_classes=10"]}
+    extra = required.get(option, []) if group == "dataset" else []
     cfg = compose_config(f"{group}={option}", *extra)
     validate(cfg)
     if group in ("model", "dataset", "optimizer", "scheduler"):

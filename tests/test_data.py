@@ -178,3 +178,39 @@ def test_imagefolder_class_count_resolver_and_missing_root(tmp_path):
     assert cfg.dataset.num_classes == 3 and cfg.model.num_classes == 3
     with pytest.raises(UserError, match="has no train/ folder"):
         _folder(tmp_path / "nowhere")
+
+
+# ---- numpy (memory-mapped) -----------------------------------------------------------------------
+def _npy(root, **kw):
+    return DATASETS.build("numpy", **{"root": str(root), "num_classes": 10, "image_size": 32, **kw})
+
+
+def test_numpy_dataset_is_memory_mapped_and_reads_per_sample(tmp_path):
+    import numpy as np
+    from conftest import write_npy
+    write_npy(tmp_path)
+    bundle = _npy(tmp_path)
+    assert isinstance(bundle.train.images.base, np.memmap)  # a view of the mapped file, not a copy
+    source = np.load(tmp_path / "train_images.npy")
+    image, label = bundle.train[5]
+    expected = bundle.test.transform(torch.from_numpy(source[5].transpose(2, 0, 1).copy()))
+    assert torch.equal(image, expected) and label == int(np.load(tmp_path / "train_labels.npy")[5])
+    loaders = build_loaders(bundle, batch_size=8, num_workers=2, pin_memory=False, prefetch_factor=2,
+                            persistent_workers=False, shuffle=True, drop_last=False, seed=0)
+    assert sum(len(y) for _, y in loaders.train) == 40
+    on_device = build_loaders(bundle, batch_size=8, num_workers=0, pin_memory=False, prefetch_factor=2,
+                              persistent_workers=False, shuffle=False, drop_last=False, seed=0,
+                              on_device=torch.device("cpu"))
+    assert next(iter(on_device.test))[0].shape == (8, 3, 32, 32)
+
+
+def test_numpy_dataset_nchw_and_errors(tmp_path):
+    from conftest import write_npy
+    write_npy(tmp_path / "nchw", layout="NCHW")
+    assert _npy(tmp_path / "nchw", layout="NCHW").train[0][0].shape == (3, 32, 32)
+    with pytest.raises(UserError, match=r"test_images\.npy is missing"):
+        (tmp_path / "nchw" / "test_images.npy").unlink()
+        _npy(tmp_path / "nchw", layout="NCHW")
+    write_npy(tmp_path / "ok")
+    with pytest.raises(UserError, match=r"dataset\.num_classes: .* outside \[0, 5\)"):
+        _npy(tmp_path / "ok", num_classes=5)

@@ -3,6 +3,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -33,8 +34,17 @@ class ArrayDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        j = self.indices[i]
-        return self.transform(self.images[j]), int(self.labels[j])
+        j = int(self.indices[i])
+        image = self.images[j]
+        if not isinstance(image, Tensor):  # a memory-mapped array: read this one image, and only it
+            image = torch.from_numpy(np.array(image))  # a copy of one image: writable, contiguous
+        return self.transform(image), int(self.labels[j])
+
+    def all_images(self) -> Tensor:
+        """Every image of this split as one tensor (read whole, for the device-resident loader)."""
+        if isinstance(self.images, Tensor):
+            return self.images[self.indices]
+        return torch.from_numpy(np.ascontiguousarray(self.images[self.indices.numpy()]))
 
 
 def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float],

@@ -30,7 +30,7 @@ class DeviceBatches:
         self.epoch, self.start = 0, 0
         self.crop: tuple[tuple[int, int], list[int], float] | None = None
         self.flip_p = 0.0
-        images = dataset.images[dataset.indices]
+        images = dataset.all_images()
         for step in dataset.transform.transforms:
             if isinstance(step, v2.Resize):
                 images = torch.cat([step(chunk) for chunk in images.split(1024)])  # once, not every epoch
