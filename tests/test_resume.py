@@ -16,7 +16,8 @@ from trainer.checkpoint import load_checkpoint
 
 # A schedule that does not depend on max_epochs (so a 2-epoch run extended to 4 can equal a 4-epoch
 # run), and checkpoints inside epochs: 29 steps an epoch, so saves at steps 10, 20, 29 (epoch end), 30...
-RESUMABLE = [*TINY, "scheduler=step", "checkpoint.every_n_steps=10", "export.formats=[]"]
+# Dropout: the model draws from the global random generator, whose state a resume must restore exactly.
+RESUMABLE = [*TINY, "scheduler=step", "checkpoint.every_n_steps=10", "export.formats=[]", "model.dropout=0.2"]
 
 
 def _assert_same_state(a: Path, b: Path) -> None:

@@ -99,9 +99,13 @@ def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_
     workers = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
                    prefetch_factor=prefetch_factor if num_workers else None,
                    persistent_workers=persistent_workers and num_workers > 0)
+    # Each loader gets its own generator: without one, every new iterator draws its workers' base seed
+    # from the global generator, which the model's dropout also draws from, so a run resumed mid-epoch
+    # would see other dropout masks than the run it continues.
     sampler = EpochSampler(len(bundle.train), seed, shuffle)
     train = DataLoader(SeededSamples(bundle.train), batch_sampler=BatchSampler(sampler, batch_size, drop_last),
-                       **workers)
-    val, test = (DataLoader(ds, batch_size=batch_size, shuffle=False, **workers) for ds in (bundle.val, bundle.test))
+                       generator=torch.Generator().manual_seed(seed), **workers)
+    val, test = (DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(seed),
+                            **workers) for ds in (bundle.val, bundle.test))
     return Loaders(train=train, val=val, test=test, sampler=sampler, batch_size=batch_size)
 

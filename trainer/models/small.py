@@ -10,13 +10,13 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 
 @MODELS.register("cnn")
-def cnn(num_classes: int, in_channels: int = 3, width: int = 32) -> nn.Module:
+def cnn(num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.0) -> nn.Module:
     """Three conv-BN-ReLU stages with pooling: learns CIFAR-like data in seconds on a CPU."""
     return nn.Sequential(
         *_conv_bn(in_channels, width), nn.MaxPool2d(2),
         *_conv_bn(width, 2 * width), nn.MaxPool2d(2),
         *_conv_bn(2 * width, 4 * width),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * width, num_classes),
     )
 
 
