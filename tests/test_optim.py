@@ -55,3 +55,18 @@ def test_step_and_constant():
     warm = _lrs("constant", warmup_epochs=0.5)
     assert warm[0] == pytest.approx(1 / 6) and warm[5:] == [1.0] * 95
     assert not any(math.isnan(x) for x in warm)
+
+
+def test_batch_mix_builds_mixup_cutmix_or_nothing():
+    from trainer.setup import build_batch_mix
+    assert build_batch_mix(0.0, 0.0, 10) is None
+    images, labels = torch.rand(8, 3, 32, 32), torch.arange(8)
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
+        mix = build_batch_mix(mixup, cutmix, 10)
+        torch.manual_seed(0)
+        mixed, targets = mix(images, labels)
+        torch.manual_seed(0)
+        again, _ = mix(images, labels)
+        assert torch.equal(mixed, again)  # drawn from the global generator, which checkpoints restore
+        assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
+        assert not torch.equal(mixed, images) and (targets.max(1).values < 1).any()  # pairs really mixed

@@ -51,6 +51,8 @@ class LoaderConfig:
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # 0: off; the Beta(alpha, alpha) mixing of image pairs
+    cutmix_alpha: float = 0.0  # 0: off; with both on, each batch gets one of the two
 
 
 @dataclass
@@ -122,6 +124,8 @@ RULES = [
     ("loader.num_workers", _at_least(0), "0 (load in the main process) or more"),
     ("loader.prefetch_factor", _at_least(1), "1 or more"),
     ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss.mixup_alpha", _at_least(0), "0 (off) or positive"),
+    ("loss.cutmix_alpha", _at_least(0), "0 (off) or positive"),
     ("checkpoint.every_n_epochs", _at_least(1), "1 or more"),
     ("checkpoint.every_n_steps", _at_least(0), "0 (off) or more"),
     ("checkpoint.monitor", lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}"),

@@ -5,6 +5,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -105,6 +106,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: LambdaLR, loaders: Loaders, *,
                  settings: Any, checkpoint: Any, label_smoothing: float, device: torch.device,
+                 batch_mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
                  run_dir: Path, metrics: MetricLog, config: dict[str, Any]) -> None:
         self.model, self.optimizer, self.scheduler, self.loaders = model.to(device), optimizer, scheduler, loaders
         self.settings, self.checkpointing, self.device, self.metrics = settings, checkpoint, device, metrics
@@ -112,6 +114,7 @@ class Trainer:
         self.checkpoint_dir = run_dir / "checkpoints"
         self.writer = CheckpointWriter(self.checkpoint_dir, checkpoint.keep_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.batch_mix = batch_mix  # mixup/cutmix: (images, labels) -> (mixed images, soft targets)
         self.autocast_dtype = AUTOCAST_DTYPES[str(settings.precision)]
         if self.autocast_dtype is torch.float16 and device.type != "cuda":
             raise UserError("trainer.precision=16: float16 with loss scaling needs a CUDA device; use bf16 here")
@@ -188,9 +191,12 @@ class Trainer:
     def train_step(self, images: Tensor, labels: Tensor, step_now: bool) -> Tensor:
         """Forward and backward; an optimizer step when `step_now`. Returns (loss sum, correct, count)
         as a device tensor, so nothing here waits for the device."""
+        targets = labels
+        if self.batch_mix is not None:
+            images, targets = self.batch_mix(images, labels)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.model(images)
-            loss = self.criterion(logits, labels)
+            loss = self.criterion(logits, targets)
         skip = self.settings.on_nonfinite == "skip_batch" and not loss.isfinite().item()  # a sync, in this mode only
         if skip:
             self._skip_batch()

@@ -1,11 +1,13 @@
 """One small builder per component, each reading only its own part of the config."""
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torchvision.transforms import v2
 
 from trainer.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
 from trainer.config import params_of
@@ -58,10 +60,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
     remove_stale_temporaries(run_dir / "checkpoints")
     trainer = Trainer(model, optimizer, scheduler, loaders, settings=t, checkpoint=ck,
                       label_smoothing=cfg.loss.label_smoothing, device=device, run_dir=run_dir, metrics=metrics,
+                      batch_mix=build_batch_mix(cfg.loss.mixup_alpha, cfg.loss.cutmix_alpha, cfg.dataset.num_classes),
                       config=OmegaConf.to_container(cfg, resolve=True))
     if state is not None:
         trainer.load_state_dict(state, reset_optimizer=ck.reset_optimizer, reset_scheduler=ck.reset_scheduler)
     return trainer
+
+
+def build_batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Callable | None:
+    """MixUp and/or CutMix from transforms.v2, applied to whole batches on the device; None when off.
+    They draw from the global generator, whose state checkpoints restore, so resumes stay exact."""
+    mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
+        ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def load_resume_state(resume: str | None, run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
