@@ -19,15 +19,14 @@ with the parent once rather than once per process. Prints one line per configura
 import argparse
 import json
 import pickle
-import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from measure import PeakMemory  # benchmarks/measure.py, beside this script
 
 CONFIGS = ["standard", "ours-0w", "ours-2w", "on-device"]
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -72,43 +71,6 @@ def build(config: str, data: Path, cifar_root: Path, batch_size: int):
                             pin_memory=False, prefetch_factor=2, persistent_workers=True, shuffle=True,
                             drop_last=False, seed=0, on_device=torch.device("cpu") if config == "on-device" else None)
     return loaders.train, loaders.sampler
-
-
-def memory_mb(field: str = "Pss", workers: bool = True) -> float:
-    """A /proc smaps_rollup field of this process, plus its worker processes. Pss splits shared pages
-    between the processes that map them, so workers sharing the parent's data are not counted twice;
-    Anonymous is memory no file backs (the heap), which the kernel cannot simply drop."""
-    pids, total_kb = [os.getpid()], 0
-    for task in Path("/proc/self/task").iterdir() if workers else ():
-        pids += [int(pid) for pid in (task / "children").read_text().split()]
-    for pid in pids:
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:  # a worker that just ended
-            continue
-        total_kb += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith(f"{field}:"))
-    return total_kb / 1024
-
-
-class PeakMemory:
-    """Samples every 100 ms in a thread: `peak` is the highest PSS of the process and its workers,
-    `peak_anonymous` the highest anonymous memory of the main process."""
-
-    def __init__(self) -> None:
-        self.peak, self.peak_anonymous, self.running = memory_mb(), memory_mb("Anonymous", workers=False), True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, memory_mb())
-            self.peak_anonymous = max(self.peak_anonymous, memory_mb("Anonymous", workers=False))
-            time.sleep(0.1)
-
-    def stop(self) -> float:
-        self.running = False
-        self.thread.join()
-        return self.peak
 
 
 def run_one(config: str, data: Path, cifar_root: Path, epochs: int, batch_size: int) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.loader import PeakMemory
+from measure import PeakMemory  # benchmarks/measure.py, beside this script
 
 
 def write_arrays(folder: Path, megabytes: int) -> int:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = []
         for mmap in (True, False):
             for workers in args.workers:
-                out = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--one", tmp, str(workers),
+                out = subprocess.run([sys.executable, __file__, "--one", tmp, str(workers),
                                       "1" if mmap else "0"], capture_output=True, text=True, check=True)
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = runs[-1]

@@ -1,11 +1,19 @@
 """The benchmarks run in a tiny mode: what they measure is checked, not how fast it is."""
 import json
+import subprocess
+import sys
 
-from conftest import ROOT, run_trainer
+from conftest import ROOT
+
+
+def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    """As the README runs them: `python benchmarks/<name>.py ...` from the repository root."""
+    return subprocess.run([sys.executable, f"benchmarks/{name}.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_checkpoint_benchmark_measures_both_sides():
-    result = run_trainer("--tiny", module="benchmarks.checkpoint", cwd=ROOT)
+    result = run_benchmark("checkpoint", "--tiny")
     assert result.returncode == 0, result.stderr
     summary, line = result.stdout.strip().splitlines()[-2:]
     data = json.loads(line)
@@ -21,8 +29,7 @@ def test_checkpoint_benchmark_measures_both_sides():
 def test_loader_benchmark_feeds_every_configuration_the_same_images(tmp_path):
     from conftest import write_imagefolder
     write_imagefolder(tmp_path / "images", per_class=8, size=(32, 32))
-    result = run_trainer("--data", str(tmp_path / "images"), "--epochs", "1", "--batch-size", "8",
-                         module="benchmarks.loader", cwd=ROOT)
+    result = run_benchmark("loader", "--data", str(tmp_path / "images"), "--epochs", "1", "--batch-size", "8")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     runs = data["results"]
@@ -35,7 +42,7 @@ def test_loader_benchmark_feeds_every_configuration_the_same_images(tmp_path):
 
 
 def test_memory_benchmark_reads_every_image_in_each_configuration():
-    result = run_trainer("--mb", "4", "--workers", "0", "2", module="benchmarks.memory", cwd=ROOT)
+    result = run_benchmark("memory", "--mb", "4", "--workers", "0", "2")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert [(r["mmap"], r["workers"]) for r in data["runs"]] == [(True, 0), (True, 2), (False, 0), (False, 2)]

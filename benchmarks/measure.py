@@ -1,0 +1,42 @@
+"""Memory measurement shared by the benchmarks (they run as scripts: `python benchmarks/<name>.py`)."""
+import os
+import threading
+import time
+from pathlib import Path
+
+
+def memory_mb(field: str = "Pss", workers: bool = True) -> float:
+    """A /proc smaps_rollup field of this process, plus its worker processes. Pss splits shared pages
+    between the processes that map them, so workers sharing the parent's data are not counted twice;
+    Anonymous is memory no file backs (the heap), which the kernel cannot simply drop."""
+    pids, total_kb = [os.getpid()], 0
+    for task in Path("/proc/self/task").iterdir() if workers else ():
+        pids += [int(pid) for pid in (task / "children").read_text().split()]
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:  # a worker that just ended
+            continue
+        total_kb += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith(f"{field}:"))
+    return total_kb / 1024
+
+
+class PeakMemory:
+    """Samples every 100 ms in a thread: `peak` is the highest PSS of the process and its workers,
+    `peak_anonymous` the highest anonymous memory of the main process."""
+
+    def __init__(self) -> None:
+        self.peak, self.peak_anonymous, self.running = memory_mb(), memory_mb("Anonymous", workers=False), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, memory_mb())
+            self.peak_anonymous = max(self.peak_anonymous, memory_mb("Anonymous", workers=False))
+            time.sleep(0.1)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return self.peak
