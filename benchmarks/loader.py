@@ -59,8 +59,12 @@ def write_cifar_format(bundle, root: Path) -> None:
 def build(config: str, data: Path, cifar_root: Path, batch_size: int):
     if config == "standard":
         from torch.utils.data import DataLoader
-        from torchvision import datasets, transforms as T
-        from trainer.data.vision import without_checksums  # the files are ours: skip the official MD5s
+        from torchvision import datasets
+        from torchvision import transforms as T
+
+        from trainer.data.vision import (
+            without_checksums,  # the files are ours: skip the official MD5s
+        )
         recipe = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                             T.Normalize(MEAN, STD)])
         dataset = without_checksums(datasets.CIFAR10)(str(cifar_root), train=True, transform=recipe)

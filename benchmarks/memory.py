@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from measure import PeakMemory  # benchmarks/measure.py, beside this script
 
 

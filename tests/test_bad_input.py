@@ -6,8 +6,8 @@ and the stderr a person sees."""
 import sys
 
 import pytest
-
 from conftest import TINY_DATA, TINY_RUN, run_trainer, write_cifar10
+
 from trainer.__main__ import main
 
 

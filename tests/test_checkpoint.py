@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import copy_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from trainer.checkpoint import (
+    copy_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from trainer.errors import UserError
 
 

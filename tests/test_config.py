@@ -1,9 +1,9 @@
 """Every config group file composes with the real defaults and passes validation."""
 import pytest
+from conftest import CONF, compose_config, write_imagefolder
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from conftest import CONF, compose_config, write_imagefolder
 from trainer.config import validate
 from trainer.errors import UserError
 

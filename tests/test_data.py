@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import write_cifar10, write_cifar100, write_mnist
+
 from trainer import DATASETS
 from trainer.data import build_loaders
 from trainer.errors import UserError

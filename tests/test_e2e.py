@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, run_trainer
+
 from trainer.checkpoint import load_checkpoint
 
 
@@ -49,6 +49,7 @@ def test_checkpoint_holds_everything_to_resume(golden):
 
 def test_exports_reload_and_match_the_eager_model(golden):
     import warnings
+
     from trainer import MODELS
     manifest = json.loads((golden / "export" / "manifest.json").read_text())
     assert manifest["classes"] == [f"class_{i}" for i in range(10)]
@@ -87,9 +88,10 @@ def test_evaluate_reproduces_the_runs_test_metrics(golden):
 
 def test_hydra_entry_returns_the_monitored_metric(tmp_path):
     """What Hydra's sweepers optimise: the task function's return value, the best checkpoint.monitor."""
+    from conftest import compose_config
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
-    from conftest import compose_config
+
     from trainer.__main__ import run
     cfg = compose_config(*TINY, "trainer.max_epochs=1", "export.formats=[]", "checkpoint.monitor=val/loss",
                          "checkpoint.mode=min", return_hydra_config=True)

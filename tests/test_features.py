@@ -5,6 +5,7 @@ import textwrap
 from importlib.metadata import entry_points
 
 from conftest import CONF, TINY, TINY_DATA, TINY_RUN, run_trainer, write_cifar10
+
 from trainer.checkpoint import load_checkpoint
 
 USER_MODULE = """

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from conftest import TINY_DATA, TINY_RUN, run_trainer
+
 from trainer.checkpoint import load_checkpoint
 
 FLAKY_MODEL = """

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY, run_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, TINY, run_trainer
 from trainer.checkpoint import load_checkpoint
 
 # A schedule that does not depend on max_epochs (so a 2-epoch run extended to 4 can equal a 4-epoch
@@ -168,6 +168,15 @@ def test_changed_hyperparameters_are_applied_and_said(uninterrupted, tmp_path):
     assert state["progress"]["schedule_start"] == 29
     assert {g["initial_lr"] for g in state["optimizer"]["param_groups"]} == {0.05}
     assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.001
+    # another optimizer: refused, unless its state is to start fresh
+    other = run_trainer(f"resume={run_dir}", "optimizer=adam")
+    assert other.returncode == 2 and "checkpoint.reset_optimizer=true" in other.stderr
+    fresh = run_trainer(f"resume={run_dir}", "optimizer=adam", "checkpoint.reset_optimizer=true",
+                        "trainer.max_epochs=3")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "optimizer state (momentum, moments) starts fresh" in (run_dir / "train.log").read_text()
+    adam_state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["optimizer"]["state"]
+    assert all("exp_avg" in buffers for buffers in adam_state.values())
 
 
 def test_resume_refuses_another_model_and_a_damaged_file(uninterrupted, tmp_path):

@@ -148,7 +148,9 @@ class MetricLog:
     """TensorBoard events plus one readable line per report in train.log."""
 
     def __init__(self, logdir: Path, purge_step: int | None) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imports TensorFlow-lite bits: load only when used
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # imports TensorFlow-lite bits: load only when used
+        )
         # purge_step drops the events a killed run wrote after its last checkpoint, so resumed curves
         # carry no duplicate points.
         self.writer = SummaryWriter(str(logdir), purge_step=purge_step)

@@ -3,9 +3,9 @@ checkpoint. It never knows which model, dataset or optimizer it runs."""
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +18,15 @@ from tqdm import tqdm
 from trainer.checkpoint import CheckpointWriter, rng_state, set_rng_state
 from trainer.data import Loaders
 from trainer.errors import UserError
-from trainer.instrument import MetricLog, PhaseTimer, StopRequested, guarded, reports, timed, timed_iter
+from trainer.instrument import (
+    MetricLog,
+    PhaseTimer,
+    StopRequested,
+    guarded,
+    reports,
+    timed,
+    timed_iter,
+)
 
 log = logging.getLogger("trainer")
 NONFINITE_CAUSES = ("Likely causes: a learning rate too high (lower optimizer.lr, add scheduler warmup or "
@@ -273,7 +281,8 @@ class Trainer:
         """Copies the state and hands it to the background writer; the time charged to "checkpoint" is
         what the loop waits for (the copy, and any previous write still in flight)."""
         state = self.state_dict()
-        if not all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point()):
+        floats = [t.isfinite().all() for t in state["model"].values() if t.is_floating_point()]
+        if not torch.stack(floats).all():  # one host-device sync for the whole model, not one per tensor
             raise NonFiniteLoss(f"trainer: the weights became NaN or Inf by step {self.progress.step}; stopped "
                                 f"without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
         self.writer.save(state, self.progress.step, last=last, best=best)

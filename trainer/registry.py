@@ -1,7 +1,7 @@
 """A registry is a dict from name to builder, filled by a decorator and read by config name."""
+import collections.abc
 import inspect
 import typing
-import collections.abc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 

@@ -1,7 +1,7 @@
 """One small builder per component, each reading only its own part of the config."""
 import logging
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch

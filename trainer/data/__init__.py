@@ -5,6 +5,6 @@ DATASETS: Registry = Registry("dataset")
 
 from trainer.data import folder, mapped, synthetic, vision  # noqa: E402,F401  (registers the built-in datasets)
 from trainer.data.arrays import DataBundle  # noqa: E402
-from trainer.data.loader import build_loaders, Loaders  # noqa: E402
+from trainer.data.loader import Loaders, build_loaders  # noqa: E402
 
 __all__ = ["DATASETS", "DataBundle", "Loaders", "build_loaders"]
