@@ -64,7 +64,7 @@ def test_sampler_restarts_mid_epoch_at_the_same_position():
                             persistent_workers=False, shuffle=True, drop_last=False, seed=3)
     loaders.sampler.set_epoch(2)
     full = list(loaders.train)
-    loaders.sampler.set_epoch(2, start=5 * 16)
+    loaders.sampler.set_epoch(2, start=5)
     rest = list(loaders.train)
     assert len(rest) == len(full) - 5
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[5:], rest))
@@ -214,3 +214,27 @@ def test_numpy_dataset_nchw_and_errors(tmp_path):
     write_npy(tmp_path / "ok")
     with pytest.raises(UserError, match=r"dataset\.num_classes: .* outside \[0, 5\)"):
         _npy(tmp_path / "ok", num_classes=5)
+
+
+def _loader_batches(bundle, batch_size, rank=0, world_size=1, workers=0):
+    loaders = build_loaders(bundle, batch_size=batch_size, num_workers=workers, pin_memory=False, prefetch_factor=2,
+                            persistent_workers=False, shuffle=True, drop_last=False, seed=1, rank=rank,
+                            world_size=world_size)
+    loaders.sampler.set_epoch(0)
+    return list(loaders.train)
+
+
+def test_two_ranks_split_each_global_batch_and_see_every_image_once():
+    bundle = _synthetic(train_size=101, val_split=0.0)  # 101 = 6 x 16 + 5: a partial last global batch
+    whole = _loader_batches(bundle, 16)
+    ranks = [_loader_batches(bundle, 8, rank, 2, workers=rank) for rank in (0, 1)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 7
+    key = lambda images: sorted(images.flatten(1).sum(1).tolist())  # noqa: E731  (an image's fingerprint)
+    for k, (images, _) in enumerate(whole):
+        assert key(images) == key(torch.cat([ranks[0][k][0], ranks[1][k][0]])), k
+    assert sum(len(labels) for rank in ranks for _, labels in rank) == 101
+
+
+def test_a_last_batch_of_one_image_joins_the_batch_before():
+    """BatchNorm cannot train on one image: 33 images in batches of 16 make 16 + 17, not 16 + 16 + 1."""
+    assert [len(labels) for _, labels in _loader_batches(_synthetic(train_size=33, val_split=0.0), 16)] == [16, 17]

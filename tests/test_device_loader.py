@@ -52,7 +52,7 @@ def test_a_mid_epoch_start_continues_the_same_order():
     batches = _device_batches(bundle)
     batches.set_epoch(2)
     full = list(batches)
-    batches.set_epoch(2, start=3 * 16)
+    batches.set_epoch(2, start=3)
     assert len(batches) == len(full) - 3
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(full[3:], batches))
 
@@ -63,3 +63,15 @@ def test_unbatched_augmentation_is_refused():
     with pytest.raises(UserError, match="loader.on_device: dataset.augment step ColorJitter"):
         build_loaders(bundle, batch_size=8, num_workers=0, pin_memory=False, prefetch_factor=2,
                       persistent_workers=False, shuffle=True, drop_last=False, seed=0, on_device=torch.device("cpu"))
+
+
+def test_cutout_blanks_a_square_per_image_on_both_paths():
+    bundle = DATASETS.build("synthetic", train_size=64, test_size=8, val_split=0.0, augment=[{"name": "Cutout", "size": 8}])
+    per_sample = torch.stack([bundle.train[i][0] for i in range(32)])
+    blanked = (per_sample == 0).all(1).flatten(1).sum(1)  # pixels set to the mean colour, in every channel
+    assert blanked.max() == 64 and blanked.min() >= 16  # 8x8; a centre near a corner clips it to 4x4 at least
+    device = torch.cat([x for x, _ in _device_batches(bundle)])
+    blanked = (device == 0).all(1).flatten(1).sum(1)
+    assert blanked.max() == 64 and blanked.min() >= 16  # clipped at a corner: at least a 4x4 quarter
+    again = torch.cat([x for x, _ in _device_batches(bundle)])
+    assert torch.equal(device, again)

@@ -155,7 +155,7 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         p, accumulate = self.progress, self.settings.accumulate_grad_batches
         self.model.train()
-        self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch * self.batch_size)
+        self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch)
         sums = torch.tensor(p.epoch_sums, device=self.device)  # metrics accumulate on the device
         images_before = p.epoch_sums[2]
         bar = tqdm(total=self.batches_per_epoch, initial=p.batches_in_epoch, unit="batch", leave=False,

@@ -40,6 +40,10 @@ class ArrayDataset(Dataset):
             image = torch.from_numpy(np.array(image))  # a copy of one image: writable, contiguous
         return self.transform(image), int(self.labels[j])
 
+    def preview(self, n: int) -> Tensor:
+        """The first n images through this split's transform (for TensorBoard and export checks)."""
+        return torch.stack([self[i][0] for i in range(min(n, len(self)))])
+
     def all_images(self) -> Tensor:
         """Every image of this split as one tensor (read whole, for the device-resident loader)."""
         if isinstance(self.images, Tensor):
@@ -47,22 +51,45 @@ class ArrayDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images[self.indices.numpy()]))
 
 
+class Cutout(torch.nn.Module):
+    """Cutout (DeVries and Taylor, 2017): a size x size square, centred on a random pixel and clipped at
+    the border, set to 0 after normalisation, i.e. to the dataset's mean colour."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"size must be 1 or more, got {size}")
+        self.size = size
+
+    def forward(self, image: Tensor) -> Tensor:
+        height, width = image.shape[-2:]
+        row, col = int(torch.randint(height, ())), int(torch.randint(width, ()))
+        top, left = max(row - self.size // 2, 0), max(col - self.size // 2, 0)
+        image = image.clone()
+        image[..., top:row - self.size // 2 + self.size, left:col - self.size // 2 + self.size] = 0
+        return image
+
+
+OUR_TRANSFORMS = {"Cutout": Cutout}  # augment steps that torchvision lacks; applied after Normalize
+
+
 def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float],
                     resize: int | None) -> v2.Compose:
-    """uint8 CHW image -> optional resize -> augmentation steps by name -> float, normalised."""
+    """uint8 CHW image -> optional resize -> augmentation steps by name -> float, normalised -> ours."""
     steps: list[Callable] = [v2.Resize(resize, antialias=True)] if resize else []
+    after: list[Callable] = []
     for spec in augment:
         spec = dict(spec)
         name = spec.pop("name", None)
-        step = getattr(v2, str(name), None)
-        if not (isinstance(step, type) and issubclass(step, v2.Transform)):
+        step = OUR_TRANSFORMS.get(str(name)) or getattr(v2, str(name), None)
+        if not (isinstance(step, type) and issubclass(step, (v2.Transform, *OUR_TRANSFORMS.values()))):
             raise UserError(f"dataset.augment: '{name}' is not a torchvision.transforms.v2 transform "
-                            f"(e.g. RandomCrop, RandomHorizontalFlip, ColorJitter)")
+                            f"(e.g. RandomCrop, RandomHorizontalFlip, ColorJitter) or Cutout")
         try:
-            steps.append(step(**spec))
+            (after if name in OUR_TRANSFORMS else steps).append(step(**spec))
         except (TypeError, ValueError) as e:
             raise UserError(f"dataset.augment: {name}({spec}) is invalid: {e}") from None
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), *after]
     return v2.Compose(steps)
 
 

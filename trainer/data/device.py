@@ -3,7 +3,7 @@ permutation, and augmentation runs on whole batches as tensor operations, with n
 
 It reproduces the dataset's own transform (read from its transforms.v2 pipeline): Resize is applied
 once up front, RandomCrop with constant padding and RandomHorizontalFlip per sample but batched,
-then scaling and Normalize. Other augmentation steps have no batched version here and are refused.
+then scaling and Normalize, then Cutout. Other augmentation steps have no batched version here and are refused.
 Every random draw of an epoch comes from a generator seeded by (seed, epoch) and is indexed by the
 sample's position in the epoch, so the same seed gives the same batches, and a resume can start
 mid-epoch.
@@ -15,21 +15,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import v2
 
-from trainer.data.arrays import ArrayDataset
+from trainer.data.arrays import ArrayDataset, Cutout
 from trainer.data.loader import _mix
+from trainer.data.plan import EpochPlan
 from trainer.errors import UserError
 
 
 class DeviceBatches:
     def __init__(self, dataset: ArrayDataset, *, batch_size: int, device: torch.device, seed: int, shuffle: bool,
-                 drop_last: bool) -> None:
+                 drop_last: bool, rank: int = 0, world_size: int = 1) -> None:
         if not isinstance(dataset, ArrayDataset):
             raise UserError("loader.on_device: needs a dataset held in memory as one tensor (synthetic, cifar10, "
                             "cifar100, mnist, fashion_mnist, imagefolder); set loader.on_device=false")
-        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.seed, self.shuffle, self.rank = seed, shuffle, rank
+        self.plan = EpochPlan(len(dataset), batch_size, world_size, drop_last)
         self.epoch, self.start = 0, 0
         self.crop: tuple[tuple[int, int], list[int], float] | None = None
         self.flip_p = 0.0
+        self.cutout = 0
         images = dataset.all_images()
         for step in dataset.transform.transforms:
             if isinstance(step, v2.Resize):
@@ -38,30 +41,31 @@ class DeviceBatches:
                 self.crop = (step.size, step.padding or [0, 0, 0, 0], float(step.fill))
             elif isinstance(step, v2.RandomHorizontalFlip):
                 self.flip_p = step.p
+            elif isinstance(step, Cutout):
+                self.cutout = step.size
             elif isinstance(step, v2.Normalize):
                 shape = (1, -1, 1, 1)
                 self.mean = torch.tensor(step.mean, device=device).view(shape)
                 self.std = torch.tensor(step.std, device=device).view(shape)
             elif not isinstance(step, v2.ToDtype):
                 raise UserError(f"loader.on_device: dataset.augment step {type(step).__name__} has no batched "
-                                f"version; use RandomCrop and RandomHorizontalFlip, or loader.on_device=false")
+                                f"version; use RandomCrop, RandomHorizontalFlip and Cutout, or loader.on_device=false")
         self.images = images.to(device)
         self.labels = dataset.labels[dataset.indices].to(device)
         self.device = device
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's order; `start` skips samples already trained on (mid-epoch resume)."""
+        """Select the epoch's order; `start` skips the batches already trained on (mid-epoch resume)."""
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        remaining = len(self.labels) - self.start
-        return remaining // self.batch_size if self.drop_last else -(-remaining // self.batch_size)
+        return len(self.plan) - self.start
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        offsets = flips = None
+        offsets = flips = centres = None
         if self.crop is not None:
             (h, w), (left, right, top, bottom), _ = self.crop  # transforms.v2 keeps padding in this order
             limits = torch.tensor([self.images.shape[-2] + top + bottom - h + 1,
@@ -69,10 +73,13 @@ class DeviceBatches:
             offsets = (torch.rand(n, 2, generator=generator) * limits).long().to(self.device)
         if self.flip_p > 0:
             flips = (torch.rand(n, generator=generator) < self.flip_p).to(self.device)
+        if self.cutout:
+            centres = (torch.rand(n, 2, generator=generator) * torch.tensor(self.images.shape[-2:])).long()
+            centres = centres.to(self.device)
         order = order.to(self.device)  # one copy per epoch; everything below stays on the device
-        stop = n - n % self.batch_size if self.drop_last else n
-        for first in range(self.start, stop, self.batch_size):
-            position = slice(first, min(first + self.batch_size, stop))
+        for step in range(self.start, len(self.plan)):
+            share = self.plan.share(step, self.rank)
+            position = slice(share.start, share.stop, share.step)
             index = order[position]
             images = self.images[index]
             if offsets is not None:
@@ -80,7 +87,19 @@ class DeviceBatches:
             if flips is not None:
                 images = torch.where(flips[position].view(-1, 1, 1, 1), images.flip(-1), images)
             # the arithmetic of v2.ToDtype(scale=True) and v2.Normalize, so both paths give the same floats
-            yield images.float().mul_(1 / 255).sub_(self.mean).div_(self.std), self.labels[index]
+            images = images.float().mul_(1 / 255).sub_(self.mean).div_(self.std)
+            if centres is not None:
+                images = self._cut(images, centres[position])
+            yield images, self.labels[index]
+
+    def _cut(self, images: Tensor, centres: Tensor) -> Tensor:
+        """Cutout for the whole batch: one mask of size x size squares around each image's centre."""
+        first = centres - self.cutout // 2  # may start above or left of the image: clipped there
+        rows = torch.arange(images.shape[-2], device=images.device)
+        cols = torch.arange(images.shape[-1], device=images.device)
+        inside_rows = (rows >= first[:, :1]) & (rows < first[:, :1] + self.cutout)
+        inside_cols = (cols >= first[:, 1:]) & (cols < first[:, 1:] + self.cutout)
+        return images.masked_fill_((inside_rows[:, :, None] & inside_cols[:, None, :])[:, None], 0)
 
     def _crop(self, images: Tensor, offsets: Tensor) -> Tensor:
         """A different crop per image, as one gather from the padded batch."""

@@ -2,17 +2,21 @@
 
 The training sampler draws each epoch's order from (seed, epoch) and hands every sample its own
 augmentation seed, so worker processes hold no random state that matters: 0, 2 or 8 workers give the
-same batches, and a resumed run can restart the order at any position.
+same batches, and a resumed run can restart the order at any batch. With several processes, each
+takes its share of every global batch (see plan.py).
 """
+import contextlib
+import ctypes
 import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.data.arrays import DataBundle
+from trainer.data.plan import EpochPlan
 
 
 def _mix(*values: int) -> int:
@@ -24,27 +28,45 @@ def _mix(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields (index, augmentation seed); the order is a function of (seed, epoch) alone."""
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Yields this process's batches of (index, augmentation seed); the order is a function of
+    (seed, epoch) alone, and the epoch is split over processes by `EpochPlan`."""
 
-    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+    def __init__(self, size: int, seed: int, shuffle: bool, batch_size: int, drop_last: bool, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.seed, self.shuffle, self.rank = seed, shuffle, rank
+        self.plan = EpochPlan(size, batch_size, world_size, drop_last)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's order; `start` skips samples already trained on (mid-epoch resume)."""
+        """Select the epoch's order; `start` skips the batches already trained on (mid-epoch resume)."""
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return len(self.plan) - self.start
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+            generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(self.plan.samples, generator=generator).tolist()
         else:
-            order = torch.arange(self.size)
-        for index in order[self.start:].tolist():
-            yield index, _mix(self.seed, self.epoch, index)
+            order = range(self.plan.samples)
+        for step in range(self.start, len(self.plan)):
+            yield [(order[i], _mix(self.seed, self.epoch, order[i])) for i in self.plan.share(step, self.rank)]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Runs a block under a seed of the CPU generator that transforms draw from, then restores it.
+    torch.manual_seed would also seed every accelerator (100x slower); restoring keeps model code in
+    the main process (dropout) unaffected when num_workers=0."""
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
 
 
 class SeededSamples(Dataset):
@@ -58,22 +80,28 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        # Seed only the CPU generator that transforms draw from (torch.manual_seed would also seed
-        # every accelerator: 100x slower), and restore it afterwards so model code in the main
-        # process (dropout) is unaffected when num_workers=0.
-        generator = torch.default_generator
-        saved = generator.get_state()
-        generator.manual_seed(seed)
-        try:
+        with seeded(seed):
             return self.dataset[index]
-        finally:
-            generator.set_state(saved)
 
 
 def _worker_init(worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; only the main process should act on it (it saves a
     # checkpoint and stops the workers itself). torch seeds each worker's random, numpy and torch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _map_large_blocks()
+
+
+def _map_large_blocks() -> None:
+    """Large buffers (a batch is megabytes) in their own mappings, returned to the OS when freed.
+
+    glibc raises its mmap threshold each time such a block is freed, after which batches come from
+    the heap: in a forked worker that heap is the parent's, so the worker's private memory grew by
+    ~370 MB over an epoch (measured: benchmarks/streaming.py). A fixed threshold keeps it flat."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to do
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
 
 
 @dataclass
@@ -81,31 +109,38 @@ class Loaders:
     train: Iterable  # of (images, labels) batches, with len()
     val: Iterable
     test: Iterable
-    sampler: Any  # the train loader's EpochSampler (or DeviceBatches): set_epoch(epoch, start)
-    batch_size: int
+    sampler: Any  # what orders the training batches: set_epoch(epoch, start batch)
+    batch_size: int  # per process
 
 
 def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_memory: bool,
                   prefetch_factor: int, persistent_workers: bool, shuffle: bool, drop_last: bool,
-                  seed: int, on_device: torch.device | None = None) -> Loaders:
-    """DataLoaders over the bundle; with `on_device`, batches cut and augmented on that device instead."""
+                  seed: int, on_device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> Loaders:
+    """DataLoaders over the bundle, this process's share of each epoch; with `on_device`, batches cut
+    and augmented on that device instead."""
+    split = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if on_device is not None:
         from trainer.data.device import DeviceBatches  # it builds on _mix, here
-        train = DeviceBatches(bundle.train, batch_size=batch_size, device=on_device, seed=seed, shuffle=shuffle,
-                              drop_last=drop_last)
-        val, test = (DeviceBatches(ds, batch_size=batch_size, device=on_device, seed=seed, shuffle=False,
-                                   drop_last=False) for ds in (bundle.val, bundle.test))
+        train = DeviceBatches(bundle.train, device=on_device, shuffle=shuffle, drop_last=drop_last, **split)
+        val, test = (DeviceBatches(ds, device=on_device, shuffle=False, drop_last=False, **split)
+                     for ds in (bundle.val, bundle.test))
         return Loaders(train=train, val=val, test=test, sampler=train, batch_size=batch_size)
+    from trainer.data.streaming import StreamingSplit
     workers = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
                    prefetch_factor=prefetch_factor if num_workers else None,
                    persistent_workers=persistent_workers and num_workers > 0)
-    # Each loader gets its own generator: without one, every new iterator draws its workers' base seed
-    # from the global generator, which the model's dropout also draws from, so a run resumed mid-epoch
-    # would see other dropout masks than the run it continues.
-    sampler = EpochSampler(len(bundle.train), seed, shuffle)
-    train = DataLoader(SeededSamples(bundle.train), batch_sampler=BatchSampler(sampler, batch_size, drop_last),
-                       generator=torch.Generator().manual_seed(seed), **workers)
-    val, test = (DataLoader(ds, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(seed),
-                            **workers) for ds in (bundle.val, bundle.test))
-    return Loaders(train=train, val=val, test=test, sampler=sampler, batch_size=batch_size)
 
+    def loader(dataset, shuffle: bool, drop_last: bool) -> tuple[DataLoader, Any]:
+        # Each loader gets its own generator: without one, every new iterator draws its workers' base
+        # seed from the global generator, which the model's dropout also draws from, so a run resumed
+        # mid-epoch would see other dropout masks than the run it continues.
+        generator = torch.Generator().manual_seed(seed)
+        if isinstance(dataset, StreamingSplit):  # it batches itself: one item per batch
+            batches = dataset.batches(shuffle=shuffle, drop_last=drop_last, **split)
+            return DataLoader(batches, batch_size=None, generator=generator, **workers), batches
+        sampler = EpochBatches(len(dataset), seed, shuffle, batch_size, drop_last, rank, world_size)
+        return DataLoader(SeededSamples(dataset), batch_sampler=sampler, generator=generator, **workers), sampler
+
+    (train, sampler), (val, _), (test, _) = (loader(bundle.train, shuffle, drop_last),
+                                             loader(bundle.val, False, False), loader(bundle.test, False, False))
+    return Loaders(train=train, val=val, test=test, sampler=sampler, batch_size=batch_size)
