@@ -48,3 +48,15 @@ def test_memory_benchmark_reads_every_image_in_each_configuration():
     assert [(r["mmap"], r["workers"]) for r in data["runs"]] == [(True, 0), (True, 2), (False, 0), (False, 2)]
     assert {r["images"] for r in data["runs"]} == {data["images"]} and data["images"] == 4 * 2**20 // 3072
     assert all(r["peak_pss_mb"] > 0 and r["peak_anonymous_mb"] > 0 for r in data["runs"])
+
+
+def test_streaming_benchmark_reads_every_image_at_every_size():
+    result = run_benchmark("streaming", "--sizes", "60", "120", "--image-size", "16", "--shuffle-buffer", "20",
+                           "--batch-size", "16", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["config"], r["size"]) for r in data["runs"]] == [
+        ("streaming", 60), ("in-memory", 60), ("streaming", 120), ("in-memory", 120)]
+    assert all(r["images"] == r["size"] and r["peak_pss_mb"] > 0 for r in data["runs"])
+    streaming = [r["peak_pss_mb"] for r in data["runs"] if r["config"] == "streaming"]
+    assert data["peak_growth"]["streaming"] == streaming[1] / streaming[0]

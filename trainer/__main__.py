@@ -46,8 +46,7 @@ def run(cfg: DictConfig) -> float | None:
     bundle, loaders = build_data(cfg, device)
     trainer = build_trainer(cfg, run_dir, device, loaders, state)
     if state is None:
-        sample = torch.stack([bundle.train[i][0] for i in range(min(64, len(bundle.train)))])
-        trainer.metrics.images("train/samples", sample, bundle.mean, bundle.std)
+        trainer.metrics.images("train/samples", bundle.train.preview(64), bundle.mean, bundle.std)
     else:
         p = trainer.progress
         log.info("resumed %s at epoch %d, batch %d, step %d", cfg.resume, p.epoch, p.batches_in_epoch, p.step)
@@ -66,7 +65,7 @@ def finish(cfg: DictConfig, trainer: Trainer, bundle, run_dir: Path, started: fl
     else:
         log.warning("no best checkpoint (%s was never finite); testing the last weights", cfg.checkpoint.monitor)
     test = trainer.evaluate(trainer.loaders.test, cfg.trainer.limit_test_batches, "test")
-    inputs = torch.stack([bundle.test[i][0] for i in range(min(8, len(bundle.test)))])
+    inputs = bundle.test.preview(8)
     export_started = time.perf_counter()
     manifest = export_model(trainer.model, inputs, run_dir / "export", list(cfg.export.formats),
                             tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,

@@ -93,7 +93,9 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
     # `num_classes: ${class_count:${.root}}` counts an image folder's classes when the config resolves.
     from trainer.data.folder import count_classes
+    from trainer.data.streaming import stream_class_count
     OmegaConf.register_new_resolver("class_count", count_classes, replace=True)
+    OmegaConf.register_new_resolver("stream_class_count", stream_class_count, replace=True)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -132,7 +134,7 @@ RULES = [
     ("checkpoint.mode", lambda v: v in ("max", "min"), "one of max, min"),
     ("export.formats", lambda v: set(v) <= set(EXPORT_FORMATS), f"a list of {', '.join(EXPORT_FORMATS)}"),
     ("dataset.num_classes", _at_least(2), "2 or more"),
-    ("dataset.val_split", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("dataset.val_split", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
     ("optimizer.lr", lambda v: v > 0, "positive"),
 ]
 

@@ -1,0 +1,364 @@
+"""`streaming`: datasets bigger than memory, read lazily from shards, one sample at a time.
+
+A split is a list of shards, read in order as one stream: tar files in the WebDataset layout
+(`<key>.jpg|png|webp` next to `<key>.cls`, the label as text), or JSONL manifests of
+`{"path": ..., "label": ...}` lines, read line by line. `python -m trainer.data.shard` writes both.
+
+An epoch is a fixed sequence that every process and worker can compute without reading any data:
+the shards in an order drawn from (seed, pass), then each window of `shuffle_buffer` consecutive
+samples permuted (the bounded shuffle buffer). The sequence is cut into global batches by EpochPlan
+(spread over ranks like every other loader), and a rank's batch k is built by DataLoader worker
+k mod num_workers, which the DataLoader collects round-robin from worker 0. So:
+- every sample is in exactly one batch of one rank per epoch, whatever the worker and rank counts;
+- the batches are the same for any number of workers (and a 2-rank run's global batches are a
+  1-rank run's batches);
+- resuming at batch k needs only k: a worker skips whole shards, and within a shard reads only tar
+  headers (or lines) of samples that are not its own.
+A worker holds the encoded bytes of its own samples for the windows it is reading: memory is set by
+`shuffle_buffer` and the batch size, not by the size of the dataset.
+"""
+import itertools
+import json
+import logging
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from trainer.data import DATASETS
+from trainer.data.arrays import DataBundle, build_transform
+from trainer.data.loader import _mix, seeded
+from trainer.data.plan import EpochPlan
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    count: int  # samples
+
+
+# ---- reading shards ---------------------------------------------------------------------------------
+def _key_and_suffix(name: str) -> tuple[str, str]:
+    """WebDataset's convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, suffix = base.partition(".")
+    return f"{folder}/{stem}", suffix.lower()
+
+
+def _read_tar_sample(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) -> tuple[bytes, int]:
+    image = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
+    if image is None or "cls" not in members:
+        raise ValueError(f"sample {next(iter(members.values())).name} lacks an image or a .cls label")
+    return tar.extractfile(image).read(), int(tar.extractfile(members["cls"]).read().decode().strip())
+
+
+def iter_shard(shard: Shard, start: int, stop: int, wanted: Callable[[int], bool],
+               classes: Sequence[str]) -> Iterator[tuple[int, Callable[[], tuple[bytes, int]]]]:
+    """(index in shard, read) for the wanted samples with start <= index < stop; `read()` returns
+    (encoded image, label) and must be called before the caller asks for the next sample."""
+    if shard.path.endswith(".jsonl"):
+        folder = Path(shard.path).parent
+        with open(shard.path, encoding="utf-8") as lines:
+            for index, line in enumerate(itertools.islice(lines, stop)):
+                if index >= start and wanted(index):
+                    yield index, lambda line=line: _read_jsonl_sample(line, folder, classes)
+        return
+    with tarfile.open(shard.path, mode="r:") as tar:
+        for index, members in enumerate(itertools.islice(_tar_samples(tar), stop)):
+            if index >= start and wanted(index):
+                yield index, lambda members=members: _read_tar_sample(tar, members)
+
+
+def _tar_samples(tar: tarfile.TarFile) -> Iterator[dict[str, tarfile.TarInfo]]:
+    """Each sample's members by suffix. Only headers are read: the tar is opened seekable, so moving
+    on to the next header skips a member's data."""
+    key, members = None, {}
+    for member in iter(tar.next, None):
+        if not member.isfile():
+            continue
+        member_key, suffix = _key_and_suffix(member.name)
+        if member_key != key and members:
+            yield members
+            members = {}
+        key, members[suffix] = member_key, member
+    if members:
+        yield members
+
+
+def _read_jsonl_sample(line: str, folder: Path, classes: Sequence[str]) -> tuple[bytes, int]:
+    record = json.loads(line)
+    label = record["label"]
+    if isinstance(label, str):
+        label = classes.index(label) if label in classes else int(label)
+    return (folder / record["path"]).read_bytes(), int(label)
+
+
+def count_samples(path: str) -> int:
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as lines:
+            return sum(1 for line in lines if line.strip())
+    with tarfile.open(path, mode="r:") as tar:
+        return sum(1 for _ in _tar_samples(tar))
+
+
+# ---- finding shards ---------------------------------------------------------------------------------
+def read_index(root: Path) -> dict:
+    path = root / INDEX
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"dataset.root: {path} is not valid JSON ({e}); write it again with "
+                        f"python -m trainer.data.shard") from None
+
+
+def find_shards(root: Path, split: str) -> list[Shard]:
+    """The split's shards: as index.json lists them (with counts), else root/<split>/*.tar or *.jsonl,
+    or root/<split>.jsonl, counted now (headers and lines only)."""
+    listed = read_index(root).get("splits", {}).get(split)
+    if listed is not None:
+        return [Shard(str(root / s["file"]), int(s["count"])) for s in listed["shards"]]
+    folder = root / split
+    paths = sorted(folder.glob("*.tar")) or sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    if not paths and (root / f"{split}.jsonl").is_file():
+        paths = [root / f"{split}.jsonl"]
+    shards = [Shard(str(p), count_samples(str(p))) for p in paths]
+    if shards:
+        log.info("counted %d %s samples in %d shard(s) under %s (an index.json would skip this)",
+                 sum(s.count for s in shards), split, len(shards), root)
+    return [s for s in shards if s.count > 0]
+
+
+def stream_class_count(root: str) -> int:
+    """The `stream_class_count` config resolver: the number of classes index.json lists."""
+    classes = read_index(Path(root)).get("classes")
+    if not classes:
+        raise UserError(f"dataset.num_classes: {Path(root) / INDEX} lists no classes; set dataset.num_classes=N, "
+                        f"or write the shards with python -m trainer.data.shard")
+    return len(classes)
+
+
+# ---- decoding ---------------------------------------------------------------------------------------
+def decode(data: bytes, size: int, channels: int) -> Tensor:
+    """Encoded bytes to a uint8 (C, size, size) image: shorter side resized, centre-cropped."""
+    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                         mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+
+
+@dataclass
+class StreamingSplit:
+    """One split: its shards and how a sample becomes a tensor. `batches()` makes the loader's dataset."""
+    shards: list[Shard]
+    classes: list[str]
+    image_size: int
+    channels: int
+    transform: Callable[[Tensor], Tensor]
+    shuffle_buffer: int
+    epoch_length: int | None
+    on_error: str
+
+    def __len__(self) -> int:
+        return self.epoch_length or sum(s.count for s in self.shards)
+
+    def preview(self, n: int) -> Tensor:
+        """The first n images of the split, through its transform (for TensorBoard and export checks)."""
+        images: list[Tensor] = []
+        for shard in self.shards:
+            for _, read in iter_shard(shard, 0, shard.count, lambda i: True, self.classes):
+                images.append(self.transform(decode(read()[0], self.image_size, self.channels)))
+                if len(images) == n:
+                    return torch.stack(images)
+        return torch.stack(images)
+
+    def batches(self, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool, rank: int = 0,
+                world_size: int = 1) -> "StreamBatches":
+        return StreamBatches(self, EpochPlan(len(self), batch_size, world_size, drop_last), seed=seed,
+                             shuffle=shuffle, rank=rank)
+
+
+# ---- the epoch's sequence, and one worker's part of it ----------------------------------------------
+class StreamBatches(IterableDataset):
+    """The DataLoader's dataset (batch_size=None): yields this rank's batches, this worker's share."""
+
+    def __init__(self, split: StreamingSplit, plan: EpochPlan, *, seed: int, shuffle: bool, rank: int) -> None:
+        if plan.samples < 2 * plan.world_size:
+            raise UserError(f"dataset.root: a split has {plan.samples} samples, too few for "
+                            f"{plan.world_size} process(es)")
+        self.split, self.plan, self.seed, self.shuffle, self.rank = split, plan, seed, shuffle, rank
+        self.total = sum(s.count for s in split.shards)
+        # (epoch, start batch), set in the main process and read by the workers when an epoch begins:
+        # shared memory, so persistent workers see it too.
+        self.position = torch.zeros(2, dtype=torch.long).share_memory_()
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch; `start` skips the batches already trained on (mid-epoch resume)."""
+        self.position[0], self.position[1] = epoch, start
+
+    def __len__(self) -> int:
+        return len(self.plan) - int(self.position[1])
+
+    def window_order(self, epoch: int, window: int) -> Tensor:
+        """Stream positions of the window's sequence positions (the shuffle buffer's order)."""
+        size = self.split.shuffle_buffer
+        n = min(size, self.plan.samples - window * size)
+        if not self.shuffle:
+            return torch.arange(window * size, window * size + n)
+        generator = torch.Generator().manual_seed(_mix(self.seed, epoch, window, 1))
+        return window * size + torch.randperm(n, generator=generator)
+
+    def shard_order(self, pass_index: int) -> list[Shard]:
+        if not self.shuffle:
+            return list(self.split.shards)
+        generator = torch.Generator().manual_seed(_mix(self.seed, pass_index, 2))
+        return [self.split.shards[i] for i in torch.randperm(len(self.split.shards), generator=generator).tolist()]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, start = (int(v) for v in self.position)
+        mine = iter(range(start + worker, len(self.plan), workers))  # this worker's steps, in order
+        step = next(mine, None)
+        if step is None:
+            return
+        size = self.split.shuffle_buffer
+        samples: dict[int, list] = {}  # step -> its samples so far, in batch order
+        missing: dict[int, int] = {}  # step -> samples still to read
+        owners: dict[int, tuple[int, int]] = {}  # stream position -> (step, slot), for the current window
+        window = -1
+
+        def wanted(position: int) -> bool:
+            nonlocal window
+            if position // size != window:  # a new window: which of its samples are this worker's
+                window = position // size
+                owners.clear()
+                owners.update(self._owners(epoch, window, start, worker, workers))
+            return position in owners
+
+        begin = self.plan.bounds(start)[0] // size * size  # the window of the first sample still to train on
+        for position, sample in self._stream(epoch, begin, wanted):
+            owner, slot = owners.pop(position)
+            if owner not in samples:
+                samples[owner] = [None] * len(self.plan.share(owner, self.rank))
+                missing[owner] = len(samples[owner])
+            samples[owner][slot] = sample
+            missing[owner] -= 1
+            while step is not None and missing.get(step) == 0:  # batches leave in step order
+                del missing[step]
+                yield self._make_batch(samples.pop(step), epoch, step)
+                step = next(mine, None)
+
+    def _owners(self, epoch: int, window: int, start: int, worker: int, workers: int) -> dict[int, tuple[int, int]]:
+        """{stream position: (step, slot in batch)} for this rank's and worker's samples in a window."""
+        size, plan = self.split.shuffle_buffer, self.plan
+        stream = self.window_order(epoch, window)
+        sequence = torch.arange(window * size, window * size + len(stream))
+        steps = (sequence // plan.global_batch).clamp(max=max(len(plan) - 1, 0))
+        offset = sequence - steps * plan.global_batch
+        keep = ((sequence < plan.bounds(len(plan) - 1)[1]) & (steps >= start)
+                & (offset % plan.world_size == self.rank) & ((steps - start) % workers == worker))
+        slots = offset[keep] // plan.world_size
+        return dict(zip(stream[keep].tolist(), zip(steps[keep].tolist(), slots.tolist())))
+
+    def _stream(self, epoch: int, begin: int,
+                wanted: Callable[[int], bool]) -> Iterator[tuple[int, tuple[bytes, int] | None]]:
+        """(epoch position, (bytes, label)) of the wanted samples from epoch position `begin` on.
+
+        Epoch e covers positions [e x length, (e + 1) x length) of an endless run of passes over the
+        shards, each pass in its own shard order; with no epoch_length, an epoch is one pass."""
+        length, total = self.plan.samples, self.total
+        absolute, end = epoch * length + begin, (epoch + 1) * length
+        while absolute < end:
+            shard_base = absolute // total * total
+            for shard in self.shard_order(absolute // total):
+                if shard_base + shard.count > absolute:
+                    first, stop = absolute - shard_base, min(shard.count, end - shard_base)
+                    at = shard_base - epoch * length  # the epoch position of the shard's sample 0
+                    for index, read in iter_shard(shard, first, stop, lambda i: wanted(at + i), self.split.classes):
+                        yield at + index, self._read(read)
+                    absolute = shard_base + stop
+                    if absolute >= end:
+                        return
+                shard_base += shard.count
+
+    def _read(self, read: Callable[[], tuple[bytes, int]]) -> tuple[bytes, int] | None:
+        try:
+            return read()
+        except (OSError, ValueError, KeyError) as e:
+            return self._bad_sample(e)
+
+    def _bad_sample(self, error: Exception) -> None:
+        if self.split.on_error == "error":
+            raise UserError(f"dataset.on_error=error: unreadable sample ({error}); fix or remove it, or set "
+                            f"dataset.on_error=skip") from None
+        log.warning("skipped an unreadable sample (%s)", error)
+        return None
+
+    def _make_batch(self, samples: list, epoch: int, step: int) -> tuple[Tensor, Tensor]:
+        """Decodes and augments the batch's samples; each sample's augmentation has its own seed."""
+        images, labels = [], []
+        first = self.plan.share(step, self.rank)
+        for sequence_position, sample in zip(first, samples):
+            if sample is None:
+                continue
+            try:
+                image = decode(sample[0], self.split.image_size, self.split.channels)
+            except RuntimeError as e:  # torchvision's decoders raise RuntimeError on bad data
+                self._bad_sample(ValueError(str(e).splitlines()[0]))
+                continue
+            with seeded(_mix(self.seed, epoch, sequence_position)):
+                images.append(self.split.transform(image))
+            labels.append(sample[1])
+        if not images:
+            raise UserError(f"dataset.root: every sample of batch {step} is unreadable; check the shards")
+        return torch.stack(images), torch.tensor(labels)
+
+
+# ---- the DATASETS entry ----------------------------------------------------------------------------
+@DATASETS.register("streaming")
+def streaming(root: str, num_classes: int, image_size: int = 32, in_channels: int = 3, shuffle_buffer: int = 1000,
+              epoch_length: int | None = None, augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
+              std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip") -> DataBundle:
+    folder = Path(root)
+    for key, value, ok, requirement in (("shuffle_buffer", shuffle_buffer, shuffle_buffer >= 1, "1 or more"),
+                                        ("epoch_length", epoch_length, epoch_length is None or epoch_length >= 1,
+                                         "null (one pass) or 1 or more"),
+                                        ("on_error", on_error, on_error in ("skip", "error"), "one of skip, error"),
+                                        ("in_channels", in_channels, in_channels in (1, 3), "1 or 3")):
+        if not ok:
+            raise UserError(f"dataset.{key}: must be {requirement}, got {value!r}")
+    if not folder.is_dir():
+        raise UserError(f"dataset.root: {folder.resolve()} does not exist; write shards there with "
+                        f"python -m trainer.data.shard <image folder> {root}")
+    classes = read_index(folder).get("classes") or [str(i) for i in range(num_classes)]
+    if len(classes) != num_classes:
+        raise UserError(f"dataset.num_classes: {folder / INDEX} lists {len(classes)} classes, the config says "
+                        f"{num_classes}")
+    splits = {name: find_shards(folder, name) for name in ("train", "val", "test")}
+    if not splits["train"]:
+        raise UserError(f"dataset.root: no training shards under {folder.resolve()} (train/*.tar, train/*.jsonl or "
+                        f"train.jsonl); write them with python -m trainer.data.shard <image folder> {root}")
+    if not splits["val"] and not splits["test"]:
+        raise UserError(f"dataset.root: {folder.resolve()} has no val or test shards to validate on; shard an image "
+                        f"folder that has val/ (or test/)")
+    common = dict(classes=classes, image_size=image_size, channels=in_channels, shuffle_buffer=shuffle_buffer,
+                  on_error=on_error)
+    eval_transform = build_transform([], mean, std, None)
+    train = StreamingSplit(splits["train"], transform=build_transform(augment, mean, std, None),
+                           epoch_length=epoch_length, **common)
+    val, test = (StreamingSplit(splits[name] or splits[other], transform=eval_transform, epoch_length=None, **common)
+                 for name, other in (("val", "test"), ("test", "val")))
+    return DataBundle(train=train, val=val, test=test, classes=classes, in_channels=in_channels,
+                      image_size=image_size, mean=list(mean), std=list(std))
