@@ -13,6 +13,7 @@ from conftest import TINY_MODEL, run_trainer, write_imagefolder
 
 from trainer import DATASETS
 from trainer.checkpoint import load_checkpoint
+from trainer.cli import _unwrap_worker_error
 from trainer.data import build_loaders
 from trainer.data.shard import main as shard_main
 from trainer.data.shard import write_shards
@@ -138,6 +139,15 @@ def test_corrupt_samples_are_skipped_or_refused(tmp_path):
     strict = DATASETS.build("streaming", root=str(tmp_path / "out"), num_classes=3, on_error="error")
     with pytest.raises(UserError, match="dataset.on_error=error"):
         _epoch(strict)
+    with pytest.raises(UserError) as in_worker:  # raised in a worker: the CLI shows only our line
+        _epoch(strict, workers=1)
+    assert _unwrap_worker_error(str(in_worker.value)).startswith("dataset.on_error=error: unreadable sample")
+    assert "Traceback" in str(in_worker.value)
+    result = run_trainer("dataset=streaming", f"dataset.root={tmp_path / 'out'}", "dataset.on_error=error",
+                         *TINY_MODEL, "trainer.max_epochs=1", "loader.num_workers=1", "loader.batch_size=4",
+                         f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        result.stderr.strip().splitlines()[-1]] and "dataset.on_error=error" in result.stderr
 
 
 def test_missing_or_wrong_shards_are_user_errors(tmp_path):

@@ -49,12 +49,22 @@ def exit_codes() -> Iterator[None]:
     try:
         yield
     except UserError as e:
-        _log_to_files(str(e))
-        _fail(2, str(e))
+        message = _unwrap_worker_error(str(e))
+        _log_to_files(message)
+        _fail(2, message)
     except (HydraException, OmegaConfBaseException) as e:
         _fail(2, _one_line(e))
     except KeyboardInterrupt:
         _fail(130, "interrupted")
+
+
+def _unwrap_worker_error(message: str) -> str:
+    """A DataLoader worker's error arrives as "Caught UserError in DataLoader worker process 0" and the
+    worker's traceback; the person needs only its last line, our message."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return last.split("UserError: ", 1)[-1]
 
 
 def _log_to_files(message: str) -> None:

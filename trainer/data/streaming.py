@@ -158,6 +158,15 @@ def decode(data: bytes, size: int, channels: int) -> Tensor:
     return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
 
 
+def bad_sample(error: Exception, on_error: str) -> None:
+    """dataset.on_error: skip (with a warning) or stop."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if on_error == "error":
+        raise UserError(f"dataset.on_error=error: unreadable sample ({reason}); fix or remove it, or set "
+                        f"dataset.on_error=skip") from None
+    log.warning("skipped an unreadable sample (%s)", reason)
+
+
 @dataclass
 class StreamingSplit:
     """One split: its shards and how a sample becomes a tensor. `batches()` makes the loader's dataset."""
@@ -174,11 +183,15 @@ class StreamingSplit:
         return self.epoch_length or sum(s.count for s in self.shards)
 
     def preview(self, n: int) -> Tensor:
-        """The first n images of the split, through its transform (for TensorBoard and export checks)."""
+        """The first n readable images of the split, through its transform (for TensorBoard and export
+        checks)."""
         images: list[Tensor] = []
         for shard in self.shards:
             for _, read in iter_shard(shard, 0, shard.count, lambda i: True, self.classes):
-                images.append(self.transform(decode(read()[0], self.image_size, self.channels)))
+                try:
+                    images.append(self.transform(decode(read()[0], self.image_size, self.channels)))
+                except (OSError, ValueError, KeyError, RuntimeError) as e:
+                    bad_sample(e, self.on_error)
                 if len(images) == n:
                     return torch.stack(images)
         return torch.stack(images)
@@ -297,14 +310,7 @@ class StreamBatches(IterableDataset):
         try:
             return read()
         except (OSError, ValueError, KeyError) as e:
-            return self._bad_sample(e)
-
-    def _bad_sample(self, error: Exception) -> None:
-        if self.split.on_error == "error":
-            raise UserError(f"dataset.on_error=error: unreadable sample ({error}); fix or remove it, or set "
-                            f"dataset.on_error=skip") from None
-        log.warning("skipped an unreadable sample (%s)", error)
-        return None
+            return bad_sample(e, self.split.on_error)
 
     def _make_batch(self, samples: list, epoch: int, step: int) -> tuple[Tensor, Tensor]:
         """Decodes and augments the batch's samples; each sample's augmentation has its own seed."""
@@ -316,7 +322,7 @@ class StreamBatches(IterableDataset):
             try:
                 image = decode(sample[0], self.split.image_size, self.split.channels)
             except RuntimeError as e:  # torchvision's decoders raise RuntimeError on bad data
-                self._bad_sample(ValueError(str(e).splitlines()[0]))
+                bad_sample(e, self.split.on_error)
                 continue
             with seeded(_mix(self.seed, epoch, sequence_position)):
                 images.append(self.split.transform(image))
