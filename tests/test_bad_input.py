@@ -20,10 +20,10 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["model=resnte"], "model=resnte: no such option; choose one of cnn, mlp, resnet, torchvision"),
+    (["model=resnte"], "model=resnte: no such option; choose one of cnn, fastnet, mlp, resnet, torchvision"),
     (["dataset=imagenet"], "dataset=imagenet: no such option"),
     (["optimizer=lamb"], "optimizer=lamb: no such option; choose one of adam, adamw, sgd"),
-    (["scheduler=linear"], "scheduler=linear: no such option"),
+    (["scheduler=cosin"], "scheduler=cosin: no such option; choose one of constant, cosine, linear, onecycle, step"),
     (["trainer.max_epoch=3"], "trainer.max_epoch"),
     (["model.detph=3"], "model.detph"),
     (["+model.detph=3"], "model.detph: not a parameter of model 'resnet'"),

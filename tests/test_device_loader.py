@@ -66,7 +66,8 @@ def test_unbatched_augmentation_is_refused():
 
 
 def test_cutout_blanks_a_square_per_image_on_both_paths():
-    bundle = DATASETS.build("synthetic", train_size=64, test_size=8, val_split=0.0, augment=[{"name": "Cutout", "size": 8}])
+    bundle = DATASETS.build("synthetic", train_size=64, test_size=8, val_split=0.0,
+                            augment=[{"name": "Cutout", "size": 8}])
     per_sample = torch.stack([bundle.train[i][0] for i in range(32)])
     blanked = (per_sample == 0).all(1).flatten(1).sum(1)  # pixels set to the mean colour, in every channel
     assert blanked.max() == 64 and blanked.min() >= 16  # 8x8; a centre near a corner clips it to 4x4 at least

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -15,7 +14,7 @@ from trainer.checkpoint import load_checkpoint
 from trainer.cli import exit_codes, import_user_modules, resume_argv
 from trainer.config import register_configs, validate
 from trainer.export import export_model
-from trainer.loop import Trainer, pick_device
+from trainer.loop import Trainer, pick_device, unwrap
 from trainer.setup import build_data, build_trainer, load_resume_state
 
 log = logging.getLogger("trainer")
@@ -44,7 +43,8 @@ def run(cfg: DictConfig) -> float | None:
     device = pick_device(cfg.trainer.device)
     state = load_resume_state(cfg.resume, run_dir, cfg)
     bundle, loaders = build_data(cfg, device)
-    trainer = build_trainer(cfg, run_dir, device, loaders, state)
+    trainer = build_trainer(cfg, run_dir, device, loaders, state, (bundle.in_channels, bundle.image_size,
+                                                                   bundle.image_size))
     if state is None:
         trainer.metrics.images("train/samples", bundle.train.preview(64), bundle.mean, bundle.std)
     else:
@@ -67,9 +67,10 @@ def finish(cfg: DictConfig, trainer: Trainer, bundle, run_dir: Path, started: fl
     test = trainer.evaluate(trainer.loaders.test, cfg.trainer.limit_test_batches, "test")
     inputs = bundle.test.preview(8)
     export_started = time.perf_counter()
-    manifest = export_model(trainer.model, inputs, run_dir / "export", list(cfg.export.formats),
+    manifest = export_model(unwrap(trainer.evaluator()), inputs, run_dir / "export", list(cfg.export.formats),
                             tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,
                             metadata={"model": cfg.model.name, "checkpoint": "checkpoints/best.pt",
+                                      "ema": cfg.trainer.ema_decay > 0, "tta": cfg.trainer.tta,
                                       "classes": bundle.classes, "image_size": bundle.image_size,
                                       "normalization": {"mean": bundle.mean, "std": bundle.std}})
     trainer.timer.add("export", time.perf_counter() - export_started)

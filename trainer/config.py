@@ -17,12 +17,14 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("32", "bf16", "16")
 MONITORS = ("val/acc", "val/loss", "train/acc", "train/loss")
 EXPORT_FORMATS = ("torchscript", "torch_export")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
 class TrainerConfig:
     max_epochs: int = 10
     max_steps: int = -1  # -1: no limit; otherwise stop after this many optimizer steps
+    stop_at: Optional[float] = None  # stop once checkpoint.monitor reaches this value (time-to-accuracy)
     limit_train_batches: Optional[int] = None  # None: every batch
     limit_val_batches: Optional[int] = None
     limit_test_batches: Optional[int] = None
@@ -34,6 +36,15 @@ class TrainerConfig:
     progress_bar: bool = True
     on_nonfinite: str = "stop"  # stop, or skip_batch (costs one host sync per step)
     max_skipped_batches: int = 10
+    channels_last: bool = False  # NHWC memory format for model and inputs (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model, warmed up before training, outside any timing
+    compile_mode: str = "default"
+    cudnn_benchmark: bool = True  # on CUDA: let cuDNN pick the fastest algorithms for the fixed shapes
+    ema_decay: float = 0.0  # 0: off; else evaluate, test and export an EMA of the weights
+    ema_every: int = 1  # update the EMA every N optimizer steps
+    tta: str = "none"  # none, or flip: evaluate (and export) the mean of the image's and its mirror's logits
+    profile: bool = False  # a torch.profiler trace of a few steps into the run's tensorboard/ folder
+    profile_steps: int = 5
 
 
 @dataclass
@@ -121,6 +132,11 @@ RULES = [
     ("trainer.log_every_n_steps", _at_least(1), "1 or more"),
     ("trainer.on_nonfinite", lambda v: v in ("stop", "skip_batch"), "one of stop, skip_batch"),
     ("trainer.max_skipped_batches", _at_least(0), "0 or more"),
+    ("trainer.compile_mode", lambda v: v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}"),
+    ("trainer.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
+    ("trainer.ema_every", _at_least(1), "1 or more"),
+    ("trainer.tta", lambda v: v in ("none", "flip"), "one of none, flip"),
+    ("trainer.profile_steps", _at_least(1), "1 or more"),
     ("checkpoint.keep_last", _at_least(1), "1 or more"),
     ("loader.batch_size", _at_least(1), "1 or more"),
     ("loader.num_workers", _at_least(0), "0 (load in the main process) or more"),

@@ -13,6 +13,7 @@ from trainer.config import validate
 from trainer.errors import UserError
 from trainer.loop import AUTOCAST_DTYPES, evaluate_model, pick_device, unwrap
 from trainer.setup import build_data, build_model
+from trainer.speed import FlipAverage
 
 
 def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, float]:
@@ -28,9 +29,12 @@ def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, 
     state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
     _, loaders = build_data(cfg, device)
     model = build_model(cfg).to(device)
-    unwrap(model).load_state_dict(state["model"])
+    # What the run tested: the weights' EMA when it kept one (the same architecture), under its TTA.
+    unwrap(model).load_state_dict(state.get("ema") or state["model"])
+    if cfg.trainer.get("tta") == "flip":
+        model = FlipAverage(model)
     loss, acc = evaluate_model(model, loaders.test, device, AUTOCAST_DTYPES[str(cfg.trainer.precision)],
-                         cfg.trainer.limit_test_batches)
+                               cfg.trainer.limit_test_batches)
     return {"test/loss": loss, "test/acc": acc, "checkpoint": checkpoint, "epoch": state["progress"]["epoch"]}
 
 

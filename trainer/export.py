@@ -41,7 +41,9 @@ def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[
     """Writes each format and export/manifest.json; a format that fails is recorded with its error
     and the others are still written. `inputs` are real, preprocessed test images."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
+    # Plain contiguous weights on the CPU: what a consumer loads, whatever format training used
+    # (torch.export's archive cannot pack channels_last weights).
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     example, check = inputs[:2], inputs[: max(3, min(len(inputs), 8))]  # check at another batch size
     with torch.no_grad():
         expected = model(check)

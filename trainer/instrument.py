@@ -1,5 +1,6 @@
 """The decorators the framework is built around (timing, reporting, guarding, retrying) and the
 metric sinks they write to. Each decorator is small and acts on what the wrapped function returns."""
+import contextlib
 import functools
 import logging
 import random
@@ -12,19 +13,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch import Tensor
 
 log = logging.getLogger("trainer")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class PhaseTimer:
-    """Wall-clock seconds per phase. On CUDA it synchronises before reading the clock, so the GPU's
-    queued work is counted in the phase that queued it; call sites are per epoch, not per step."""
+    """Wall-clock seconds per phase. Whole phases (an epoch, an evaluation) synchronise on CUDA before
+    reading the clock, so the GPU's queued work counts in the phase that queued it; per-step sections
+    (forward+backward, optimizer) record CUDA events instead, read once the epoch has synchronised."""
+
+    SECTIONS = {"train": ("data wait", "forward+backward", "optimizer")}  # shown under their phase
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._events: list[tuple[str, Any, Any]] = []
 
     def now(self) -> float:
         if self.device.type == "cuda":
@@ -35,13 +41,43 @@ class PhaseTimer:
         self.seconds[phase] += seconds
         self.calls[phase] += 1
 
+    @contextlib.contextmanager
+    def section(self, phase: str) -> Iterator[None]:
+        """Times a part of a step without synchronising: CUDA events on a GPU, the clock on a CPU
+        (where the work is done by the time the call returns)."""
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            yield
+            self.add(phase, time.perf_counter() - start)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._events.append((phase, start, end))
+
+    def settle(self) -> None:
+        """Reads the recorded CUDA events; call after a synchronisation (the end of a timed phase)."""
+        for phase, start, end in self._events:
+            self.add(phase, start.elapsed_time(end) / 1000)
+        self._events.clear()
+
     def table(self) -> str:
-        total = sum(s for p, s in self.seconds.items() if p != "data wait") or 1.0
-        rows = [f"{'phase':<16}{'total s':>10}{'calls':>8}{'mean ms':>10}{'share':>8}"]
-        for phase, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
-            calls = self.calls[phase]
-            rows.append(f"{phase:<16}{seconds:>10.2f}{calls:>8}{1000 * seconds / calls:>10.1f}"
-                        f"{100 * seconds / total:>7.1f}%")
+        nested = {s for sections in self.SECTIONS.values() for s in sections}
+        total = sum(s for p, s in self.seconds.items() if p not in nested) or 1.0
+        rows = [f"{'phase':<20}{'total s':>10}{'calls':>8}{'mean ms':>10}{'share':>8}"]
+
+        def row(name: str, seconds: float, calls: int | None) -> str:
+            mean = f"{1000 * seconds / calls:>10.1f}" if calls else f"{'':>10}"
+            return f"{name:<20}{seconds:>10.2f}{calls or '':>8}{mean}{100 * seconds / total:>7.1f}%"
+        phases = sorted(((p, s) for p, s in self.seconds.items() if p not in nested), key=lambda kv: -kv[1])
+        for phase, seconds in phases:
+            rows.append(row(phase, seconds, self.calls[phase]))
+            parts = [s for s in self.SECTIONS.get(phase, ()) if s in self.seconds]
+            for part in parts:
+                rows.append(row(f"  {part}", self.seconds[part], self.calls[part]))
+            if parts:
+                rows.append(row("  other", max(seconds - sum(self.seconds[s] for s in parts), 0.0), None))
         return "\n".join(rows)
 
 
@@ -54,12 +90,24 @@ def timed(phase: str) -> Callable[[F], F]:
             start = self.timer.now()
             result = fn(self, *args, **kwargs)
             elapsed = self.timer.now() - start
+            self.timer.settle()  # the per-step sections inside it, now that the device has caught up
             self.timer.add(phase, elapsed)
             if isinstance(result, dict):
                 result[f"{phase}_time_s"] = elapsed
                 if "images" in result:
                     result["images_per_sec"] = result["images"] / max(elapsed, 1e-9)
             return result
+        return wrapper  # type: ignore[return-value]
+    return decorate
+
+
+def timed_step(section: str) -> Callable[[F], F]:
+    """Times a method called every step into `self.timer`'s `section`, without a host sync."""
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            with self.timer.section(section):
+                return fn(self, *args, **kwargs)
         return wrapper  # type: ignore[return-value]
     return decorate
 
@@ -76,6 +124,18 @@ def timed_iter(items: Iterable, timer: PhaseTimer, phase: str = "data wait") -> 
             return
         timer.add(phase, time.perf_counter() - start)
         yield item
+
+
+def profiled_iter(items: Iterable, logdir: Path, steps: int) -> Iterator:
+    """Yields from `items` under torch.profiler: skips one step, warms up one, records `steps`, and
+    writes the trace next to the run's TensorBoard events (open it there, or in Perfetto)."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
+                 on_trace_ready=tensorboard_trace_handler(str(logdir)), record_shapes=True) as profiler:
+        for item in items:
+            yield item
+            profiler.step()
 
 
 def reports(fn: F) -> F:
@@ -142,6 +202,45 @@ def retry(attempts: int, base_delay: float, exceptions: tuple[type[BaseException
                     time.sleep(delay)
         return wrapper  # type: ignore[return-value]
     return decorate
+
+
+class RunningMetrics:
+    """Loss sum, correct predictions and images, accumulated on the device: a few small kernels a step
+    and no host synchronisation until `totals()` or `first_nonfinite_step()`. The last `window` losses
+    are kept, so when a periodic check finds the sum non-finite it can name the exact step."""
+
+    def __init__(self, device: torch.device, sums: list[float] | None = None, window: int = 1) -> None:
+        loss_sum, correct, images = sums or (0.0, 0.0, 0)
+        self.loss_sum = torch.tensor(float(loss_sum), device=device)
+        self.correct = torch.tensor(float(correct), device=device)
+        self.images = int(images)
+        self.recent = torch.zeros(window, device=device)
+        self.recent_steps = [0] * window
+        self.count = 0
+
+    def add(self, loss: Tensor, logits: Tensor, labels: Tensor, step: int = 0) -> None:
+        """`loss`: the batch's mean loss (a device scalar)."""
+        loss = loss.detach()
+        self.loss_sum.add_(loss, alpha=len(labels))
+        self.correct.add_((logits.detach().argmax(1) == labels).sum())
+        slot = self.count % len(self.recent)
+        self.recent[slot] = loss
+        self.recent_steps[slot] = step
+        self.count += 1
+        self.images += len(labels)
+
+    def totals(self) -> list[float]:
+        """[loss sum, correct, images]; a host synchronisation."""
+        return [*torch.stack([self.loss_sum, self.correct]).tolist(), self.images]
+
+    def first_nonfinite_step(self) -> int | None:
+        """The step of the first non-finite loss since the sum was last finite; a host synchronisation."""
+        if bool(self.loss_sum.isfinite()):
+            return None
+        window = min(self.count, len(self.recent))
+        slots = [(self.count - window + i) % len(self.recent) for i in range(window)]
+        bad = (~self.recent.isfinite()).tolist()
+        return next((self.recent_steps[s] for s in slots if bad[s]), self.recent_steps[slots[0]] if slots else 0)
 
 
 class MetricLog:

@@ -1,14 +1,17 @@
 """The Trainer: setup in __init__, then fit() reads top to bottom: train an epoch, validate, report,
 checkpoint. It never knows which model, dataset or optimizer it runs."""
+import contextlib
 import itertools
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -21,12 +24,16 @@ from trainer.errors import UserError
 from trainer.instrument import (
     MetricLog,
     PhaseTimer,
+    RunningMetrics,
     StopRequested,
     guarded,
+    profiled_iter,
     reports,
     timed,
     timed_iter,
+    timed_step,
 )
+from trainer.speed import FlipAverage, WeightAverage, to_device
 
 log = logging.getLogger("trainer")
 NONFINITE_CAUSES = ("Likely causes: a learning rate too high (lower optimizer.lr, add scheduler warmup or "
@@ -62,6 +69,14 @@ class NonFiniteLoss(UserError):
     """Training produced NaN or Inf; raised before anything non-finite reaches a checkpoint."""
 
 
+def plain(section: Any) -> Any:
+    """A config section as a plain object (its schema dataclass when it has one)."""
+    if not isinstance(section, DictConfig):
+        return section
+    value = OmegaConf.to_object(section)
+    return SimpleNamespace(**value) if isinstance(value, dict) else value
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -83,13 +98,6 @@ def plan_steps(train_batches: int, limit: int | None, accumulate: int, max_epoch
     return batches, steps_per_epoch, min(total, max_steps) if max_steps > 0 else total
 
 
-def _batch_sums(loss_sum: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
-    """(loss sum, correct, count) as one device tensor; built from device ops only, so no copy from
-    the host (which would wait for the queued work) happens per step."""
-    correct = (logits.argmax(1) == labels).sum().float()
-    return torch.stack([loss_sum, correct, torch.ones_like(correct) * len(labels)])
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under torch.compile or DDP wrappers: checkpoints hold its state, no prefixes."""
     model = getattr(model, "_orig_mod", model)
@@ -97,31 +105,40 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
-                   autocast_dtype: torch.dtype | None, limit: int | None = None) -> tuple[float, float]:
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None,
+                   limit: int | None = None, channels_last: bool = False) -> tuple[float, float]:
     """(mean loss, accuracy) over the loader's first `limit` batches (all when None)."""
     model.eval()
-    sums = torch.zeros(3, device=device)
+    metrics = RunningMetrics(device)
     for images, labels in itertools.islice(loader, limit):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        images, labels = to_device(images, device, channels_last), labels.to(device, non_blocking=True)
+        with autocast(device, autocast_dtype):
             logits = model(images)
-        sums += _batch_sums(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), logits, labels)
-    loss_sum, correct, seen = sums.tolist()  # deliberate sync: once per evaluation
+        metrics.add(nn.functional.cross_entropy(logits.float(), labels), logits, labels)
+    loss_sum, correct, seen = metrics.totals()  # deliberate sync: once per evaluation
     return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision when a dtype is set; otherwise no context at all (it costs even when disabled)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: LambdaLR, loaders: Loaders, *,
                  settings: Any, checkpoint: Any, label_smoothing: float, device: torch.device,
                  batch_mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
-                 run_dir: Path, metrics: MetricLog, config: dict[str, Any]) -> None:
-        self.model, self.optimizer, self.scheduler, self.loaders = model.to(device), optimizer, scheduler, loaders
-        self.settings, self.checkpointing, self.device, self.metrics = settings, checkpoint, device, metrics
+                 run_dir: Path, metrics: MetricLog, config: dict[str, Any], ema: WeightAverage | None = None,
+                 input_shape: tuple[int, ...] = ()) -> None:
+        self.model, self.optimizer, self.scheduler, self.loaders = model, optimizer, scheduler, loaders
+        # Plain Python objects: read on every step, and a DictConfig attribute costs microseconds.
+        self.settings, self.checkpointing = plain(settings), plain(checkpoint)
+        self.device, self.metrics = device, metrics
         self.config = config  # resolved, plain: saved in every checkpoint
+        self.ema, self.input_shape, self.run_dir = ema, input_shape, run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.writer = CheckpointWriter(self.checkpoint_dir, checkpoint.keep_last)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.label_smoothing = label_smoothing
         self.batch_mix = batch_mix  # mixup/cutmix: (images, labels) -> (mixed images, soft targets)
         self.autocast_dtype = AUTOCAST_DTYPES[str(settings.precision)]
         if self.autocast_dtype is torch.float16 and device.type != "cuda":
@@ -134,13 +151,18 @@ class Trainer:
         self.progress = Progress()
         self.timer = PhaseTimer(device)
         self.stop_signal: int | None = None
+        self.profiled = False
 
     # ---- the loop -------------------------------------------------------------------------------
     @guarded
     def fit(self) -> dict[str, float]:
         p = self.progress
+        if p.step == 0:
+            self.init_from_data()
+        if self.settings.compile:
+            self.warm_up()
         try:
-            while p.epoch < self.settings.max_epochs and p.step < self.total_steps:
+            while p.epoch < self.settings.max_epochs and p.step < self.total_steps and not self.target_reached():
                 train = self.train_epoch()
                 val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val")
                 self.end_epoch(train, val)  # reported before it is checkpointed: a resume never loses the point
@@ -156,71 +178,82 @@ class Trainer:
         p, accumulate = self.progress, self.settings.accumulate_grad_batches
         self.model.train()
         self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch)
-        sums = torch.tensor(p.epoch_sums, device=self.device)  # metrics accumulate on the device
+        # Metrics accumulate on the device; the window covers the batches between two finiteness checks.
+        metrics = RunningMetrics(self.device, p.epoch_sums, window=self.settings.log_every_n_steps * accumulate)
         images_before = p.epoch_sums[2]
         bar = tqdm(total=self.batches_per_epoch, initial=p.batches_in_epoch, unit="batch", leave=False,
                    desc=f"epoch {p.epoch + 1}/{self.settings.max_epochs}",
                    disable=None if self.settings.progress_bar else True)
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         batches = timed_iter(self.loaders.train, self.timer)
+        if self.settings.profile and not self.profiled:
+            batches = profiled_iter(batches, self.run_dir / "tensorboard", self.settings.profile_steps)
+            self.profiled = True
         for images, labels in itertools.islice(batches, self.batches_per_epoch - p.batches_in_epoch):
             # non_blocking copies overlap with compute when the loader pins memory
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            images = to_device(images, self.device, self.settings.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
             p.batches_in_epoch += 1
             step_now = p.batches_in_epoch % accumulate == 0 or p.batches_in_epoch == self.batches_per_epoch
-            batch_sums = self.train_step(images, labels, step_now)
-            sums += batch_sums
-            # Remember the first step whose loss was not finite, on the device: no sync per step.
-            first_bad = torch.where((first_bad < 0) & ~batch_sums[0].isfinite(), first_bad.new_full((), p.step + 1),
-                                    first_bad)
+            loss, logits = self.train_step(images, labels, step_now)
+            if loss is not None:  # None: skipped (trainer.on_nonfinite=skip_batch)
+                metrics.add(loss, logits, labels, step=p.step + 1)
             bar.update()
             if not step_now:
                 continue
             p.step += 1
             if p.step % self.settings.log_every_n_steps == 0:
-                self._check_finite(first_bad)  # deliberate sync, once per log interval
-                self._show_progress(bar, sums)
+                self._check_finite(metrics)  # deliberate sync, once per log interval
+                self._show_progress(bar, metrics)
             every = self.checkpointing.every_n_steps
             if (every and p.step % every == 0) or self.stop_signal:
-                self._check_finite(first_bad)
-                p.epoch_sums = sums.tolist()  # deliberate sync: a checkpoint needs the values
+                self._check_finite(metrics)
+                p.epoch_sums = metrics.totals()  # deliberate sync: a checkpoint needs the values
                 if self.stop_signal:
                     raise StopRequested(self.stop_signal)  # the guard saves the checkpoint
                 self.save_checkpoint()
             if p.step >= self.total_steps:
                 break
         bar.close()
-        self._check_finite(first_bad)
-        loss_sum, correct, seen = sums.tolist()  # deliberate sync: once per epoch
+        self._check_finite(metrics)
+        loss_sum, correct, seen = metrics.totals()  # deliberate sync: once per epoch
         p.epoch_sums, p.batches_in_epoch = [0.0, 0.0, 0.0], 0
         return {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1),
                 "images": seen - images_before}
 
-    def train_step(self, images: Tensor, labels: Tensor, step_now: bool) -> Tensor:
-        """Forward and backward; an optimizer step when `step_now`. Returns (loss sum, correct, count)
-        as a device tensor, so nothing here waits for the device."""
+    def train_step(self, images: Tensor, labels: Tensor, step_now: bool) -> tuple[Tensor | None, Tensor]:
+        """Forward and backward; an optimizer step when `step_now`. Returns the loss (None when the
+        batch was skipped) and the logits, as device tensors: nothing here waits for the device."""
         targets = labels
         if self.batch_mix is not None:
             images, targets = self.batch_mix(images, labels)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(images)
-            loss = self.criterion(logits, targets)
-        skip = self.settings.on_nonfinite == "skip_batch" and not loss.isfinite().item()  # a sync, in this mode only
-        if skip:
-            self._skip_batch()
-        else:
-            self.scaler.scale(loss / self.settings.accumulate_grad_batches).backward()
+        loss, logits = self.forward_backward(images, targets)
         if step_now:
-            if self.settings.gradient_clip_val > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.gradient_clip_val)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-        if skip:
-            return torch.zeros(3, device=self.device)
-        return _batch_sums(loss.detach().float() * len(labels), logits, labels)
+            self.optimizer_step()
+        return loss, logits
+
+    @timed_step("forward+backward")
+    def forward_backward(self, images: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor]:
+        with autocast(self.device, self.autocast_dtype):
+            logits = self.model(images)
+            loss = nn.functional.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        if self.settings.on_nonfinite == "skip_batch" and not loss.isfinite().item():  # a sync, in this mode only
+            self._skip_batch()
+            return None, logits
+        accumulate = self.settings.accumulate_grad_batches
+        self.scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        return loss, logits
+
+    @timed_step("optimizer")
+    def optimizer_step(self) -> None:
+        if self.settings.gradient_clip_val > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.gradient_clip_val)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model), self.progress.step + 1)
 
     def _skip_batch(self) -> None:
         p = self.progress
@@ -230,17 +263,59 @@ class Trainer:
             raise NonFiniteLoss(f"trainer.max_skipped_batches: {p.skipped_batches} batches had a non-finite loss "
                                 f"(by step {p.step + 1}); {NONFINITE_CAUSES}")
 
-    def _check_finite(self, first_bad: Tensor) -> None:
-        step = int(first_bad.item())
-        if step >= 0:
+    def _check_finite(self, metrics: RunningMetrics) -> None:
+        step = metrics.first_nonfinite_step()
+        if step is not None:
             epoch = self.progress.epoch + 1
             raise NonFiniteLoss(f"trainer: the loss became NaN or Inf at step {step} (epoch {epoch}); "
                                 f"stopped without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
 
     @timed("eval")
     def evaluate(self, loader: DataLoader, limit: int | None, split: str) -> dict[str, float]:
-        loss, acc = evaluate_model(self.model, loader, self.device, self.autocast_dtype, limit)
+        loss, acc = evaluate_model(self.evaluator(), loader, self.device, self.autocast_dtype, limit,
+                                   self.settings.channels_last)
         return {f"{split}/loss": loss, f"{split}/acc": acc}
+
+    def evaluator(self) -> nn.Module:
+        """What is evaluated, tested and exported: the weights' EMA when on, under flip TTA when on."""
+        model = self.ema.module if self.ema is not None else self.model
+        return FlipAverage(model) if self.settings.tta == "flip" else model
+
+    def init_from_data(self) -> None:
+        """A model with a data-dependent initialisation (fastnet's whitening layer) gets the first
+        training batch, before the first step."""
+        model = unwrap(self.model)
+        if hasattr(model, "init_from_data"):
+            images, _ = next(iter(self.loaders.train))
+            model.init_from_data(to_device(images, self.device, self.settings.channels_last))
+            if self.ema is not None:
+                self.ema.reset(model)
+
+    @timed("compile warm-up")
+    def warm_up(self) -> None:
+        """Compiles every graph training will run (a forward and backward per batch size, an eval
+        forward), before training and outside its timing; the weights, statistics, gradients and
+        random state are restored afterwards, so the run is the one it would have been."""
+        model = unwrap(self.model)
+        saved, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+        plan, rank = self.loaders.sampler.plan, getattr(self.loaders.sampler, "rank", 0)
+        sizes = {len(plan.share(0, rank)), len(plan.share(len(plan) - 1, rank))}
+        try:
+            for size in sorted(sizes):
+                images = to_device(torch.randn(size, *self.input_shape), self.device, self.settings.channels_last)
+                self.model.train()  # the undecorated step: the warm-up is not training's time
+                Trainer.forward_backward.__wrapped__(self, images, torch.zeros(size, dtype=torch.long,
+                                                                              device=self.device))
+                with torch.no_grad(), autocast(self.device, self.autocast_dtype):
+                    self.model.eval()(images)
+        except Exception as e:  # the compiler's own failure (no C++ compiler, unsupported op...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"trainer.compile: torch.compile failed here ({type(e).__name__}: {first}); "
+                            f"set trainer.compile=false") from e
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            model.load_state_dict(saved)
+            torch.set_rng_state(rng)
 
     @reports
     def end_epoch(self, train: dict[str, float], val: dict[str, float]) -> dict[str, float]:
@@ -263,14 +338,21 @@ class Trainer:
         """last.pt every checkpoint.every_n_epochs and at the end; best.pt when the monitor improved."""
         p = self.progress
         due = p.epoch % self.checkpointing.every_n_epochs == 0 or p.epoch == self.settings.max_epochs \
-            or p.step >= self.total_steps
+            or p.step >= self.total_steps or self.target_reached()
         if due or p.best_epoch == p.epoch:
             self.save_checkpoint(last=due, best=p.best_epoch == p.epoch)
 
-    def _show_progress(self, bar: tqdm, sums: Tensor) -> None:
+    def target_reached(self) -> bool:
+        """trainer.stop_at: the monitored metric has reached the target (time-to-accuracy runs)."""
+        target, value = self.settings.stop_at, self.progress.metrics.get(self.checkpointing.monitor)
+        if target is None or value is None:
+            return False
+        return value >= target if self.checkpointing.mode == "max" else value <= target
+
+    def _show_progress(self, bar: tqdm, metrics: RunningMetrics) -> None:
         if bar.disable:
             return
-        loss_sum, correct, seen = sums.tolist()  # deliberate sync, once per log interval
+        loss_sum, correct, seen = metrics.totals()  # deliberate sync, once per log interval
         rate = bar.format_dict.get("rate") or 0.0
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
                         img_s=f"{rate * self.batch_size:,.0f}", refresh=False)
@@ -295,13 +377,13 @@ class Trainer:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "progress": self.progress.state_dict(), "rng": rng_state(), "config": self.config,
-                "version": __version__}
+                "ema": None if self.ema is None else self.ema.module.state_dict(), "version": __version__}
 
     def load_state_dict(self, state: dict[str, Any], reset_optimizer: bool = False,
                         reset_scheduler: bool = False) -> None:
         """Restores a checkpoint. The current config's optimizer hyperparameters win over the saved ones
         (with a warning when they differ), so an override given on resume is never ignored."""
-        unwrap(self.model).load_state_dict(state["model"])
+        self.load_weights(state)
         self.progress.load_state_dict(state["progress"])
         if reset_optimizer:
             log.warning("checkpoint.reset_optimizer: optimizer state (momentum, moments) starts fresh")
@@ -337,3 +419,8 @@ class Trainer:
 
     def load_weights(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
+        if self.ema is not None:
+            if state.get("ema") is None:  # a checkpoint from before trainer.ema_decay was set
+                self.ema.reset(unwrap(self.model))
+            else:
+                self.ema.module.load_state_dict(state["ema"])

@@ -19,36 +19,41 @@ OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 SCHEDULERS: Registry[LambdaLR] = Registry("scheduler")
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool, lr: float,
+                 norm_and_bias_lr_scale: float = 1.0) -> list[dict]:
     if weight_decay < 0:
         raise UserError(f"optimizer.weight_decay: must be 0 or more, got {weight_decay}")
+    if norm_and_bias_lr_scale <= 0:
+        raise UserError(f"optimizer.norm_and_bias_lr_scale: must be positive, got {norm_and_bias_lr_scale}")
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 or decay_norm_and_bias else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr * norm_and_bias_lr_scale}]
 
 
 @OPTIMIZERS.register("sgd")
 def sgd(model: nn.Module, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
-        decay_norm_and_bias: bool = False) -> Optimizer:
+        decay_norm_and_bias: bool = False, norm_and_bias_lr_scale: float = 1.0) -> Optimizer:
+    """norm_and_bias_lr_scale: a larger rate for the norms and biases (the speed-record recipes use 64)."""
     if nesterov and momentum <= 0:
         raise UserError("optimizer.nesterov: needs optimizer.momentum > 0; set one or the other")
-    return torch.optim.SGD(param_groups(model, weight_decay, decay_norm_and_bias), lr=lr, momentum=momentum,
-                           nesterov=nesterov)
+    groups = param_groups(model, weight_decay, decay_norm_and_bias, lr, norm_and_bias_lr_scale)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: float = 0.05, decay_norm_and_bias: bool = False) -> Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay, decay_norm_and_bias), lr=lr, betas=tuple(betas),
+    return torch.optim.AdamW(param_groups(model, weight_decay, decay_norm_and_bias, lr), lr=lr, betas=tuple(betas),
                              eps=eps)
 
 
 @OPTIMIZERS.register("adam")
 def adam(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
          weight_decay: float = 0.0, decay_norm_and_bias: bool = False) -> Optimizer:
-    return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias), lr=lr, betas=tuple(betas),
+    return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias, lr), lr=lr, betas=tuple(betas),
                             eps=eps)
 
 
@@ -86,6 +91,20 @@ def onecycle(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, pct_s
             return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * step / peak))
         progress = min((step - peak) / max(total_steps - peak, 1), 1.0)
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+    return LambdaLR(optimizer, factor)
+
+
+@SCHEDULERS.register("linear")
+def linear(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
+           final_lr_ratio: float = 0.0) -> LambdaLR:
+    """Linear warmup from ~0, then a straight line down to final_lr_ratio * lr at the last step."""
+    warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return 1 - (1 - final_lr_ratio) * progress
     return LambdaLR(optimizer, factor)
 
 

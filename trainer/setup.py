@@ -17,6 +17,7 @@ from trainer.instrument import MetricLog
 from trainer.loop import Trainer, plan_steps
 from trainer.models import MODELS
 from trainer.optim import OPTIMIZERS, SCHEDULERS
+from trainer.speed import WeightAverage, compile_model, configure_backends
 
 log = logging.getLogger("trainer")
 # Keys of the dataset config that do not change what a checkpoint's model was trained to do.
@@ -43,11 +44,17 @@ def build_model(cfg: DictConfig) -> nn.Module:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders: Loaders,
-                  state: dict[str, Any] | None) -> Trainer:
+                  state: dict[str, Any] | None, input_shape: tuple[int, ...]) -> Trainer:
     """Builds the model, optimizer, schedule and metric log, and restores `state` when resuming."""
-    model = build_model(cfg)
-    optimizer = OPTIMIZERS.build(cfg.optimizer.name, model=model, **params_of(cfg.optimizer))
     t, ck = cfg.trainer, cfg.checkpoint
+    configure_backends(device, t.cudnn_benchmark, str(t.precision))
+    # On the device before the optimizer sees the parameters, so it can pick the device's kernels. The
+    # memory format only when asked: it inspects every parameter, which lazy modules cannot answer yet.
+    model = build_model(cfg).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = OPTIMIZERS.build(cfg.optimizer.name, model=model, **params_of(cfg.optimizer))
+    ema = WeightAverage(model, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     _, steps_per_epoch, total_steps = plan_steps(len(loaders.train), t.limit_train_batches,
                                                  t.accumulate_grad_batches, t.max_epochs, t.max_steps)
     resumed_step = None if state is None else state["progress"]["step"]
@@ -58,8 +65,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
     # Purge what a killed run logged after its checkpoint, so resumed curves have no duplicate points.
     metrics = MetricLog(run_dir / "tensorboard", purge_step=None if state is None else resumed_step + 1)
     remove_stale_temporaries(run_dir / "checkpoints")
-    trainer = Trainer(model, optimizer, scheduler, loaders, settings=t, checkpoint=ck,
-                      label_smoothing=cfg.loss.label_smoothing, device=device, run_dir=run_dir, metrics=metrics,
+    trainer = Trainer(compile_model(model, t.compile_mode) if t.compile else model, optimizer, scheduler, loaders,
+                      settings=t, checkpoint=ck, label_smoothing=cfg.loss.label_smoothing, device=device,
+                      run_dir=run_dir, metrics=metrics, ema=ema, input_shape=input_shape,
                       batch_mix=build_batch_mix(cfg.loss.mixup_alpha, cfg.loss.cutmix_alpha, cfg.dataset.num_classes),
                       config=OmegaConf.to_container(cfg, resolve=True))
     if state is not None:

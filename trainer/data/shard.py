@@ -50,7 +50,8 @@ def write_jsonl(path: Path, samples: list[tuple[Path, int]], first_key: int) -> 
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for image, label in samples:
-            f.write(json.dumps({"path": os.path.relpath(image.resolve(), path.parent.resolve()), "label": label}) + "\n")
+            relative = os.path.relpath(image.resolve(), path.parent.resolve())
+            f.write(json.dumps({"path": relative, "label": label}) + "\n")
     os.replace(tmp, path)
 
 

@@ -3,4 +3,4 @@ from trainer.registry import Registry
 
 MODELS: Registry = Registry("model")
 
-from trainer.models import resnet, small, tv  # noqa: E402,F401  (registers the built-in models)
+from trainer.models import fastnet, resnet, small, tv  # noqa: E402,F401  (registers the built-in models)

@@ -1,0 +1,175 @@
+"""The speed features: mixed precision, channels_last, torch.compile (warmed up outside the timing),
+EMA, flip TTA, the fast recipe, profiling and the per-phase timing table."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, TINY_DATA, TINY_RUN, compose_config, run_trainer
+
+from trainer import MODELS, OPTIMIZERS, SCHEDULERS
+from trainer.checkpoint import load_checkpoint
+from trainer.instrument import RunningMetrics
+from trainer.speed import FlipAverage, WeightAverage
+
+SMALL = [*TINY, "dataset.train_size=512", "export.formats=[torch_export]"]
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_bf16_channels_last_ema_and_tta_train_and_export(tmp_path):
+    result = run_trainer(*SMALL, "trainer.precision=bf16", "trainer.channels_last=true", "trainer.ema_decay=0.5",
+                         "trainer.tta=flip", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    metrics = _metrics(tmp_path)
+    assert all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "test/loss"))
+    assert metrics["val/acc"] > 0.3 and metrics["train/loss"] < 2.0  # chance: 0.1 and 2.3
+    state = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["ema"] is True and manifest["tta"] == "flip" and manifest["formats"]["torch_export"]["parity"]
+    # evaluate reproduces the run's test metrics: the EMA weights, under flip TTA
+    evaluated = run_trainer(f"run={tmp_path}", module="trainer.evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test/acc"] == metrics["test/acc"]
+    log = (tmp_path / "train.log").read_text()
+    for phase in ("data wait", "forward+backward", "optimizer", "eval", "checkpoint", "export"):
+        assert f"\n{phase}" in log or f"\n  {phase}" in log, phase
+
+
+def _cannot_compile() -> str | None:
+    """Why torch.compile cannot run here (no C++ compiler, an unsupported platform), or None."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
+    except Exception as e:
+        return f"torch.compile does not work here: {type(e).__name__}: {str(e).splitlines()[0]}"
+    return None
+
+
+def test_compile_warms_up_outside_the_timing_and_saves_plain_weights(tmp_path):
+    reason = _cannot_compile()  # checked here, not at collection: it compiles
+    if reason:
+        pytest.skip(reason)
+    result = run_trainer(*TINY_DATA, *TINY_RUN, "model=mlp", "model.hidden=[64]", "dataset.train_size=256",
+                         "trainer.compile=true",
+                         "export.formats=[torch_export]", f"hydra.run.dir={tmp_path}", timeout=600)
+    assert result.returncode == 0, result.stderr
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
+    assert _metrics(tmp_path)["val/acc"] > 0.3
+    log = (tmp_path / "train.log").read_text()
+    table = log[log.index("time per phase"):]
+    warm_up = float(table.split("compile warm-up")[1].split()[0])
+    train = float(table.split("\ntrain ")[1].split()[0])
+    assert warm_up > train  # compiling is slow; had it landed inside the first epoch, images/s would show it
+
+
+def test_warm_up_restores_weights_statistics_and_random_state(tmp_path):
+    from conftest import compose_config as compose
+
+    from trainer.setup import build_data, build_trainer
+    cfg = compose(*TINY, "model.dropout=0.5")
+    device = torch.device("cpu")
+    bundle, loaders = build_data(cfg, device)
+    trainer = build_trainer(cfg, tmp_path, device, loaders, None, (3, 32, 32))
+    before, rng = {k: v.clone() for k, v in trainer.model.state_dict().items()}, torch.get_rng_state()
+    trainer.warm_up()  # eager here: the same steps compiling would run
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # incl. BN statistics
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert "forward+backward" not in trainer.timer.seconds  # the warm-up is not training time
+
+
+def test_stop_at_ends_training_when_the_monitor_reaches_it(tmp_path):
+    result = run_trainer(*TINY, "trainer.max_epochs=10", "trainer.stop_at=0.5", "export.formats=[]",
+                         f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    metrics = _metrics(tmp_path)
+    assert metrics["epochs"] < 10 and metrics["val/acc"] >= 0.5
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["epoch"] == metrics["epochs"]
+
+
+def test_profile_writes_a_trace_beside_the_tensorboard_events(tmp_path):
+    result = run_trainer(*TINY, "trainer.max_epochs=1", "trainer.profile=true", "trainer.profile_steps=2",
+                         "export.formats=[]", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    traces = list((tmp_path / "tensorboard").glob("*.pt.trace.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert sum(1 for e in events if str(e.get("name", "")).startswith("ProfilerStep#")) == 2
+
+
+def test_fast_recipe_composes_and_trains_shrunk(tmp_path):
+    cfg = compose_config("experiment=cifar10_fast")
+    assert cfg.model.name == "fastnet" and cfg.loader.on_device and cfg.trainer.tta == "flip"
+    assert cfg.loader.batch_size == 1024 and cfg.trainer.compile and cfg.trainer.ema_decay > 0
+    result = run_trainer("experiment=cifar10_fast", "dataset=synthetic", "dataset.train_size=768",
+                         "dataset.test_size=128", "model.widths=[16,32,32]", "loader.batch_size=64",
+                         "trainer.precision=32", "trainer.compile=false", "trainer.max_epochs=3",
+                         "trainer.progress_bar=false", "export.formats=[torch_export]", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert _metrics(tmp_path)["val/acc"] > 0.5
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["formats"]["torch_export"]["parity"]  # the whitening layer and flip TTA export too
+
+
+def test_whitening_decorrelates_the_patches_it_was_set_from():
+    model = MODELS.build("fastnet", num_classes=10, widths=[8, 8, 8])
+    images = torch.randn(64, 3, 16, 16) @ torch.randn(16, 16) * 3 + 1  # correlated pixels
+    model.init_from_data(images)
+    out = model[0](images)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)  # the 12 positive filters
+    covariance = torch.cov((out - out.mean(0)).T)
+    assert torch.allclose(covariance, torch.eye(12), atol=0.05)
+    assert not model[0].conv.weight.requires_grad
+
+
+def test_weight_average_is_an_exponential_moving_average():
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.75, every=2)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    average.update(model, step=1)  # not a multiple of every
+    assert torch.equal(average.module.weight, start)
+    average.update(model, step=2)
+    assert torch.allclose(average.module.weight, 0.75 * start + 0.25 * (start + 4.0))
+
+
+def test_flip_average_is_the_same_for_an_image_and_its_mirror():
+    model = MODELS.build("cnn", num_classes=10, width=8).eval()
+    x = torch.randn(4, 3, 32, 32)
+    tta = FlipAverage(model)
+    with torch.no_grad():
+        assert torch.equal(tta(x), tta(x.flip(-1)))
+        assert torch.allclose(tta(x), (model(x) + model(x.flip(-1))) / 2)
+
+
+def test_running_metrics_name_the_first_nonfinite_step():
+    metrics = RunningMetrics(torch.device("cpu"), window=4)
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])
+    for step, loss in enumerate([0.5, 0.25, float("nan"), 0.1, float("inf")], start=1):
+        metrics.add(torch.tensor(loss), logits, labels, step=step)
+    assert metrics.first_nonfinite_step() == 3
+    healthy = RunningMetrics(torch.device("cpu"), window=2)
+    healthy.add(torch.tensor(0.5), logits, labels, step=1)
+    assert healthy.first_nonfinite_step() is None and healthy.totals() == [1.0, 1.0, 2]
+
+
+def test_linear_schedule_and_the_norm_and_bias_learning_rate():
+    model = MODELS.build("cnn", num_classes=10, width=8)
+    optimizer = OPTIMIZERS.build("sgd", model=model, lr=0.5, norm_and_bias_lr_scale=4.0)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.5, 2.0]
+    schedule = SCHEDULERS.build("linear", optimizer=optimizer, total_steps=10, steps_per_epoch=5, warmup_epochs=0.4,
+                                final_lr_ratio=0.1)
+    factors = []
+    for _ in range(10):
+        factors.append(optimizer.param_groups[0]["lr"] / 0.5)
+        optimizer.step()
+        schedule.step()
+    assert factors[:2] == pytest.approx([1 / 3, 2 / 3]) and factors[2] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(1 - 0.9 * 7 / 8)  # straight down towards 0.1 at step 10
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(4 * optimizer.param_groups[0]["lr"])

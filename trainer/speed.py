@@ -1,0 +1,70 @@
+"""What makes a step fast, set up once: backend flags, memory format, torch.compile and its warm-up,
+an exponential moving average of the weights, and flip test-time augmentation."""
+import copy
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+
+
+def configure_backends(device: torch.device, cudnn_benchmark: bool, precision: str) -> None:
+    if device.type == "cpu" and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("trainer.precision=bf16: this CPU has no native bfloat16, so it is emulated and much slower "
+                    "(16x for fastnet, measured); trainer.precision=32 is faster here")
+    if device.type == "cuda":
+        # The shapes are fixed for a whole run: benchmarking the algorithms once pays back within steps.
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls where fp32 is asked for
+
+
+def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    """One copy to the device (asynchronous from pinned memory) in the model's memory format."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last and images.ndim == 4 else images
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    if not hasattr(torch, "compile"):
+        raise UserError("trainer.compile: this torch has no torch.compile; set trainer.compile=false")
+    return torch.compile(model, mode=mode)
+
+
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the mean of the logits for an image and for its mirror image."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.model(x) + self.model(x.flip(-1))) / 2
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters and floating-point buffers, kept as a
+    module of its own to evaluate, test and export. Updated with foreach kernels on the device and
+    no host synchronisation (torch's AveragedModel compares a device counter on the host each update)."""
+
+    def __init__(self, model: nn.Module, decay: float, every: int) -> None:
+        self.decay, self.every = decay, every
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def _pairs(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        ours = [*self.module.parameters(), *(b for b in self.module.buffers() if b.is_floating_point())]
+        theirs = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+        return ours, theirs
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        if step % self.every == 0:
+            ours, theirs = self._pairs(model)
+            torch._foreach_lerp_(ours, theirs, 1 - self.decay)
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Start the average over from the model's current weights (after a data-dependent init)."""
+        self.module.load_state_dict(model.state_dict())
