@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -60,3 +61,40 @@ def test_streaming_benchmark_reads_every_image_at_every_size():
     assert all(r["images"] == r["size"] and r["peak_pss_mb"] > 0 for r in data["runs"])
     streaming = [r["peak_pss_mb"] for r in data["runs"] if r["config"] == "streaming"]
     assert data["peak_growth"]["streaming"] == streaming[1] / streaming[0]
+
+
+def test_overhead_benchmark_pairs_both_loops_on_the_same_work():
+    result = run_benchmark("overhead", "--images", "256", "--batch-size", "64", "--rounds", "2", "--width", "8")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["benchmark"] == "overhead" and len(data["rounds"]) == 2 == len(data["near_zero_rounds"])
+    for r in data["rounds"] + data["near_zero_rounds"]:
+        assert r["ours"]["images"] == r["hand_written"]["images"] == 256  # one epoch each, every image
+        assert r["ratio"] == pytest.approx((r["ours"]["images"] / r["ours"]["seconds"])
+                                           / (r["hand_written"]["images"] / r["hand_written"]["seconds"]))
+    step = data["hand_written_step_s"]
+    assert data["implied_ratio"] == pytest.approx(step / (step + max(data["loop_overhead_s"], 0)))
+
+
+def test_lightning_benchmark_runs_the_same_epochs_through_both(tmp_path):
+    pytest.importorskip("lightning", reason="the bench extra (PyTorch Lightning) is not installed")
+    result = run_benchmark("vs_lightning", "--images", "256", "--batch-size", "64", "--rounds", "2", "--width", "8")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(data["rounds"]) == 2
+    for r in data["rounds"]:
+        assert r["ours"]["images"] == r["lightning"]["images"] == r["hand_written"]["images"] == 256
+    assert set(data["step_overhead_us"]) == {"ours", "lightning"}
+
+
+def test_fast_recipe_benchmark_trains_both_identically(tmp_path):
+    from conftest import write_imagefolder
+    write_imagefolder(tmp_path / "images", per_class=16, size=(32, 32))
+    result = run_benchmark("fast_recipe", "--data", str(tmp_path / "images"), "--target", "0.0", "--epochs", "2",
+                           "--seeds", "0")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    run = data["runs"][0]
+    assert run["ours"]["reached"] and run["script"]["reached"] and run["ours"]["epochs"] == run["script"]["epochs"] == 1
+    assert run["ours"]["val_acc"] == run["script"]["val_acc"]  # the same batches, the same steps: the same model
+    assert data["ratio"] == data["median_seconds"]["script"] / data["median_seconds"]["ours"]
