@@ -150,7 +150,7 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path):
     again = run_trainer(*TINY, "trainer.max_epochs=2", "export.formats=[]", "resume=auto", f"hydra.run.dir={run_dir}")
     assert again.returncode == 0, again.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
-    assert "resumed auto at epoch 1" in (run_dir / "train.log").read_text()
+    assert "resumed (resume=auto) at epoch 1" in (run_dir / "train.log").read_text()
 
 
 def test_changed_hyperparameters_are_applied_and_said(uninterrupted, tmp_path):

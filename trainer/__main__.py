@@ -8,14 +8,17 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from trainer import distributed
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import exit_codes, import_user_modules, resume_argv
 from trainer.config import register_configs, validate
 from trainer.export import export_model
-from trainer.loop import Trainer, pick_device, unwrap
+from trainer.loop import Trainer, pick_device
 from trainer.setup import build_data, build_trainer, load_resume_state
+from trainer.sweep import run_sweep_job
 
 log = logging.getLogger("trainer")
 register_configs()
@@ -29,6 +32,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
     """Returns the best value of checkpoint.monitor, which Hydra's sweepers optimise."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return run_sweep_job(cfg, run)  # a failed job is recorded and the sweep goes on
     # Errors are turned into exit codes here, inside the job: past this point Hydra would add its
     # own report of a failed job to our one-line message.
     with exit_codes():
@@ -40,7 +45,7 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     import_user_modules(list(cfg.imports))
     validate(cfg)
-    device = pick_device(cfg.trainer.device)
+    device = distributed.device_for(pick_device(cfg.trainer.device))
     state = load_resume_state(cfg.resume, run_dir, cfg)
     bundle, loaders = build_data(cfg, device)
     trainer = build_trainer(cfg, run_dir, device, loaders, state, (bundle.in_channels, bundle.image_size,
@@ -49,30 +54,36 @@ def run(cfg: DictConfig) -> float | None:
         trainer.metrics.images("train/samples", bundle.train.preview(64), bundle.mean, bundle.std)
     else:
         p = trainer.progress
-        log.info("resumed %s at epoch %d, batch %d, step %d", cfg.resume, p.epoch, p.batches_in_epoch, p.step)
-    log.info("training %s on %s (%d train / %d val images) on %s, run dir %s", cfg.model.name, cfg.dataset.name,
-             len(bundle.train), len(bundle.val), device, run_dir)
+        log.info("resumed (resume=%s) at epoch %d, batch %d, step %d", cfg.resume, p.epoch, p.batches_in_epoch,
+                 p.step)
+    log.info("training %s on %s (%d train / %d val images) on %s%s, run dir %s", cfg.model.name, cfg.dataset.name,
+             len(bundle.train), len(bundle.val), device,
+             f" x {distributed.world_size()} processes" if distributed.active() else "", run_dir)
     trainer.fit()
     finish(cfg, trainer, bundle, run_dir, started)
     return trainer.progress.best
 
 
 def finish(cfg: DictConfig, trainer: Trainer, bundle, run_dir: Path, started: float) -> None:
-    """Test the best checkpoint, export it, and write metrics.json and the hparams summary."""
+    """Test the best checkpoint, export it, and write metrics.json and the hparams summary (rank 0)."""
+    distributed.barrier()  # rank 0 has written best.pt
     best = run_dir / "checkpoints" / "best.pt"
     if best.is_file():
         trainer.load_weights(load_checkpoint(best))
     else:
         log.warning("no best checkpoint (%s was never finite); testing the last weights", cfg.checkpoint.monitor)
-    test = trainer.evaluate(trainer.loaders.test, cfg.trainer.limit_test_batches, "test")
+    test = trainer.evaluate(trainer.loaders.test, cfg.trainer.limit_test_batches, "test")  # every rank's share
+    if not distributed.is_main():
+        return
     inputs = bundle.test.preview(8)
     export_started = time.perf_counter()
-    manifest = export_model(unwrap(trainer.evaluator()), inputs, run_dir / "export", list(cfg.export.formats),
+    manifest = export_model(trainer.evaluator(plain=True), inputs, run_dir / "export", list(cfg.export.formats),
                             tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,
                             metadata={"model": cfg.model.name, "checkpoint": "checkpoints/best.pt",
                                       "ema": cfg.trainer.ema_decay > 0, "tta": cfg.trainer.tta,
                                       "classes": bundle.classes, "image_size": bundle.image_size,
-                                      "normalization": {"mean": bundle.mean, "std": bundle.std}})
+                                      "normalization": {"mean": bundle.mean, "std": bundle.std},
+                                      "preprocess": preprocess_spec(bundle)})
     trainer.timer.add("export", time.perf_counter() - export_started)
     p = trainer.progress
     metrics = {key: p.metrics.get(key) for key in ("train/loss", "train/acc", "val/loss", "val/acc")}
@@ -94,6 +105,13 @@ def finish(cfg: DictConfig, trainer: Trainer, bundle, run_dir: Path, started: fl
         raise SystemExit(1)
 
 
+def preprocess_spec(bundle) -> dict:
+    """How an image file becomes the exported model's input: what predict and serve (or anyone) apply."""
+    return {"decode": "RGB" if bundle.in_channels == 3 else "L", "resize_shorter_side": bundle.image_size,
+            "center_crop": [bundle.image_size, bundle.image_size], "scale": 1 / 255, "mean": bundle.mean,
+            "std": bundle.std, "layout": "NCHW", "dtype": "float32"}
+
+
 def _hparams(cfg: DictConfig) -> dict[str, str | float | int | bool]:
     return {"model": cfg.model.name, "dataset": cfg.dataset.name, "optimizer": cfg.optimizer.name,
             "scheduler": cfg.scheduler.name, "lr": cfg.optimizer.lr, "batch_size": cfg.loader.batch_size,
@@ -105,6 +123,7 @@ def main() -> None:
     # one line for the user's mistakes and 1 with a traceback for the rest.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     with exit_codes():
+        distributed.init()  # torchrun: join the process group before Hydra composes (see distributed.py)
         sys.argv = resume_argv(sys.argv)
         train()
 

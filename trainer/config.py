@@ -16,7 +16,7 @@ from trainer.errors import UserError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("32", "bf16", "16")
 MONITORS = ("val/acc", "val/loss", "train/acc", "train/loss")
-EXPORT_FORMATS = ("torchscript", "torch_export")
+EXPORT_FORMATS = ("torchscript", "torch_export", "onnx")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -45,6 +45,8 @@ class TrainerConfig:
     tta: str = "none"  # none, or flip: evaluate (and export) the mean of the image's and its mirror's logits
     profile: bool = False  # a torch.profiler trace of a few steps into the run's tensorboard/ folder
     profile_steps: int = 5
+    threads: Optional[int] = None  # torch's intra-op threads (None: torch's default, one per core)
+    sync_batchnorm: bool = False  # with several processes (CUDA): BatchNorm statistics over the global batch
 
 
 @dataclass
@@ -79,7 +81,7 @@ class CheckpointConfig:
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    formats: list[str] = field(default_factory=lambda: ["torchscript", "torch_export"])
     tolerance: float = 1e-4  # max abs difference from the eager model that still counts as parity
     max_batch: int = 1024  # upper bound of the exported program's dynamic batch dimension
 
@@ -107,6 +109,30 @@ def register_configs() -> None:
     from trainer.data.streaming import stream_class_count
     OmegaConf.register_new_resolver("class_count", count_classes, replace=True)
     OmegaConf.register_new_resolver("stream_class_count", stream_class_count, replace=True)
+    # hparams_search=optuna: the study's direction follows checkpoint.mode; trials get short, stable folders
+    OmegaConf.register_new_resolver("optuna_direction", lambda mode: "maximize" if mode == "max" else "minimize",
+                                    replace=True)
+    OmegaConf.register_new_resolver("trial_dirname", trial_dirname, replace=True)
+
+
+def trial_dirname() -> str:
+    """A search trial's folder: its searched values, then a hash of all its overrides (the same trial
+    gets the same folder when the search runs again; Hydra's override_dirname outgrows file names)."""
+    import hashlib
+
+    from hydra.core.hydra_config import HydraConfig
+    hydra = HydraConfig.get()
+    searched = set(OmegaConf.select(hydra, "sweeper.params") or {})
+    task = list(hydra.overrides.task)
+
+    def short(value: str) -> str:
+        try:
+            return f"{float(value):.4g}"
+        except ValueError:
+            return value.replace("/", "_")
+    named = [f"{key.split('.')[-1]}={short(value)}" for key, value in (o.split("=", 1) for o in task if "=" in o)
+             if key in searched]
+    return ",".join([*named, hashlib.sha1("\n".join(sorted(task)).encode()).hexdigest()[:8]])
 
 
 def _require(ok: bool, message: str) -> None:
@@ -137,6 +163,7 @@ RULES = [
     ("trainer.ema_every", _at_least(1), "1 or more"),
     ("trainer.tta", lambda v: v in ("none", "flip"), "one of none, flip"),
     ("trainer.profile_steps", _at_least(1), "1 or more"),
+    ("trainer.threads", lambda v: v is None or v >= 1, "null (one per core) or 1 or more"),
     ("checkpoint.keep_last", _at_least(1), "1 or more"),
     ("loader.batch_size", _at_least(1), "1 or more"),
     ("loader.num_workers", _at_least(0), "0 (load in the main process) or more"),
@@ -169,6 +196,11 @@ def validate(cfg: DictConfig) -> None:
     for key, ok, requirement in RULES:
         value = OmegaConf.select(cfg, key)
         _require(ok(value), f"{key}: must be {requirement}, got {value!r}")
+    if "onnx" in cfg.export.formats:
+        import importlib.util
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        _require(not missing, f"export.formats: onnx needs {', '.join(missing)}: pip install -e \".[onnx]\", or "
+                              f"leave onnx out of export.formats")
 
 
 def params_of(section: DictConfig) -> dict[str, Any]:

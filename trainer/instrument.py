@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from trainer import distributed
+from trainer.distributed import all_reduce
+
 log = logging.getLogger("trainer")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -156,12 +159,15 @@ class StopRequested(Exception):
         self.signum = signum
 
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 143}
+# SIGUSR1/SIGUSR2: what Slurm (--signal) and submitit send before a time limit or a preemption.
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 143, signal.SIGUSR2: 143}
 
 
 def guarded(fn: F) -> F:
-    """Turns Ctrl-C, SIGTERM and SIGUSR1 into "finish this step, save a checkpoint, exit 130/143".
+    """Turns Ctrl-C, SIGTERM, SIGUSR1 and SIGUSR2 into "finish this step, save a checkpoint, exit 130/143".
 
+    When a scheduler had installed its own handler for the signal (submitit requeues the job on
+    SIGUSR2), that handler runs after the checkpoint is saved, so the requeued job resumes from it.
     The handlers only set `self.stop_signal`; the loop checks it between optimizer steps and raises
     StopRequested, which lands here, where `self.save_checkpoint(wait=True)` runs before the exit."""
     @functools.wraps(fn)
@@ -176,8 +182,13 @@ def guarded(fn: F) -> F:
             return fn(self, *args, **kwargs)
         except StopRequested as stop:
             path = self.save_checkpoint(wait=True)
-            log.warning("saved %s after %s; resume with: python -m trainer resume=%s", path, stop,
-                        path.parent.parent)
+            if distributed.is_main():
+                launcher = f"torchrun --nproc_per_node={distributed.world_size()}" if distributed.active() else "python"
+                log.warning("saved %s after %s; resume with: %s -m trainer resume=%s", path, stop, launcher,
+                            path.parent.parent)
+            handler = previous.get(stop.signum)
+            if callable(handler) and stop.signum != signal.SIGINT:  # a scheduler's: requeue, then exit
+                handler(stop.signum, None)
             raise SystemExit(EXIT_CODES[stop.signum]) from None
         finally:
             for s, handler in previous.items():
@@ -230,17 +241,42 @@ class RunningMetrics:
         self.images += len(labels)
 
     def totals(self) -> list[float]:
-        """[loss sum, correct, images]; a host synchronisation."""
-        return [*torch.stack([self.loss_sum, self.correct]).tolist(), self.images]
+        """[loss sum, correct, images], summed over all processes; a host synchronisation."""
+        sums = all_reduce(torch.stack([self.loss_sum, self.correct,
+                                       torch.tensor(float(self.images), device=self.loss_sum.device)]))
+        loss_sum, correct, images = sums.tolist()
+        return [loss_sum, correct, int(images)]
 
     def first_nonfinite_step(self) -> int | None:
-        """The step of the first non-finite loss since the sum was last finite; a host synchronisation."""
-        if bool(self.loss_sum.isfinite()):
-            return None
+        """The step of the first non-finite loss since the sum was last finite, over all processes (they
+        agree, so they stop together); a host synchronisation."""
+        bad_here = not bool(self.loss_sum.isfinite())
+        step = self._first_bad_step() if bad_here else None
+        found = all_reduce(torch.tensor([float(step if step is not None else 2**53)], device=self.loss_sum.device),
+                           "min").item()
+        return None if found >= 2**53 else int(found)
+
+    def _first_bad_step(self) -> int:
         window = min(self.count, len(self.recent))
         slots = [(self.count - window + i) % len(self.recent) for i in range(window)]
         bad = (~self.recent.isfinite()).tolist()
         return next((self.recent_steps[s] for s in slots if bad[s]), self.recent_steps[slots[0]] if slots else 0)
+
+
+class NullMetricLog:
+    """The metric sink of processes other than rank 0: rank 0 writes the metrics of all."""
+
+    def write(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def images(self, *args: Any) -> None:
+        pass
+
+    def hparams(self, *args: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MetricLog:

@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from trainer import distributed
 from trainer.checkpoint import CheckpointWriter, rng_state, set_rng_state
 from trainer.data import Loaders
 from trainer.errors import UserError
@@ -165,9 +166,13 @@ class Trainer:
             while p.epoch < self.settings.max_epochs and p.step < self.total_steps and not self.target_reached():
                 train = self.train_epoch()
                 val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val")
+                if not math.isfinite(val["val/loss"]):  # diverged: finite training losses, overflowing weights
+                    raise NonFiniteLoss(f"trainer: the validation loss is NaN or Inf after epoch {p.epoch + 1} "
+                                        f"(training loss {train['train/loss']:.4g}); stopped without saving, the "
+                                        f"last good checkpoint is kept. {NONFINITE_CAUSES}")
                 self.end_epoch(train, val)  # reported before it is checkpointed: a resume never loses the point
                 self.save_epoch_checkpoints()
-                if self.stop_signal:
+                if self._stop_agreed(at_check=True):
                     raise StopRequested(self.stop_signal)
         finally:
             self.writer.wait()  # whatever happens, the checkpoint in flight lands before fit returns
@@ -179,11 +184,13 @@ class Trainer:
         self.model.train()
         self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch)
         # Metrics accumulate on the device; the window covers the batches between two finiteness checks.
-        metrics = RunningMetrics(self.device, p.epoch_sums, window=self.settings.log_every_n_steps * accumulate)
+        # A resumed epoch's partial sums are the whole job's: rank 0 carries them, the others start at 0.
+        metrics = RunningMetrics(self.device, p.epoch_sums if distributed.is_main() else None,
+                                 window=self.settings.log_every_n_steps * accumulate)
         images_before = p.epoch_sums[2]
         bar = tqdm(total=self.batches_per_epoch, initial=p.batches_in_epoch, unit="batch", leave=False,
                    desc=f"epoch {p.epoch + 1}/{self.settings.max_epochs}",
-                   disable=None if self.settings.progress_bar else True)
+                   disable=None if self.settings.progress_bar and distributed.is_main() else True)
         batches = timed_iter(self.loaders.train, self.timer)
         if self.settings.profile and not self.profiled:
             batches = profiled_iter(batches, self.run_dir / "tensorboard", self.settings.profile_steps)
@@ -194,18 +201,19 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             p.batches_in_epoch += 1
             step_now = p.batches_in_epoch % accumulate == 0 or p.batches_in_epoch == self.batches_per_epoch
-            loss, logits = self.train_step(images, labels, step_now)
+            loss, logits = self.train_step(images, labels, step_now, self._loss_weight(len(labels)))
             if loss is not None:  # None: skipped (trainer.on_nonfinite=skip_batch)
                 metrics.add(loss, logits, labels, step=p.step + 1)
             bar.update()
             if not step_now:
                 continue
             p.step += 1
-            if p.step % self.settings.log_every_n_steps == 0:
+            at_check = p.step % self.settings.log_every_n_steps == 0
+            if at_check:
                 self._check_finite(metrics)  # deliberate sync, once per log interval
                 self._show_progress(bar, metrics)
             every = self.checkpointing.every_n_steps
-            if (every and p.step % every == 0) or self.stop_signal:
+            if (every and p.step % every == 0) or self._stop_agreed(at_check):
                 self._check_finite(metrics)
                 p.epoch_sums = metrics.totals()  # deliberate sync: a checkpoint needs the values
                 if self.stop_signal:
@@ -220,28 +228,51 @@ class Trainer:
         return {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1),
                 "images": seen - images_before}
 
-    def train_step(self, images: Tensor, labels: Tensor, step_now: bool) -> tuple[Tensor | None, Tensor]:
+    def train_step(self, images: Tensor, labels: Tensor, step_now: bool,
+                   weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
         """Forward and backward; an optimizer step when `step_now`. Returns the loss (None when the
         batch was skipped) and the logits, as device tensors: nothing here waits for the device."""
         targets = labels
         if self.batch_mix is not None:
             images, targets = self.batch_mix(images, labels)
-        loss, logits = self.forward_backward(images, targets)
+        ddp = getattr(self.model, "_orig_mod", self.model)
+        # Accumulating: no gradient all-reduce until the batch that steps.
+        with ddp.no_sync() if hasattr(ddp, "no_sync") and not step_now else contextlib.nullcontext():
+            loss, logits = self.forward_backward(images, targets, weight)
         if step_now:
             self.optimizer_step()
         return loss, logits
 
     @timed_step("forward+backward")
-    def forward_backward(self, images: Tensor, targets: Tensor) -> tuple[Tensor | None, Tensor]:
+    def forward_backward(self, images: Tensor, targets: Tensor, weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
         with autocast(self.device, self.autocast_dtype):
             logits = self.model(images)
             loss = nn.functional.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         if self.settings.on_nonfinite == "skip_batch" and not loss.isfinite().item():  # a sync, in this mode only
             self._skip_batch()
             return None, logits
-        accumulate = self.settings.accumulate_grad_batches
-        self.scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        scale = weight / self.settings.accumulate_grad_batches
+        self.scaler.scale(loss * scale if scale != 1 else loss).backward()
         return loss, logits
+
+    def _loss_weight(self, batch: int) -> float:
+        """With several processes, DDP averages their gradients; weighting each process's mean loss by
+        its share of the global batch makes that the global batch's mean even when shares differ."""
+        if not distributed.active():
+            return 1.0
+        start, end = self.loaders.sampler.plan.bounds(self.progress.batches_in_epoch - 1)
+        return batch * distributed.world_size() / (end - start)
+
+    def _stop_agreed(self, at_check: bool) -> bool:
+        """Whether to stop for a signal. One process stops at the next step; several agree first, at the
+        next check (a log interval, an epoch's end), so that all of them stop at the same step."""
+        if not distributed.active():
+            return bool(self.stop_signal)
+        if not at_check:
+            return False
+        flag = distributed.all_reduce(torch.tensor([float(self.stop_signal or 0)], device=self.device), "max")
+        self.stop_signal = int(flag.item()) or None
+        return self.stop_signal is not None
 
     @timed_step("optimizer")
     def optimizer_step(self) -> None:
@@ -276,9 +307,13 @@ class Trainer:
                                    self.settings.channels_last)
         return {f"{split}/loss": loss, f"{split}/acc": acc}
 
-    def evaluator(self) -> nn.Module:
-        """What is evaluated, tested and exported: the weights' EMA when on, under flip TTA when on."""
-        model = self.ema.module if self.ema is not None else self.model
+    def evaluator(self, plain: bool = False) -> nn.Module:
+        """What is evaluated, tested and exported: the weights' EMA when on, under flip TTA when on.
+        `plain`: the module itself, not its compiled or DDP wrapper (for export)."""
+        if self.ema is not None:
+            model = self.ema.module
+        else:  # each process evaluates its share; DDP's forward would only add a buffer broadcast
+            model = unwrap(self.model) if plain or distributed.active() else self.model
         return FlipAverage(model) if self.settings.tta == "flip" else model
 
     def init_from_data(self) -> None:
@@ -288,6 +323,7 @@ class Trainer:
         if hasattr(model, "init_from_data"):
             images, _ = next(iter(self.loaders.train))
             model.init_from_data(to_device(images, self.device, self.settings.channels_last))
+            distributed.broadcast_module(model)  # every process starts from rank 0's initialisation
             if self.ema is not None:
                 self.ema.reset(model)
 
@@ -361,7 +397,9 @@ class Trainer:
     @timed("checkpoint")
     def save_checkpoint(self, last: bool = True, best: bool = False, wait: bool = False) -> Path:
         """Copies the state and hands it to the background writer; the time charged to "checkpoint" is
-        what the loop waits for (the copy, and any previous write still in flight)."""
+        what the loop waits for (the copy, and any previous write still in flight). Rank 0 writes."""
+        if not distributed.is_main():
+            return self.checkpoint_dir / ("last.pt" if last else "best.pt")
         state = self.state_dict()
         floats = [t.isfinite().all() for t in state["model"].values() if t.is_floating_point()]
         if not torch.stack(floats).all():  # one host-device sync for the whole model, not one per tensor

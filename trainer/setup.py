@@ -9,11 +9,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchvision.transforms import v2
 
+from trainer import distributed
 from trainer.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
 from trainer.config import params_of
 from trainer.data import DATASETS, DataBundle, Loaders, build_loaders
 from trainer.errors import UserError
-from trainer.instrument import MetricLog
+from trainer.instrument import MetricLog, NullMetricLog
 from trainer.loop import Trainer, plan_steps
 from trainer.models import MODELS
 from trainer.optim import OPTIMIZERS, SCHEDULERS
@@ -31,7 +32,8 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[DataBundle, Loade
     loaders = build_loaders(bundle, batch_size=ld.batch_size, num_workers=ld.num_workers, pin_memory=pin,
                             prefetch_factor=ld.prefetch_factor, persistent_workers=ld.persistent_workers,
                             shuffle=ld.shuffle, drop_last=ld.drop_last, seed=cfg.seed,
-                            on_device=device if ld.on_device else None)
+                            on_device=device if ld.on_device else None, rank=distributed.rank(),
+                            world_size=distributed.world_size())
     if len(loaders.train) == 0:
         raise UserError(f"loader.batch_size: {ld.batch_size} with loader.drop_last=true leaves no training batch "
                         f"({len(bundle.train)} images); lower the batch size")
@@ -47,7 +49,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
                   state: dict[str, Any] | None, input_shape: tuple[int, ...]) -> Trainer:
     """Builds the model, optimizer, schedule and metric log, and restores `state` when resuming."""
     t, ck = cfg.trainer, cfg.checkpoint
-    configure_backends(device, t.cudnn_benchmark, str(t.precision))
+    configure_backends(device, t.cudnn_benchmark, str(t.precision), t.threads)
     # On the device before the optimizer sees the parameters, so it can pick the device's kernels. The
     # memory format only when asked: it inspects every parameter, which lazy modules cannot answer yet.
     model = build_model(cfg).to(device)
@@ -63,9 +65,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
     scheduler = SCHEDULERS.build(cfg.scheduler.name, optimizer=optimizer, total_steps=total_steps - schedule_start,
                                  steps_per_epoch=steps_per_epoch, **params_of(cfg.scheduler))
     # Purge what a killed run logged after its checkpoint, so resumed curves have no duplicate points.
-    metrics = MetricLog(run_dir / "tensorboard", purge_step=None if state is None else resumed_step + 1)
-    remove_stale_temporaries(run_dir / "checkpoints")
-    trainer = Trainer(compile_model(model, t.compile_mode) if t.compile else model, optimizer, scheduler, loaders,
+    if distributed.is_main():
+        metrics = MetricLog(run_dir / "tensorboard", purge_step=None if state is None else resumed_step + 1)
+        remove_stale_temporaries(run_dir / "checkpoints")
+    else:
+        metrics = NullMetricLog()  # rank 0 logs the reduced metrics for all
+    stepped = distributed.wrap(model, device, t.sync_batchnorm)  # DDP when several processes
+    trainer = Trainer(compile_model(stepped, t.compile_mode) if t.compile else stepped, optimizer, scheduler, loaders,
                       settings=t, checkpoint=ck, label_smoothing=cfg.loss.label_smoothing, device=device,
                       run_dir=run_dir, metrics=metrics, ema=ema, input_shape=input_shape,
                       batch_mix=build_batch_mix(cfg.loss.mixup_alpha, cfg.loss.cutmix_alpha, cfg.dataset.num_classes),

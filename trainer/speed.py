@@ -11,7 +11,9 @@ from trainer.errors import UserError
 log = logging.getLogger("trainer")
 
 
-def configure_backends(device: torch.device, cudnn_benchmark: bool, precision: str) -> None:
+def configure_backends(device: torch.device, cudnn_benchmark: bool, precision: str, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     if device.type == "cpu" and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log.warning("trainer.precision=bf16: this CPU has no native bfloat16, so it is emulated and much slower "
                     "(16x for fastnet, measured); trainer.precision=32 is faster here")

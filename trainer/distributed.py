@@ -1,0 +1,122 @@
+"""More than one process: `torchrun --nproc_per_node=N -m trainer ...` trains with torch.distributed.
+
+Every rank composes the same config; `SharedRunDir` makes them agree on one run dir (rank 0's) before
+Hydra creates it, and leaves the writing to rank 0: ranks above 0 write no .hydra/ folder and log
+only warnings, to the console. Everything else reads `rank()` and `world_size()` from here.
+"""
+import logging
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from torch import nn
+
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets the env:// variables) with several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Joins the process group: NCCL between GPUs, gloo on CPUs. Called before Hydra composes."""
+    if not launched() or dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device_for(device: torch.device) -> torch.device:
+    """Each rank's own GPU (LOCAL_RANK); the CPU stays the CPU."""
+    if active() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sums (or takes the max or min of) a tensor across ranks, in place; a no-op in one process."""
+    if active():
+        dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                    "min": dist.ReduceOp.MIN}[op])
+    return values
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Module:
+    """DistributedDataParallel: gradients all-reduced in the backward pass, buffers from rank 0."""
+    if not active():
+        return model
+    if sync_batchnorm:
+        if device.type != "cuda":
+            raise UserError("trainer.sync_batchnorm: needs CUDA (SyncBatchNorm has no CPU kernels); set "
+                            "trainer.sync_batchnorm=false")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def broadcast_module(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (after a data-dependent initialisation)."""
+    if active():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+CONSOLE_WARNINGS = {  # the logging of ranks above 0: warnings, to the console, no train.log
+    "version": 1,
+    "formatters": {"rank": {"format": "[%(asctime)s][rank %(process)d][%(levelname)s] %(message)s",
+                            "datefmt": "%H:%M:%S"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "rank", "stream": "ext://sys.stderr"}},
+    "root": {"level": "WARNING", "handlers": ["console"]},
+    "disable_existing_loggers": False,
+}
+
+
+class SharedRunDir(Callback):
+    """One run dir for all ranks, rank 0's; written by rank 0 alone."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not active():
+            return
+        chosen = [OmegaConf.select(config, "hydra.run.dir") if is_main() else None]
+        dist.broadcast_object_list(chosen, src=0)  # ${now:...} may differ by a second between ranks
+        with read_write(config), open_dict(config):
+            config.hydra.run.dir = chosen[0]
+            if not is_main():
+                config.hydra.output_subdir = None
+                config.hydra.job_logging = CONSOLE_WARNINGS
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if active():  # SystemExit: Hydra turns a callback's exceptions into warnings
+            print("error: torchrun with -m/--multirun: every process would run the whole sweep; sweep without "
+                  "torchrun (one process per job), or torchrun one run at a time", file=sys.stderr)
+            raise SystemExit(2)

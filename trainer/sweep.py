@@ -1,0 +1,241 @@
+"""Sweeps that survive: each job records what it is and how it ended (job.json), a job that fails is
+recorded and the sweep goes on, the same command again skips finished jobs and resumes interrupted
+ones, and the sweep folder gets a summary (CSV, Markdown, a chart) after every job and at the end.
+
+Hydra calls `SweepSummary` (conf/config.yaml: hydra.callbacks); the job side is `run_sweep_job`.
+"""
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
+JOB_RECORD = "job.json"
+
+
+# ---- the job side ------------------------------------------------------------------------------------
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # a reader never sees half a file, however many jobs write at once
+
+
+def read_record(job_dir: Path) -> dict | None:
+    try:
+        return json.loads((job_dir / JOB_RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) -> float | None:
+    """One job of a multirun. Returns the monitored metric's best value, or None when the job failed
+    (Hydra's sweepers then go on; Optuna records the trial as failed)."""
+    hydra = HydraConfig.get()
+    job_dir, overrides = Path(hydra.runtime.output_dir), list(hydra.overrides.task)
+    previous = read_record(job_dir)
+    if previous is not None and previous.get("overrides") != overrides:
+        message = (f"hydra.sweep.dir: {job_dir} holds another job's results ({' '.join(previous['overrides'])}); "
+                   f"run this sweep with a new hydra.sweep.dir")
+        log.error(message)
+        _write_json(job_dir / JOB_RECORD, {**previous, "conflict": {"overrides": overrides, "error": message}})
+        refresh_summary(job_dir.parent, cfg.checkpoint.monitor)
+        return None
+    if previous is not None and previous.get("status") == "done" and (job_dir / "metrics.json").is_file():
+        log.info("job %s finished in an earlier run of this sweep (metrics.json); skipped", job_dir.name)
+        return previous.get("best")
+    if (job_dir / "checkpoints").is_dir():
+        with open_dict(cfg):
+            cfg.resume = "auto"  # an interrupted job: continue from its newest valid checkpoint
+    record = {"overrides": overrides, "status": "running", "monitor": cfg.checkpoint.monitor,
+              "wall_time_s": (previous or {}).get("wall_time_s", 0.0), "runs": (previous or {}).get("runs", 0) + 1}
+    _write_json(job_dir / JOB_RECORD, record)
+    started = time.perf_counter()
+    try:
+        record["best"] = run(cfg)
+        record["status"] = "done"
+        return record["best"]
+    except SystemExit as e:
+        if e.code != 1:  # a signal (130, 143) or a scheduler's requeue: stop; the sweep's next run resumes it
+            record["status"] = "interrupted"
+            raise
+        record.update(status="failed", error=_last_error(job_dir) or "exit code 1")  # e.g. an export failed
+        return None
+    except UserError as e:
+        record.update(status="failed", error=str(e))
+        log.error("job %s failed: %s", job_dir.name, e)
+        return None
+    except Exception as e:  # a crash: the traceback goes to the job's train.log, the sweep goes on
+        log.error("job %s crashed:\n%s", job_dir.name, traceback.format_exc())
+        record.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+        return None
+    finally:
+        record["wall_time_s"] += time.perf_counter() - started
+        _write_json(job_dir / JOB_RECORD, record)
+        refresh_summary(job_dir.parent, cfg.checkpoint.monitor)
+
+
+def _last_error(job_dir: Path) -> str | None:
+    """The last ERROR line of the job's log (an export that failed, for instance)."""
+    try:
+        lines = (job_dir / "train.log").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split("[ERROR] ", 1)[1] for line in reversed(lines) if "[ERROR] " in line), None)
+
+
+# ---- the summary -------------------------------------------------------------------------------------
+METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "epochs")
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder that has a record, in job order."""
+    rows = []
+    for job_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=_job_order):
+        record = read_record(job_dir)
+        if record is None:
+            continue
+        try:
+            metrics = json.loads((job_dir / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            metrics = {}
+        status = "conflict" if "conflict" in record else record.get("status", "?")
+        error = record.get("conflict", {}).get("error") or record.get("error", "")
+        rows.append({"job": job_dir.name, "status": status, "overrides": " ".join(record.get("overrides", [])),
+                     "best": record.get("best"), **{k: metrics.get(k) for k in METRICS},
+                     "wall_time_s": round(record.get("wall_time_s", 0.0), 1), "error": error})
+    return rows
+
+
+def _job_order(path: Path) -> tuple[int, str]:
+    return (int(path.name), "") if path.name.isdigit() else (sys.maxsize, path.name)
+
+
+def refresh_summary(sweep_dir: Path, monitor: str) -> list[dict[str, Any]]:
+    """Writes sweep_summary.csv, .md and .png from what the job folders hold now."""
+    rows = collect(sweep_dir)
+    if not rows:
+        return rows
+    columns = ["job", "status", "overrides", f"best {monitor}", *METRICS, "wall_time_s", "error"]
+    table = [[r["job"], r["status"], r["overrides"], r["best"], *(r[k] for k in METRICS), r["wall_time_s"],
+              r["error"]] for r in rows]
+    text = io.StringIO()
+    csv.writer(text).writerows([columns, *table])
+    _write_text(sweep_dir / "sweep_summary.csv", text.getvalue())
+    varying = varying_keys(rows)  # the table shows what tells the jobs apart; the CSV has every override
+    for row in table:
+        row[2] = " ".join(o for o in row[2].split() if o.partition("=")[0] in varying) or row[2]
+    done = sum(r["status"] == "done" for r in rows)
+    lines = [f"# Sweep summary: {done} of {len(rows)} jobs done", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table]
+    _write_text(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
+    plot_summary(rows, monitor, sweep_dir / "sweep_summary.png")
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value).replace("|", "/")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def varying_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The overrides whose values differ between jobs (a key some jobs lack differs too)."""
+    parsed = [dict(item.partition("=")[::2] for item in row["overrides"].split()) for row in rows]
+    keys = dict.fromkeys(k for overrides in parsed for k in overrides)
+    return [k for k in keys if len({overrides.get(k) for overrides in parsed}) > 1]
+
+
+def swept_parameter(rows: list[dict[str, Any]]) -> str | None:
+    """The one override whose value differs between jobs, if there is exactly one."""
+    varying = varying_keys(rows)
+    return varying[0] if len(varying) == 1 else None
+
+
+def plot_summary(rows: list[dict[str, Any]], monitor: str, path: Path) -> None:
+    """The monitored metric per job, or against the swept parameter when exactly one varies; failed
+    jobs are marked. Needs matplotlib (the `plot` extra); without it, only the tables are written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info('sweep_summary.png needs matplotlib: pip install "trainer[plot]"')
+        return
+    parameter = swept_parameter(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
+    ok = [r for r in rows if r["status"] == "done" and r["best"] is not None]
+    bad = [r for r in rows if r not in ok]
+    if parameter is not None:
+        def x_of(row):
+            value = dict(item.partition("=")[::2] for item in row["overrides"].split())[parameter]
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        xs = [x_of(r) for r in ok]
+        numeric = all(isinstance(x, float) for x in xs + [x_of(r) for r in bad])
+        pairs = list(zip(xs, (r["best"] for r in ok)))
+        pairs = sorted(pairs, key=lambda p: p[0]) if numeric else pairs
+        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], "o-" if numeric else "o")
+        if numeric and xs and min(xs) > 0 and max(xs) / min(xs) >= 10:
+            ax.set_xscale("log")
+        for r in bad:
+            ax.axvline(x_of(r) if numeric else str(x_of(r)), color="red", linestyle=":", alpha=0.6)
+        ax.set_xlabel(parameter)
+    else:
+        varying = varying_keys(rows)
+        labels = [" ".join(o for o in r["overrides"].split() if o.partition("=")[0] in varying) or r["job"]
+                  for r in rows]
+        for x, r in enumerate(rows):
+            if r in ok:
+                ax.bar(x, r["best"], color="tab:blue")
+            else:
+                ax.annotate(r["status"], (x, 0), ha="center", va="bottom", color="red", rotation=90)
+        ax.set_xticks(range(len(rows)), [label.replace(" ", "\n") for label in labels], fontsize=7)
+        ax.set_xlabel("job")
+    ax.set_ylabel(f"best {monitor}")
+    ax.set_title(f"{len(ok)} of {len(rows)} jobs done" + (f"; red: {len(bad)} not done" if bad else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: the final summary, and, when a job did not finish, a one-line
+    message and exit code 1 (Hydra turns exceptions raised by callbacks into warnings, so the exit
+    is raised as SystemExit, after everything else is done)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        rows = refresh_summary(sweep_dir, OmegaConf.select(config, "checkpoint.monitor", default="val/acc"))
+        failed = [r for r in rows if r["status"] != "done"]
+        log.info("sweep summary: %s (.csv, .png)", sweep_dir / "sweep_summary.md")
+        if failed:
+            first, varying = failed[0], varying_keys(rows)
+            which = " ".join(o for o in first["overrides"].split() if o.partition("=")[0] in varying)
+            print(f"error: sweep: {len(failed)} of {len(rows)} jobs did not finish (job {first['job']}"
+                  f"{', ' + which if which else ''}: {first['error'] or first['status']}); see "
+                  f"{sweep_dir / 'sweep_summary.md'}", file=sys.stderr)
+            raise SystemExit(1)
