@@ -43,10 +43,10 @@ def test_loader_benchmark_feeds_every_configuration_the_same_images(tmp_path):
 
 
 def test_memory_benchmark_reads_every_image_in_each_configuration():
-    result = run_benchmark("memory", "--mb", "4", "--workers", "0", "2")
+    result = run_benchmark("memory", "--mb", "4", "--workers", "0", "1")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [(r["mmap"], r["workers"]) for r in data["runs"]] == [(True, 0), (True, 2), (False, 0), (False, 2)]
+    assert [(r["mmap"], r["workers"]) for r in data["runs"]] == [(True, 0), (True, 1), (False, 0), (False, 1)]
     assert {r["images"] for r in data["runs"]} == {data["images"]} and data["images"] == 4 * 2**20 // 3072
     assert all(r["peak_pss_mb"] > 0 and r["peak_anonymous_mb"] > 0 for r in data["runs"])
 
@@ -98,3 +98,17 @@ def test_fast_recipe_benchmark_trains_both_identically(tmp_path):
     assert run["ours"]["reached"] and run["script"]["reached"] and run["ours"]["epochs"] == run["script"]["epochs"] == 1
     assert run["ours"]["val_acc"] == run["script"]["val_acc"]  # the same batches, the same steps: the same model
     assert data["ratio"] == data["median_seconds"]["script"] / data["median_seconds"]["ours"]
+
+
+def test_serve_benchmark_sends_every_request_to_both_servers():
+    pytest.importorskip("aiohttp", reason="the serve extra is not installed")
+    result = run_benchmark("serve", "--requests", "60", "--clients", "6", "--max-batch-size", "8", "--width", "8",
+                           "--train-images", "256")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    batched, single = data["results"]["micro-batching"], data["results"]["one at a time"]
+    assert batched["requests"] == single["requests"] == 60
+    assert single["forward_passes"] == 60  # one per request; the warm-up's are not counted
+    assert batched["forward_passes"] <= single["forward_passes"]
+    assert data["throughput_ratio"] == batched["requests_per_sec"] / single["requests_per_sec"]
+    assert 0 < batched["p50_ms"] <= batched["p99_ms"]

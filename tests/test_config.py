@@ -51,7 +51,7 @@ def test_schema_rejects_misspelled_keys_and_wrong_types_at_composition():
     ("trainer.device=gpu", "trainer.device"),
     ("trainer.precision=8", "trainer.precision"),
     ("checkpoint.monitor=val/f1", "checkpoint.monitor"),
-    ("export.formats=[onnx]", "export.formats"),
+    ("export.formats=[tflite]", "export.formats"),
     ("optimizer.lr=0", "optimizer.lr"),
     ("dataset.val_split=1.0", "dataset.val_split"),
     ("trainer.limit_train_batches=0", "trainer.limit_train_batches"),

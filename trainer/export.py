@@ -1,5 +1,7 @@
 """Export formats and the parity check: each format is written, reloaded, and compared with the
 eager model on real inputs of a batch size other than the one used to export it."""
+import contextlib
+import io
 import json
 import logging
 import traceback
@@ -30,9 +32,21 @@ def export_torch_export(model: nn.Module, example: Tensor, path: Path, max_batch
     return torch.export.load(str(path)).module()
 
 
+def export_onnx(model: nn.Module, example: Tensor, path: Path, max_batch: int) -> Callable[[Tensor], Tensor]:
+    """ONNX through the dynamo exporter, reloaded in onnxruntime (the `onnx` extra)."""
+    import onnxruntime
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines would land in the run's log
+        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
 EXPORTERS = {
     "torchscript": ("model.torchscript.pt", export_torchscript),
     "torch_export": ("model.pt2", export_torch_export),
+    "onnx": ("model.onnx", export_onnx),
 }
 
 

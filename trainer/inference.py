@@ -1,0 +1,89 @@
+"""Inference from a finished run's exports, shared by `python -m trainer.predict` and `python -m trainer.serve`:
+load one exported format, turn image files into its input exactly as the run's evaluation did (the
+manifest's preprocessing), and name the top-k classes."""
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+from trainer.data.streaming import decode
+from trainer.errors import UserError
+
+FORMATS = ("torch_export", "torchscript", "onnx")  # the order a format is picked in when none is named
+
+
+class InputError(ValueError):
+    """An input the model cannot take: not an image, or a tensor of the wrong shape or type."""
+
+
+def _load(fmt: str, path: Path) -> Callable[[Tensor], Tensor]:
+    if fmt == "torch_export":
+        return torch.export.load(str(path)).module()
+    if fmt == "torchscript":
+        with warnings.catch_warnings():  # deprecated from torch 2.14 on; exported because users ask for it
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+            return torch.jit.load(str(path)).eval()
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+class Predictor:
+    def __init__(self, run_dir: Path, fmt: str | None = None) -> None:
+        manifest_path = run_dir / "export" / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserError(f"run: {run_dir} has no export/manifest.json; give the folder of a finished run "
+                            f"(python -m trainer writes it after training)")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        usable = [f for f in FORMATS if (self.manifest["formats"].get(f) or {}).get("parity")]
+        if fmt is None:
+            if not usable:
+                raise UserError(f"run: {run_dir} has no exported model that matched its eager model; export it "
+                                f"again (export.formats)")
+            fmt = usable[0]
+        elif fmt not in usable:
+            raise UserError(f"format: {fmt!r} is not among this run's exports that passed their parity check "
+                            f"({', '.join(usable) or 'none'})")
+        self.format, self.classes = fmt, list(self.manifest["classes"])
+        self.model = _load(fmt, run_dir / "export" / self.manifest["formats"][fmt]["file"])
+        spec = self.manifest["preprocess"]
+        self.channels, self.size = (3 if spec["decode"] == "RGB" else 1), spec["center_crop"][0]
+        self.input_shape = tuple(self.manifest["input"]["shape"][1:])
+        self.max_batch = int(self.manifest["input"].get("max_batch", 1024))
+        # The same operations as the run's evaluation transform (arrays.build_transform): the same floats.
+        self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])])
+
+    def decode(self, data: bytes) -> Tensor:
+        """Image file bytes (PNG, JPEG, WebP) to one normalised input (C, H, W)."""
+        try:
+            image = decode(data, self.size, self.channels)
+        except RuntimeError as e:  # torchvision's decoders raise RuntimeError on bad data
+            raise InputError(f"not a PNG, JPEG or WebP image ({str(e).splitlines()[0][-80:]})") from None
+        return self.normalise(image)
+
+    def check(self, inputs: Tensor) -> Tensor:
+        """A (C, H, W) input or an (N, C, H, W) batch of the shape the model takes, as a batch."""
+        if inputs.dtype != torch.float32:
+            raise InputError(f"inputs must be float32, got {inputs.dtype}")
+        batch = inputs.unsqueeze(0) if inputs.dim() == len(self.input_shape) else inputs
+        if batch.dim() != len(self.input_shape) + 1 or tuple(batch.shape[1:]) != self.input_shape:
+            shape = ", ".join(map(str, self.input_shape))
+            raise InputError(f"inputs must have shape [{shape}] or [N, {shape}], got {list(inputs.shape)}")
+        if not bool(batch.isfinite().all()):
+            raise InputError("inputs must be finite numbers")
+        return batch
+
+    @torch.no_grad()
+    def probabilities(self, batch: Tensor) -> Tensor:
+        return torch.softmax(self.model(batch).float(), dim=1)
+
+    def top_k(self, probabilities: Tensor, k: int) -> list[list[dict[str, Any]]]:
+        values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
+        return [[{"class": self.classes[i], "index": i, "probability": p} for p, i in zip(ps, ids)]
+                for ps, ids in zip(values.tolist(), indices.tolist())]

@@ -1,0 +1,97 @@
+"""`python -m trainer.predict run=<run dir> inputs=[a.png,folder/] [format=torch_export] [topk=5] [output=table]`:
+the top-k classes of image files, from a finished run's exported model, preprocessed as the run's
+evaluation was. A table by default; `output=jsonl` prints one JSON object per image."""
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import MISSING, OmegaConf
+
+from trainer.cli import exit_codes
+from trainer.data.folder import SUFFIXES
+from trainer.errors import UserError
+from trainer.inference import InputError, Predictor
+
+
+@dataclass
+class PredictConfig:
+    run: str = MISSING
+    inputs: list[str] = field(default_factory=list)  # image files and folders (searched recursively)
+    format: Optional[str] = None  # torch_export, torchscript or onnx; default: the first that passed parity
+    topk: int = 5
+    output: str = "table"  # table or jsonl
+    batch_size: int = 64
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"inputs: {item} does not exist; give image files or folders")
+    if not files:
+        raise UserError(f"inputs: no .jpg, .png or .webp images in {', '.join(inputs) or 'the empty list'}; "
+                        f"e.g. inputs=[cat.png,photos/]")
+    return files
+
+
+def predict(cfg: PredictConfig) -> list[dict]:
+    if cfg.topk < 1 or cfg.batch_size < 1:
+        raise UserError(f"{'topk' if cfg.topk < 1 else 'batch_size'}: must be 1 or more")
+    if cfg.output not in ("table", "jsonl"):
+        raise UserError(f"output: must be table or jsonl, got {cfg.output!r}")
+    predictor = Predictor(Path(cfg.run), cfg.format)
+    files, results = image_files(list(cfg.inputs)), []
+    for first in range(0, len(files), cfg.batch_size):
+        batch, names = [], []
+        for path in files[first:first + cfg.batch_size]:
+            try:
+                batch.append(predictor.decode(path.read_bytes()))
+                names.append(path)
+            except InputError as e:
+                results.append({"image": str(path), "error": str(e)})
+        if batch:
+            top = predictor.top_k(predictor.probabilities(torch.stack(batch)), cfg.topk)
+            results += [{"image": str(p), "top_k": t} for p, t in zip(names, top)]
+    return results
+
+
+def show_table(results: list[dict], k: int) -> str:
+    width = max(len(r["image"]) for r in results)
+    rows = [f"{'image':<{width}}  " + "  ".join(f"{f'top-{i + 1}':<22}" for i in range(k))]
+    for r in results:
+        cells = [f"{c['class'][:14]:<14} {c['probability']:>7.3f}" for c in r.get("top_k", [])]
+        rows.append(f"{r['image']:<{width}}  " + ("  ".join(cells) if cells else f"error: {r['error']}"))
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    with exit_codes():
+        args = argv if argv is not None else sys.argv[1:]
+        cfg = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.from_dotlist(args))
+        if OmegaConf.is_missing(cfg, "run"):
+            raise UserError("run: missing; usage: python -m trainer.predict run=<run dir> inputs=[a.png,folder/]")
+        cfg = OmegaConf.to_object(cfg)
+        results = predict(cfg)
+        try:
+            print("\n".join(json.dumps(r) for r in results) if cfg.output == "jsonl" else show_table(results, cfg.topk))
+        except BrokenPipeError:  # `| head`: the reader has what it wanted
+            sys.stderr.close()
+            raise SystemExit(0) from None
+        if any("error" in r for r in results):
+            print(f"error: inputs: {sum('error' in r for r in results)} of {len(results)} images could not be read "
+                  f"(see above)", file=sys.stderr)
+            raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
