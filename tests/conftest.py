@@ -11,6 +11,11 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+# Two pytest workers share two cores, and every run they start would take a torch thread per core:
+# four busy threads on two cores, each run ~35% slower. One thread per run (unless you set it), which
+# for these tiny models costs nothing. The runs under test inherit it; no test depends on the count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -26,6 +31,17 @@ def run_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, ti
     """`python -m <module> args...` in a subprocess, as a person would type it."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def refused_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """The real entry point, `trainer.__main__.main`, in this process, for a command that must be
+    refused before training (Hydra composes for real; only the interpreter start is skipped, ~8 s of
+    imports on two cores): its exit code and stderr."""
+    from trainer.__main__ import main
+    monkeypatch.setattr(sys, "argv", ["trainer", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
 
 
 def compose_config(*overrides: str, return_hydra_config: bool = False):

@@ -3,20 +3,14 @@
 Most cases call the real entry point, `trainer.__main__.main`, in this process (Hydra composes for real;
 it is only the interpreter start that is skipped); two go through a subprocess to pin the exit code
 and the stderr a person sees."""
-import sys
 
 import pytest
-from conftest import TINY_DATA, TINY_RUN, run_trainer, write_cifar10
-
-from trainer.__main__ import main
+from conftest import TINY_DATA, TINY_RUN, refused_in_process, run_trainer, write_cifar10
 
 
 def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     base = TINY_RUN + (TINY_DATA if not any(a.startswith("dataset=") for a in args) else [])
-    monkeypatch.setattr(sys, "argv", ["trainer", *base, f"hydra.run.dir={tmp_path / 'run'}", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr().err
+    return refused_in_process(monkeypatch, capsys, *base, f"hydra.run.dir={tmp_path / 'run'}", *args)
 
 
 @pytest.mark.parametrize("args,needle", [

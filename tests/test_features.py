@@ -87,14 +87,6 @@ def test_debug_overfit_drives_the_training_loss_near_zero(tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["train/loss"] < 0.02
 
 
-def test_debug_fast_is_one_short_epoch(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_trainer("debug=fast", "dataset=synthetic", "model=cnn", f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 1 and metrics["steps"] == 5
-
-
 def test_max_steps_accumulation_clipping_and_bf16(tmp_path):
     run_dir = tmp_path / "run"
     result = run_trainer(*TINY, "trainer.max_steps=7", "trainer.accumulate_grad_batches=3",
@@ -108,14 +100,16 @@ def test_max_steps_accumulation_clipping_and_bf16(tmp_path):
     assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
 
 
-def test_cifar10_from_its_on_disk_format(tmp_path):
-    write_cifar10(tmp_path / "data", per_batch=40)
+def test_debug_fast_is_one_short_epoch_on_cifar10_in_its_on_disk_format(tmp_path):
+    write_cifar10(tmp_path / "data", per_batch=40)  # 200 training images: more than debug=fast's 5 batches
     run_dir = tmp_path / "run"
     result = run_trainer("debug=fast", "model=cnn", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
                          "dataset.download=false", "dataset.verify_checksum=false", "export.formats=[]",
                          f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     assert json.loads((run_dir / "export" / "manifest.json").read_text())["classes"][0] == "airplane"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["steps"] == 5
 
 
 def test_console_script_is_declared():

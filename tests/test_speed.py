@@ -84,19 +84,13 @@ def test_warm_up_restores_weights_statistics_and_random_state(tmp_path):
     assert "forward+backward" not in trainer.timer.seconds  # the warm-up is not training time
 
 
-def test_stop_at_ends_training_when_the_monitor_reaches_it(tmp_path):
-    result = run_trainer(*TINY, "trainer.max_epochs=10", "trainer.stop_at=0.5", "export.formats=[]",
-                         f"hydra.run.dir={tmp_path}")
+def test_stop_at_ends_training_and_profile_writes_a_trace_beside_the_tensorboard_events(tmp_path):
+    result = run_trainer(*TINY, "trainer.max_epochs=10", "trainer.stop_at=0.5", "trainer.profile=true",
+                         "trainer.profile_steps=2", "export.formats=[]", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     metrics = _metrics(tmp_path)
     assert metrics["epochs"] < 10 and metrics["val/acc"] >= 0.5
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["epoch"] == metrics["epochs"]
-
-
-def test_profile_writes_a_trace_beside_the_tensorboard_events(tmp_path):
-    result = run_trainer(*TINY, "trainer.max_epochs=1", "trainer.profile=true", "trainer.profile_steps=2",
-                         "export.formats=[]", f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 0, result.stderr
     traces = list((tmp_path / "tensorboard").glob("*.pt.trace.json"))
     assert len(traces) == 1
     events = json.loads(traces[0].read_text())["traceEvents"]
