@@ -19,14 +19,12 @@ with the parent once rather than once per process. Prints one line per configura
 import argparse
 import json
 import pickle
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from measure import PeakMemory  # benchmarks/measure.py, beside this script
+from measure import SAME_PROCESS_HELP, PeakMemory, run_configuration  # benchmarks/measure.py, beside this script
 
 CONFIGS = ["standard", "ours-0w", "ours-2w", "on-device"]
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -98,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)  # a child process's configuration
     parser.add_argument("--cifar-root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--same-process", action="store_true", help=SAME_PROCESS_HELP)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one, args.data, args.cifar_root, args.epochs, args.batch_size)))
@@ -106,10 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
         write_cifar_format(load_folder(args.data), Path(tmp))
         results = {}
         for config in CONFIGS:
-            out = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--one", config,
-                                  "--cifar-root", tmp, "--epochs", str(args.epochs), "--batch-size",
-                                  str(args.batch_size)], capture_output=True, text=True, check=True)
-            results[config] = json.loads(out.stdout.strip().splitlines()[-1])
+            child = ["--data", str(args.data), "--one", config, "--cifar-root", tmp, "--epochs", str(args.epochs),
+                     "--batch-size", str(args.batch_size)]
+            results[config] = run_configuration(__file__, child, args.same_process, lambda: run_one(
+                config, args.data, Path(tmp), args.epochs, args.batch_size))
     base = results["standard"]["images_per_sec"]
     for config, r in results.items():
         r["ratio_to_standard"] = r["images_per_sec"] / base

@@ -1,8 +1,26 @@
 """Memory measurement shared by the benchmarks (they run as scripts: `python benchmarks/<name>.py`)."""
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+SAME_PROCESS_HELP = ("run every configuration in this process (the test suite's tiny mode: it checks what is "
+                     "measured and saves an interpreter start per configuration; memory figures then overlap)")
+
+
+def run_configuration(script: str, args: list[str], same_process: bool, run: Callable[[], dict]) -> dict:
+    """One configuration's figures: from a fresh `python <script> <args>` (its memory its own, nothing
+    left over from the others), or, with --same-process, from `run()` here."""
+    if same_process:
+        return run()
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"error: {Path(script).name} {' '.join(args)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def memory_mb(field: str = "Pss", workers: bool = True) -> float:

@@ -12,14 +12,12 @@ pressure. Loaded whole, the arrays sit in the main process's heap.
 """
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from measure import PeakMemory  # benchmarks/measure.py, beside this script
+from measure import SAME_PROCESS_HELP, PeakMemory, run_configuration  # benchmarks/measure.py, beside this script
 
 
 def write_arrays(folder: Path, megabytes: int) -> int:
@@ -54,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mb", type=int, default=400, help="size of the image array")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # folder, workers, mmap: a child's run
+    parser.add_argument("--same-process", action="store_true", help=SAME_PROCESS_HELP)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(Path(args.one[0]), int(args.one[1]), args.one[2] == "1")))
@@ -63,9 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs = []
         for mmap in (True, False):
             for workers in args.workers:
-                out = subprocess.run([sys.executable, __file__, "--one", tmp, str(workers),
-                                      "1" if mmap else "0"], capture_output=True, text=True, check=True)
-                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs.append(run_configuration(__file__, ["--one", tmp, str(workers), "1" if mmap else "0"],
+                                              args.same_process, lambda: run_one(Path(tmp), workers, mmap)))
                 r = runs[-1]
                 print(f"{'memory-mapped' if mmap else 'loaded whole':<14} {workers} workers: peak PSS "
                       f"{r['peak_pss_mb']:,.0f} MB (workers included); main process heap {r['peak_anonymous_mb']:,.0f} "

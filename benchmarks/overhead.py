@@ -82,8 +82,9 @@ def step_seconds(results: list[dict], side: str, batch_size: int) -> float:
     return statistics.median(r[side]["seconds"] / (r[side]["images"] / batch_size) for r in results)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def loop_arguments(description: str) -> argparse.ArgumentParser:
+    """The settings both loop benchmarks take: the same model, data, batch and precision on each side."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--images", type=int, default=4096)
@@ -92,7 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = loop_arguments(__doc__.splitlines()[0]).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rounds = paired_rounds(*build_both(args, Path(tmp) / "model"), args.rounds, show=True)
         near_zero = paired_rounds(*build_both(args, Path(tmp) / "near-zero", near_zero=True), args.rounds, show=False)

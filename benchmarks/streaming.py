@@ -13,15 +13,13 @@ flat as the dataset grows; in-memory grows with it. Prints one line per run and 
 import argparse
 import io
 import json
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from measure import PeakMemory  # benchmarks/measure.py, beside this script
+from measure import SAME_PROCESS_HELP, PeakMemory, run_configuration  # benchmarks/measure.py, beside this script
 
 CONFIGS = ["streaming", "in-memory"]
 
@@ -91,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)  # a child process's configuration
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--same-process", action="store_true", help=SAME_PROCESS_HELP)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one, args.root, args.image_size, args.shuffle_buffer, args.workers,
@@ -102,11 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
             root = Path(tmp) / str(size)
             write_shards(root, size, args.image_size)
             for config in CONFIGS:
-                out = subprocess.run([sys.executable, __file__, "--one", config, "--root", str(root), "--image-size",
-                                      str(args.image_size), "--shuffle-buffer", str(args.shuffle_buffer), "--workers",
-                                      str(args.workers), "--batch-size", str(args.batch_size)],
-                                     capture_output=True, text=True, check=True)
-                run = {"size": size, **json.loads(out.stdout.strip().splitlines()[-1])}
+                child = ["--one", config, "--root", str(root), "--image-size", str(args.image_size),
+                         "--shuffle-buffer", str(args.shuffle_buffer), "--workers", str(args.workers),
+                         "--batch-size", str(args.batch_size)]
+                run = {"size": size, **run_configuration(__file__, child, args.same_process, lambda: run_one(
+                    config, root, args.image_size, args.shuffle_buffer, args.workers, args.batch_size))}
                 runs.append(run)
                 print(f"{config:<10} {size:>8,} images ({size / args.shuffle_buffer:>5.0f}x the buffer)  peak "
                       f"{run['peak_pss_mb']:>7,.0f} MB  {run['images_per_sec']:>7,.0f} img/s", flush=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from frameworks import DeviceBatches, synchronize
-from overhead import LR, build_both, ours_epoch
+from overhead import LR, build_both, loop_arguments, ours_epoch, step_seconds
 
 
 def lightning_module(model: torch.nn.Module, steps: int):
@@ -82,21 +82,8 @@ def rate(r: dict) -> float:
     return r["images"] / r["seconds"]
 
 
-def step_us(results: list[dict], side: str, batch_size: int) -> float:
-    return 1e6 * statistics.median(r[side]["seconds"] / (r[side]["images"] / batch_size) for r in results)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cnn")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--images", type=int, default=4096)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = loop_arguments(__doc__.splitlines()[0]).parse_args(argv)
     try:
         import lightning  # noqa: F401
     except ImportError:
@@ -109,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"round {k}: ours {rate(r['ours']):,.0f} img/s, Lightning {rate(r['lightning']):,.0f} img/s, "
               f"ratio {r['ratio']:.3f}")
     ratio = statistics.median(r["ratio"] for r in rounds)
-    cost = {side: step_us(near_zero, side, args.batch_size) for side in ("ours", "lightning", "hand_written")}
+    cost = {side: 1e6 * step_seconds(near_zero, side, args.batch_size)  # µs a step
+            for side in ("ours", "lightning", "hand_written")}
     own = {side: cost[side] - cost["hand_written"] for side in ("ours", "lightning")}
     device = "cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "cpu"
     print(f"vs Lightning: ours runs at {ratio:.3f}x Lightning's images/s (median of {args.rounds}; {args.model}, "
