@@ -58,7 +58,7 @@ def test_every_export_format_reloads_and_matches(run):
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert list(manifest["formats"]) == FORMATS
     assert all(r["parity"] and r["max_abs_diff"] < 1e-4 for r in manifest["formats"].values())
-    assert (run / "export" / "model.onnx").is_file()
+    assert (run / "export" / "model.onnx").is_file() and not (run / "export" / "model.onnx.data").exists()
     assert manifest["classes"] == ["cat", "dog", "frog"]
     assert manifest["preprocess"] == {"decode": "RGB", "resize_shorter_side": 32, "center_crop": [32, 32],
                                       "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3, "layout": "NCHW",

@@ -32,12 +32,18 @@ def export_torch_export(model: nn.Module, example: Tensor, path: Path, max_batch
     return torch.export.load(str(path)).module()
 
 
+ONNX_INLINE_LIMIT = 1 << 30
+
+
 def export_onnx(model: nn.Module, example: Tensor, path: Path, max_batch: int) -> Callable[[Tensor], Tensor]:
     """ONNX through the dynamo exporter, reloaded in onnxruntime (the `onnx` extra)."""
     import onnxruntime
     batch = torch.export.Dim("batch", min=1, max=max_batch)
+    # One self-contained file, unless the weights pass protobuf's 2 GB limit (then model.onnx.data beside it).
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     with contextlib.redirect_stdout(io.StringIO()):  # its progress lines would land in the run's log
-        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},))
+        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
+                          external_data=weight_bytes > ONNX_INLINE_LIMIT)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
@@ -76,7 +82,8 @@ def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[
             logger.debug("export %s failed:\n%s", fmt, traceback.format_exc())
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             logger.error("export %s failed: %s", fmt, message)
-            (out_dir / filename).unlink(missing_ok=True)
+            for leftover in (out_dir / filename, out_dir / f"{filename}.data"):
+                leftover.unlink(missing_ok=True)
             results[fmt] = {"file": None, "error": f"{type(e).__name__}: {message}"}
     manifest = {**metadata, "formats": results,
                 "input": {"shape": [-1, *inputs.shape[1:]], "dtype": "float32", "max_batch": max_batch},
