@@ -45,7 +45,7 @@ def run_ours(args: argparse.Namespace, run_dir: Path) -> tuple[dict, object]:
 
 
 def run_script(args: argparse.Namespace, cfg) -> dict:
-    from trainer.loop import pick_device
+    from trainer.devices import pick_device
     from trainer.setup import build_model
     crop = next(step for step in cfg.dataset.augment if step.name == "RandomCrop")
     return train_script(Path(args.data), model=build_model(cfg), target=args.target, epochs=args.epochs,

@@ -15,8 +15,9 @@ from trainer import distributed
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import exit_codes, import_user_modules, resume_argv
 from trainer.config import register_configs, validate
+from trainer.devices import pick_device
 from trainer.export import export_model
-from trainer.loop import Trainer, pick_device
+from trainer.loop import Trainer
 from trainer.setup import build_data, build_trainer, load_resume_state
 from trainer.sweep import run_sweep_job
 

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import exit_codes, import_user_modules
 from trainer.config import validate
+from trainer.devices import AUTOCAST_DTYPES, evaluate_model, pick_device, unwrap
 from trainer.errors import UserError
-from trainer.loop import AUTOCAST_DTYPES, evaluate_model, pick_device, unwrap
 from trainer.setup import build_data, build_model
 from trainer.speed import FlipAverage
 

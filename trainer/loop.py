@@ -21,6 +21,7 @@ from tqdm import tqdm
 from trainer import distributed
 from trainer.checkpoint import CheckpointWriter, rng_state, set_rng_state
 from trainer.data import Loaders
+from trainer.devices import AUTOCAST_DTYPES, autocast, evaluate_model, unwrap
 from trainer.errors import UserError
 from trainer.instrument import (
     MetricLog,
@@ -34,13 +35,13 @@ from trainer.instrument import (
     timed_iter,
     timed_step,
 )
+from trainer.optim import load_optimizer_state, plan_steps, rates_from_config
 from trainer.speed import FlipAverage, WeightAverage, to_device
 
 log = logging.getLogger("trainer")
 NONFINITE_CAUSES = ("Likely causes: a learning rate too high (lower optimizer.lr, add scheduler warmup or "
                     "trainer.gradient_clip_val), or float16 overflow (use trainer.precision=bf16 or 32); "
                     "trainer.on_nonfinite=skip_batch skips such batches instead")
-AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 @dataclass
@@ -76,53 +77,6 @@ def plain(section: Any) -> Any:
         return section
     value = OmegaConf.to_object(section)
     return SimpleNamespace(**value) if isinstance(value, dict) else value
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda: no CUDA device is visible here; use trainer.device=auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("trainer.device=mps: Apple's MPS is not available here; use trainer.device=auto or cpu")
-    return torch.device(name)
-
-
-def plan_steps(train_batches: int, limit: int | None, accumulate: int, max_epochs: int,
-               max_steps: int) -> tuple[int, int, int]:
-    """(batches per epoch, optimizer steps per epoch, total optimizer steps) for the schedule."""
-    batches = min(train_batches, limit) if limit else train_batches
-    steps_per_epoch = math.ceil(batches / accumulate)
-    total = steps_per_epoch * max_epochs
-    return batches, steps_per_epoch, min(total, max_steps) if max_steps > 0 else total
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile or DDP wrappers: checkpoints hold its state, no prefixes."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None,
-                   limit: int | None = None, channels_last: bool = False) -> tuple[float, float]:
-    """(mean loss, accuracy) over the loader's first `limit` batches (all when None)."""
-    model.eval()
-    metrics = RunningMetrics(device)
-    for images, labels in itertools.islice(loader, limit):
-        images, labels = to_device(images, device, channels_last), labels.to(device, non_blocking=True)
-        with autocast(device, autocast_dtype):
-            logits = model(images)
-        metrics.add(nn.functional.cross_entropy(logits.float(), labels), logits, labels)
-    loss_sum, correct, seen = metrics.totals()  # deliberate sync: once per evaluation
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed precision when a dtype is set; otherwise no context at all (it costs even when disabled)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 class Trainer:
@@ -426,34 +380,16 @@ class Trainer:
         if reset_optimizer:
             log.warning("checkpoint.reset_optimizer: optimizer state (momentum, moments) starts fresh")
         else:
-            self._load_optimizer(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
         if reset_scheduler:
             self.progress.schedule_start = self.progress.step
             log.warning("checkpoint.reset_scheduler: the learning-rate schedule restarts at step %d",
                         self.progress.step)
         else:
             self.scheduler.load_state_dict(state["scheduler"])
-        # The schedule is a function of the step: recompute the current rate from this config's base rates.
-        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
-        step = self.scheduler.last_epoch
-        lrs = [base * f(step) for base, f in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self.scheduler._last_lr = lrs
+        rates_from_config(self.scheduler, self.optimizer)
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-
-    def _load_optimizer(self, saved: dict[str, Any]) -> None:
-        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(saved)
-        changes = set()
-        for group, wanted in zip(self.optimizer.param_groups, configured):
-            for key, value in wanted.items():
-                if group.get(key) != value:
-                    changes.add(("lr" if key == "initial_lr" else key, str(group.get(key)), str(value)))
-                    group[key] = value
-        for key, old, new in sorted(changes):
-            log.warning("optimizer.%s changed on resume: %s -> %s (applied)", key, old, new)
 
     def load_weights(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])

@@ -5,7 +5,9 @@ only shrinks a scale or a shift and hurts accuracy). Every scheduler is a Lambda
 steps: the learning rate is a pure function of the step count, so a resumed run recomputes it exactly,
 and a run extended to more epochs recomputes the schedule for the new horizon.
 """
+import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +16,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.errors import UserError
 from trainer.registry import Registry
+
+log = logging.getLogger("trainer")
 
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
 SCHEDULERS: Registry[LambdaLR] = Registry("scheduler")
@@ -55,6 +59,15 @@ def adam(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999),
          weight_decay: float = 0.0, decay_norm_and_bias: bool = False) -> Optimizer:
     return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias, lr), lr=lr, betas=tuple(betas),
                             eps=eps)
+
+
+def plan_steps(train_batches: int, limit: int | None, accumulate: int, max_epochs: int,
+               max_steps: int) -> tuple[int, int, int]:
+    """(batches per epoch, optimizer steps per epoch, total optimizer steps) for the schedule."""
+    batches = min(train_batches, limit) if limit else train_batches
+    steps_per_epoch = math.ceil(batches / accumulate)
+    total = steps_per_epoch * max_epochs
+    return batches, steps_per_epoch, min(total, max_steps) if max_steps > 0 else total
 
 
 def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
@@ -121,3 +134,28 @@ def step(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, step_epoc
 def constant(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0) -> LambdaLR:
     warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
     return LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else 1.0)
+
+
+# ---- on resume -----------------------------------------------------------------------------------
+def load_optimizer_state(optimizer: Optimizer, saved: dict[str, Any]) -> None:
+    """The saved state (momentum, moments) under the configured hyperparameters: an override given on
+    resume is applied, never ignored, and each change is said once."""
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    changes = set()
+    for group, wanted in zip(optimizer.param_groups, configured):
+        for key, value in wanted.items():
+            if group.get(key) != value:
+                changes.add(("lr" if key == "initial_lr" else key, str(group.get(key)), str(value)))
+                group[key] = value
+    for key, old, new in sorted(changes):
+        log.warning("optimizer.%s changed on resume: %s -> %s (applied)", key, old, new)
+
+
+def rates_from_config(scheduler: LambdaLR, optimizer: Optimizer) -> None:
+    """The schedule is a function of the step: the current rates, recomputed from the configured base rates."""
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    rates = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates

@@ -15,9 +15,9 @@ from trainer.config import params_of
 from trainer.data import DATASETS, DataBundle, Loaders, build_loaders
 from trainer.errors import UserError
 from trainer.instrument import MetricLog, NullMetricLog
-from trainer.loop import Trainer, plan_steps
+from trainer.loop import Trainer
 from trainer.models import MODELS
-from trainer.optim import OPTIMIZERS, SCHEDULERS
+from trainer.optim import OPTIMIZERS, SCHEDULERS, plan_steps
 from trainer.speed import WeightAverage, compile_model, configure_backends
 
 log = logging.getLogger("trainer")

@@ -1,0 +1,53 @@
+"""Where and how a model runs: the device, mixed precision, the plain module under torch.compile and
+DDP wrappers, and an evaluation pass; shared by training, `python -m trainer.evaluate` and the
+benchmarks."""
+import contextlib
+import itertools
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from trainer.errors import UserError
+from trainer.instrument import RunningMetrics
+from trainer.speed import to_device
+
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda: no CUDA device is visible here; use trainer.device=auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("trainer.device=mps: Apple's MPS is not available here; use trainer.device=auto or cpu")
+    return torch.device(name)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile or DDP wrappers: checkpoints hold its state, no prefixes."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None,
+                   limit: int | None = None, channels_last: bool = False) -> tuple[float, float]:
+    """(mean loss, accuracy) over the loader's first `limit` batches (all when None)."""
+    model.eval()
+    metrics = RunningMetrics(device)
+    for images, labels in itertools.islice(loader, limit):
+        images, labels = to_device(images, device, channels_last), labels.to(device, non_blocking=True)
+        with autocast(device, autocast_dtype):
+            logits = model(images)
+        metrics.add(nn.functional.cross_entropy(logits.float(), labels), logits, labels)
+    loss_sum, correct, seen = metrics.totals()  # deliberate sync: once per evaluation
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision when a dtype is set; otherwise no context at all (it costs even when disabled)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
