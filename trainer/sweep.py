@@ -28,9 +28,7 @@ JOB_RECORD = "job.json"
 
 # ---- the job side ------------------------------------------------------------------------------------
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # a reader never sees half a file, however many jobs write at once
+    _write_text(path, json.dumps(data, indent=1))
 
 
 def read_record(job_dir: Path) -> dict | None:
@@ -155,7 +153,7 @@ def _cell(value: Any) -> str:
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # a reader never sees half a file, however many jobs write at once
 
 
 def varying_keys(rows: list[dict[str, Any]]) -> list[str]:

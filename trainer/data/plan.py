@@ -38,8 +38,3 @@ class EpochPlan:
         """The sequence positions process `rank` trains on at this step."""
         start, end = self.bounds(step)
         return range(start + rank, end, self.world_size)
-
-    def step_of(self, position: int) -> int:
-        """The step whose global batch holds this sequence position (-1 when dropped)."""
-        step = min(position // self.global_batch, len(self) - 1)
-        return step if position < self.bounds(step)[1] else -1
