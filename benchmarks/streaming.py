@@ -62,12 +62,12 @@ def run_one(config: str, root: Path, image_size: int, buffer: int, workers: int,
     bundle = DATASETS.build("streaming", root=str(root), num_classes=10, image_size=image_size,
                             shuffle_buffer=buffer, augment=augment)
     if config == "in-memory":  # decode everything up front, as the imagefolder dataset does
-        from trainer.data.streaming import decode, iter_shard
+        from trainer.data.streaming import iter_shard
         images, labels = [], []
         for shard in bundle.train.shards:
             for _, read in iter_shard(shard, 0, shard.count, lambda i: True, bundle.classes):
                 data, label = read()
-                images.append(decode(data, image_size, 3))
+                images.append(bundle.train.decode(data))
                 labels.append(label)
         arrays = (torch.stack(images), torch.tensor(labels))
         bundle = bundle_from_arrays(arrays, arrays, bundle.classes, val_split=0.0, augment=augment,

@@ -36,9 +36,14 @@ def images(run: Path) -> list[Path]:
     return sorted((run.parent / "images" / "val").rglob("*.*"))
 
 
+def media_type(path: Path) -> str:
+    return {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}[path.suffix]
+
+
 def eager_probabilities(run: Path, files: list[Path]) -> torch.Tensor:
     """The run's best weights in a freshly built model, on images preprocessed here by hand."""
-    from torchvision.io import ImageReadMode, decode_image
+    import numpy as np
+    from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
     from trainer import MODELS
@@ -47,7 +52,7 @@ def eager_probabilities(run: Path, files: list[Path]) -> torch.Tensor:
     model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt")["model"])
     batch = []
     for path in files:
-        image = decode_image(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), ImageReadMode.RGB)
+        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
         image = F.center_crop(F.resize(image, 32, antialias=True), [32, 32])
         batch.append(F.normalize(F.to_dtype(image, torch.float32, scale=True), [0.5] * 3, [0.25] * 3))
     with torch.no_grad():
@@ -103,7 +108,7 @@ def test_predict_shows_a_table_and_refuses_bad_inputs(run, tmp_path, capsys):
     code, out, err = predict_in_process(capsys, f"run={run}", f"inputs=[{tmp_path / 'broken.png'},{images(run)[0]}]")
     assert code == 2 and "1 of 2 images could not be read" in err
     rows = out.splitlines()[1:]
-    assert "error: not a PNG, JPEG or WebP image" in rows[0] and "error" not in rows[1]  # the good one answered
+    assert "error: not a PNG, JPEG, WebP or GIF image" in rows[0] and "error" not in rows[1]  # the good one answered
     code, _, err = predict_in_process(capsys, f"run={run}", "inputs=[x.png]", "format=tensorrt")
     assert code == 2 and "format: 'tensorrt' is not among this run's exports" in err
     code, _, err = predict_in_process(capsys, f"run={run}", "inputs=[x.png]", "topk=0")
@@ -148,7 +153,7 @@ def test_the_server_answers_as_the_eager_model_does(run, shared):
     async def check():
         async with aiohttp.ClientSession() as session:
             for path, probabilities in zip(files, expected):  # raw bytes
-                status, body = await post(session, url, path.read_bytes(), "image/png", topk=3)
+                status, body = await post(session, url, path.read_bytes(), media_type(path), topk=3)
                 assert status == 200, body
                 got = {c["index"]: c["probability"] for c in body["predictions"][0]["top_k"]}
                 assert got == pytest.approx({i: float(p) for i, p in enumerate(probabilities)}, abs=1e-5)
@@ -170,7 +175,7 @@ def test_the_server_answers_as_the_eager_model_does(run, shared):
 
 
 BAD_REQUESTS = [
-    (b"not an image", "image/png", 400, "not a PNG, JPEG or WebP image"),
+    (b"not an image", "image/png", 400, "not a PNG, JPEG, WebP or GIF image"),
     (b'{"inputs": [1, 2', "application/json", 400, "malformed JSON"),
     (b"plain words", "text/plain", 415, "content type"),
     (b'{"inputs": [[1.0, 2.0], [3.0, 4.0]]}', "application/json", 422, "shape"),
@@ -201,7 +206,7 @@ def test_two_hundred_concurrent_requests_are_batched_and_all_answered(run, share
     files, url = [p.read_bytes() for p in images(run)], shared
     async def check():
         async with aiohttp.ClientSession() as session:
-            answers = await asyncio.gather(*(post(session, url, files[i % len(files)], "image/png")
+            answers = await asyncio.gather(*(post(session, url, files[i % len(files)], "application/octet-stream")
                                              for i in range(200)))
             assert [status for status, _ in answers] == [200] * 200
             first = {i: answers[i][1]["predictions"][0]["top_k"][0]["index"] for i in range(len(files))}
@@ -227,7 +232,7 @@ async def batches(session, url: str) -> int:
 
 
 def test_a_full_queue_answers_503_and_then_recovers(run, small_queue):
-    first, second = (path.read_bytes() for path in images(run)[:2])
+    (first, _), (second, kind) = ((path.read_bytes(), media_type(path)) for path in images(run)[:2])
     async def check():
         async with aiohttp.ClientSession() as session:
             answers = await asyncio.gather(*(post(session, small_queue, first, "image/png") for _ in range(12)))
@@ -235,18 +240,19 @@ def test_a_full_queue_answers_503_and_then_recovers(run, small_queue):
             assert statuses == [200] * 4 + [503] * 8, statuses
             assert "busy" in next(a for s, a in answers if s == 503)["error"]
             before = await batches(session, small_queue)
-            assert (await post(session, small_queue, second, "image/png"))[0] == 200  # not cached: the model ran
+            assert (await post(session, small_queue, second, kind))[0] == 200  # not cached: the model ran
             assert await batches(session, small_queue) == before + 1
     asyncio.run(check())
 
 
 def test_the_cache_answers_a_repeated_request_without_the_model(run, small_queue):
-    image = images(run)[2].read_bytes()
+    path = images(run)[2]
+    image, kind = path.read_bytes(), media_type(path)
     async def check():
         async with aiohttp.ClientSession() as session:
             before = await batches(session, small_queue)
-            first = await post(session, small_queue, image, "image/png")
-            second = await post(session, small_queue, image, "image/png")
+            first = await post(session, small_queue, image, kind)
+            second = await post(session, small_queue, image, kind)
             assert first == second and first[0] == 200
             assert await batches(session, small_queue) == before + 1
     asyncio.run(check())

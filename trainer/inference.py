@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from trainer.data.streaming import decode
 from trainer.errors import UserError
+from trainer.images import DEFAULT_MAX_PIXELS, decode_image
 
 FORMATS = ("torch_export", "torchscript", "onnx")  # the order a format is picked in when none is named
 
@@ -35,7 +35,8 @@ def _load(fmt: str, path: Path) -> Callable[[Tensor], Tensor]:
 
 
 class Predictor:
-    def __init__(self, run_dir: Path, fmt: str | None = None) -> None:
+    def __init__(self, run_dir: Path, fmt: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 limit_key: str = "max_image_pixels") -> None:
         manifest_path = run_dir / "export" / "manifest.json"
         if not manifest_path.is_file():
             raise UserError(f"run: {run_dir} has no export/manifest.json; give the folder of a finished run "
@@ -54,17 +55,16 @@ class Predictor:
         self.model = _load(fmt, run_dir / "export" / self.manifest["formats"][fmt]["file"])
         spec = self.manifest["preprocess"]
         self.channels, self.size = (3 if spec["decode"] == "RGB" else 1), spec["center_crop"][0]
+        self.max_image_pixels, self.limit_key = max_image_pixels, limit_key
         self.input_shape = tuple(self.manifest["input"]["shape"][1:])
         self.max_batch = int(self.manifest["input"].get("max_batch", 1024))
         # The same operations as the run's evaluation transform (arrays.build_transform): the same floats.
         self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])])
 
-    def decode(self, data: bytes) -> Tensor:
-        """Image file bytes (PNG, JPEG, WebP) to one normalised input (C, H, W)."""
-        try:
-            image = decode(data, self.size, self.channels)
-        except RuntimeError as e:  # torchvision's decoders raise RuntimeError on bad data
-            raise InputError(f"not a PNG, JPEG or WebP image ({str(e).splitlines()[0][-80:]})") from None
+    def decode(self, data: bytes, expect: str | None = None) -> Tensor:
+        """Image file bytes (PNG, JPEG, WebP, GIF; `expect`: the format the sender declared) to one
+        normalised input (C, H, W); ImageError (ImageTooLarge past the pixel limit) for anything else."""
+        image = decode_image(data, self.size, self.channels, self.max_image_pixels, self.limit_key, expect)
         return self.normalise(image)
 
     def check(self, inputs: Tensor) -> Tensor:

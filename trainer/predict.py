@@ -12,9 +12,9 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from trainer.cli import exit_codes
-from trainer.data.folder import SUFFIXES
 from trainer.errors import UserError
-from trainer.inference import InputError, Predictor
+from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError
+from trainer.inference import Predictor
 
 
 @dataclass
@@ -25,6 +25,7 @@ class PredictConfig:
     topk: int = 5
     output: str = "table"  # table or jsonl
     batch_size: int = 64
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # a larger image gets an error row (checked before decoding)
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -38,17 +39,18 @@ def image_files(inputs: list[str]) -> list[Path]:
         else:
             raise UserError(f"inputs: {item} does not exist; give image files or folders")
     if not files:
-        raise UserError(f"inputs: no .jpg, .png or .webp images in {', '.join(inputs) or 'the empty list'}; "
+        raise UserError(f"inputs: no .jpg, .png, .webp or .gif images in {', '.join(inputs) or 'the empty list'}; "
                         f"e.g. inputs=[cat.png,photos/]")
     return files
 
 
 def predict(cfg: PredictConfig) -> list[dict]:
-    if cfg.topk < 1 or cfg.batch_size < 1:
-        raise UserError(f"{'topk' if cfg.topk < 1 else 'batch_size'}: must be 1 or more")
+    for key in ("topk", "batch_size", "max_image_pixels"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key}: must be 1 or more, got {getattr(cfg, key)}")
     if cfg.output not in ("table", "jsonl"):
         raise UserError(f"output: must be table or jsonl, got {cfg.output!r}")
-    predictor = Predictor(Path(cfg.run), cfg.format)
+    predictor = Predictor(Path(cfg.run), cfg.format, cfg.max_image_pixels)
     files, results = image_files(list(cfg.inputs)), []
     for first in range(0, len(files), cfg.batch_size):
         batch, names = [], []
@@ -56,7 +58,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
             try:
                 batch.append(predictor.decode(path.read_bytes()))
                 names.append(path)
-            except InputError as e:
+            except (ImageError, OSError) as e:
                 results.append({"image": str(path), "error": str(e)})
         if batch:
             top = predictor.top_k(predictor.probabilities(torch.stack(batch)), cfg.topk)

@@ -1,28 +1,30 @@
 """`python -m trainer.serve run=<run dir> [serve.port=8000] [serve.max_batch_size=32] ...`: the run's
 exported model behind an HTTP API (aiohttp; the `serve` extra).
 
-    POST /v1/predict   an image (PNG, JPEG or WebP bytes, raw or as multipart form files), or JSON
+    POST /v1/predict   an image (PNG, JPEG, WebP or GIF bytes, raw or as multipart form files), or JSON
                        {"inputs": <a [C, H, W] tensor or an [N, C, H, W] batch, as nested lists>}
                        -> {"predictions": [{"top_k": [{"class", "index", "probability"}, ...]}, ...]}
     GET  /v1/metadata  the model, classes, input spec, preprocessing and exported formats
-    GET  /healthz      {"status": "ok"} and the number of requests waiting
+    GET  /healthz      {"status": "ok"} and the number of requests waiting; 503 if the batcher has stopped
 
-Requests are checked, and images decoded, before they join a batch, so a bad request fails alone:
-400 malformed JSON or an undecodable image, 413 a body over serve.max_body_bytes, 415 another content
-type, 422 a tensor of the wrong shape or type, 503 when serve.max_queue inputs are already waiting.
-Dynamic micro-batching: inputs wait at most serve.max_wait_ms for others, up to serve.max_batch_size
-per forward pass, which runs in a worker thread so the event loop never blocks. SIGTERM or Ctrl-C: stop
-accepting connections, answer every request already received, then exit 0.
+A client's mistake is a 4xx with a JSON {"error"} and nothing in the log: 400 malformed JSON, form or
+body, an undecodable image or one whose bytes are not the declared type; 408 a body slower than
+serve.body_timeout_s; 413 a body over serve.max_body_bytes or an image over serve.max_image_pixels
+(read from its header, before decoding); 415 another content type; 422 a tensor of the wrong shape,
+type or values, or more than serve.max_batch_size inputs. 503 (with Retry-After) when serve.max_queue
+inputs are waiting, when a request waited serve.request_timeout_s for the model, and for connections
+past serve.max_connections. A connection must send each request head within serve.idle_timeout_s.
+
+Inputs are read on the event loop and parsed, decoded and checked in worker threads before they join a
+batch (serving/); the model runs in one more thread. SIGTERM or Ctrl-C: stop accepting connections,
+close the idle ones, answer every request whose head has arrived (up to serve.drain_timeout_s), exit 0.
 """
 import asyncio
-import contextlib
 import hashlib
-import json
 import logging
 import signal
 import sys
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +35,10 @@ from omegaconf import MISSING, OmegaConf
 
 from trainer.cli import exit_codes
 from trainer.errors import UserError
-from trainer.inference import InputError, Predictor
+from trainer.images import DEFAULT_MAX_PIXELS
+from trainer.inference import Predictor
 
 log = logging.getLogger("trainer.serve")
-IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "application/octet-stream"}
 
 
 @dataclass
@@ -45,10 +47,15 @@ class ServeSettings:
     port: int = 8000  # 0: any free port (printed when serving)
     format: Optional[str] = None  # torch_export, torchscript, onnx; default: the first that passed parity
     topk: int = 5
-    max_batch_size: int = 32  # inputs per forward pass; 1 turns micro-batching off
+    max_batch_size: int = 32  # inputs per forward pass, and per request; 1 turns micro-batching off
     max_wait_ms: float = 5.0  # how long an input waits for others to batch with
     max_body_bytes: int = 10 * 2**20
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
     max_queue: int = 1024  # inputs waiting or running; past this, 503
+    max_connections: int = 256  # open connections; past this, new ones get a 503 and are closed
+    idle_timeout_s: float = 15.0  # a connection that sends no complete request head within this is closed
+    body_timeout_s: float = 30.0  # a request body that takes longer to arrive: 408
+    request_timeout_s: float = 30.0  # an input that waits longer for the model: 503
     cache_size: int = 0  # an LRU of predictions keyed by the request's hash; 0: off
     decode_threads: int = 2
     drain_timeout_s: float = 30.0  # on SIGTERM, how long to wait for requests already received
@@ -60,153 +67,66 @@ class ServeConfig:
     serve: ServeSettings = field(default_factory=ServeSettings)
 
 
-class QueueFull(Exception):
-    pass
-
-
-@dataclass
-class Waiting:
-    inputs: torch.Tensor
-    future: asyncio.Future
-    arrived: float
-
-
-class Batcher:
-    """Collects inputs into batches (up to max_batch, or whatever arrived within max_wait of the first)
-    and runs each batch in one worker thread."""
-
-    def __init__(self, predictor: Predictor, max_batch: int, max_wait_s: float, max_queue: int) -> None:
-        self.predictor, self.max_batch, self.max_wait_s, self.max_queue = predictor, max_batch, max_wait_s, max_queue
-        self.waiting: deque[Waiting] = deque()
-        self.waiting_inputs = 0
-        self.pending = 0  # inputs received and not yet answered
-        self.wakeup = asyncio.Event()
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.batches = 0
-
-    async def predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Probabilities for a batch of inputs, computed together with whatever else is waiting."""
-        if self.pending + len(inputs) > self.max_queue:
-            raise QueueFull
-        self.pending += len(inputs)
-        try:
-            future = asyncio.get_running_loop().create_future()
-            self.waiting.append(Waiting(inputs, future, time.monotonic()))
-            self.waiting_inputs += len(inputs)
-            self.wakeup.set()
-            return await future
-        finally:
-            self.pending -= len(inputs)
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self.waiting:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-            deadline = self.waiting[0].arrived + self.max_wait_s
-            while self.waiting_inputs < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                self.wakeup.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), left)
-            taken = [self.waiting.popleft()]
-            while self.waiting and sum(len(w.inputs) for w in taken) + len(self.waiting[0].inputs) <= self.max_batch:
-                taken.append(self.waiting.popleft())
-            self.waiting_inputs -= sum(len(w.inputs) for w in taken)
-            batch = torch.cat([w.inputs for w in taken])
-            self.batches += 1
-            try:
-                probabilities = await loop.run_in_executor(self.model_thread, self.predictor.probabilities, batch)
-            except Exception as e:  # the model itself failed: every request of this batch learns why
-                for w in taken:
-                    if not w.future.done():
-                        w.future.set_exception(e)
-                continue
-            for w, part in zip(taken, probabilities.split([len(w.inputs) for w in taken])):
-                if not w.future.done():
-                    w.future.set_result(part)
-
-
-def error(status: int, message: str):
+def error(status: int, message: str, **headers: str):
     from aiohttp import web
-    return web.json_response({"error": message}, status=status)
+    return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
-def http_error(kind: type, message: str) -> Exception:
-    """An aiohttp HTTP exception carrying our JSON error body."""
-    return kind(text=json.dumps({"error": message}), content_type="application/json")
-
-
-def build_app(predictor: Predictor, settings: ServeSettings):
+def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
     from aiohttp import web
+
+    from trainer.serving.batcher import BatchFailed, Batcher, NotRunning, QueueFull
+    from trainer.serving.bodies import ClientError, read_body, to_batch
 
     batcher = Batcher(predictor, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
     decode_threads = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
     cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     async def read_inputs(request: web.Request) -> tuple[torch.Tensor, bytes]:
-        """The request's inputs as one batch, checked, and the bytes that identify them (the cache key)."""
-        loop = asyncio.get_running_loop()
-        if request.content_type == "application/json":
-            body = await request.read()
-            try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise http_error(web.HTTPBadRequest, f"malformed JSON: {e}") from None
-            if not isinstance(payload, dict) or "inputs" not in payload:
-                raise InputError('JSON must be an object with "inputs": a [C, H, W] tensor or an [N, C, H, W] batch')
-            if payload.get("dtype", "float32") != "float32":
-                raise InputError(f"dtype must be float32, got {payload['dtype']!r}")
-            try:
-                tensor = torch.tensor(payload["inputs"], dtype=torch.float32)
-            except (TypeError, ValueError) as e:
-                raise InputError(f"inputs must be a rectangular array of numbers ({e})") from None
-            batch = predictor.check(tensor)
-            return batch, body
-        if request.content_type.startswith("multipart/"):
-            form = await request.post()
-            files = [f.file.read() for f in form.values() if hasattr(f, "file")]
-            if not files:
-                raise InputError("the multipart form holds no file")
-        elif request.content_type in IMAGE_TYPES:
-            files = [await request.read()]
-        else:
-            raise http_error(web.HTTPUnsupportedMediaType, f"content type {request.content_type!r}: send image/png, "
-                                                           f"image/jpeg, image/webp, multipart form files or JSON")
         try:
-            images = [await loop.run_in_executor(decode_threads, predictor.decode, data) for data in files]
-        except InputError as e:  # an undecodable image: a bad request, not a bad tensor
-            raise http_error(web.HTTPBadRequest, str(e)) from None
-        return torch.stack(images), b"".join(hashlib.sha256(f).digest() for f in files)
+            body = await asyncio.wait_for(read_body(request, settings.max_body_bytes, settings.max_batch_size),
+                                          settings.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ClientError(408, f"the body did not arrive within serve.body_timeout_s={settings.body_timeout_s:g}"
+                                   f" seconds") from None
+        inputs, identity = await asyncio.get_running_loop().run_in_executor(decode_threads, to_batch, body, predictor)
+        if len(inputs) > settings.max_batch_size:
+            raise ClientError(422, f"at most serve.max_batch_size={settings.max_batch_size} inputs per request, "
+                                   f"got {len(inputs)}")
+        return inputs, identity
+
+    async def probabilities_of(inputs: torch.Tensor, identity: bytes) -> torch.Tensor:
+        key = hashlib.sha256(identity).hexdigest()
+        if settings.cache_size and key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        probabilities = await batcher.predict(inputs, settings.request_timeout_s)
+        if settings.cache_size:
+            cache[key] = probabilities
+            if len(cache) > settings.cache_size:
+                cache.popitem(last=False)
+        return probabilities
 
     async def predict(request: web.Request) -> web.Response:
         try:
             topk = int(request.query.get("topk", settings.topk))
         except ValueError:
-            return error(400, f"topk must be an integer, got {request.query['topk']!r}")
+            return error(400, f"topk must be an integer, got {request.query['topk'][:20]!r}")
         if topk < 1:
             return error(400, f"topk must be 1 or more, got {topk}")
         try:
-            inputs, identity = await read_inputs(request)
-        except InputError as e:
-            return error(422, str(e))
-        if len(inputs) > settings.max_batch_size:
-            return error(422, f"at most serve.max_batch_size={settings.max_batch_size} inputs per request, "
-                              f"got {len(inputs)}")
-        key = hashlib.sha256(identity).hexdigest()
-        probabilities = cache.get(key) if settings.cache_size else None
-        if probabilities is None:
-            try:
-                probabilities = await batcher.predict(inputs)
-            except QueueFull:
-                return web.json_response({"error": f"busy: {settings.max_queue} inputs are waiting; try again"},
-                                         status=503, headers={"Retry-After": "1"})
-            if settings.cache_size:
-                cache[key] = probabilities
-                if len(cache) > settings.cache_size:
-                    cache.popitem(last=False)
-        else:
-            cache.move_to_end(key)
+            probabilities = await probabilities_of(*await read_inputs(request))
+        except ClientError as e:
+            return error(e.status, str(e))
+        except QueueFull:
+            return error(503, f"busy: {settings.max_queue} inputs are waiting; try again", **{"Retry-After": "1"})
+        except asyncio.TimeoutError:
+            return error(503, f"the model did not answer within serve.request_timeout_s="
+                              f"{settings.request_timeout_s:g} seconds; try again", **{"Retry-After": "1"})
+        except NotRunning:
+            return error(503, "the batcher is not running; the server is unhealthy")
+        except BatchFailed as e:
+            return error(500, str(e))
         return web.json_response({"predictions": [{"top_k": t} for t in predictor.top_k(probabilities, topk)]})
 
     async def metadata(request: web.Request) -> web.Response:
@@ -217,41 +137,65 @@ def build_app(predictor: Predictor, settings: ServeSettings):
                                   "max_batch_size": settings.max_batch_size})
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "waiting": batcher.pending, "batches": batcher.batches})
+        status = "ok" if batcher.running else "unhealthy: the batcher is not running"
+        return web.json_response({"status": status, "waiting": batcher.pending, "batches": batcher.batches},
+                                 status=200 if batcher.running else 503)
 
-    async def start_batcher(app: web.Application) -> Any:
-        task = asyncio.create_task(batcher.run())
+    async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: refuse a body that is announced too large before the client sends it."""
+        if request.content_length is not None and request.content_length > settings.max_body_bytes:
+            return error(413, f"the body of {request.content_length:,} bytes is over serve.max_body_bytes="
+                              f"{settings.max_body_bytes:,}")
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error(417, "the only Expect this server knows is 100-continue")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # what aiohttp's own handler does: the response has not started
+        return None
+
+    async def run_batcher(app: web.Application) -> Any:
+        batcher.start()
         yield
-        task.cancel()  # after every request received has been answered
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await batcher.stop()  # after every request received has been answered
         decode_threads.shutdown(wait=False)
-        batcher.model_thread.shutdown(wait=False)
 
     @web.middleware
     async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-        """aiohttp's own errors (413 for a body over client_max_size, 404, 405) as JSON, like ours."""
+        """aiohttp's own errors (404, 405) as JSON, like ours; a client that left is no error of ours; a
+        bug of ours is logged with its traceback and answered 500."""
         try:
             return await handler(request)
         except web.HTTPException as e:
             if e.status < 400 or e.content_type == "application/json":
                 raise
-            reason = f"the body is over serve.max_body_bytes={settings.max_body_bytes}" if e.status == 413 else e.reason
-            return web.json_response({"error": reason}, status=e.status)
+            return error(e.status, e.reason)
+        except ConnectionError:  # the client went away while we read its body
+            log.info("a client disconnected before its request was read")
+            return error(400, "the connection was closed")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error answering %s %s", request.method, request.path)
+            return error(500, "internal error; the server's log has the details")
 
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])  # larger bodies: 413
-    app.add_routes([web.post("/v1/predict", predict), web.get("/v1/metadata", metadata),
-                    web.get("/healthz", healthz)])
-    app.cleanup_ctx.append(start_batcher)
+    middlewares = ([guard.middleware] if guard is not None else []) + [json_errors]
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
+    app.add_routes([web.post("/v1/predict", predict, expect_handler=expect_continue),
+                    web.get("/v1/metadata", metadata), web.get("/healthz", healthz)])
+    app.cleanup_ctx.append(run_batcher)
     app["batcher"] = batcher
     return app
 
 
 async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None:
     from aiohttp import web
-    app = build_app(predictor, settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout_s)
+
+    from trainer.serving.connections import ConnectionGuard, QuietServerLog
+    guard = ConnectionGuard(settings.max_connections, settings.idle_timeout_s)
+    app = build_app(predictor, settings, guard)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout_s,
+                           keepalive_timeout=settings.idle_timeout_s, logger=QuietServerLog())
     await runner.setup()
+    guard.attach(runner.server)
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
         await site.start()
@@ -268,7 +212,12 @@ async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.warning("stopping: answering the requests already received, then exiting")
-    await runner.cleanup()  # stops listening, waits for requests in flight, then the batcher stops
+    await site.stop()  # no new connections
+    left = await guard.drain(settings.drain_timeout_s)
+    if left:
+        log.warning("%d request(s) still unanswered after serve.drain_timeout_s=%g; closing them", left,
+                    settings.drain_timeout_s)
+    await runner.cleanup()  # the batcher stops
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,10 +237,15 @@ def main(argv: list[str] | None = None) -> None:
                                ("max_queue", s.max_queue, s.max_queue >= 1),
                                ("max_body_bytes", s.max_body_bytes, s.max_body_bytes >= 1),
                                ("cache_size", s.cache_size, s.cache_size >= 0), ("topk", s.topk, s.topk >= 1),
+                               ("max_image_pixels", s.max_image_pixels, s.max_image_pixels >= 1),
+                               ("max_connections", s.max_connections, s.max_connections >= 1),
+                               ("decode_threads", s.decode_threads, s.decode_threads >= 1),
+                               *((key, getattr(s, key), getattr(s, key) > 0) for key in
+                                 ("idle_timeout_s", "body_timeout_s", "request_timeout_s", "drain_timeout_s")),
                                ("port", s.port, 0 <= s.port <= 65535)):
             if not ok:
                 raise UserError(f"serve.{key}: out of range, got {value!r}")
-        predictor = Predictor(Path(cfg.run), s.format)
+        predictor = Predictor(Path(cfg.run), s.format, s.max_image_pixels, "serve.max_image_pixels")
         asyncio.run(serve(predictor, s, cfg.run))
 
 

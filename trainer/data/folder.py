@@ -1,6 +1,7 @@
 """`imagefolder`: a person's own images, root/train/<class>/*, root/val/<class>/*, root/test/<class>/*.
 
-Images are decoded once with torchvision.io (JPEG, PNG, WebP), resized on the shorter side and
+Images are decoded once (JPEG, PNG, WebP, GIF; trainer/images.py, which fails safely on damaged
+files and refuses images over dataset.max_image_pixels), resized on the shorter side and
 centre-cropped to dataset.image_size, and held as one uint8 tensor, so the per-step cost is the
 augmentation alone. That suits folders that fit in memory at the training size (10^5 images at
 32x32 are 300 MB); bigger collections want the streaming dataset.
@@ -10,16 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from trainer.data import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.errors import UserError
+from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_image
 
 log = logging.getLogger("trainer")
-SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
 def class_names(root: str | Path) -> list[str]:
@@ -39,13 +38,8 @@ def count_classes(root: str) -> int:
     return len(class_names(root))
 
 
-def _decode(path: Path, size: int, channels: int) -> torch.Tensor:
-    image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
-    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
-
-
-def _load_split(folder: Path, classes: list[str], size: int, channels: int,
-                on_error: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_split(folder: Path, classes: list[str], size: int, channels: int, on_error: str,
+                max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of one split; unreadable ones are skipped with a warning and a count, or an error."""
     unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
     if unknown:
@@ -53,16 +47,16 @@ def _load_split(folder: Path, classes: list[str], size: int, channels: int,
     files = [(path, label) for label, name in enumerate(classes) if (folder / name).is_dir()
              for path in sorted((folder / name).iterdir()) if path.suffix.lower() in SUFFIXES]
     if not files:
-        raise UserError(f"dataset.root: no .jpg, .png or .webp images under {folder}/<class>/")
+        raise UserError(f"dataset.root: no .jpg, .png, .webp or .gif images under {folder}/<class>/")
     images, labels, bad = [], [], []
     for path, label in tqdm(files, desc=f"decoding {folder.name}/", unit="img", leave=False, disable=None):
         try:
-            images.append(_decode(path, size, channels))
+            images.append(decode_image(path.read_bytes(), size, channels, max_pixels, "dataset.max_image_pixels"))
             labels.append(label)
-        except RuntimeError as e:  # torchvision's decoders raise RuntimeError on bad data
+        except (ImageError, OSError) as e:
             if on_error == "error":
-                raise UserError(f"dataset.on_error=error: cannot decode {path} ({str(e).splitlines()[0]}); "
-                                f"fix or remove it, or set dataset.on_error=skip") from None
+                raise UserError(f"dataset.on_error=error: cannot decode {path} ({e}); fix or remove it, or set "
+                                f"dataset.on_error=skip") from None
             bad.append(path)
     if bad:
         log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), folder, bad[0])
@@ -72,7 +66,8 @@ def _load_split(folder: Path, classes: list[str], size: int, channels: int,
 @DATASETS.register("imagefolder")
 def imagefolder(root: str, num_classes: int, image_size: int = 32, in_channels: int = 3, val_split: float = 0.0,
                 augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
-                std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip") -> DataBundle:
+                std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip",
+                max_image_pixels: int = DEFAULT_MAX_PIXELS) -> DataBundle:
     if on_error not in ("skip", "error"):
         raise UserError(f"dataset.on_error: must be one of skip, error, got {on_error!r}")
     if in_channels not in (1, 3):
@@ -81,7 +76,9 @@ def imagefolder(root: str, num_classes: int, image_size: int = 32, in_channels: 
     if num_classes != len(classes):
         raise UserError(f"dataset.num_classes: {Path(root) / 'train'} has {len(classes)} class folders, "
                         f"but the config says {num_classes}")
-    splits = {name: _load_split(Path(root) / name, classes, image_size, in_channels, on_error)
+    if max_image_pixels < 1:
+        raise UserError(f"dataset.max_image_pixels: must be 1 or more, got {max_image_pixels}")
+    splits = {name: _load_split(Path(root) / name, classes, image_size, in_channels, on_error, max_image_pixels)
               for name in ("train", "val", "test") if (Path(root) / name).is_dir()}
     if "val" not in splits and val_split == 0:
         raise UserError(f"dataset.val_split: {root} has no val/ folder; hold out part of train, e.g. "

@@ -20,9 +20,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from trainer.cli import exit_codes
-from trainer.data.folder import SUFFIXES, class_names
+from trainer.data.folder import class_names
 from trainer.data.streaming import INDEX
 from trainer.errors import UserError
+from trainer.images import SUFFIXES
 
 
 def list_split(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:

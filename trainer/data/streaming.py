@@ -28,17 +28,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
 from trainer.data import DATASETS
 from trainer.data.arrays import DataBundle, build_transform
 from trainer.data.loader import _mix, seeded
 from trainer.data.plan import EpochPlan
 from trainer.errors import UserError
+from trainer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
 log = logging.getLogger("trainer")
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "gif")
 INDEX = "index.json"
 
 
@@ -151,13 +150,6 @@ def stream_class_count(root: str) -> int:
 
 
 # ---- decoding ---------------------------------------------------------------------------------------
-def decode(data: bytes, size: int, channels: int) -> Tensor:
-    """Encoded bytes to a uint8 (C, size, size) image: shorter side resized, centre-cropped."""
-    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                         mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
-    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
-
-
 def bad_sample(error: Exception, on_error: str) -> None:
     """dataset.on_error: skip (with a warning) or stop."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -178,6 +170,10 @@ class StreamingSplit:
     shuffle_buffer: int
     epoch_length: int | None
     on_error: str
+    max_image_pixels: int
+
+    def decode(self, data: bytes) -> Tensor:
+        return decode_image(data, self.image_size, self.channels, self.max_image_pixels, "dataset.max_image_pixels")
 
     def __len__(self) -> int:
         return self.epoch_length or sum(s.count for s in self.shards)
@@ -189,8 +185,8 @@ class StreamingSplit:
         for shard in self.shards:
             for _, read in iter_shard(shard, 0, shard.count, lambda i: True, self.classes):
                 try:
-                    images.append(self.transform(decode(read()[0], self.image_size, self.channels)))
-                except (OSError, ValueError, KeyError, RuntimeError) as e:
+                    images.append(self.transform(self.decode(read()[0])))
+                except (OSError, ValueError, KeyError) as e:
                     bad_sample(e, self.on_error)
                 if len(images) == n:
                     return torch.stack(images)
@@ -320,8 +316,8 @@ class StreamBatches(IterableDataset):
             if sample is None:
                 continue
             try:
-                image = decode(sample[0], self.split.image_size, self.split.channels)
-            except RuntimeError as e:  # torchvision's decoders raise RuntimeError on bad data
+                image = self.split.decode(sample[0])
+            except ImageError as e:
                 bad_sample(e, self.split.on_error)
                 continue
             with seeded(_mix(self.seed, epoch, sequence_position)):
@@ -336,13 +332,15 @@ class StreamBatches(IterableDataset):
 @DATASETS.register("streaming")
 def streaming(root: str, num_classes: int, image_size: int = 32, in_channels: int = 3, shuffle_buffer: int = 1000,
               epoch_length: int | None = None, augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
-              std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip") -> DataBundle:
+              std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip",
+              max_image_pixels: int = DEFAULT_MAX_PIXELS) -> DataBundle:
     folder = Path(root)
     for key, value, ok, requirement in (("shuffle_buffer", shuffle_buffer, shuffle_buffer >= 1, "1 or more"),
                                         ("epoch_length", epoch_length, epoch_length is None or epoch_length >= 1,
                                          "null (one pass) or 1 or more"),
                                         ("on_error", on_error, on_error in ("skip", "error"), "one of skip, error"),
-                                        ("in_channels", in_channels, in_channels in (1, 3), "1 or 3")):
+                                        ("in_channels", in_channels, in_channels in (1, 3), "1 or 3"),
+                                        ("max_image_pixels", max_image_pixels, max_image_pixels >= 1, "1 or more")):
         if not ok:
             raise UserError(f"dataset.{key}: must be {requirement}, got {value!r}")
     if not folder.is_dir():
@@ -360,7 +358,7 @@ def streaming(root: str, num_classes: int, image_size: int = 32, in_channels: in
         raise UserError(f"dataset.root: {folder.resolve()} has no val or test shards to validate on; shard an image "
                         f"folder that has val/ (or test/)")
     common = dict(classes=classes, image_size=image_size, channels=in_channels, shuffle_buffer=shuffle_buffer,
-                  on_error=on_error)
+                  on_error=on_error, max_image_pixels=max_image_pixels)
     eval_transform = build_transform([], mean, std, None)
     train = StreamingSplit(splits["train"], transform=build_transform(augment, mean, std, None),
                            epoch_length=epoch_length, **common)

@@ -1,0 +1,83 @@
+"""The one image decoder: bytes from outside (uploads, folders, shards) to a uint8 (C, size, size) tensor.
+
+Every path that decodes images (the image folder, the streaming shards, predict and serve) comes here,
+so all of them treat hostile bytes alike. Pillow decodes, not torchvision.io: torchvision 0.29's PNG
+decoder kills the process (SIGSEGV) on short or corrupt pixel data, where Pillow raises. Only the
+formats below are tried (Pillow knows dozens, some of which hand the bytes to other programs), the
+pixel count is read from the header and checked before anything is decoded, and a multi-frame image
+(an animated GIF or WebP) gives its first frame, so every image is one (C, H, W) picture.
+"""
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
+MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/gif": "GIF"}
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo: 120 MB as RGB while it is resized
+
+
+class ImageError(ValueError):
+    """Bytes that are not an image this framework decodes; the message says why, without the bytes."""
+
+
+class ImageTooLarge(ImageError):
+    pass
+
+
+def open_image(data: bytes, max_pixels: int, limit_key: str = "max_image_pixels",
+               expect: str | None = None) -> Image.Image:
+    """The image's header, read and checked: one of FORMATS (`expect`, when the sender named one), at
+    most `max_pixels` pixels. Nothing is decoded yet (Pillow opens lazily)."""
+    if not data:
+        raise ImageError("empty: no image bytes")
+    try:
+        with warnings.catch_warnings():  # Pillow warns of "decompression bombs" above 89 MP; we check below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"the image is over {limit_key}={max_pixels:,} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not a PNG, JPEG, WebP or GIF image") from None
+    except Exception as e:  # a known format's header, damaged: SyntaxError, struct.error, OSError...
+        raise ImageError(f"not a PNG, JPEG, WebP or GIF image ({_reason(e)})") from None
+    if expect is not None and image.format != expect:
+        raise ImageError(f"the bytes are a {image.format} image, not {expect} as declared; declare "
+                         f"image/{image.format.lower()} or application/octet-stream")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(f"{image.format} image of {width}x{height} pixels: nothing to decode")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{image.format} image of {width}x{height} = {width * height:,} pixels is over "
+                            f"{limit_key}={max_pixels:,}")
+    return image
+
+
+def decode_image(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 limit_key: str = "max_image_pixels", expect: str | None = None) -> torch.Tensor:
+    """Encoded bytes to a uint8 (channels, size, size) image: shorter side resized to `size`,
+    centre-cropped. Raises ImageError (a ValueError) for anything it cannot decode, and nothing else."""
+    image = open_image(data, max_pixels, limit_key, expect)
+    try:
+        pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))  # the first frame; decodes
+    except Exception as e:  # truncated or corrupt pixel data, a palette out of range...
+        raise ImageError(f"{image.format} image with damaged data ({_reason(e)})") from None
+    finally:
+        image.close()
+    tensor = torch.from_numpy(pixels.copy())
+    tensor = tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor.unsqueeze(0)
+    return resize_and_crop(tensor, size)
+
+
+def resize_and_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+
+
+def _reason(error: Exception) -> str:
+    """The decoder's reason, short, on one line, and never the bytes themselves."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:100]
