@@ -21,6 +21,10 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     (["trainer.max_epoch=3"], "trainer.max_epoch"),
     (["model.detph=3"], "model.detph"),
     (["+model.detph=3"], "model.detph: not a parameter of model 'resnet'"),
+    (["+trainer.typo_key=3"], "trainer.typo_key: not a key of trainer"),  # `+` slips past the schema
+    (["+trainer.max_epoch=3"], "trainer.max_epoch: not a key of trainer (did you mean trainer.max_epochs?)"),
+    (["+loader.batchsize=3"], "loader.batchsize: not a key of loader (did you mean loader.batch_size?)"),
+    (["+seeds=3"], "seeds: not a key of the config (did you mean seed?)"),
     (["trainer.max_epochs=abc"], "trainer.max_epochs"),
     (["optimizer.lr=fast"], "optimizer.lr: expected float"),
     (["loader.batch_size=-4"], "loader.batch_size: must be 1 or more"),

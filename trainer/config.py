@@ -5,6 +5,8 @@ wrong type fails while Hydra composes. The swappable parts (model, dataset, opti
 the parameters of whichever registry entry is named, so they are checked against that entry's
 signature in `validate`, still before any data is read.
 """
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -182,9 +184,27 @@ RULES = [
 ]
 
 
+def refuse_unknown_keys(cfg: DictConfig, schema: type | None = None, prefix: str = "") -> None:
+    """Keys the schema does not know. Composition refuses a misspelled `trainer.max_epoch=3`, but Hydra
+    adds `+trainer.max_epoch=3` past the schema (a `+` override bypasses struct mode), and the run would
+    ignore it."""
+    schema = schema or Config
+    known = {f.name: f.type for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"its keys: {', '.join(sorted(known))}"
+            raise UserError(f"{prefix}{key}: not a key of {prefix.rstrip('.') or 'the config'} ({hint}); fix the "
+                            f"spelling, or drop the override")
+        if dataclasses.is_dataclass(known[key]):
+            refuse_unknown_keys(cfg[key], known[key], f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Every check that needs more than a type: the registry entries' parameters, ranges, choices."""
     from trainer import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
+
+    refuse_unknown_keys(cfg)
 
     for group, registry, provided in (("model", MODELS, ()), ("dataset", DATASETS, ()),
                                       ("optimizer", OPTIMIZERS, ("model",)),

@@ -84,11 +84,35 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+# Stop signals reach the whole process group: a terminal's Ctrl-C, and `kill -TERM -- -<pgid>`, which is
+# what Slurm sends at scancel and at a time limit (and --signal=USR2@120 before it), and systemd when a
+# unit stops. Only the main process acts on them: it finishes the step, saves a checkpoint and stops its
+# workers itself. A worker killed by one instead would fail the main process's next batch or its save.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _worker_init(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; only the main process should act on it (it saves a
-    # checkpoint and stops the workers itself). torch seeds each worker's random, numpy and torch.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The signals were blocked while this worker was forked (WorkerSignalsBlocked): ignore them, then
+    # unblock, which discards any that arrived meanwhile. torch seeds each worker's random, numpy, torch.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _map_large_blocks()
+
+
+class WorkerSignalsBlocked(DataLoader):
+    """A DataLoader whose worker processes start with the stop signals blocked, so that no signal can
+    reach a worker between its fork and `_worker_init`; the main process gets any that arrive then as
+    soon as its workers have started."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _map_large_blocks() -> None:
@@ -137,9 +161,10 @@ def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_
         generator = torch.Generator().manual_seed(seed)
         if isinstance(dataset, StreamingSplit):  # it batches itself: one item per batch
             batches = dataset.batches(shuffle=shuffle, drop_last=drop_last, **split)
-            return DataLoader(batches, batch_size=None, generator=generator, **workers), batches
+            return WorkerSignalsBlocked(batches, batch_size=None, generator=generator, **workers), batches
         sampler = EpochBatches(len(dataset), seed, shuffle, batch_size, drop_last, rank, world_size)
-        return DataLoader(SeededSamples(dataset), batch_sampler=sampler, generator=generator, **workers), sampler
+        return (WorkerSignalsBlocked(SeededSamples(dataset), batch_sampler=sampler, generator=generator, **workers),
+                sampler)
 
     (train, sampler), (val, _), (test, _) = (loader(bundle.train, shuffle, drop_last),
                                              loader(bundle.val, False, False), loader(bundle.test, False, False))
