@@ -33,6 +33,32 @@ def run_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, ti
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc. torchrun starts each worker in a session of its own, so
+    a signal to torchrun's process group misses them; Slurm and systemd signal the whole tree (the job
+    step's or the unit's cgroup), which this lets a test do."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    for member in process_tree(pid):
+        try:
+            os.kill(member, signum)
+        except ProcessLookupError:
+            pass
+
+
 def refused_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """The real entry point, `trainer.__main__.main`, in this process, for a command that must be
     refused before training (Hydra composes for real; only the interpreter start is skipped, ~8 s of

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_DATA, TINY_RUN
+from conftest import ROOT, TINY_DATA, TINY_RUN, process_tree, signal_tree
 
 from trainer.checkpoint import load_checkpoint
 
@@ -65,9 +65,12 @@ def test_two_processes_train_what_one_process_trains(single_and_pair):
     assert mb["test/acc"] == ma["test/acc"]
 
 
-def test_an_interrupted_two_process_run_resumes(tmp_path):
+def test_a_group_sigterm_with_loader_workers_checkpoints_and_resumes(tmp_path):
+    """Slurm's scancel and time limit (and systemd) signal every process of the job at once: torchrun,
+    both training processes and their DataLoader workers. The workers ignore it, the processes agree on
+    a step, rank 0 saves, and the run resumes there."""
     args = [*TINY_DATA, "dataset.train_size=2048", "model=cnn", "model.width=8", *TINY_RUN, "loader.batch_size=16",
-            "trainer.max_epochs=3", "trainer.log_every_n_steps=5", "export.formats=[]"]
+            "loader.num_workers=1", "trainer.max_epochs=3", "trainer.log_every_n_steps=5", "export.formats=[]"]
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "trainer",
                             *args, f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
@@ -76,8 +79,11 @@ def test_an_interrupted_two_process_run_resumes(tmp_path):
     while not (log.is_file() and "epoch 1 |" in log.read_text()):
         assert time.time() < deadline and run.poll() is None, "never trained an epoch"
         time.sleep(0.05)
-    run.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
-    run.communicate(timeout=120)
+    tree = process_tree(run.pid)
+    assert len(tree) >= 5  # torchrun, two processes, their loader workers
+    signal_tree(run.pid, signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)  # torchrun itself exits 1 on SIGTERM (see the README)
+    assert "is killed by signal" not in stderr and "saved" in log.read_text().split("received SIGTERM")[-1], stderr
     saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]
     assert saved["epoch"] >= 1 and saved["step"] > 0
     resumed = torchrun(f"resume={tmp_path}")
@@ -85,6 +91,20 @@ def test_an_interrupted_two_process_run_resumes(tmp_path):
     text = log.read_text()
     assert f"at epoch {saved['epoch']}, batch {saved['batches_in_epoch']}, step {saved['step']}" in text
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_pair(single_and_pair, tmp_path):
+    """Both processes and torchrun killed at once while rank 0 writes the step-40 checkpoint; resumed
+    from step 30 (inside epoch 2), the pair ends with the uninterrupted pair's weights, bit for bit."""
+    from test_exact_resume import assert_same_training_state, kill_while_saving
+    _, pair = single_and_pair
+    args = [*EQUIVALENT, "loader.batch_size=16", "checkpoint.every_n_steps=10"]
+    kill_while_saving(tmp_path / "run", args, 40,
+                      launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m"])
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["progress"]["step"] == 30
+    resumed = torchrun(f"resume={tmp_path / 'run'}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training_state(tmp_path / "run", pair)
 
 
 def test_torchrun_refuses_a_multirun(tmp_path):

@@ -40,9 +40,20 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def _start(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """The run in a process group of its own, as under a shell, Slurm or systemd."""
     return subprocess.Popen([sys.executable, "-m", "trainer", *RESUMABLE, "trainer.max_epochs=4", *extra,
                              f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+
+
+def _send(proc: subprocess.Popen, signum: int, group: bool) -> None:
+    """To the main process alone, or to its whole group (DataLoader workers too), as `kill -- -<pgid>`,
+    Slurm's scancel and time limit, and a terminal's Ctrl-C do."""
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
 
 
 def _wait_for(condition, timeout: float = 120) -> None:
@@ -69,12 +80,12 @@ def test_extending_a_finished_run_equals_training_longer(tmp_path, uninterrupted
     assert steps == sorted(set(steps)) and len(steps) == 4  # continued, no duplicate points
 
 
-@pytest.mark.parametrize("signum,code,workers", [(signal.SIGTERM, 143, 2), (signal.SIGINT, 130, 0)])
-def test_a_signal_saves_mid_epoch_and_resume_is_exact(tmp_path, uninterrupted, signum, code, workers):
+@pytest.mark.parametrize("signum,code,workers,group", [(signal.SIGTERM, 143, 2, True), (signal.SIGINT, 130, 0, False)])
+def test_a_signal_saves_mid_epoch_and_resume_is_exact(tmp_path, uninterrupted, signum, code, workers, group):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, f"loader.num_workers={workers}")
     _wait_for(lambda: _log_has(run_dir, "epoch 1 |"))
-    proc.send_signal(signum)
+    _send(proc, signum, group)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
     progress = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
@@ -86,15 +97,18 @@ def test_a_signal_saves_mid_epoch_and_resume_is_exact(tmp_path, uninterrupted, s
     _assert_same_state(run_dir, uninterrupted)
 
 
-def test_sigusr1_checkpoints_and_exits_143(tmp_path):
+@pytest.mark.parametrize("signum,workers,group", [(signal.SIGUSR1, 0, False), (signal.SIGUSR2, 2, True)])
+def test_sigusr_checkpoints_and_exits_143(tmp_path, signum, workers, group):
+    """SIGUSR2 to the group: what our Slurm profile's --signal=USR2@120 does before a time limit."""
     run_dir = tmp_path / "run"
-    proc = _start(run_dir)
+    proc = _start(run_dir, f"loader.num_workers={workers}")
     _wait_for(lambda: _log_has(run_dir, "training cnn"))
     time.sleep(0.5)
-    proc.send_signal(signal.SIGUSR1)
+    _send(proc, signum, group)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    assert "after SIGUSR1" in (run_dir / "train.log").read_text() and (run_dir / "checkpoints" / "last.pt").is_file()
+    assert f"after {signal.Signals(signum).name}" in (run_dir / "train.log").read_text()
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and "Traceback" not in stderr
 
 
 def test_sigkill_while_writing_a_checkpoint(tmp_path, uninterrupted):

@@ -1,15 +1,20 @@
 """The streaming dataset: shards written by the shard tool, read lazily, split over workers and ranks
 with every sample exactly once per epoch, resumable at any batch."""
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, run_trainer, write_imagefolder
+from conftest import ROOT, TINY_MODEL, run_trainer, write_imagefolder
 
 from trainer import DATASETS
 from trainer.checkpoint import load_checkpoint
@@ -174,7 +179,8 @@ def test_unindexed_shards_are_counted(tmp_path):
 
 def test_train_on_shards_and_resume_mid_epoch_exactly(tmp_path):
     """Through python -m trainer: a run resumed from a mid-epoch checkpoint ends with the weights of
-    the run it continues, bit for bit."""
+    the run it continues, bit for bit; so does one stopped by SIGTERM to its whole process group while
+    its two shard-reading workers run (the workers ignore it; the main process saves, exits 143)."""
     write_imagefolder(tmp_path / "images", per_class=30, size=(36, 36))
     write_shards(tmp_path / "images", tmp_path / "shards", shard_size=16)
     args = ["dataset=streaming", f"dataset.root={tmp_path / 'shards'}", "dataset.shuffle_buffer=20", *TINY_MODEL,
@@ -191,5 +197,16 @@ def test_train_on_shards_and_resume_mid_epoch_exactly(tmp_path):
     assert load_checkpoint(mid_epoch)["progress"]["batches_in_epoch"] == 4
     result = run_trainer(f"resume={mid_epoch}", "loader.num_workers=0")
     assert result.returncode == 0, result.stderr
-    a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (straight, resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args, f"hydra.run.dir={stopped}"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while not ((stopped / "train.log").is_file() and "epoch 1 |" in (stopped / "train.log").read_text()):
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert run_trainer(f"resume={stopped}").returncode == 0
+    for other in (resumed, stopped):
+        a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (straight, other))
+        assert all(torch.equal(a[k], b[k]) for k in a), other.name

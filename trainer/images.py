@@ -8,6 +8,7 @@ pixel count is read from the header and checked before anything is decoded, and 
 (an animated GIF or WebP) gives its first frame, so every image is one (C, H, W) picture.
 """
 import io
+import re
 import warnings
 
 import numpy as np
@@ -38,8 +39,10 @@ def open_image(data: bytes, max_pixels: int, limit_key: str = "max_image_pixels"
         with warnings.catch_warnings():  # Pillow warns of "decompression bombs" above 89 MP; we check below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(f"the image is over {limit_key}={max_pixels:,} pixels") from None
+    except Image.DecompressionBombError as e:  # over Pillow's own limit (179 MP), which it checks first
+        declared = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" of {int(declared.group(1)):,} pixels" if declared else ""
+        raise ImageTooLarge(f"an image{size} is over {limit_key}={max_pixels:,}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not a PNG, JPEG, WebP or GIF image") from None
     except Exception as e:  # a known format's header, damaged: SyntaxError, struct.error, OSError...

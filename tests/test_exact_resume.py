@@ -1,0 +1,84 @@
+"""Exact resume with each training feature that keeps state of its own: SIGKILL in the middle of an
+epoch, resume, and the weights, optimizer state and EMA equal, bit for bit, those of a run that was
+never interrupted. (The plain case, signals and damaged checkpoints are in test_resume.py; two
+processes under torchrun in test_distributed.py.)"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_trainer, signal_tree
+
+from trainer.checkpoint import load_checkpoint
+
+# 461 training images (10% of 512 held out) in batches of 32: 15 batches an epoch. Dropout, random
+# crops and flips: every random generator a resume must restore is in use.
+BASE = ["dataset=synthetic", "dataset.train_size=512", "dataset.test_size=64", "model=cnn", "model.width=8",
+        "model.dropout=0.2", "loader.batch_size=32", "loader.num_workers=0", "trainer.max_epochs=3",
+        "trainer.progress_bar=false", "export.formats=[]", "scheduler=step"]
+
+# (overrides, checkpoint.every_n_steps, the step whose save is killed): the checkpoint before it, the
+# one the resume starts from, lies inside epoch 2.
+CASES = {
+    "ema": (["trainer.ema_decay=0.9", "trainer.ema_every=2"], 4, 24),
+    "mixup_and_cutmix": (["loss.mixup_alpha=0.4", "loss.cutmix_alpha=1.0"], 4, 24),
+    "accumulate_grad_batches": (["trainer.accumulate_grad_batches=3"], 3, 9),  # 5 steps an epoch
+    "on_device": (["loader.on_device=true", "trainer.ema_decay=0.9"], 4, 24),
+}
+
+
+# Wall-clock figures differ between any two runs, and a killed session's partial epoch drops out of the
+# image count (its time is lost with it).
+TIMING = {"train_time_s", "images_trained", "images_per_sec", "epoch_time_s"}
+
+
+def comparable(progress: dict) -> dict:
+    kept = {key: value for key, value in progress.items() if key not in TIMING}
+    return {**kept, "metrics": {key: value for key, value in progress["metrics"].items() if key not in TIMING}}
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    sa, sb = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (a, b))
+    assert comparable(sa["progress"]) == comparable(sb["progress"])
+    for part in ("model", "ema"):
+        assert (sa[part] is None) == (sb[part] is None), part
+        for key, tensor in (sa[part] or {}).items():
+            assert torch.equal(tensor, sb[part][key]), (part, key)
+    for pid, buffers in sa["optimizer"]["state"].items():
+        for key, tensor in buffers.items():
+            assert torch.equal(tensor, sb["optimizer"]["state"][pid][key]), (pid, key)
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+
+
+def kill_while_saving(run_dir: Path, args: list[str], step: int, *, launcher: list[str] | None = None) -> None:
+    """Starts a run and SIGKILLs it (every process of it) while it writes the checkpoint of `step`."""
+    marker = run_dir.parent / f"paused-{run_dir.name}"
+    process = subprocess.Popen([*(launcher or [sys.executable, "-m"]), "trainer", *args, f"hydra.run.dir={run_dir}"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TRAINER_TEST_PAUSE_IN_SAVE": f"{step}:{marker}"})
+    deadline = time.time() + 180
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, "never reached the step"
+        time.sleep(0.02)
+    signal_tree(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, case):
+    overrides, every, killed_at = CASES[case]
+    args = [*BASE, *overrides, f"checkpoint.every_n_steps={every}"]
+    straight = run_trainer(*args, f"hydra.run.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "killed"
+    kill_while_saving(run_dir, args, killed_at)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
+    assert saved["step"] == killed_at - every and saved["epoch"] == 1 and saved["batches_in_epoch"] > 0  # mid-epoch
+    resumed = run_trainer(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training_state(run_dir, tmp_path / "straight")
