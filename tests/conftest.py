@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -27,10 +28,21 @@ TINY = TINY_DATA + TINY_MODEL + TINY_RUN
 
 
 def run_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, timeout: int = 300,
-                env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m <module> args...` in a subprocess, as a person would type it."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` in its own process, as a person would type it: forked from this
+    worker's fork server (forkserver.py: the imports are done once), or with `fresh`, a new interpreter."""
+    if fresh:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, **(env or {})})
+    return forkrun.run(module, *args, cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+def start_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, env: dict | None = None,
+                  new_session: bool = False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) -> forkrun.Forked:
+    """Like subprocess.Popen of `python -m <module> args...`, forked from the fork server: for tests
+    that signal or kill the run while it works."""
+    return forkrun.launch(module, *args, cwd=cwd or ROOT, env=env, new_session=new_session, stdout=stdout,
+                          stderr=stderr)
 
 
 def process_tree(pid: int) -> list[int]:

@@ -47,7 +47,7 @@ def test_bad_input_exits_2_with_one_line(monkeypatch, capsys, tmp_path, args, ne
 
 def test_missing_data_subprocess(tmp_path):
     result = run_trainer(*TINY_RUN, "dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false",
-                         f"hydra.run.dir={tmp_path / 'run'}")
+                         f"hydra.run.dir={tmp_path / 'run'}", fresh=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert "dataset=cifar10: no valid data under" in result.stderr and "cifar-10-batches-py" in result.stderr
@@ -56,7 +56,7 @@ def test_missing_data_subprocess(tmp_path):
 
 
 def test_composition_error_subprocess(tmp_path):
-    result = run_trainer("model=resnte", f"hydra.run.dir={tmp_path / 'run'}")
+    result = run_trainer("model=resnte", f"hydra.run.dir={tmp_path / 'run'}", fresh=True)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "model=resnte" in result.stderr
 
 

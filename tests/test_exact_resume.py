@@ -5,13 +5,12 @@ processes under torchrun in test_distributed.py.)"""
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_trainer, signal_tree
+from conftest import ROOT, run_trainer, signal_tree, start_trainer
 
 from trainer.checkpoint import load_checkpoint
 
@@ -57,9 +56,13 @@ def assert_same_training_state(a: Path, b: Path) -> None:
 def kill_while_saving(run_dir: Path, args: list[str], step: int, *, launcher: list[str] | None = None) -> None:
     """Starts a run and SIGKILLs it (every process of it) while it writes the checkpoint of `step`."""
     marker = run_dir.parent / f"paused-{run_dir.name}"
-    process = subprocess.Popen([*(launcher or [sys.executable, "-m"]), "trainer", *args, f"hydra.run.dir={run_dir}"],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "TRAINER_TEST_PAUSE_IN_SAVE": f"{step}:{marker}"})
+    pause = {"TRAINER_TEST_PAUSE_IN_SAVE": f"{step}:{marker}"}
+    if launcher:  # torchrun: a true subprocess
+        process = subprocess.Popen([*launcher, "trainer", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, **pause})
+    else:
+        process = start_trainer(*args, f"hydra.run.dir={run_dir}", env=pause)
     deadline = time.time() + 180
     while not marker.exists():
         assert process.poll() is None, process.stderr.read()

@@ -2,14 +2,12 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, refused_in_process, run_trainer
+from conftest import TINY, refused_in_process, run_trainer, start_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.checkpoint import load_checkpoint
@@ -39,15 +37,13 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _start(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def _start(run_dir: Path, *extra: str, env: dict | None = None):
     """The run in a process group of its own, as under a shell, Slurm or systemd."""
-    return subprocess.Popen([sys.executable, "-m", "trainer", *RESUMABLE, "trainer.max_epochs=4", *extra,
-                             f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-                            start_new_session=True)
+    return start_trainer(*RESUMABLE, "trainer.max_epochs=4", *extra, f"hydra.run.dir={run_dir}", env=env,
+                         new_session=True)
 
 
-def _send(proc: subprocess.Popen, signum: int, group: bool) -> None:
+def _send(proc, signum: int, group: bool) -> None:
     """To the main process alone, or to its whole group (DataLoader workers too), as `kill -- -<pgid>`,
     Slurm's scancel and time limit, and a terminal's Ctrl-C do."""
     if group:

@@ -6,13 +6,12 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, run_trainer, write_imagefolder
+from conftest import TINY_RUN, run_trainer, start_trainer, write_imagefolder
 
 aiohttp = pytest.importorskip("aiohttp", reason="the serve extra is not installed")
 
@@ -119,8 +118,7 @@ def test_predict_shows_a_table_and_refuses_bad_inputs(run, tmp_path, capsys):
 
 @contextmanager
 def server(run: Path, *settings: str):
-    process = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"run={run}", "serve.port=0", *settings],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_trainer(f"run={run}", "serve.port=0", *settings, module="trainer.serve", stdout=subprocess.PIPE)
     try:
         line = process.stdout.readline()
         assert line.startswith("serving"), line + process.stderr.read()

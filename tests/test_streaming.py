@@ -4,8 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 from collections import Counter
@@ -14,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL, run_trainer, write_imagefolder
+from conftest import TINY_MODEL, run_trainer, start_trainer, write_imagefolder
 
 from trainer import DATASETS
 from trainer.checkpoint import load_checkpoint
@@ -198,8 +196,7 @@ def test_train_on_shards_and_resume_mid_epoch_exactly(tmp_path):
     result = run_trainer(f"resume={mid_epoch}", "loader.num_workers=0")
     assert result.returncode == 0, result.stderr
     stopped = tmp_path / "stopped"
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *args, f"hydra.run.dir={stopped}"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = start_trainer(*args, f"hydra.run.dir={stopped}", new_session=True)
     while not ((stopped / "train.log").is_file() and "epoch 1 |" in (stopped / "train.log").read_text()):
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.02)

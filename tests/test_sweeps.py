@@ -4,13 +4,11 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_DATA, TINY_MODEL, run_trainer
+from conftest import TINY_DATA, TINY_MODEL, run_trainer, start_trainer
 
 from trainer.sweep import collect, swept_parameter, varying_keys
 
@@ -39,11 +37,10 @@ def test_a_failing_job_is_recorded_and_the_others_run(tmp_path):
     assert (tmp_path / "sweep_summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _sweep(sweep_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer", "-m", *QUICK, "dataset.train_size=1024", "model.width=8",
-                             "trainer.max_epochs=2", "checkpoint.every_n_steps=5", "optimizer.lr=0.05,0.1,0.2",
-                             *extra, f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def _sweep(sweep_dir: Path, *extra: str):
+    return start_trainer("-m", *QUICK, "dataset.train_size=1024", "model.width=8", "trainer.max_epochs=2",
+                         "checkpoint.every_n_steps=5", "optimizer.lr=0.05,0.1,0.2", *extra,
+                         f"hydra.sweep.dir={sweep_dir}")
 
 
 def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path):
@@ -101,10 +98,9 @@ def test_submitit_requeues_a_signalled_job_which_resumes(tmp_path):
     """What Slurm does before a time limit: submitit sends SIGUSR2 (submitit_local does too, 30 s before
     its timeout; here it is sent at once). The job saves, submitit requeues it, the new run resumes."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the sweep extra is not installed")
-    sweep = subprocess.Popen([sys.executable, "-m", "trainer", "-m", "hydra/launcher=submitit_local",
-                              "hydra.launcher.timeout_min=5", *QUICK, "dataset.train_size=2048", "model.width=8",
-                              "trainer.max_epochs=3", "checkpoint.every_n_steps=10", f"hydra.sweep.dir={tmp_path}"],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sweep = start_trainer("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *QUICK,
+                          "dataset.train_size=2048", "model.width=8", "trainer.max_epochs=3",
+                          "checkpoint.every_n_steps=10", f"hydra.sweep.dir={tmp_path}")
     log = tmp_path / "0" / "train.log"
     deadline = time.time() + 120
     while not (log.is_file() and "epoch 1 |" in log.read_text()):
