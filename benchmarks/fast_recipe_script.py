@@ -18,11 +18,12 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image, read_file
+from PIL import Image
 
-from trainer.data.loader import _mix as seed_of  # the framework's (seed, epoch) -> generator seed
+from trainer.seeding import mix as seed_of  # the framework's (seed, epoch) -> generator seed
 
 
 def load_split(folder: Path, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +31,7 @@ def load_split(folder: Path, size: int = 32) -> tuple[torch.Tensor, torch.Tensor
     images, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((folder / name).iterdir()):
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
             images.append(F.interpolate(image[None].float(), size=(size, size), mode="bilinear")[0].round().byte()
                           if image.shape[-1] != size else image)
             labels.append(label)

@@ -1,4 +1,7 @@
-"""The benchmarks run in a tiny mode: what they measure is checked, not how fast it is. The loader and
+"""The benchmarks run in a tiny mode: what they measure is checked, not how fast it is: both sides did
+the same work (the same images, bytes, epochs, requests), and the memory figures are those of a live
+torch process (a wrong /proc field or unit would give a few MB). Ratios are not re-derived here: that
+would only repeat the script's own division. The loader and
 streaming benchmarks run their configurations in one process here (--same-process: an interpreter
 start is ~8 s on two cores); the memory benchmark keeps a child process per configuration, as they
 all do when run for figures."""
@@ -24,10 +27,6 @@ def test_checkpoint_benchmark_measures_both_sides():
     assert "durable after" in summary and "training blocked" in summary
     assert data["benchmark"] == "checkpoint" and data["rounds"] == 2
     assert abs(data["bytes_ours"] - data["bytes_plain"]) < 0.01 * data["bytes_plain"]  # the same state, format
-    for side in ("save_blocking_s_ours", "save_s_ours", "save_s_plain", "save_s_plain_fsync", "load_s_ours",
-                 "load_s_plain"):
-        assert data[side] > 0
-    assert data["save_ratio"] == data["save_s_ours"] / data["save_s_plain"]
 
 
 def test_loader_benchmark_feeds_every_configuration_the_same_images(tmp_path):
@@ -40,10 +39,7 @@ def test_loader_benchmark_feeds_every_configuration_the_same_images(tmp_path):
     runs = data["results"]
     assert list(runs) == ["standard", "ours-0w", "ours-2w", "on-device"]
     assert {r["images"] for r in runs.values()} == {24}  # 3 classes x 8 train images, each once
-    assert runs["standard"]["ratio_to_standard"] == 1.0
-    for r in runs.values():
-        assert r["images_per_sec"] > 0 and r["peak_pss_mb"] > 0
-        assert r["ratio_to_standard"] == r["images_per_sec"] / runs["standard"]["images_per_sec"]
+    assert all(r["peak_pss_mb"] > 100 for r in runs.values())  # torch alone maps more than that
 
 
 def test_memory_benchmark_reads_every_image_in_each_configuration():
@@ -52,7 +48,7 @@ def test_memory_benchmark_reads_every_image_in_each_configuration():
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert [(r["mmap"], r["workers"]) for r in data["runs"]] == [(True, 1), (False, 1)]
     assert {r["images"] for r in data["runs"]} == {data["images"]} and data["images"] == 4 * 2**20 // 3072
-    assert all(r["peak_pss_mb"] > 0 and r["peak_anonymous_mb"] > 0 for r in data["runs"])
+    assert all(r["peak_pss_mb"] > 100 and r["peak_anonymous_mb"] > 4 for r in data["runs"])  # 4 MB of images
 
 
 def test_streaming_benchmark_reads_every_image_at_every_size():
@@ -63,8 +59,7 @@ def test_streaming_benchmark_reads_every_image_at_every_size():
     assert [(r["config"], r["size"]) for r in data["runs"]] == [
         ("streaming", 60), ("in-memory", 60), ("streaming", 120), ("in-memory", 120)]
     assert all(r["images"] == r["size"] and r["peak_pss_mb"] > 0 for r in data["runs"])
-    streaming = [r["peak_pss_mb"] for r in data["runs"] if r["config"] == "streaming"]
-    assert data["peak_growth"]["streaming"] == streaming[1] / streaming[0]
+    assert all(r["peak_pss_mb"] > 100 for r in data["runs"])
 
 
 def test_overhead_benchmark_pairs_both_loops_on_the_same_work():
@@ -74,10 +69,6 @@ def test_overhead_benchmark_pairs_both_loops_on_the_same_work():
     assert data["benchmark"] == "overhead" and len(data["rounds"]) == 2 == len(data["near_zero_rounds"])
     for r in data["rounds"] + data["near_zero_rounds"]:
         assert r["ours"]["images"] == r["hand_written"]["images"] == 256  # one epoch each, every image
-        assert r["ratio"] == pytest.approx((r["ours"]["images"] / r["ours"]["seconds"])
-                                           / (r["hand_written"]["images"] / r["hand_written"]["seconds"]))
-    step = data["hand_written_step_s"]
-    assert data["implied_ratio"] == pytest.approx(step / (step + max(data["loop_overhead_s"], 0)))
 
 
 def test_lightning_benchmark_runs_the_same_epochs_through_both(tmp_path):
@@ -101,7 +92,6 @@ def test_fast_recipe_benchmark_trains_both_identically(tmp_path):
     run = data["runs"][0]
     assert run["ours"]["reached"] and run["script"]["reached"] and run["ours"]["epochs"] == run["script"]["epochs"] == 1
     assert run["ours"]["val_acc"] == run["script"]["val_acc"]  # the same batches, the same steps: the same model
-    assert data["ratio"] == data["median_seconds"]["script"] / data["median_seconds"]["ours"]
 
 
 def test_serve_benchmark_sends_every_request_to_both_servers():
@@ -113,6 +103,5 @@ def test_serve_benchmark_sends_every_request_to_both_servers():
     batched, single = data["results"]["micro-batching"], data["results"]["one at a time"]
     assert batched["requests"] == single["requests"] == 60
     assert single["forward_passes"] == 60  # one per request; the warm-up's are not counted
-    assert batched["forward_passes"] <= single["forward_passes"]
-    assert data["throughput_ratio"] == batched["requests_per_sec"] / single["requests_per_sec"]
-    assert 0 < batched["p50_ms"] <= batched["p99_ms"]
+    assert batched["forward_passes"] < single["forward_passes"]  # 6 clients at once: requests shared passes
+    assert batched["p50_ms"] <= batched["p99_ms"]

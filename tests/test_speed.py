@@ -10,7 +10,7 @@ from conftest import TINY, TINY_DATA, TINY_RUN, compose_config, run_trainer
 
 from trainer import MODELS, OPTIMIZERS, SCHEDULERS
 from trainer.checkpoint import load_checkpoint
-from trainer.instrument import RunningMetrics
+from trainer.metrics import RunningMetrics
 from trainer.speed import FlipAverage, WeightAverage
 
 SMALL = [*TINY, "dataset.train_size=512", "export.formats=[torch_export]"]

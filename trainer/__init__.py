@@ -1,9 +1,17 @@
 """A config-driven PyTorch training framework on Hydra."""
 __version__ = "0.1.0"
 
-from trainer.data import DATASETS  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
-from trainer.models import MODELS  # noqa: E402
-from trainer.optim import OPTIMIZERS, SCHEDULERS  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = ["DATASETS", "MODELS", "OPTIMIZERS", "SCHEDULERS", "Trainer", "__version__"]
+# Loaded on first use: `import trainer` (and every `python -m trainer.<command>`) stays cheap, and no
+# part of the package has to import the package's whole public surface.
+_EXPORTS = {"MODELS": "trainer.registry", "DATASETS": "trainer.registry", "OPTIMIZERS": "trainer.registry",
+            "SCHEDULERS": "trainer.registry", "Trainer": "trainer.loop"}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

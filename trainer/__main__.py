@@ -5,6 +5,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,15 +13,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from trainer import distributed
-from trainer.checkpoint import load_checkpoint
-from trainer.cli import exit_codes, import_user_modules, resume_argv
+from trainer.atomic import write_text
+from trainer.cli import exit_codes, import_user_modules, resume_argv, usage
 from trainer.config import register_configs, validate
-from trainer.devices import pick_device
-from trainer.export import export_model
-from trainer.loop import Trainer
-from trainer.setup import build_data, build_trainer, load_resume_state
-from trainer.sweep import run_sweep_job
 
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+# The training parts (loop, data, models, export) are imported inside run(): `--help`, `--cfg job`
+# and a config error answer without them (benchmarks/startup.py measures it).
 log = logging.getLogger("trainer")
 register_configs()
 
@@ -34,6 +35,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def train(cfg: DictConfig) -> float | None:
     """Returns the best value of checkpoint.monitor, which Hydra's sweepers optimise."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:
+        from trainer.sweep import run_sweep_job
         return run_sweep_job(cfg, run)  # a failed job is recorded and the sweep goes on
     # Errors are turned into exit codes here, inside the job: past this point Hydra would add its
     # own report of a failed job to our one-line message.
@@ -46,6 +48,8 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     import_user_modules(list(cfg.imports))
     validate(cfg)
+    from trainer.devices import pick_device
+    from trainer.setup import build_data, build_trainer, load_resume_state
     device = distributed.device_for(pick_device(cfg.trainer.device))
     state = load_resume_state(cfg.resume, run_dir, cfg)
     bundle, loaders = build_data(cfg, device)
@@ -65,8 +69,10 @@ def run(cfg: DictConfig) -> float | None:
     return trainer.progress.best
 
 
-def finish(cfg: DictConfig, trainer: Trainer, bundle, run_dir: Path, started: float) -> None:
+def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: float) -> None:
     """Test the best checkpoint, export it, and write metrics.json and the hparams summary (rank 0)."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.export import export_model
     distributed.barrier()  # rank 0 has written best.pt
     best = run_dir / "checkpoints" / "best.pt"
     if best.is_file():
@@ -92,7 +98,7 @@ def finish(cfg: DictConfig, trainer: Trainer, bundle, run_dir: Path, started: fl
                     "images_per_sec": p.images_trained / max(p.train_time_s, 1e-9),
                     "train_time_s": p.train_time_s, "wall_time_s": time.perf_counter() - started,
                     "best": {"monitor": cfg.checkpoint.monitor, "value": p.best, "epoch": p.best_epoch}})
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     trainer.metrics.write(test, step=p.step)
     trainer.metrics.hparams(_hparams(cfg), {k: v for k, v in metrics.items() if isinstance(v, float)})
     trainer.metrics.close()
@@ -123,6 +129,9 @@ def main() -> None:
     # Hydra would print its own multi-line report and exit 1; we want exceptions back, to exit 2 with
     # one line for the user's mistakes and 1 with a traceback for the rest.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(usage(Path(CONFIG_DIR)))  # Hydra's own help deep-copies its config repository ~100 times (~1 s)
+        return
     with exit_codes():
         distributed.init()  # torchrun: join the process group before Hydra composes (see distributed.py)
         sys.argv = resume_argv(sys.argv)

@@ -17,18 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.atomic import atomic_file, fsync_folder, temporary_name
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
 FORMAT = "trainer-checkpoint/1"
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself durable, not only the file's bytes
-    finally:
-        os.close(fd)
 
 
 def _pause_for_tests(state: dict[str, Any]) -> None:
@@ -46,21 +39,12 @@ def _pause_for_tests(state: dict[str, Any]) -> None:
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     """Writes to a temporary file in the same folder, fsyncs, renames over `path`, fsyncs the folder:
     a crash at any instant leaves either the old complete file or the new complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(path, "wb", before_rename=lambda: _pause_for_tests(state)) as f:
             torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _pause_for_tests(state)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except OSError as e:  # a full disk, a read-only or vanished folder
         raise UserError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous one is intact. "
                         f"Free space or fix the folder, then resume") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -110,7 +94,7 @@ class CheckpointWriter:
 def copy_checkpoint(source: Path, path: Path) -> Path:
     """Makes `path` a durable copy of `source` without serialising again (a hard link where the
     file system allows it; replacing `source` later gives it a new inode and leaves this one)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_name(path)
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
@@ -118,7 +102,7 @@ def copy_checkpoint(source: Path, path: Path) -> Path:
         import shutil
         shutil.copyfile(source, tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     return path
 
 

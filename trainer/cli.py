@@ -123,3 +123,20 @@ def resume_argv(argv: list[str]) -> list[str]:
     hydra_saved = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.overrides.hydra
     replayed += [o for o in hydra_saved if _key(o) == "hydra.searchpath" and _key(o) not in given_keys]
     return [argv[0], *flags, *replayed, *given, f"hydra.run.dir={run_dir.resolve()}"]
+
+
+def usage(conf_dir: Path) -> str:
+    """`python -m trainer --help`: how to run it, and every config group with its options, read from
+    the config folder."""
+    groups = sorted((folder.name, sorted(p.stem for p in folder.glob("*.yaml")))
+                    for folder in conf_dir.iterdir() if folder.is_dir() and folder.name != "hydra")
+    width = max(len(name) for name, _ in groups)
+    lines = ["usage: python -m trainer [group=option ...] [key=value ...]",
+             "       python -m trainer -m key=a,b ...           a sweep: one run per combination",
+             "       python -m trainer resume=<run dir | checkpoint | auto> [key=value ...]",
+             "", "Config groups (group=option):"]
+    lines += [f"  {name:<{width}}  {', '.join(options)}" for name, options in groups]
+    lines += ["", "Show the whole config a command would run with:  python -m trainer --cfg job [overrides]",
+              "Hydra's own flags (--multirun, --cfg, --info, ...):  python -m trainer --hydra-help",
+              "More: README.md (config keys, resuming, sweeps, predict and serve)."]
+    return "\n".join(lines)

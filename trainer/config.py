@@ -24,7 +24,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10
+    max_epochs: int = 30
     max_steps: int = -1  # -1: no limit; otherwise stop after this many optimizer steps
     stop_at: Optional[float] = None  # stop once checkpoint.monitor reaches this value (time-to-accuracy)
     limit_train_batches: Optional[int] = None  # None: every batch
@@ -107,14 +107,22 @@ class Config:
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
     # `num_classes: ${class_count:${.root}}` counts an image folder's classes when the config resolves.
-    from trainer.data.folder import count_classes
-    from trainer.data.streaming import stream_class_count
-    OmegaConf.register_new_resolver("class_count", count_classes, replace=True)
-    OmegaConf.register_new_resolver("stream_class_count", stream_class_count, replace=True)
+    OmegaConf.register_new_resolver("class_count", _count_classes, replace=True)
+    OmegaConf.register_new_resolver("stream_class_count", _stream_class_count, replace=True)
     # hparams_search=optuna: the study's direction follows checkpoint.mode; trials get short, stable folders
     OmegaConf.register_new_resolver("optuna_direction", lambda mode: "maximize" if mode == "max" else "minimize",
                                     replace=True)
     OmegaConf.register_new_resolver("trial_dirname", trial_dirname, replace=True)
+
+
+def _count_classes(root: str) -> int:
+    from trainer.data.folder import count_classes  # the data package, only when a config asks
+    return count_classes(root)
+
+
+def _stream_class_count(root: str) -> int:
+    from trainer.data.streaming import stream_class_count
+    return stream_class_count(root)
 
 
 def trial_dirname() -> str:
@@ -202,7 +210,7 @@ def refuse_unknown_keys(cfg: DictConfig, schema: type | None = None, prefix: str
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs more than a type: the registry entries' parameters, ranges, choices."""
-    from trainer import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
+    from trainer.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
 
     refuse_unknown_keys(cfg)
 

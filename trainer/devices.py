@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainer.errors import UserError
-from trainer.instrument import RunningMetrics
+from trainer.metrics import RunningMetrics
 from trainer.speed import to_device
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainer.atomic import write_text
+
 logger = logging.getLogger("trainer")
 
 
@@ -88,5 +90,5 @@ def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[
     manifest = {**metadata, "formats": results,
                 "input": {"shape": [-1, *inputs.shape[1:]], "dtype": "float32", "max_batch": max_batch},
                 "torch_version": torch.__version__}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

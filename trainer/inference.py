@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.transforms import v2
 
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS, decode_image
@@ -59,6 +58,7 @@ class Predictor:
         self.input_shape = tuple(self.manifest["input"]["shape"][1:])
         self.max_batch = int(self.manifest["input"].get("max_batch", 1024))
         # The same operations as the run's evaluation transform (arrays.build_transform): the same floats.
+        from torchvision.transforms import v2
         self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])])
 
     def decode(self, data: bytes, expect: str | None = None) -> Tensor:

@@ -1,5 +1,8 @@
 """The Trainer: setup in __init__, then fit() reads top to bottom: train an epoch, validate, report,
-checkpoint. It never knows which model, dataset or optimizer it runs."""
+checkpoint. It never knows which model, dataset or optimizer it runs.
+
+Longer than 300 lines: it is one class, and its parts (the epoch, the step, evaluation, the checkpoint
+state) read best beside each other; the step plan, devices, timing and metrics live elsewhere."""
 import contextlib
 import itertools
 import logging
@@ -23,18 +26,9 @@ from trainer.checkpoint import CheckpointWriter, rng_state, set_rng_state
 from trainer.data import Loaders
 from trainer.devices import AUTOCAST_DTYPES, autocast, evaluate_model, unwrap
 from trainer.errors import UserError
-from trainer.instrument import (
-    MetricLog,
-    PhaseTimer,
-    RunningMetrics,
-    StopRequested,
-    guarded,
-    profiled_iter,
-    reports,
-    timed,
-    timed_iter,
-    timed_step,
-)
+from trainer.guard import StopRequested, guarded
+from trainer.metrics import MetricLog, RunningMetrics, reports
+from trainer.timing import PhaseTimer, profiled_iter, timed, timed_iter, timed_step
 from trainer.optim import load_optimizer_state, plan_steps, rates_from_config
 from trainer.speed import FlipAverage, WeightAverage, to_device
 
@@ -199,6 +193,9 @@ class Trainer:
 
     @timed_step("forward+backward")
     def forward_backward(self, images: Tensor, targets: Tensor, weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
+        return self._forward_backward(images, targets, weight)
+
+    def _forward_backward(self, images: Tensor, targets: Tensor, weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
         with autocast(self.device, self.autocast_dtype):
             logits = self.model(images)
             loss = nn.functional.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
@@ -293,9 +290,8 @@ class Trainer:
         try:
             for size in sorted(sizes):
                 images = to_device(torch.randn(size, *self.input_shape), self.device, self.settings.channels_last)
-                self.model.train()  # the undecorated step: the warm-up is not training's time
-                Trainer.forward_backward.__wrapped__(self, images, torch.zeros(size, dtype=torch.long,
-                                                                              device=self.device))
+                self.model.train()  # not through forward_backward: the warm-up is not training's time
+                self._forward_backward(images, torch.zeros(size, dtype=torch.long, device=self.device))
                 with torch.no_grad(), autocast(self.device, self.autocast_dtype):
                     self.model.eval()(images)
         except Exception as e:  # the compiler's own failure (no C++ compiler, unsupported op...)
@@ -311,12 +307,14 @@ class Trainer:
     def end_epoch(self, train: dict[str, float], val: dict[str, float]) -> dict[str, float]:
         p = self.progress
         p.epoch += 1
+        train_seconds, eval_seconds = self.timer.last["train"], self.timer.last["eval"]  # this epoch's
         p.images_trained += int(train["images"])
-        p.train_time_s += train["train_time_s"]
+        p.train_time_s += train_seconds
         p.metrics = {"epoch": p.epoch, "train/loss": train["train/loss"], "train/acc": train["train/acc"],
                      "val/loss": val["val/loss"], "val/acc": val["val/acc"],
-                     "lr": self.optimizer.param_groups[0]["lr"], "images_per_sec": train["images_per_sec"],
-                     "epoch_time_s": train["train_time_s"] + val["eval_time_s"]}
+                     "lr": self.optimizer.param_groups[0]["lr"],
+                     "images_per_sec": train["images"] / max(train_seconds, 1e-9),
+                     "epoch_time_s": train_seconds + eval_seconds}
         value = p.metrics[self.checkpointing.monitor]
         improved = math.isfinite(value) and (p.best is None or (value > p.best if self.checkpointing.mode == "max"
                                                                 else value < p.best))

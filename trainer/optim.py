@@ -15,12 +15,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.errors import UserError
-from trainer.registry import Registry
+from trainer.registry import OPTIMIZERS, SCHEDULERS
 
 log = logging.getLogger("trainer")
 
-OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
-SCHEDULERS: Registry[LambdaLR] = Registry("scheduler")
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool, lr: float,

@@ -1,5 +1,11 @@
-"""A registry is a dict from name to builder, filled by a decorator and read by config name."""
+"""A registry is a dict from name to builder, filled by a decorator and read by config name; the four
+the framework chooses from are defined here, at the bottom of the import graph.
+
+Each registry knows the module that registers its built-in entries and imports it on first look-up
+(`names`, `get`, `check`, `build`, `in`): a user's `from trainer.registry import MODELS` sees the
+built-ins, and a command that never looks one up (`--help`, `--cfg job`) never imports them."""
 import collections.abc
+import importlib
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -11,9 +17,15 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, group: str) -> None:
+    def __init__(self, group: str, builtins: str | None = None) -> None:
         self.group = group  # the config group that chooses from this registry
         self._builders: dict[str, Callable[..., T]] = {}
+        self._builtins = builtins  # the module whose import registers the built-in entries
+
+    def _load_builtins(self) -> None:
+        if self._builtins is not None:
+            module, self._builtins = self._builtins, None
+            importlib.import_module(module)
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def add(builder: Callable[..., T]) -> Callable[..., T]:
@@ -25,12 +37,15 @@ class Registry(Generic[T]):
         return add
 
     def names(self) -> list[str]:
+        self._load_builtins()
         return sorted(self._builders)
 
     def __contains__(self, name: str) -> bool:
+        self._load_builtins()
         return name in self._builders
 
     def get(self, name: str) -> Callable[..., T]:
+        self._load_builtins()
         if name not in self._builders:
             raise UserError(f"{self.group}.name: unknown {self.group} '{name}'; choose one of "
                             f"{', '.join(self.names())} (e.g. {self.group}={self.names()[0]})")
@@ -79,3 +94,9 @@ def _matches(value: Any, hint: Any) -> bool:
 
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+MODELS: Registry = Registry("model", builtins="trainer.models")
+DATASETS: Registry = Registry("dataset", builtins="trainer.data")
+OPTIMIZERS: Registry = Registry("optimizer", builtins="trainer.optim")
+SCHEDULERS: Registry = Registry("scheduler", builtins="trainer.optim")

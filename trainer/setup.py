@@ -7,14 +7,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchvision.transforms import v2
 
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
 from trainer.config import params_of
 from trainer.data import DATASETS, DataBundle, Loaders, build_loaders
 from trainer.errors import UserError
-from trainer.instrument import MetricLog, NullMetricLog
+from trainer.metrics import MetricLog, NullMetricLog
 from trainer.loop import Trainer
 from trainer.models import MODELS
 from trainer.optim import OPTIMIZERS, SCHEDULERS, plan_steps
@@ -84,6 +83,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
 def build_batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Callable | None:
     """MixUp and/or CutMix from transforms.v2, applied to whole batches on the device; None when off.
     They draw from the global generator, whose state checkpoints restore, so resumes stay exact."""
+    from torchvision.transforms import v2
     mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
         ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
     return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 import time
 import traceback
@@ -20,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from trainer.atomic import write_text
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -28,7 +28,7 @@ JOB_RECORD = "job.json"
 
 # ---- the job side ------------------------------------------------------------------------------------
 def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=1))
+    write_text(path, json.dumps(data, indent=1))
 
 
 def read_record(job_dir: Path) -> dict | None:
@@ -131,7 +131,7 @@ def refresh_summary(sweep_dir: Path, monitor: str) -> list[dict[str, Any]]:
               r["error"]] for r in rows]
     text = io.StringIO()
     csv.writer(text).writerows([columns, *table])
-    _write_text(sweep_dir / "sweep_summary.csv", text.getvalue())
+    write_text(sweep_dir / "sweep_summary.csv", text.getvalue())
     varying = varying_keys(rows)  # the table shows what tells the jobs apart; the CSV has every override
     for row in table:
         row[2] = " ".join(o for o in row[2].split() if o.partition("=")[0] in varying) or row[2]
@@ -139,7 +139,7 @@ def refresh_summary(sweep_dir: Path, monitor: str) -> list[dict[str, Any]]:
     lines = [f"# Sweep summary: {done} of {len(rows)} jobs done", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table]
-    _write_text(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
+    write_text(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
     plot_summary(rows, monitor, sweep_dir / "sweep_summary.png")
     return rows
 
@@ -148,12 +148,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value).replace("|", "/")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a reader never sees half a file, however many jobs write at once
 
 
 def varying_keys(rows: list[dict[str, Any]]) -> list[str]:

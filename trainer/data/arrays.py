@@ -7,7 +7,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from trainer.errors import UserError
 
@@ -74,8 +73,10 @@ OUR_TRANSFORMS = {"Cutout": Cutout}  # augment steps that torchvision lacks; app
 
 
 def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float],
-                    resize: int | None) -> v2.Compose:
-    """uint8 CHW image -> optional resize -> augmentation steps by name -> float, normalised -> ours."""
+                    resize: int | None) -> Callable[[Tensor], Tensor]:
+    """uint8 CHW image -> optional resize -> augmentation steps by name -> float, normalised -> ours
+    (a transforms.v2.Compose)."""
+    from torchvision.transforms import v2  # here: registering a dataset must not cost torchvision's import
     steps: list[Callable] = [v2.Resize(resize, antialias=True)] if resize else []
     after: list[Callable] = []
     for spec in augment:

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms import v2
 
 from trainer.data.arrays import ArrayDataset, Cutout
-from trainer.data.loader import _mix
+from trainer.seeding import mix
 from trainer.data.plan import EpochPlan
 from trainer.errors import UserError
 
@@ -33,6 +32,7 @@ class DeviceBatches:
         self.crop: tuple[tuple[int, int], list[int], float] | None = None
         self.flip_p = 0.0
         self.cutout = 0
+        from torchvision.transforms import v2  # the steps the dataset's transform is made of
         images = dataset.all_images()
         for step in dataset.transform.transforms:
             if isinstance(step, v2.Resize):
@@ -63,7 +63,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
-        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        generator = torch.Generator().manual_seed(mix(self.seed, self.epoch))
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         offsets = flips = centres = None
         if self.crop is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trainer.data import DATASETS
+from trainer.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_image

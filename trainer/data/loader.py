@@ -5,7 +5,6 @@ augmentation seed, so worker processes hold no random state that matters: 0, 2 o
 same batches, and a resumed run can restart the order at any batch. With several processes, each
 takes its share of every global batch (see plan.py).
 """
-import contextlib
 import ctypes
 import signal
 from collections.abc import Iterable, Iterator
@@ -17,15 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.data.arrays import DataBundle
 from trainer.data.plan import EpochPlan
-
-
-def _mix(*values: int) -> int:
-    """A deterministic 63-bit mix of integers (Python's hash() of ints is not mixed enough)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+from trainer.seeding import mix, seeded
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):
@@ -47,26 +38,12 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         if self.shuffle:
-            generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            generator = torch.Generator().manual_seed(mix(self.seed, self.epoch))
             order = torch.randperm(self.plan.samples, generator=generator).tolist()
         else:
             order = range(self.plan.samples)
         for step in range(self.start, len(self.plan)):
-            yield [(order[i], _mix(self.seed, self.epoch, order[i])) for i in self.plan.share(step, self.rank)]
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Runs a block under a seed of the CPU generator that transforms draw from, then restores it.
-    torch.manual_seed would also seed every accelerator (100x slower); restoring keeps model code in
-    the main process (dropout) unaffected when num_workers=0."""
-    generator = torch.default_generator
-    saved = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        generator.set_state(saved)
+            yield [(order[i], mix(self.seed, self.epoch, order[i])) for i in self.plan.share(step, self.rank)]
 
 
 class SeededSamples(Dataset):
@@ -144,7 +121,7 @@ def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_
     and augmented on that device instead."""
     split = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if on_device is not None:
-        from trainer.data.device import DeviceBatches  # it builds on _mix, here
+        from trainer.data.device import DeviceBatches
         train = DeviceBatches(bundle.train, device=on_device, shuffle=shuffle, drop_last=drop_last, **split)
         val, test = (DeviceBatches(ds, device=on_device, shuffle=False, drop_last=False, **split)
                      for ds in (bundle.val, bundle.test))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data import DATASETS
+from trainer.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.errors import UserError
 

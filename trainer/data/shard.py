@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from trainer.atomic import atomic_file, write_text
 from trainer.cli import exit_codes
 from trainer.data.folder import class_names
 from trainer.data.streaming import INDEX
@@ -38,22 +39,18 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_tar(path: Path, samples: list[tuple[Path, int]], first_key: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(tmp, "w") as tar:
+    with atomic_file(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
         for i, (image, label) in enumerate(samples, start=first_key):
             suffix = image.suffix.lower().lstrip(".").replace("jpeg", "jpg")
             _add(tar, f"{i:09d}.{suffix}", image.read_bytes())
             _add(tar, f"{i:09d}.cls", str(label).encode())
-    os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, samples: list[tuple[Path, int]], first_key: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w") as f:
         for image, label in samples:
             relative = os.path.relpath(image.resolve(), path.parent.resolve())
             f.write(json.dumps({"path": relative, "label": label}) + "\n")
-    os.replace(tmp, path)
 
 
 def write_shards(source: Path, out: Path, shard_size: int, fmt: str = "tar", seed: int = 0) -> dict:
@@ -80,7 +77,7 @@ def write_shards(source: Path, out: Path, shard_size: int, fmt: str = "tar", see
                 shards.append({"file": name, "count": len(chunk)})
                 bar.update(len(chunk))
         index["splits"][split] = {"count": len(samples), "shards": shards}
-    (out / INDEX).write_text(json.dumps(index, indent=1))
+    write_text(out / INDEX, json.dumps(index, indent=1))
     return index
 
 

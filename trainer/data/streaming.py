@@ -1,7 +1,7 @@
 """`streaming`: datasets bigger than memory, read lazily from shards, one sample at a time.
 
 A split is a list of shards, read in order as one stream: tar files in the WebDataset layout
-(`<key>.jpg|png|webp` next to `<key>.cls`, the label as text), or JSONL manifests of
+(`<key>.jpg|png|webp|gif` next to `<key>.cls`, the label as text), or JSONL manifests of
 `{"path": ..., "label": ...}` lines, read line by line. `python -m trainer.data.shard` writes both.
 
 An epoch is a fixed sequence that every process and worker can compute without reading any data:
@@ -16,6 +16,9 @@ k mod num_workers, which the DataLoader collects round-robin from worker 0. So:
   headers (or lines) of samples that are not its own.
 A worker holds the encoded bytes of its own samples for the windows it is reading: memory is set by
 `shuffle_buffer` and the batch size, not by the size of the dataset.
+
+Longer than 300 lines: reading shards, the epoch's sequence and the per-worker batches are one
+mechanism, and each part's invariants (above) hold only with the others.
 """
 import itertools
 import json
@@ -29,9 +32,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trainer.data import DATASETS
+from trainer.registry import DATASETS
 from trainer.data.arrays import DataBundle, build_transform
-from trainer.data.loader import _mix, seeded
+from trainer.seeding import mix, seeded
 from trainer.data.plan import EpochPlan
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
@@ -225,13 +228,13 @@ class StreamBatches(IterableDataset):
         n = min(size, self.plan.samples - window * size)
         if not self.shuffle:
             return torch.arange(window * size, window * size + n)
-        generator = torch.Generator().manual_seed(_mix(self.seed, epoch, window, 1))
+        generator = torch.Generator().manual_seed(mix(self.seed, epoch, window, 1))
         return window * size + torch.randperm(n, generator=generator)
 
     def shard_order(self, pass_index: int) -> list[Shard]:
         if not self.shuffle:
             return list(self.split.shards)
-        generator = torch.Generator().manual_seed(_mix(self.seed, pass_index, 2))
+        generator = torch.Generator().manual_seed(mix(self.seed, pass_index, 2))
         return [self.split.shards[i] for i in torch.randperm(len(self.split.shards), generator=generator).tolist()]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -320,7 +323,7 @@ class StreamBatches(IterableDataset):
             except ImageError as e:
                 bad_sample(e, self.split.on_error)
                 continue
-            with seeded(_mix(self.seed, epoch, sequence_position)):
+            with seeded(mix(self.seed, epoch, sequence_position)):
                 images.append(self.split.transform(image))
             labels.append(sample[1])
         if not images:

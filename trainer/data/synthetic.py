@@ -4,7 +4,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from trainer.data import DATASETS
+from trainer.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.errors import UserError
 

@@ -2,14 +2,17 @@
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torchvision import datasets as tvd
 
-from trainer.data import DATASETS
+from trainer.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.errors import UserError
-from trainer.instrument import retry
+from trainer.retry import retry
+
+if TYPE_CHECKING:
+    from torchvision.datasets import VisionDataset
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def without_checksums(cls: type) -> type:
     })
 
 
-def _open(name: str, cls: type, root: str, train: bool, download: bool) -> tvd.VisionDataset:
+def _open(name: str, cls: type, root: str, train: bool, download: bool) -> "VisionDataset":
     fetch = retry(attempts=3, base_delay=2.0, exceptions=(OSError,))(cls)  # URLError is an OSError
     try:
         return fetch(root, train=train, download=download)
@@ -47,7 +50,7 @@ def _open(name: str, cls: type, root: str, train: bool, download: bool) -> tvd.V
                         f"{hint}{EXPECTED_FILES[name]} under dataset.root") from None
 
 
-def _arrays(ds: tvd.VisionDataset) -> tuple[torch.Tensor, torch.Tensor]:
+def _arrays(ds: "VisionDataset") -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.as_tensor(ds.data)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # grey NHW / colour NHWC
     return images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
@@ -69,17 +72,18 @@ def _torchvision_dataset(name: str, cls: type, *, root: str, download: bool, val
     return bundle
 
 
-def _register(name: str, cls: type) -> None:
+def _register(name: str, class_name: str) -> None:
     def build(root: str, mean: Sequence[float], std: Sequence[float], num_classes: int, in_channels: int,
               image_size: int, download: bool = True, val_split: float = 0.0, augment: Sequence[dict] = (),
               verify_checksum: bool = True) -> DataBundle:
-        return _torchvision_dataset(name, cls, root=root, download=download, val_split=val_split,
+        from torchvision import datasets  # here: registering must not cost torchvision's import
+        return _torchvision_dataset(name, getattr(datasets, class_name), root=root, download=download, val_split=val_split,
                                     augment=augment, mean=mean, std=std, num_classes=num_classes,
                                     in_channels=in_channels, image_size=image_size, verify_checksum=verify_checksum)
     build.__name__ = name
     DATASETS.register(name)(build)
 
 
-for _name, _cls in (("cifar10", tvd.CIFAR10), ("cifar100", tvd.CIFAR100), ("mnist", tvd.MNIST),
-                    ("fashion_mnist", tvd.FashionMNIST)):
-    _register(_name, _cls)
+for _name, _class in (("cifar10", "CIFAR10"), ("cifar100", "CIFAR100"), ("mnist", "MNIST"),
+                      ("fashion_mnist", "FashionMNIST")):
+    _register(_name, _class)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.errors import UserError
-from trainer.models import MODELS
+from trainer.registry import MODELS
 
 
 class Whitening(nn.Module):

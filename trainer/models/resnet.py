@@ -2,7 +2,7 @@
 from torch import Tensor, nn
 
 from trainer.errors import UserError
-from trainer.models import MODELS
+from trainer.registry import MODELS
 
 
 class BasicBlock(nn.Module):

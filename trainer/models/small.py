@@ -2,7 +2,7 @@
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models import MODELS
+from trainer.registry import MODELS
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

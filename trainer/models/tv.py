@@ -1,9 +1,8 @@
 """Any torchvision classification architecture, untrained, with its head sized to the dataset."""
-import torchvision
 from torch import Tensor, nn
 
 from trainer.errors import UserError
-from trainer.models import MODELS
+from trainer.registry import MODELS
 
 
 class RepeatChannels(nn.Module):
@@ -19,6 +18,7 @@ class RepeatChannels(nn.Module):
 
 @MODELS.register("torchvision")
 def torchvision_model(num_classes: int, arch: str, in_channels: int = 3) -> nn.Module:
+    import torchvision  # here, not at import: registering the entry must not cost torchvision's import
     choices = torchvision.models.list_models(module=torchvision.models)
     if arch not in choices:
         raise UserError(f"model.arch: '{arch}' is not a torchvision classification model; "
