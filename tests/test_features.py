@@ -1,9 +1,12 @@
 """Features end to end: user models via `imports`, multirun, debug profiles, the step-level knobs,
 precision, real dataset formats, and partial export failure."""
 import json
+import shutil
+import subprocess
 import textwrap
 from importlib.metadata import entry_points
 
+import pytest
 from conftest import CONF, TINY, TINY_DATA, TINY_RUN, run_trainer, write_cifar10
 
 from trainer.checkpoint import load_checkpoint
@@ -112,10 +115,19 @@ def test_debug_fast_is_one_short_epoch_on_cifar10_in_its_on_disk_format(tmp_path
     assert metrics["epochs"] == 1 and metrics["steps"] == 5
 
 
-def test_console_script_is_declared():
+def test_console_script_is_declared_and_answers(tmp_path):
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("trainer") == "trainer.__main__:main"
     assert (CONF / "config.yaml").is_file()
+    script = shutil.which("trainer")
+    if script is None:
+        pytest.skip("the console script is not on PATH (pip install -e . puts it there)")
+    shown = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)  # a fresh interpreter
+    assert shown.returncode == 0 and "usage: python -m trainer" in shown.stdout
+    assert "model           cnn, fastnet, mlp, resnet, torchvision" in shown.stdout
+    refused = subprocess.run([script, "trainer.max_epochs=0", f"hydra.run.dir={tmp_path}"], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr == "error: trainer.max_epochs: must be 1 or more, got 0\n"
 
 
 def test_imagefolder_end_to_end(tmp_path):
