@@ -174,7 +174,7 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("unexpected error answering %s %s", request.method, request.path)
+            log.exception("unexpected error answering a %s request", request.method)  # no path: the client's
             return error(500, "internal error; the server's log has the details")
 
     middlewares = ([guard.middleware] if guard is not None else []) + [json_errors]
