@@ -222,8 +222,11 @@ class Trainer:
         if not at_check:
             return False
         flag = distributed.all_reduce(torch.tensor([float(self.stop_signal or 0)], device=self.device), "max")
-        self.stop_signal = int(flag.item()) or None
-        return self.stop_signal is not None
+        agreed = int(flag.item())
+        # A signal can land while this process waits in the all-reduce: keep it for the next check,
+        # never overwrite it with the "no" the others answered before it came.
+        self.stop_signal = self.stop_signal or agreed or None
+        return bool(agreed)
 
     @timed_step("optimizer")
     def optimizer_step(self) -> None:
