@@ -111,3 +111,22 @@ def test_torchrun_refuses_a_multirun(tmp_path):
     result = torchrun("-m", *TINY_DATA, "optimizer.lr=0.1,0.2", f"hydra.sweep.dir={tmp_path}", timeout=120)
     assert result.returncode != 0 and "torchrun with -m/--multirun" in result.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_signal_during_the_stop_all_reduce_is_not_lost(monkeypatch):
+    """The signal handler runs while this process waits in the all-reduce, after it sent "no": the
+    others' answer must not erase the flag (it did, and a signalled run trained on to its end)."""
+    from types import SimpleNamespace
+
+    from trainer import distributed
+    from trainer.loop import Trainer
+    trainer = SimpleNamespace(stop_signal=None, device=torch.device("cpu"))
+    def all_reduce_while_signalled(values, op="sum"):
+        trainer.stop_signal = signal.SIGTERM  # what the guard's handler does
+        return torch.zeros_like(values)  # every process said "no" before the signal came
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "all_reduce", all_reduce_while_signalled)
+    assert Trainer._stop_agreed(trainer, at_check=True) is False  # not agreed yet: the others go on too
+    assert trainer.stop_signal == signal.SIGTERM  # kept, so the next check stops everyone
+    monkeypatch.setattr(distributed, "all_reduce", lambda values, op="sum": values)
+    assert Trainer._stop_agreed(trainer, at_check=True) is True
