@@ -76,7 +76,7 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
     from aiohttp import web
 
     from trainer.serving.batcher import BatchFailed, Batcher, NotRunning, QueueFull
-    from trainer.serving.bodies import ClientError, read_body, to_batch
+    from trainer.serving.bodies import ClientError, check_declared_length, read_body, to_batch
 
     batcher = Batcher(predictor, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
     decode_threads = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
@@ -143,9 +143,10 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
 
     async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse a body that is announced too large before the client sends it."""
-        if request.content_length is not None and request.content_length > settings.max_body_bytes:
-            return error(413, f"the body of {request.content_length:,} bytes is over serve.max_body_bytes="
-                              f"{settings.max_body_bytes:,}")
+        try:
+            check_declared_length(request, settings.max_body_bytes)
+        except ClientError as e:
+            return error(e.status, str(e))
         if request.headers.get("Expect", "").lower() != "100-continue":
             return error(417, "the only Expect this server knows is 100-continue")
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -43,9 +43,7 @@ async def read_body(request: web.Request, max_bytes: int, max_inputs: int) -> Bo
     if kind != "application/json" and not kind.startswith("multipart/") and kind not in IMAGE_TYPES:
         raise ClientError(415, f"content type {kind!r}: send image/png, image/jpeg, image/webp, image/gif, "
                                f"multipart form files or application/json")
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise ClientError(413, f"the body of {request.content_length:,} bytes is over serve.max_body_bytes="
-                               f"{max_bytes:,}")
+    check_declared_length(request, max_bytes)
     try:
         if kind.startswith("multipart/"):
             return Body("images", await _read_parts(request, max_bytes, max_inputs))
@@ -59,6 +57,14 @@ async def read_body(request: web.Request, max_bytes: int, max_inputs: int) -> Bo
     if kind == "application/json":
         return Body("json", [(data, None)])
     return Body("images", [(data, MEDIA_TYPES.get(kind))])
+
+
+def check_declared_length(request: web.Request, max_bytes: int) -> None:
+    """A Content-Length over the limit is refused before any of the body is read (or, with `Expect:
+    100-continue`, sent)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ClientError(413, f"the body of {request.content_length:,} bytes is over serve.max_body_bytes="
+                               f"{max_bytes:,}")
 
 
 async def _read_parts(request: web.Request, max_bytes: int, max_inputs: int) -> list[tuple[bytes, str | None]]:

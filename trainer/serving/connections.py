@@ -32,8 +32,6 @@ class ConnectionGuard:
         self.open: dict[Any, tuple[asyncio.Transport, asyncio.TimerHandle | None]] = {}
         self.busy: set[Any] = set()  # connections whose request is being handled
         self.stopping = False
-        self.refused = 0
-        self.expired = 0
 
     def attach(self, server: web.Server) -> None:
         """Hooks the server's per-connection callbacks (instance attributes shadow its methods)."""
@@ -42,7 +40,6 @@ class ConnectionGuard:
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
             made(handler, transport)
             if self.stopping or len(self.open) >= self.max_connections:
-                self.refused += 1
                 transport.write(_raw_response("503 Service Unavailable", "too many connections; try again"
                                               if not self.stopping else "the server is stopping"))
                 # closed on the next turn of the loop: aiohttp's handler starts right after this returns
@@ -75,7 +72,6 @@ class ConnectionGuard:
 
     def _expire(self, handler: Any) -> None:
         if handler in self.open and handler not in self.busy:
-            self.expired += 1
             self.open[handler][0].close()  # idle, or too slow to send a request head: a clean close
 
     @web.middleware
