@@ -9,10 +9,12 @@ import json
 import random
 import re
 import resource
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from contextlib import contextmanager
@@ -252,7 +254,7 @@ HOSTILE = [  # (what, request, expected status, a phrase of the error)
 def hostile(served_run):
     with hostile_server(served_run, "serve.max_body_bytes=2000000", "serve.max_batch_size=16",
                         "serve.max_image_pixels=4000000", "serve.idle_timeout_s=1", "serve.body_timeout_s=2",
-                        "serve.max_connections=64", max_files=256) as (process, port):
+                        "serve.max_connections=64") as (process, port):
         yield process, port
 
 
@@ -280,7 +282,8 @@ def test_every_hostile_request_gets_its_4xx_and_the_server_lives_on(hostile):
 
 
 def test_connections_idle_slow_or_too_many_are_closed_cleanly(hostile):
-    """The server has 256 file descriptors; 250 idle connections would have exhausted them."""
+    """250 idle connections against serve.max_connections=64: the ones past the cap are answered 503
+    (running out of file descriptors is the flood test's business)."""
     process, port = hostile
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(250)]
     time.sleep(0.3)
@@ -322,6 +325,37 @@ def test_the_log_holds_no_traceback_and_no_client_bytes(hostile):
     _, log = process.communicate(timeout=60)
     assert process.returncode == 0
     assert "Traceback" not in log and "Error" not in log and MARKER.decode() not in log, log[-3000:]
+
+
+def test_a_flood_of_connections_cannot_run_the_server_out_of_file_descriptors(served_run):
+    """120 file descriptors, 150 clients connecting while the server is stopped (so the kernel's listen
+    queue is full when it continues): asyncio accepts a backlog's worth of sockets per turn of its loop
+    before any can be refused, so the server fits serve.max_connections and its backlog to `ulimit -n`
+    (with a warning) instead of failing accept() with a traceback per socket."""
+    with hostile_server(served_run, "serve.max_connections=64", "serve.idle_timeout_s=1",
+                        max_files=120) as (process, port):
+        clients: list[socket.socket] = []
+        def connect() -> None:
+            try:
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=3))
+            except OSError:  # not taken within the timeout: the listen queue is small on purpose
+                pass
+        threads = [threading.Thread(target=connect) for _ in range(150)]
+        process.send_signal(signal.SIGSTOP)
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGCONT)
+        for thread in threads:
+            thread.join()
+        for client in clients:
+            client.close()
+        time.sleep(0.3)
+        assert exchange(port, post(PNG, "image/png"))[0] == 200
+        process.send_signal(15)
+        _, log = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in log and "out of system resource" not in log, log[-2000:]
+    assert "serve.max_connections=64 lowered to" in log and "(ulimit -n)" in log
 
 
 def test_a_failing_batch_fails_its_own_requests_only_and_health_follows_the_batcher(served_run):

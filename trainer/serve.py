@@ -190,14 +190,16 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
 async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None:
     from aiohttp import web
 
-    from trainer.serving.connections import ConnectionGuard, QuietServerLog
-    guard = ConnectionGuard(settings.max_connections, settings.idle_timeout_s)
+    from trainer.serving.connections import ConnectionGuard, QuietServerLog, fit_to_file_limit, quiet_accept_errors
+    asyncio.get_running_loop().set_exception_handler(quiet_accept_errors)
+    max_connections, backlog = fit_to_file_limit(settings.max_connections)
+    guard = ConnectionGuard(max_connections, settings.idle_timeout_s)
     app = build_app(predictor, settings, guard)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout_s,
                            keepalive_timeout=settings.idle_timeout_s, logger=QuietServerLog())
     await runner.setup()
     guard.attach(runner.server)
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=backlog)
     try:
         await site.start()
     except OSError as e:

@@ -7,8 +7,11 @@ handled, so it can refuse connections past serve.max_connections with a 503, clo
 has not sent a complete request head within serve.idle_timeout_s, and, on shutdown, wait for the
 requests being handled while closing the idle connections."""
 import asyncio
+import errno
 import json
 import logging
+import os
+import resource
 import sys
 import time
 from typing import Any
@@ -24,6 +27,50 @@ def _raw_response(status: str, message: str) -> bytes:
     body = json.dumps({"error": message}).encode()
     return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Retry-After: 1\r\nConnection: close\r\n\r\n").encode() + body
+
+
+RESERVED_FILES = 32  # for what the process opens besides connections: the model, logs, threads' pipes
+MAX_BACKLOG = 128  # aiohttp's default listen backlog
+ACCEPT_TURNS = 4  # turns of the event loop between accepting a socket and closing a refused one
+
+
+def fit_to_file_limit(max_connections: int) -> tuple[int, int]:
+    """(max_connections, listen backlog) that cannot run the process out of file descriptors.
+
+    asyncio accepts up to `backlog` sockets each time the listening socket is ready, and a refused one
+    is closed about four turns of the loop later (the accept task, connection_made, our close, the
+    transport's close), so at the peak the process holds its own files, max_connections connections
+    and about four backlogs more. The soft limit is first raised to the hard one; if that is still too
+    little, the backlog shrinks, then max_connections (with a warning naming `ulimit -n`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            soft = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (ValueError, OSError):
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64
+    available = soft - open_now - RESERVED_FILES
+    backlog = max(8, min(MAX_BACKLOG, (available - max_connections) // ACCEPT_TURNS))
+    if max_connections + ACCEPT_TURNS * backlog > available:
+        fitted = max(1, available - ACCEPT_TURNS * backlog)
+        log.warning("serve.max_connections=%d lowered to %d: this process may open only %d files (ulimit -n)",
+                    max_connections, fitted, soft)
+        max_connections = fitted
+    return max_connections, backlog
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's exception handler: running out of file descriptors while accepting (asyncio
+    pauses accepting for a second and retries) is one short warning, not a traceback per socket."""
+    error = context.get("exception")
+    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        log.warning("accepting connections paused for a second: %s", error.strerror)
+    else:
+        loop.default_exception_handler(context)
 
 
 class ConnectionGuard:
