@@ -51,7 +51,7 @@ def run_script(args: argparse.Namespace, cfg) -> dict:
     return train_script(Path(args.data), model=build_model(cfg), target=args.target, epochs=args.epochs,
                         batch_size=cfg.loader.batch_size, lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
                         weight_decay=cfg.optimizer.weight_decay, bias_scale=cfg.optimizer.norm_and_bias_lr_scale,
-                        label_smoothing=cfg.loss.label_smoothing, warmup_epochs=cfg.scheduler.warmup_epochs,
+                        label_smoothing=cfg.task.label_smoothing, warmup_epochs=cfg.scheduler.warmup_epochs,
                         final_lr_ratio=cfg.scheduler.final_lr_ratio, ema_decay=cfg.trainer.ema_decay,
                         ema_every=cfg.trainer.ema_every, padding=crop.padding, mean=list(cfg.dataset.mean),
                         std=list(cfg.dataset.std), precision=str(cfg.trainer.precision),

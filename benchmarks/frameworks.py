@@ -27,12 +27,11 @@ def compose(overrides: list[str]):
 def build_ours(overrides: list[str], run_dir: Path):
     """(trainer, bundle, cfg) for these overrides, built as `python -m trainer` builds them."""
     from trainer.devices import pick_device
-    from trainer.setup import build_data, build_trainer
+    from trainer.setup import build_data, build_task, build_trainer
     cfg = compose(overrides)
     device = pick_device(cfg.trainer.device)
     bundle, loaders = build_data(cfg, device)
-    trainer = build_trainer(cfg, run_dir, device, loaders, None,
-                            (bundle.in_channels, bundle.image_size, bundle.image_size))
+    trainer = build_trainer(cfg, run_dir, device, loaders, None, build_task(cfg, bundle))
     return trainer, bundle, cfg
 
 

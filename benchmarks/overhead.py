@@ -58,7 +58,7 @@ def build_both(args: argparse.Namespace, run_dir: Path, near_zero: bool = False)
 
 def ours_epoch(trainer) -> dict:
     result = trainer.train_epoch()
-    return {"images": result["images"], "seconds": trainer.timer.last["train"]}
+    return {"images": result["samples"], "seconds": trainer.timer.last["train"]}
 
 
 def paired_rounds(trainer, hand, cfg, rounds: int, show: bool) -> list[dict]:

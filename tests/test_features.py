@@ -151,7 +151,7 @@ def test_on_device_loader_trains_end_to_end(tmp_path):
 
 def test_mixup_cutmix_and_label_smoothing_train(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_trainer(*TINY, "loss.mixup_alpha=0.2", "loss.cutmix_alpha=1.0", "loss.label_smoothing=0.1",
+    result = run_trainer(*TINY, "task.mixup_alpha=0.2", "task.cutmix_alpha=1.0", "task.label_smoothing=0.1",
                          "export.formats=[]", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -366,13 +366,13 @@ def test_a_failing_batch_fails_its_own_requests_only_and_health_follows_the_batc
     from trainer.inference import Predictor
     from trainer.serve import ServeSettings, build_app
     predictor = Predictor(served_run)
-    real, calls = predictor.probabilities, []
+    real, calls = predictor.outputs, []
     def flaky(batch: torch.Tensor) -> torch.Tensor:
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("the device fell over")
         return real(batch)
-    predictor.probabilities = flaky
+    predictor.outputs = flaky
     async def check():
         app = build_app(predictor, ServeSettings(max_wait_ms=200))
         async with TestClient(TestServer(app)) as client:

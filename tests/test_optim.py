@@ -58,15 +58,21 @@ def test_step_and_constant():
 
 
 def test_batch_mix_builds_mixup_cutmix_or_nothing():
-    from trainer.setup import build_batch_mix
-    assert build_batch_mix(0.0, 0.0, 10) is None
+    from trainer.tasks.base import DataInfo
+    from trainer.tasks.classification import Classification
+
+    def task(mixup: float, cutmix: float) -> Classification:
+        built = Classification(mixup_alpha=mixup, cutmix_alpha=cutmix)
+        built.bind(DataInfo(target="class", classes=[str(i) for i in range(10)]))
+        return built
     images, labels = torch.rand(8, 3, 32, 32), torch.arange(8)
+    assert task(0.0, 0.0).mix((images, labels)) == (images, labels)
     for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
-        mix = build_batch_mix(mixup, cutmix, 10)
+        mix = task(mixup, cutmix).mix
         torch.manual_seed(0)
-        mixed, targets = mix(images, labels)
+        mixed, targets = mix((images, labels))
         torch.manual_seed(0)
-        again, _ = mix(images, labels)
+        again, _ = mix((images, labels))
         assert torch.equal(mixed, again)  # drawn from the global generator, which checkpoints restore
         assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
         assert not torch.equal(mixed, images) and (targets.max(1).values < 1).any()  # pairs really mixed

@@ -11,7 +11,8 @@ from conftest import TINY, TINY_DATA, TINY_RUN, compose_config, run_trainer
 from trainer import MODELS, OPTIMIZERS, SCHEDULERS
 from trainer.checkpoint import load_checkpoint
 from trainer.metrics import RunningMetrics
-from trainer.speed import FlipAverage, WeightAverage
+from trainer.speed import WeightAverage
+from trainer.tasks.base import FlipAverage
 
 SMALL = [*TINY, "dataset.train_size=512", "export.formats=[torch_export]"]
 
@@ -22,7 +23,7 @@ def _metrics(run_dir: Path) -> dict:
 
 def test_bf16_channels_last_ema_and_tta_train_and_export(tmp_path):
     result = run_trainer(*SMALL, "trainer.precision=bf16", "trainer.channels_last=true", "trainer.ema_decay=0.5",
-                         "trainer.tta=flip", f"hydra.run.dir={tmp_path}")
+                         "task.tta=flip", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     metrics = _metrics(tmp_path)
     assert all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "test/loss"))
@@ -71,11 +72,11 @@ def test_compile_warms_up_outside_the_timing_and_saves_plain_weights(tmp_path):
 def test_warm_up_restores_weights_statistics_and_random_state(tmp_path):
     from conftest import compose_config as compose
 
-    from trainer.setup import build_data, build_trainer
+    from trainer.setup import build_data, build_task, build_trainer
     cfg = compose(*TINY, "model.dropout=0.5")
     device = torch.device("cpu")
     bundle, loaders = build_data(cfg, device)
-    trainer = build_trainer(cfg, tmp_path, device, loaders, None, (3, 32, 32))
+    trainer = build_trainer(cfg, tmp_path, device, loaders, None, build_task(cfg, bundle))
     before, rng = {k: v.clone() for k, v in trainer.model.state_dict().items()}, torch.get_rng_state()
     trainer.warm_up()  # eager here: the same steps compiling would run
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # incl. BN statistics
@@ -99,7 +100,7 @@ def test_stop_at_ends_training_and_profile_writes_a_trace_beside_the_tensorboard
 
 def test_fast_recipe_composes_and_trains_shrunk(tmp_path):
     cfg = compose_config("experiment=cifar10_fast")
-    assert cfg.model.name == "fastnet" and cfg.loader.on_device and cfg.trainer.tta == "flip"
+    assert cfg.model.name == "fastnet" and cfg.loader.on_device and cfg.task.tta == "flip"
     assert cfg.loader.batch_size == 1024 and cfg.trainer.compile and cfg.trainer.ema_decay > 0
     result = run_trainer("experiment=cifar10_fast", "dataset=synthetic", "dataset.train_size=768",
                          "dataset.test_size=128", "model.widths=[16,32,32]", "loader.batch_size=64",
@@ -143,13 +144,13 @@ def test_flip_average_is_the_same_for_an_image_and_its_mirror():
 
 
 def test_running_metrics_name_the_first_nonfinite_step():
-    metrics = RunningMetrics(torch.device("cpu"), window=4)
-    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])
+    metrics = RunningMetrics(torch.device("cpu"), size=1, window=4)
+    correct = torch.tensor([1.0])  # the task's running sum: one of the two samples right
     for step, loss in enumerate([0.5, 0.25, float("nan"), 0.1, float("inf")], start=1):
-        metrics.add(torch.tensor(loss), logits, labels, step=step)
+        metrics.add(torch.tensor(loss), correct, 2, step=step)
     assert metrics.first_nonfinite_step() == 3
-    healthy = RunningMetrics(torch.device("cpu"), window=2)
-    healthy.add(torch.tensor(0.5), logits, labels, step=1)
+    healthy = RunningMetrics(torch.device("cpu"), size=1, window=2)
+    healthy.add(torch.tensor(0.5), correct, 2, step=1)
     assert healthy.first_nonfinite_step() is None and healthy.totals() == [1.0, 1.0, 2]
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from trainer import distributed
 from trainer.atomic import write_text
-from trainer.cli import exit_codes, import_user_modules, resume_argv, usage
+from trainer.cli import exit_codes, import_user_modules, refuse_moved_keys, resume_argv, usage
 from trainer.config import register_configs, validate
 
 if TYPE_CHECKING:
@@ -49,20 +49,20 @@ def run(cfg: DictConfig) -> float | None:
     import_user_modules(list(cfg.imports))
     validate(cfg)
     from trainer.devices import pick_device
-    from trainer.setup import build_data, build_trainer, load_resume_state
+    from trainer.setup import build_data, build_task, build_trainer, load_resume_state
     device = distributed.device_for(pick_device(cfg.trainer.device))
     state = load_resume_state(cfg.resume, run_dir, cfg)
     bundle, loaders = build_data(cfg, device)
-    trainer = build_trainer(cfg, run_dir, device, loaders, state, (bundle.in_channels, bundle.image_size,
-                                                                   bundle.image_size))
-    if state is None:
+    task = build_task(cfg, bundle, state)
+    trainer = build_trainer(cfg, run_dir, device, loaders, state, task)
+    if state is None and hasattr(bundle.train, "preview") and bundle.mean is not None:
         trainer.metrics.images("train/samples", bundle.train.preview(64), bundle.mean, bundle.std)
     else:
         p = trainer.progress
         log.info("resumed (resume=%s) at epoch %d, batch %d, step %d", cfg.resume, p.epoch, p.batches_in_epoch,
                  p.step)
-    log.info("training %s on %s (%d train / %d val images) on %s%s, run dir %s", cfg.model.name, cfg.dataset.name,
-             len(bundle.train), len(bundle.val), device,
+    log.info("training %s for %s on %s (%d train / %d val samples) on %s%s, run dir %s", cfg.model.name,
+             cfg.task.name, cfg.dataset.name, len(bundle.train), len(bundle.val), device,
              f" x {distributed.world_size()} processes" if distributed.active() else "", run_dir)
     trainer.fit()
     finish(cfg, trainer, bundle, run_dir, started)
@@ -82,28 +82,29 @@ def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: 
     test = trainer.evaluate(trainer.loaders.test, cfg.trainer.limit_test_batches, "test")  # every rank's share
     if not distributed.is_main():
         return
-    inputs = bundle.test.preview(8)
+    inputs = trainer.task.inputs(next(iter(trainer.loaders.test)))[:8].cpu()  # real test inputs
     export_started = time.perf_counter()
-    manifest = export_model(trainer.evaluator(plain=True), inputs, run_dir / "export", list(cfg.export.formats),
-                            tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,
+    manifest = export_model(trainer.task.exported(trainer.evaluator(plain=True)), inputs, run_dir / "export",
+                            list(cfg.export.formats), tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,
                             metadata={"model": cfg.model.name, "checkpoint": "checkpoints/best.pt",
-                                      "ema": cfg.trainer.ema_decay > 0, "tta": cfg.trainer.tta,
-                                      "classes": bundle.classes, "image_size": bundle.image_size,
+                                      "ema": cfg.trainer.ema_decay > 0, "tta": trainer.task.tta,
+                                      "task": trainer.task.manifest(), "classes": bundle.classes,
+                                      "image_size": bundle.image_size,
                                       "normalization": {"mean": bundle.mean, "std": bundle.std},
                                       "preprocess": preprocess_spec(bundle)})
     trainer.timer.add("export", time.perf_counter() - export_started)
     p = trainer.progress
-    metrics = {key: p.metrics.get(key) for key in ("train/loss", "train/acc", "val/loss", "val/acc")}
-    metrics.update({"test/loss": test["test/loss"], "test/acc": test["test/acc"], "epochs": p.epoch, "steps": p.step,
+    metrics = {key: value for key, value in p.metrics.items() if key.startswith(("train/", "val/"))}
+    metrics.update({**test, "epochs": p.epoch, "steps": p.step,
                     "images_per_sec": p.images_trained / max(p.train_time_s, 1e-9),
                     "train_time_s": p.train_time_s, "wall_time_s": time.perf_counter() - started,
-                    "best": {"monitor": cfg.checkpoint.monitor, "value": p.best, "epoch": p.best_epoch}})
+                    "best": {"monitor": trainer.checkpointing.monitor, "value": p.best, "epoch": p.best_epoch}})
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     trainer.metrics.write(test, step=p.step)
     trainer.metrics.hparams(_hparams(cfg), {k: v for k, v in metrics.items() if isinstance(v, float)})
     trainer.metrics.close()
-    log.info("test/loss %.4f  test/acc %.4f  (best %s %.4f at epoch %d)", test["test/loss"], test["test/acc"],
-             cfg.checkpoint.monitor, p.best if p.best is not None else float("nan"), p.best_epoch)
+    log.info("%s  (best %s %.4f at epoch %d)", "  ".join(f"{k} {v:.4f}" for k, v in test.items()),
+             trainer.checkpointing.monitor, p.best if p.best is not None else float("nan"), p.best_epoch)
     log.info("time per phase:\n%s", trainer.timer.table())
     failed = [fmt for fmt, r in manifest["formats"].items() if "error" in r]
     if failed:
@@ -112,15 +113,18 @@ def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: 
         raise SystemExit(1)
 
 
-def preprocess_spec(bundle) -> dict:
-    """How an image file becomes the exported model's input: what predict and serve (or anyone) apply."""
+def preprocess_spec(bundle) -> dict | None:
+    """How an image file becomes the exported model's input: what predict and serve (or anyone) apply;
+    None for a dataset that is not images (then the export takes tensors only)."""
+    if bundle.image_size is None or bundle.mean is None or bundle.in_channels not in (1, 3):
+        return None
     return {"decode": "RGB" if bundle.in_channels == 3 else "L", "resize_shorter_side": bundle.image_size,
             "center_crop": [bundle.image_size, bundle.image_size], "scale": 1 / 255, "mean": bundle.mean,
             "std": bundle.std, "layout": "NCHW", "dtype": "float32"}
 
 
 def _hparams(cfg: DictConfig) -> dict[str, str | float | int | bool]:
-    return {"model": cfg.model.name, "dataset": cfg.dataset.name, "optimizer": cfg.optimizer.name,
+    return {"model": cfg.model.name, "dataset": cfg.dataset.name, "task": cfg.task.name, "optimizer": cfg.optimizer.name,
             "scheduler": cfg.scheduler.name, "lr": cfg.optimizer.lr, "batch_size": cfg.loader.batch_size,
             "max_epochs": cfg.trainer.max_epochs, "precision": str(cfg.trainer.precision), "seed": cfg.seed}
 
@@ -134,6 +138,7 @@ def main() -> None:
         return
     with exit_codes():
         distributed.init()  # torchrun: join the process group before Hydra composes (see distributed.py)
+        refuse_moved_keys(sys.argv[1:])
         sys.argv = resume_argv(sys.argv)
         train()
 

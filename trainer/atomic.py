@@ -43,3 +43,8 @@ def atomic_file(path: Path, mode: str = "wb", before_rename=None) -> Iterator[IO
 def write_text(path: Path, text: str) -> None:
     with atomic_file(path, "w") as f:
         f.write(text)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path, "wb") as f:
+        f.write(data)

@@ -119,10 +119,34 @@ def resume_argv(argv: list[str]) -> list[str]:
         raise UserError("resume: resuming one run cannot be combined with -m/--multirun")
     flags, given = [a for a in argv[1:] if a.startswith("-")], [a for a in argv[1:] if not a.startswith("-")]
     given_keys = {_key(a) for a in given} | {"hydra.run.dir"}
-    replayed = [o for o in OmegaConf.load(saved) if _key(o) not in given_keys]
+    replayed = [legacy_override(o) for o in OmegaConf.load(saved)]  # a run from before tasks: keys moved
+    replayed = [o for o in replayed if _key(o) not in given_keys]
     hydra_saved = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.overrides.hydra
     replayed += [o for o in hydra_saved if _key(o) == "hydra.searchpath" and _key(o) not in given_keys]
     return [argv[0], *flags, *replayed, *given, f"hydra.run.dir={run_dir.resolve()}"]
+
+
+# Keys that moved when tasks arrived: a saved run's overrides are translated, a typed one is refused.
+MOVED_KEYS = {"loss.label_smoothing": "task.label_smoothing", "loss.mixup_alpha": "task.mixup_alpha",
+              "loss.cutmix_alpha": "task.cutmix_alpha", "trainer.tta": "task.tta"}
+
+
+def legacy_override(override: str) -> str:
+    """A saved override of a moved key, under its new name (`loss.label_smoothing=0.1` ->
+    `task.label_smoothing=0.1`)."""
+    key, sep, value = override.partition("=")
+    prefix = key[:len(key) - len(key.lstrip("+~"))]
+    new = MOVED_KEYS.get(key.lstrip("+~"))
+    return f"{prefix}{new}{sep}{value}" if new else override
+
+
+def refuse_moved_keys(args: list[str]) -> None:
+    """A key that moved (loss.label_smoothing is task.label_smoothing now): its new name, exit 2."""
+    for arg in args:
+        if _key(arg) in MOVED_KEYS:
+            new = MOVED_KEYS[_key(arg)]
+            raise UserError(f"{_key(arg)}: moved to {new} (an option of task=classification); write "
+                            f"{new}={arg.partition('=')[2]}")
 
 
 def usage(conf_dir: Path) -> str:

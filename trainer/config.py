@@ -1,8 +1,8 @@
 """Config schemas, registered once with Hydra's ConfigStore, and the checks composition cannot do.
 
 The fixed parts (trainer, loader, checkpoint, export) are typed dataclasses, so a misspelled key or a
-wrong type fails while Hydra composes. The swappable parts (model, dataset, optimizer, scheduler) hold
-the parameters of whichever registry entry is named, so they are checked against that entry's
+wrong type fails while Hydra composes. The swappable parts (model, dataset, task, optimizer, scheduler)
+hold the parameters of whichever registry entry is named, so they are checked against that entry's
 signature in `validate`, still before any data is read.
 """
 import dataclasses
@@ -17,7 +17,6 @@ from trainer.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("32", "bf16", "16")
-MONITORS = ("val/acc", "val/loss", "train/acc", "train/loss")
 EXPORT_FORMATS = ("torchscript", "torch_export", "onnx")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -44,7 +43,6 @@ class TrainerConfig:
     cudnn_benchmark: bool = True  # on CUDA: let cuDNN pick the fastest algorithms for the fixed shapes
     ema_decay: float = 0.0  # 0: off; else evaluate, test and export an EMA of the weights
     ema_every: int = 1  # update the EMA every N optimizer steps
-    tta: str = "none"  # none, or flip: evaluate (and export) the mean of the image's and its mirror's logits
     profile: bool = False  # a torch.profiler trace of a few steps into the run's tensorboard/ folder
     profile_steps: int = 5
     threads: Optional[int] = None  # torch's intra-op threads (None: torch's default, one per core)
@@ -64,18 +62,11 @@ class LoaderConfig:
 
 
 @dataclass
-class LossConfig:
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0  # 0: off; the Beta(alpha, alpha) mixing of image pairs
-    cutmix_alpha: float = 0.0  # 0: off; with both on, each batch gets one of the two
-
-
-@dataclass
 class CheckpointConfig:
     every_n_epochs: int = 1
     every_n_steps: int = 0  # 0: only at epoch ends
-    monitor: str = "val/acc"
-    mode: str = "max"
+    monitor: Optional[str] = None  # None: the task's default (val/acc for classification)
+    mode: Optional[str] = None  # max or min; None: the monitored metric's own
     keep_last: int = 2  # the newest N checkpoints kept as step-N.pt, to fall back on if last.pt is damaged
     reset_optimizer: bool = False  # on resume: fresh optimizer state instead of the checkpoint's
     reset_scheduler: bool = False  # on resume: the learning-rate schedule restarts at the current step
@@ -92,11 +83,11 @@ class ExportConfig:
 class Config:
     model: Any = None
     dataset: Any = None
+    task: Any = None
     optimizer: Any = None
     scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 42
@@ -110,9 +101,23 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("class_count", _count_classes, replace=True)
     OmegaConf.register_new_resolver("stream_class_count", _stream_class_count, replace=True)
     # hparams_search=optuna: the study's direction follows checkpoint.mode; trials get short, stable folders
-    OmegaConf.register_new_resolver("optuna_direction", lambda mode: "maximize" if mode == "max" else "minimize",
-                                    replace=True)
+    OmegaConf.register_new_resolver("optuna_direction", _optuna_direction, replace=True)
     OmegaConf.register_new_resolver("trial_dirname", trial_dirname, replace=True)
+
+
+def _optuna_direction(mode: str | None, monitor: str | None = None, task: str = "classification") -> str:
+    return "maximize" if monitored(task, monitor, mode)[1] == "max" else "minimize"
+
+
+def monitored(task: str, monitor: str | None, mode: str | None) -> tuple[str, str]:
+    """checkpoint.monitor and checkpoint.mode as the run reads them, before any data: a null monitor is
+    the task's default, a null mode the metric's own."""
+    from trainer.registry import TASKS
+    cls = TASKS.get(task)
+    monitor = monitor or f"val/{cls.monitor}"
+    split, _, metric = monitor.partition("/")
+    modes = cls.metrics if split == "val" else {"loss": "min", **cls.train_metrics}
+    return monitor, mode or modes.get(metric, "max")
 
 
 def _count_classes(root: str) -> int:
@@ -171,22 +176,17 @@ RULES = [
     ("trainer.compile_mode", lambda v: v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}"),
     ("trainer.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     ("trainer.ema_every", _at_least(1), "1 or more"),
-    ("trainer.tta", lambda v: v in ("none", "flip"), "one of none, flip"),
     ("trainer.profile_steps", _at_least(1), "1 or more"),
     ("trainer.threads", lambda v: v is None or v >= 1, "null (one per core) or 1 or more"),
     ("checkpoint.keep_last", _at_least(1), "1 or more"),
     ("loader.batch_size", _at_least(1), "1 or more"),
     ("loader.num_workers", _at_least(0), "0 (load in the main process) or more"),
     ("loader.prefetch_factor", _at_least(1), "1 or more"),
-    ("loss.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("loss.mixup_alpha", _at_least(0), "0 (off) or positive"),
-    ("loss.cutmix_alpha", _at_least(0), "0 (off) or positive"),
     ("checkpoint.every_n_epochs", _at_least(1), "1 or more"),
     ("checkpoint.every_n_steps", _at_least(0), "0 (off) or more"),
-    ("checkpoint.monitor", lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}"),
-    ("checkpoint.mode", lambda v: v in ("max", "min"), "one of max, min"),
+    ("checkpoint.mode", lambda v: v in (None, "max", "min"), "one of max, min, or null (the metric's own)"),
     ("export.formats", lambda v: set(v) <= set(EXPORT_FORMATS), f"a list of {', '.join(EXPORT_FORMATS)}"),
-    ("dataset.num_classes", _at_least(2), "2 or more"),
+    ("dataset.num_classes", lambda v: v is None or v >= 1, "1 or more (the model's outputs)"),
     ("dataset.val_split", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
     ("optimizer.lr", lambda v: v > 0, "positive"),
 ]
@@ -210,11 +210,11 @@ def refuse_unknown_keys(cfg: DictConfig, schema: type | None = None, prefix: str
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs more than a type: the registry entries' parameters, ranges, choices."""
-    from trainer.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
+    from trainer.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS
 
     refuse_unknown_keys(cfg)
 
-    for group, registry, provided in (("model", MODELS, ()), ("dataset", DATASETS, ()),
+    for group, registry, provided in (("model", MODELS, ()), ("dataset", DATASETS, ()), ("task", TASKS, ()),
                                       ("optimizer", OPTIMIZERS, ("model",)),
                                       ("scheduler", SCHEDULERS, ("optimizer", "total_steps", "steps_per_epoch"))):
         section = cfg[group]
@@ -224,6 +224,9 @@ def validate(cfg: DictConfig) -> None:
     for key, ok, requirement in RULES:
         value = OmegaConf.select(cfg, key)
         _require(ok(value), f"{key}: must be {requirement}, got {value!r}")
+    from trainer.tasks.base import resolve_monitor
+    task = TASKS.build(cfg.task.name, **params_of(cfg.task))  # its own checks of its options
+    resolve_monitor(task, cfg.checkpoint.monitor, cfg.checkpoint.mode)  # before any data is read
     if "onnx" in cfg.export.formats:
         import importlib.util
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
@@ -236,3 +239,15 @@ def params_of(section: DictConfig) -> dict[str, Any]:
     params = OmegaConf.to_container(section, resolve=True)
     params.pop("name")
     return params
+
+
+def upgrade_legacy(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config (plain, resolved) from before tasks, with a `loss` section and trainer.tta, as it
+    reads now: the options of task=classification. Newer configs are returned as they are."""
+    if "task" in config:
+        return config
+    upgraded = {key: value for key, value in config.items() if key != "loss"}
+    trainer = dict(config.get("trainer") or {})
+    upgraded["task"] = {"name": "classification", **dict(config.get("loss") or {}), "tta": trainer.pop("tta", "none")}
+    upgraded["trainer"] = trainer
+    return upgraded

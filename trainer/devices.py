@@ -3,14 +3,17 @@ DDP wrappers, and an evaluation pass; shared by training, `python -m trainer.eva
 benchmarks."""
 import contextlib
 import itertools
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from trainer.errors import UserError
-from trainer.metrics import RunningMetrics
-from trainer.speed import to_device
+from trainer.tasks.base import move
+
+if TYPE_CHECKING:
+    from trainer.tasks.base import Task
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
@@ -34,18 +37,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None,
-                   limit: int | None = None, channels_last: bool = False) -> tuple[float, float]:
-    """(mean loss, accuracy) over the loader's first `limit` batches (all when None)."""
+def evaluate_model(model: nn.Module, loader: Iterable, device: torch.device, autocast_dtype: torch.dtype | None,
+                   task: "Task", limit: int | None = None, channels_last: bool = False) -> dict[str, float]:
+    """The task's metrics (with "loss") over the loader's first `limit` batches (all when None), exact
+    over the split and every process."""
     model.eval()
-    metrics = RunningMetrics(device)
-    for images, labels in itertools.islice(loader, limit):
-        images, labels = to_device(images, device, channels_last), labels.to(device, non_blocking=True)
+    evaluation = task.evaluation(device)
+    for batch in itertools.islice(loader, limit):
+        batch = move(batch, device, channels_last)
         with autocast(device, autocast_dtype):
-            logits = model(images)
-        metrics.add(nn.functional.cross_entropy(logits.float(), labels), logits, labels)
-    loss_sum, correct, seen = metrics.totals()  # deliberate sync: once per evaluation
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
+            outputs = model(task.inputs(batch))
+        evaluation.update(outputs, batch)
+    return evaluation.compute()  # deliberate sync: once per evaluation
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

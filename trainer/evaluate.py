@@ -9,11 +9,10 @@ from omegaconf import OmegaConf
 
 from trainer.checkpoint import load_checkpoint
 from trainer.cli import exit_codes, import_user_modules
-from trainer.config import validate
+from trainer.config import upgrade_legacy, validate
 from trainer.devices import AUTOCAST_DTYPES, evaluate_model, pick_device, unwrap
 from trainer.errors import UserError
-from trainer.setup import build_data, build_model
-from trainer.speed import FlipAverage
+from trainer.setup import build_data, build_model, build_task
 
 
 def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, float]:
@@ -22,20 +21,21 @@ def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, 
         raise UserError(f"run: {run} is not a run dir (no .hydra/config.yaml); give a folder under outputs/")
     if checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint: '{checkpoint}' is not one of best, last")
-    cfg = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(overrides))
+    config = upgrade_legacy(OmegaConf.to_container(OmegaConf.load(saved)))  # a run from before tasks, too
+    cfg = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(overrides))
     import_user_modules(list(cfg.imports))
     validate(cfg)
     device = pick_device(cfg.trainer.device)
     state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
-    _, loaders = build_data(cfg, device)
+    bundle, loaders = build_data(cfg, device)
+    task = build_task(cfg, bundle, state)
     model = build_model(cfg).to(device)
     # What the run tested: the weights' EMA when it kept one (the same architecture), under its TTA.
     unwrap(model).load_state_dict(state.get("ema") or state["model"])
-    if cfg.trainer.get("tta") == "flip":
-        model = FlipAverage(model)
-    loss, acc = evaluate_model(model, loaders.test, device, AUTOCAST_DTYPES[str(cfg.trainer.precision)],
-                               cfg.trainer.limit_test_batches)
-    return {"test/loss": loss, "test/acc": acc, "checkpoint": checkpoint, "epoch": state["progress"]["epoch"]}
+    found = evaluate_model(task.evaluated(model), loaders.test, device, AUTOCAST_DTYPES[str(cfg.trainer.precision)],
+                           task, cfg.trainer.limit_test_batches)
+    return {**{f"test/{k}": v for k, v in found.items()}, "checkpoint": checkpoint,
+            "epoch": state["progress"]["epoch"]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,17 +1,21 @@
 """Inference from a finished run's exports, shared by `python -m trainer.predict` and `python -m trainer.serve`:
 load one exported format, turn image files into its input exactly as the run's evaluation did (the
-manifest's preprocessing), and name the top-k classes."""
+manifest's preprocessing), and answer as the run's task does (the top-k classes, the labels above a
+threshold, values in the targets' units, a mask)."""
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from trainer.errors import UserError
-from trainer.images import DEFAULT_MAX_PIXELS, decode_image
+from trainer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+
+if TYPE_CHECKING:
+    from trainer.tasks.base import Task
 
 FORMATS = ("torch_export", "torchscript", "onnx")  # the order a format is picked in when none is named
 
@@ -51,19 +55,27 @@ class Predictor:
             raise UserError(f"format: {fmt!r} is not among this run's exports that passed their parity check "
                             f"({', '.join(usable) or 'none'})")
         self.format, self.classes = fmt, list(self.manifest["classes"])
+        self.task = task_of(self.manifest)
         self.model = _load(fmt, run_dir / "export" / self.manifest["formats"][fmt]["file"])
-        spec = self.manifest["preprocess"]
-        self.channels, self.size = (3 if spec["decode"] == "RGB" else 1), spec["center_crop"][0]
         self.max_image_pixels, self.limit_key = max_image_pixels, limit_key
         self.input_shape = tuple(self.manifest["input"]["shape"][1:])
         self.max_batch = int(self.manifest["input"].get("max_batch", 1024))
-        # The same operations as the run's evaluation transform (arrays.build_transform): the same floats.
-        from torchvision.transforms import v2
-        self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])])
+        # Outputs of the model's shape for one input (zeros): a request's options are checked on them first.
+        self.example_outputs = self.outputs(torch.zeros(1, *self.input_shape))
+        spec = self.manifest.get("preprocess")
+        self.takes_images = spec is not None  # else the model takes tensors only (JSON to serve)
+        if spec is not None:
+            self.channels, self.size = (3 if spec["decode"] == "RGB" else 1), spec["center_crop"][0]
+            # The same operations as the run's evaluation transform (arrays.build_transform): the same floats.
+            from torchvision.transforms import v2
+            self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                                         v2.Normalize(spec["mean"], spec["std"])])
 
     def decode(self, data: bytes, expect: str | None = None) -> Tensor:
         """Image file bytes (PNG, JPEG, WebP, GIF; `expect`: the format the sender declared) to one
         normalised input (C, H, W); ImageError (ImageTooLarge past the pixel limit) for anything else."""
+        if not self.takes_images:
+            raise ImageError("this model takes tensors, not image files (its dataset is not images); send JSON")
         image = decode_image(data, self.size, self.channels, self.max_image_pixels, self.limit_key, expect)
         return self.normalise(image)
 
@@ -80,10 +92,20 @@ class Predictor:
         return batch
 
     @torch.no_grad()
-    def probabilities(self, batch: Tensor) -> Tensor:
-        return torch.softmax(self.model(batch).float(), dim=1)
+    def outputs(self, batch: Tensor) -> Tensor:
+        """The exported model's outputs for a batch (what `answer` reads)."""
+        return self.model(batch).float()
 
-    def top_k(self, probabilities: Tensor, k: int) -> list[list[dict[str, Any]]]:
-        values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
-        return [[{"class": self.classes[i], "index": i, "probability": p} for p, i in zip(ps, ids)]
-                for ps, ids in zip(values.tolist(), indices.tolist())]
+    def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One answer per input, as the run's task gives it; ValueError for an option it cannot take."""
+        return self.task.answer(outputs, options)
+
+
+def task_of(manifest: dict[str, Any]) -> "Task":
+    """The run's task, rebuilt from the export manifest (a manifest from before tasks: classification)."""
+    from trainer.registry import TASKS
+    spec = manifest.get("task") or {"name": "classification", "options": {}, "state": {}}
+    task = TASKS.build(spec["name"], **spec.get("options", {}))
+    task.classes = list(spec.get("classes", manifest.get("classes", [])))
+    task.load_state_dict(spec.get("state") or {})
+    return task

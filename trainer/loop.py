@@ -1,5 +1,6 @@
 """The Trainer: setup in __init__, then fit() reads top to bottom: train an epoch, validate, report,
-checkpoint. It never knows which model, dataset or optimizer it runs.
+checkpoint. It never knows which model, dataset, optimizer or task it runs: batches are moved to the
+device whole and the task (trainer/tasks/) says what the model takes, the loss and the metrics.
 
 Longer than 300 lines: it is one class, and its parts (the epoch, the step, evaluation, the checkpoint
 state) read best beside each other; the step plan, devices, timing and metrics live elsewhere."""
@@ -7,7 +8,6 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,7 +29,8 @@ from trainer.guard import StopRequested, guarded
 from trainer.metrics import MetricLog, RunningMetrics, reports
 from trainer.optim import load_optimizer_state, plan_steps, rates_from_config
 from trainer.progress import NONFINITE_CAUSES, NonFiniteLoss, Progress
-from trainer.speed import FlipAverage, WeightAverage, to_device
+from trainer.speed import WeightAverage
+from trainer.tasks.base import Batch, Task, move, resolve_monitor, take
 from trainer.timing import PhaseTimer, profiled_iter, timed, timed_iter, timed_step
 
 log = logging.getLogger("trainer")
@@ -43,20 +44,17 @@ def plain(section: Any) -> Any:
 
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: LambdaLR, loaders: Loaders, *,
-                 settings: Any, checkpoint: Any, label_smoothing: float, device: torch.device,
-                 batch_mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None,
-                 run_dir: Path, metrics: MetricLog, config: dict[str, Any], ema: WeightAverage | None = None,
-                 input_shape: tuple[int, ...] = ()) -> None:
+                 settings: Any, checkpoint: Any, task: Task, device: torch.device, run_dir: Path,
+                 metrics: MetricLog, config: dict[str, Any], ema: WeightAverage | None = None) -> None:
         self.model, self.optimizer, self.scheduler, self.loaders = model, optimizer, scheduler, loaders
         # Plain Python objects: read on every step, and a DictConfig attribute costs microseconds.
         self.settings, self.checkpointing = plain(settings), plain(checkpoint)
         self.device, self.metrics = device, metrics
         self.config = config  # resolved, plain: saved in every checkpoint
-        self.ema, self.input_shape, self.run_dir = ema, input_shape, run_dir
+        self.ema, self.run_dir, self.task = ema, run_dir, task
+        self.checkpointing.monitor, self.checkpointing.mode = resolve_monitor(task, checkpoint.monitor, checkpoint.mode)
         self.checkpoint_dir = run_dir / "checkpoints"
         self.writer = CheckpointWriter(self.checkpoint_dir, checkpoint.keep_last)
-        self.label_smoothing = label_smoothing
-        self.batch_mix = batch_mix  # mixup/cutmix: (images, labels) -> (mixed images, soft targets)
         self.autocast_dtype = AUTOCAST_DTYPES[str(settings.precision)]
         if self.autocast_dtype is torch.float16 and device.type != "cuda":
             raise UserError("trainer.precision=16: float16 with loss scaling needs a CUDA device; use bf16 here")
@@ -101,9 +99,9 @@ class Trainer:
         self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch)
         # Metrics accumulate on the device; the window covers the batches between two finiteness checks.
         # A resumed epoch's partial sums are the whole job's: rank 0 carries them, the others start at 0.
-        metrics = RunningMetrics(self.device, p.epoch_sums if distributed.is_main() else None,
-                                 window=self.settings.log_every_n_steps * accumulate)
-        images_before = p.epoch_sums[2]
+        metrics = RunningMetrics(self.device, self.task.train_sums_size, p.epoch_sums if distributed.is_main() else
+                                 None, window=self.settings.log_every_n_steps * accumulate)
+        samples_before = p.epoch_sums[-1] if p.epoch_sums else 0
         bar = tqdm(total=self.batches_per_epoch, initial=p.batches_in_epoch, unit="batch", leave=False,
                    desc=f"epoch {p.epoch + 1}/{self.settings.max_epochs}",
                    disable=None if self.settings.progress_bar and distributed.is_main() else True)
@@ -111,15 +109,15 @@ class Trainer:
         if self.settings.profile and not self.profiled:
             batches = profiled_iter(batches, self.run_dir / "tensorboard", self.settings.profile_steps)
             self.profiled = True
-        for images, labels in itertools.islice(batches, self.batches_per_epoch - p.batches_in_epoch):
+        for batch in itertools.islice(batches, self.batches_per_epoch - p.batches_in_epoch):
             # non_blocking copies overlap with compute when the loader pins memory
-            images = to_device(images, self.device, self.settings.channels_last)
-            labels = labels.to(self.device, non_blocking=True)
+            batch = move(batch, self.device, self.settings.channels_last)
             p.batches_in_epoch += 1
             step_now = p.batches_in_epoch % accumulate == 0 or p.batches_in_epoch == self.batches_per_epoch
-            loss, logits = self.train_step(images, labels, step_now, self._loss_weight(len(labels)))
+            samples = self.task.count(batch)
+            loss, outputs = self.train_step(batch, step_now, self._loss_weight(samples))
             if loss is not None:  # None: skipped (trainer.on_nonfinite=skip_batch)
-                metrics.add(loss, logits, labels, step=p.step + 1)
+                metrics.add(loss, self.task.train_sums(outputs, batch), samples, step=p.step + 1)
             bar.update()
             if not step_now:
                 continue
@@ -139,40 +137,41 @@ class Trainer:
                 break
         bar.close()
         self._check_finite(metrics)
-        loss_sum, correct, seen = metrics.totals()  # deliberate sync: once per epoch
-        p.epoch_sums, p.batches_in_epoch = [0.0, 0.0, 0.0], 0
-        return {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1),
-                "images": seen - images_before}
+        totals = metrics.totals()  # deliberate sync: once per epoch
+        p.epoch_sums, p.batches_in_epoch = [], 0
+        return self._train_report(totals) | {"samples": totals[-1] - samples_before}
 
-    def train_step(self, images: Tensor, labels: Tensor, step_now: bool,
-                   weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
+    def _train_report(self, totals: list[float]) -> dict[str, float]:
+        seen = max(totals[-1], 1)
+        task_metrics = self.task.from_train_sums(totals[1:-1], totals[-1])
+        return {"train/loss": totals[0] / seen, **{f"train/{k}": v for k, v in task_metrics.items()}}
+
+    def train_step(self, batch: Batch, step_now: bool, weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
         """Forward and backward; an optimizer step when `step_now`. Returns the loss (None when the
-        batch was skipped) and the logits, as device tensors: nothing here waits for the device."""
-        targets = labels
-        if self.batch_mix is not None:
-            images, targets = self.batch_mix(images, labels)
+        batch was skipped) and the outputs, as device tensors: nothing here waits for the device."""
+        batch = self.task.mix(batch)
         ddp = getattr(self.model, "_orig_mod", self.model)
         # Accumulating: no gradient all-reduce until the batch that steps.
         with ddp.no_sync() if hasattr(ddp, "no_sync") and not step_now else contextlib.nullcontext():
-            loss, logits = self.forward_backward(images, targets, weight)
+            loss, outputs = self.forward_backward(batch, weight)
         if step_now:
             self.optimizer_step()
-        return loss, logits
+        return loss, outputs
 
     @timed_step("forward+backward")
-    def forward_backward(self, images: Tensor, targets: Tensor, weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
-        return self._forward_backward(images, targets, weight)
+    def forward_backward(self, batch: Batch, weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
+        return self._forward_backward(batch, weight)
 
-    def _forward_backward(self, images: Tensor, targets: Tensor, weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
+    def _forward_backward(self, batch: Batch, weight: float = 1.0) -> tuple[Tensor | None, Tensor]:
         with autocast(self.device, self.autocast_dtype):
-            logits = self.model(images)
-            loss = nn.functional.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+            outputs = self.model(self.task.inputs(batch))
+            loss = self.task.loss(outputs, batch)
         if self.settings.on_nonfinite == "skip_batch" and not loss.isfinite().item():  # a sync, in this mode only
             self._skip_batch()
-            return None, logits
+            return None, outputs
         scale = weight / self.settings.accumulate_grad_batches
         self.scaler.scale(loss * scale if scale != 1 else loss).backward()
-        return loss, logits
+        return loss, outputs
 
     def _loss_weight(self, batch: int) -> float:
         """With several processes, DDP averages their gradients; weighting each process's mean loss by
@@ -225,26 +224,26 @@ class Trainer:
 
     @timed("eval")
     def evaluate(self, loader: DataLoader, limit: int | None, split: str) -> dict[str, float]:
-        loss, acc = evaluate_model(self.evaluator(), loader, self.device, self.autocast_dtype, limit,
-                                   self.settings.channels_last)
-        return {f"{split}/loss": loss, f"{split}/acc": acc}
+        found = evaluate_model(self.evaluator(), loader, self.device, self.autocast_dtype, self.task, limit,
+                               self.settings.channels_last)
+        return {f"{split}/{key}": value for key, value in found.items()}
 
     def evaluator(self, plain: bool = False) -> nn.Module:
-        """What is evaluated, tested and exported: the weights' EMA when on, under flip TTA when on.
+        """What is evaluated, tested and exported: the weights' EMA when on, under the task's TTA.
         `plain`: the module itself, not its compiled or DDP wrapper (for export)."""
         if self.ema is not None:
             model = self.ema.module
         else:  # each process evaluates its share; DDP's forward would only add a buffer broadcast
             model = unwrap(self.model) if plain or distributed.active() else self.model
-        return FlipAverage(model) if self.settings.tta == "flip" else model
+        return self.task.evaluated(model)
 
     def init_from_data(self) -> None:
         """A model with a data-dependent initialisation (fastnet's whitening layer) gets the first
         training batch, before the first step."""
         model = unwrap(self.model)
         if hasattr(model, "init_from_data"):
-            images, _ = next(iter(self.loaders.train))
-            model.init_from_data(to_device(images, self.device, self.settings.channels_last))
+            batch = move(next(iter(self.loaders.train)), self.device, self.settings.channels_last)
+            model.init_from_data(self.task.inputs(batch))
             distributed.broadcast_module(model)  # every process starts from rank 0's initialisation
             if self.ema is not None:
                 self.ema.reset(model)
@@ -258,13 +257,14 @@ class Trainer:
         saved, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
         plan, rank = self.loaders.sampler.plan, getattr(self.loaders.sampler, "rank", 0)
         sizes = {len(plan.share(0, rank)), len(plan.share(len(plan) - 1, rank))}
+        first = move(next(iter(self.loaders.train)), self.device, self.settings.channels_last)
         try:
-            for size in sorted(sizes):
-                images = to_device(torch.randn(size, *self.input_shape), self.device, self.settings.channels_last)
+            for size in sorted(sizes):  # a real batch's samples, repeated or cut to each size
+                batch = take(first, torch.arange(size) % self.task.count(first))
                 self.model.train()  # not through forward_backward: the warm-up is not training's time
-                self._forward_backward(images, torch.zeros(size, dtype=torch.long, device=self.device))
+                self._forward_backward(batch)
                 with torch.no_grad(), autocast(self.device, self.autocast_dtype):
-                    self.model.eval()(images)
+                    self.model.eval()(self.task.inputs(batch))
         except Exception as e:  # the compiler's own failure (no C++ compiler, unsupported op...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"trainer.compile: torch.compile failed here ({type(e).__name__}: {first}); "
@@ -279,12 +279,11 @@ class Trainer:
         p = self.progress
         p.epoch += 1
         train_seconds, eval_seconds = self.timer.last["train"], self.timer.last["eval"]  # this epoch's
-        p.images_trained += int(train["images"])
+        p.images_trained += int(train["samples"])
         p.train_time_s += train_seconds
-        p.metrics = {"epoch": p.epoch, "train/loss": train["train/loss"], "train/acc": train["train/acc"],
-                     "val/loss": val["val/loss"], "val/acc": val["val/acc"],
+        p.metrics = {"epoch": p.epoch, **{k: v for k, v in train.items() if k != "samples"}, **val,
                      "lr": self.optimizer.param_groups[0]["lr"],
-                     "images_per_sec": train["images"] / max(train_seconds, 1e-9),
+                     "images_per_sec": train["samples"] / max(train_seconds, 1e-9),
                      "epoch_time_s": train_seconds + eval_seconds}
         value = p.metrics[self.checkpointing.monitor]
         improved = math.isfinite(value) and (p.best is None or (value > p.best if self.checkpointing.mode == "max"
@@ -311,10 +310,10 @@ class Trainer:
     def _show_progress(self, bar: tqdm, metrics: RunningMetrics) -> None:
         if bar.disable:
             return
-        loss_sum, correct, seen = metrics.totals()  # deliberate sync, once per log interval
+        report = self._train_report(metrics.totals())  # deliberate sync, once per log interval
         rate = bar.format_dict.get("rate") or 0.0
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}",
-                        img_s=f"{rate * self.batch_size:,.0f}", refresh=False)
+        shown = {key.removeprefix("train/"): f"{value:.4f}" for key, value in report.items()}
+        bar.set_postfix(**shown, img_s=f"{rate * self.batch_size:,.0f}", refresh=False)
 
     # ---- state ----------------------------------------------------------------------------------
     @timed("checkpoint")
@@ -338,7 +337,8 @@ class Trainer:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "progress": self.progress.state_dict(), "rng": rng_state(), "config": self.config,
-                "ema": None if self.ema is None else self.ema.module.state_dict(), "version": __version__}
+                "ema": None if self.ema is None else self.ema.module.state_dict(), "task": self.task.state_dict(),
+                "version": __version__}
 
     def load_state_dict(self, state: dict[str, Any], reset_optimizer: bool = False,
                         reset_scheduler: bool = False) -> None:

@@ -27,36 +27,41 @@ def reports(fn: F) -> F:
 
 
 class RunningMetrics:
-    """Loss sum, correct predictions and images, accumulated on the device: a few small kernels a step
-    and no host synchronisation until `totals()` or `first_nonfinite_step()`. The last `window` losses
-    are kept, so when a periodic check finds the sum non-finite it can name the exact step."""
+    """The training loss sum, the task's running sums (e.g. correct predictions) and the sample count,
+    accumulated on the device: a few small kernels a step and no host synchronisation until `totals()`
+    or `first_nonfinite_step()`. The last `window` losses are kept, so when a periodic check finds the
+    sum non-finite it can name the exact step."""
 
-    def __init__(self, device: torch.device, sums: list[float] | None = None, window: int = 1) -> None:
-        loss_sum, correct, images = sums or (0.0, 0.0, 0)
-        self.loss_sum = torch.tensor(float(loss_sum), device=device)
-        self.correct = torch.tensor(float(correct), device=device)
-        self.images = int(images)
+    def __init__(self, device: torch.device, size: int = 1, sums: list[float] | None = None, window: int = 1) -> None:
+        """`size`: how many sums the task keeps; `sums`: [loss sum, *task sums, count] to start from."""
+        sums = list(sums) if sums else [0.0] * (size + 2)
+        if len(sums) != size + 2:
+            raise ValueError(f"expected {size + 2} running sums, got {len(sums)}")
+        self.loss_sum = torch.tensor(float(sums[0]), device=device)
+        self.task_sums = torch.tensor([float(v) for v in sums[1:-1]], device=device)
+        self.samples = int(sums[-1])
         self.recent = torch.zeros(window, device=device)
         self.recent_steps = [0] * window
         self.count = 0
 
-    def add(self, loss: Tensor, logits: Tensor, labels: Tensor, step: int = 0) -> None:
-        """`loss`: the batch's mean loss (a device scalar)."""
+    def add(self, loss: Tensor, task_sums: Tensor, samples: int, step: int = 0) -> None:
+        """`loss`: the batch's mean loss (a device scalar); `task_sums`: the batch's share of the task's sums."""
         loss = loss.detach()
-        self.loss_sum.add_(loss, alpha=len(labels))
-        self.correct.add_((logits.detach().argmax(1) == labels).sum())
+        self.loss_sum.add_(loss, alpha=samples)
+        if len(self.task_sums):
+            self.task_sums.add_(task_sums)
         slot = self.count % len(self.recent)
         self.recent[slot] = loss
         self.recent_steps[slot] = step
         self.count += 1
-        self.images += len(labels)
+        self.samples += samples
 
     def totals(self) -> list[float]:
-        """[loss sum, correct, images], summed over all processes; a host synchronisation."""
-        sums = all_reduce(torch.stack([self.loss_sum, self.correct,
-                                       torch.tensor(float(self.images), device=self.loss_sum.device)]))
-        loss_sum, correct, images = sums.tolist()
-        return [loss_sum, correct, int(images)]
+        """[loss sum, *task sums, samples], summed over all processes; a host synchronisation."""
+        sums = all_reduce(torch.cat([self.loss_sum.view(1), self.task_sums,
+                                     torch.tensor([float(self.samples)], device=self.loss_sum.device)]))
+        values = sums.tolist()
+        return [*values[:-1], int(values[-1])]
 
     def first_nonfinite_step(self) -> int | None:
         """The step of the first non-finite loss since the sum was last finite, over all processes (they

@@ -1,6 +1,8 @@
 """`python -m trainer.predict run=<run dir> inputs=[a.png,folder/] [format=torch_export] [topk=5] [output=table]`:
-the top-k classes of image files, from a finished run's exported model, preprocessed as the run's
-evaluation was. A table by default; `output=jsonl` prints one JSON object per image."""
+what a finished run's exported model says about image files, preprocessed as the run's evaluation was,
+answered as its task answers (the top-k classes, the labels above task.threshold, values in the
+targets' units, per-class pixel counts and, with masks=<folder>, mask PNGs). A table by default;
+`output=jsonl` prints one JSON object per image."""
 import json
 import logging
 import sys
@@ -11,6 +13,7 @@ from typing import Optional
 import torch
 from omegaconf import MISSING, OmegaConf
 
+from trainer.atomic import write_bytes
 from trainer.cli import exit_codes
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError
@@ -22,7 +25,9 @@ class PredictConfig:
     run: str = MISSING
     inputs: list[str] = field(default_factory=list)  # image files and folders (searched recursively)
     format: Optional[str] = None  # torch_export, torchscript or onnx; default: the first that passed parity
-    topk: int = 5
+    topk: int = 5  # classification: how many classes per image
+    threshold: Optional[float] = None  # multilabel: the score a label needs (default: the run's task.threshold)
+    masks: Optional[str] = None  # segmentation: a folder to write each image's mask to, as <name>.png
     output: str = "table"  # table or jsonl
     batch_size: int = 64
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # a larger image gets an error row (checked before decoding)
@@ -51,6 +56,13 @@ def predict(cfg: PredictConfig) -> list[dict]:
     if cfg.output not in ("table", "jsonl"):
         raise UserError(f"output: must be table or jsonl, got {cfg.output!r}")
     predictor = Predictor(Path(cfg.run), cfg.format, cfg.max_image_pixels)
+    options = {"topk": cfg.topk, "threshold": cfg.threshold}
+    try:
+        predictor.answer(predictor.example_outputs, options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.masks is not None and not hasattr(predictor.task, "png"):
+        raise UserError(f"masks: task={predictor.task.name} answers no masks; masks= is for segmentation runs")
     files, results = image_files(list(cfg.inputs)), []
     for first in range(0, len(files), cfg.batch_size):
         batch, names = [], []
@@ -61,18 +73,35 @@ def predict(cfg: PredictConfig) -> list[dict]:
             except (ImageError, OSError) as e:
                 results.append({"image": str(path), "error": str(e)})
         if batch:
-            top = predictor.top_k(predictor.probabilities(torch.stack(batch)), cfg.topk)
-            results += [{"image": str(p), "top_k": t} for p, t in zip(names, top)]
+            outputs = predictor.outputs(torch.stack(batch))
+            answers = predictor.answer(outputs, options)
+            if cfg.masks is not None:
+                folder = Path(cfg.masks)
+                folder.mkdir(parents=True, exist_ok=True)
+                for path, png, answer in zip(names, predictor.task.png(outputs), answers):
+                    answer["mask"] = str(folder / f"{path.stem}.png")
+                    write_bytes(Path(answer["mask"]), png)
+            results += [{"image": str(p), **a} for p, a in zip(names, answers)]
     return results
 
 
 def show_table(results: list[dict], k: int) -> str:
     width = max(len(r["image"]) for r in results)
-    rows = [f"{'image':<{width}}  " + "  ".join(f"{f'top-{i + 1}':<22}" for i in range(k))]
+    if any("top_k" in r for r in results):  # classification: a column per rank
+        header = "  ".join(f"{f'top-{i + 1}':<22}" for i in range(k))
+    else:
+        header = "answer"
+    rows = [f"{'image':<{width}}  {header}"]
     for r in results:
-        cells = [f"{c['class'][:14]:<14} {c['probability']:>7.3f}" for c in r.get("top_k", [])]
-        rows.append(f"{r['image']:<{width}}  " + ("  ".join(cells) if cells else f"error: {r['error']}"))
+        rows.append(f"{r['image']:<{width}}  " + (f"error: {r['error']}" if "error" in r else _cells(r)))
     return "\n".join(rows)
+
+
+def _cells(row: dict) -> str:
+    if "top_k" in row:
+        return "  ".join(f"{c['class'][:14]:<14} {c['probability']:>7.3f}" for c in row["top_k"])
+    answer = {key: value for key, value in row.items() if key != "image"}
+    return json.dumps(answer, separators=(", ", ": "))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ class Progress:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     batches_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
-    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, images
+    epoch_sums: list[float] = field(default_factory=list)  # loss sum, the task's sums, samples; [] at 0
     best: float | None = None  # best value of the monitored metric so far
     best_epoch: int = 0
     images_trained: int = 0

@@ -1,4 +1,4 @@
-"""A registry is a dict from name to builder, filled by a decorator and read by config name; the four
+"""A registry is a dict from name to builder, filled by a decorator and read by config name; the five
 the framework chooses from are defined here, at the bottom of the import graph.
 
 Each registry knows the module that registers its built-in entries and imports it on first look-up
@@ -62,7 +62,8 @@ class Registry(Generic[T]):
             if key not in accepted and not takes_any:
                 raise UserError(f"{self.group}.{key}: not a parameter of {self.group} '{name}'; "
                                 f"its parameters are {', '.join(accepted)}")
-        hints = typing.get_type_hints(self.get(name))
+        builder = self.get(name)
+        hints = typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder)
         for key, value in params.items():
             if key in hints and not _matches(value, hints[key]):
                 raise UserError(f"{self.group}.{key}: expected {_type_name(hints[key])}, got {value!r}")
@@ -100,3 +101,4 @@ MODELS: Registry = Registry("model", builtins="trainer.models")
 DATASETS: Registry = Registry("dataset", builtins="trainer.data")
 OPTIMIZERS: Registry = Registry("optimizer", builtins="trainer.optim")
 SCHEDULERS: Registry = Registry("scheduler", builtins="trainer.optim")
+TASKS: Registry = Registry("task", builtins="trainer.tasks")

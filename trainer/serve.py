@@ -3,7 +3,10 @@ exported model behind an HTTP API (aiohttp; the `serve` extra).
 
     POST /v1/predict   an image (PNG, JPEG, WebP or GIF bytes, raw or as multipart form files), or JSON
                        {"inputs": <a [C, H, W] tensor or an [N, C, H, W] batch, as nested lists>}
-                       -> {"predictions": [{"top_k": [{"class", "index", "probability"}, ...]}, ...]}
+                       -> {"predictions": [<one answer per input, as the run's task gives it>, ...]}:
+                       classification {"top_k": [{"class", "index", "probability"}, ...]} (?topk=N),
+                       multilabel {"labels": [...], "scores"} (?threshold=T), regression {"values"},
+                       segmentation {"pixels": {class: count}} (or, with ?format=png, the mask as a PNG)
     GET  /v1/metadata  the model, classes, input spec, preprocessing and exported formats
     GET  /healthz      {"status": "ok"} and the number of requests waiting; 503 if the batcher has stopped
 
@@ -95,27 +98,26 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
                                    f"got {len(inputs)}")
         return inputs, identity
 
-    async def probabilities_of(inputs: torch.Tensor, identity: bytes) -> torch.Tensor:
+    async def outputs_of(inputs: torch.Tensor, identity: bytes) -> torch.Tensor:
         key = hashlib.sha256(identity).hexdigest()
         if settings.cache_size and key in cache:
             cache.move_to_end(key)
             return cache[key]
-        probabilities = await batcher.predict(inputs, settings.request_timeout_s)
+        outputs = await batcher.predict(inputs, settings.request_timeout_s)
         if settings.cache_size:
-            cache[key] = probabilities
+            cache[key] = outputs
             if len(cache) > settings.cache_size:
                 cache.popitem(last=False)
-        return probabilities
+        return outputs
 
-    async def predict(request: web.Request) -> web.Response:
+    async def predict(request: web.Request) -> web.StreamResponse:
+        options = {"topk": settings.topk, **request.query}  # each task reads the options it knows
         try:
-            topk = int(request.query.get("topk", settings.topk))
-        except ValueError:
-            return error(400, f"topk must be an integer, got {request.query['topk'][:20]!r}")
-        if topk < 1:
-            return error(400, f"topk must be 1 or more, got {topk}")
+            predictor.answer(predictor.example_outputs, options)  # a bad option is refused before any work
+        except ValueError as e:
+            return error(400, str(e))
         try:
-            probabilities = await probabilities_of(*await read_inputs(request))
+            outputs = await outputs_of(*await read_inputs(request))
         except ClientError as e:
             return error(e.status, str(e))
         except QueueFull:
@@ -127,11 +129,16 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
             return error(503, "the batcher is not running; the server is unhealthy")
         except BatchFailed as e:
             return error(500, str(e))
-        return web.json_response({"predictions": [{"top_k": t} for t in predictor.top_k(probabilities, topk)]})
+        if request.query.get("format") == "png" and hasattr(predictor.task, "png"):
+            if len(outputs) != 1:
+                return error(422, "format=png answers one input per request; send one image")
+            return web.Response(body=predictor.task.png(outputs)[0], content_type="image/png")
+        return web.json_response({"predictions": predictor.answer(outputs, options)})
 
     async def metadata(request: web.Request) -> web.Response:
         m = predictor.manifest
-        return web.json_response({"model": m.get("model"), "classes": predictor.classes, "input": m["input"],
+        return web.json_response({"model": m.get("model"), "task": m.get("task", {"name": "classification"}),
+                                  "classes": predictor.classes, "input": m["input"],
                                   "preprocess": m.get("preprocess"), "format": predictor.format,
                                   "formats": m["formats"], "ema": m.get("ema"), "tta": m.get("tta"),
                                   "max_batch_size": settings.max_batch_size})
@@ -207,7 +214,8 @@ async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None
         raise UserError(f"serve.port: cannot listen on {settings.host}:{settings.port} ({e.strerror}); choose "
                         f"another serve.port, or 0 for any free one") from None
     port = runner.addresses[0][1]
-    print(f"serving {run} ({predictor.format}, {len(predictor.classes)} classes) on http://{settings.host}:{port}",
+    print(f"serving {run} ({predictor.task.name}, {predictor.format}, {len(predictor.classes)} classes) on "
+          f"http://{settings.host}:{port}",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

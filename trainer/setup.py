@@ -1,6 +1,5 @@
 """One small builder per component, each reading only its own part of the config."""
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +9,16 @@ from torch import nn
 
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
-from trainer.config import params_of
+from trainer.config import params_of, upgrade_legacy
 from trainer.data import DATASETS, DataBundle, Loaders, build_loaders
 from trainer.errors import UserError
 from trainer.metrics import MetricLog, NullMetricLog
 from trainer.loop import Trainer
 from trainer.models import MODELS
 from trainer.optim import OPTIMIZERS, SCHEDULERS, plan_steps
+from trainer.registry import TASKS
 from trainer.speed import WeightAverage, compile_model, configure_backends
+from trainer.tasks.base import DataInfo, Task, resolve_monitor
 
 log = logging.getLogger("trainer")
 # Keys of the dataset config that do not change what a checkpoint's model was trained to do.
@@ -44,8 +45,22 @@ def build_model(cfg: DictConfig) -> nn.Module:
     return MODELS.build(cfg.model.name, **params_of(cfg.model))
 
 
+def build_task(cfg: DictConfig, bundle: DataBundle, state: dict[str, Any] | None = None) -> Task:
+    """The task, checked against what the dataset holds; a checkpoint's task state (e.g. a regression's
+    target statistics) replaces what the data would give."""
+    task = TASKS.build(cfg.task.name, **params_of(cfg.task))
+    task.options = params_of(cfg.task)
+    train_targets = bundle.train.targets() if hasattr(bundle.train, "targets") else None
+    task.bind(DataInfo(target=bundle.target, classes=list(bundle.classes), name=f"dataset={cfg.dataset.name}",
+                       train_targets=train_targets))
+    if state is not None and state.get("task"):
+        task.load_state_dict(state["task"])
+    resolve_monitor(task, cfg.checkpoint.monitor, cfg.checkpoint.mode)
+    return task
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders: Loaders,
-                  state: dict[str, Any] | None, input_shape: tuple[int, ...]) -> Trainer:
+                  state: dict[str, Any] | None, task: Task) -> Trainer:
     """Builds the model, optimizer, schedule and metric log, and restores `state` when resuming."""
     t, ck = cfg.trainer, cfg.checkpoint
     configure_backends(device, t.cudnn_benchmark, str(t.precision), t.threads)
@@ -71,22 +86,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
         metrics = NullMetricLog()  # rank 0 logs the reduced metrics for all
     stepped = distributed.wrap(model, device, t.sync_batchnorm)  # DDP when several processes
     trainer = Trainer(compile_model(stepped, t.compile_mode) if t.compile else stepped, optimizer, scheduler, loaders,
-                      settings=t, checkpoint=ck, label_smoothing=cfg.loss.label_smoothing, device=device,
-                      run_dir=run_dir, metrics=metrics, ema=ema, input_shape=input_shape,
-                      batch_mix=build_batch_mix(cfg.loss.mixup_alpha, cfg.loss.cutmix_alpha, cfg.dataset.num_classes),
+                      settings=t, checkpoint=ck, task=task, device=device, run_dir=run_dir, metrics=metrics, ema=ema,
                       config=OmegaConf.to_container(cfg, resolve=True))
     if state is not None:
         trainer.load_state_dict(state, reset_optimizer=ck.reset_optimizer, reset_scheduler=ck.reset_scheduler)
     return trainer
-
-
-def build_batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Callable | None:
-    """MixUp and/or CutMix from transforms.v2, applied to whole batches on the device; None when off.
-    They draw from the global generator, whose state checkpoints restore, so resumes stay exact."""
-    from torchvision.transforms import v2
-    mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
-        ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
-    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def load_resume_state(resume: str | None, run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
@@ -104,6 +108,7 @@ def load_resume_state(resume: str | None, run_dir: Path, cfg: DictConfig) -> dic
         _, state = newest_valid(Path(resume) / "checkpoints")
     else:
         state = load_checkpoint(Path(resume))
+    state["config"] = upgrade_legacy(state["config"])  # a run from before tasks
     check_compatible(state["config"], OmegaConf.to_container(cfg, resolve=True))
     return state
 
@@ -119,6 +124,9 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     if differences:
         raise UserError(f"resume: the checkpoint was trained with another model or dataset ({'; '.join(differences)}); "
                         f"resume with the original settings, or start a new run")
+    if saved["task"]["name"] != current["task"]["name"]:
+        raise UserError(f"task.name: the checkpoint was trained for task={saved['task']['name']}; resume with "
+                        f"task={saved['task']['name']}, or start a new run")
     if saved["optimizer"]["name"] != current["optimizer"]["name"] and not current["checkpoint"]["reset_optimizer"]:
         raise UserError(f"optimizer.name: the checkpoint's optimizer is {saved['optimizer']['name']}; resume with "
                         f"optimizer={saved['optimizer']['name']}, or add checkpoint.reset_optimizer=true")

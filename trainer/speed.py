@@ -1,5 +1,5 @@
 """What makes a step fast, set up once: backend flags, memory format, torch.compile and its warm-up,
-an exponential moving average of the weights, and flip test-time augmentation."""
+and an exponential moving average of the weights."""
 import copy
 import logging
 
@@ -23,27 +23,10 @@ def configure_backends(device: torch.device, cudnn_benchmark: bool, precision: s
         torch.set_float32_matmul_precision("high")  # TF32 matmuls where fp32 is asked for
 
 
-def to_device(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    """One copy to the device (asynchronous from pinned memory) in the model's memory format."""
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last and images.ndim == 4 else images
-
-
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
     if not hasattr(torch, "compile"):
         raise UserError("trainer.compile: this torch has no torch.compile; set trainer.compile=false")
     return torch.compile(model, mode=mode)
-
-
-class FlipAverage(nn.Module):
-    """Test-time augmentation: the mean of the logits for an image and for its mirror image."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (self.model(x) + self.model(x.flip(-1))) / 2
 
 
 class WeightAverage:

@@ -17,7 +17,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from trainer.atomic import write_text
 from trainer.errors import UserError
@@ -27,6 +27,12 @@ JOB_RECORD = "job.json"
 
 
 # ---- the job side ------------------------------------------------------------------------------------
+def monitor_of(cfg: DictConfig) -> str:
+    from trainer.config import monitored
+    return monitored(cfg.task.name, cfg.checkpoint.monitor, cfg.checkpoint.mode)[0]
+
+
+
 def _write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=1))
 
@@ -49,7 +55,7 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) ->
                    f"run this sweep with a new hydra.sweep.dir")
         log.error(message)
         _write_json(job_dir / JOB_RECORD, {**previous, "conflict": {"overrides": overrides, "error": message}})
-        refresh_summary(job_dir.parent, cfg.checkpoint.monitor)
+        refresh_summary(job_dir.parent, monitor_of(cfg))
         return None
     if previous is not None and previous.get("status") == "done" and (job_dir / "metrics.json").is_file():
         log.info("job %s finished in an earlier run of this sweep (metrics.json); skipped", job_dir.name)
@@ -57,7 +63,7 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) ->
     if (job_dir / "checkpoints").is_dir():
         with open_dict(cfg):
             cfg.resume = "auto"  # an interrupted job: continue from its newest valid checkpoint
-    record = {"overrides": overrides, "status": "running", "monitor": cfg.checkpoint.monitor,
+    record = {"overrides": overrides, "status": "running", "monitor": monitor_of(cfg),
               "wall_time_s": (previous or {}).get("wall_time_s", 0.0), "runs": (previous or {}).get("runs", 0) + 1}
     _write_json(job_dir / JOB_RECORD, record)
     started = time.perf_counter()
@@ -82,7 +88,7 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) ->
     finally:
         record["wall_time_s"] += time.perf_counter() - started
         _write_json(job_dir / JOB_RECORD, record)
-        refresh_summary(job_dir.parent, cfg.checkpoint.monitor)
+        refresh_summary(job_dir.parent, monitor_of(cfg))
 
 
 def _last_error(job_dir: Path) -> str | None:
@@ -95,7 +101,11 @@ def _last_error(job_dir: Path) -> str | None:
 
 
 # ---- the summary -------------------------------------------------------------------------------------
-METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "epochs")
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The validation and test metrics the jobs report (the task's: val/acc for classification, val/map
+    for multilabel...), in the order they first appear, then epochs."""
+    keys = dict.fromkeys(k for r in rows for k in r["metrics"] if k.startswith(("val/", "test/")))
+    return sorted(keys, key=lambda k: (not k.startswith("val/"), k.endswith("loss"))) + ["epochs"]
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -112,7 +122,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         status = "conflict" if "conflict" in record else record.get("status", "?")
         error = record.get("conflict", {}).get("error") or record.get("error", "")
         rows.append({"job": job_dir.name, "status": status, "overrides": " ".join(record.get("overrides", [])),
-                     "best": record.get("best"), **{k: metrics.get(k) for k in METRICS},
+                     "best": record.get("best"), "metrics": metrics,
                      "wall_time_s": round(record.get("wall_time_s", 0.0), 1), "error": error})
     return rows
 
@@ -126,9 +136,10 @@ def refresh_summary(sweep_dir: Path, monitor: str) -> list[dict[str, Any]]:
     rows = collect(sweep_dir)
     if not rows:
         return rows
-    columns = ["job", "status", "overrides", f"best {monitor}", *METRICS, "wall_time_s", "error"]
-    table = [[r["job"], r["status"], r["overrides"], r["best"], *(r[k] for k in METRICS), r["wall_time_s"],
-              r["error"]] for r in rows]
+    metrics = metric_columns(rows)
+    columns = ["job", "status", "overrides", f"best {monitor}", *metrics, "wall_time_s", "error"]
+    table = [[r["job"], r["status"], r["overrides"], r["best"], *(r["metrics"].get(k) for k in metrics),
+              r["wall_time_s"], r["error"]] for r in rows]
     text = io.StringIO()
     csv.writer(text).writerows([columns, *table])
     write_text(sweep_dir / "sweep_summary.csv", text.getvalue())
@@ -221,7 +232,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        rows = refresh_summary(sweep_dir, OmegaConf.select(config, "checkpoint.monitor", default="val/acc"))
+        rows = refresh_summary(sweep_dir, monitor_of(config))
         failed = [r for r in rows if r["status"] != "done"]
         log.info("sweep summary: %s (.csv, .png)", sweep_dir / "sweep_summary.md")
         if failed:

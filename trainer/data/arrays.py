@@ -13,15 +13,24 @@ from trainer.errors import UserError
 
 @dataclass
 class DataBundle:
-    """What a DATASETS entry returns; the rest of the framework reads only this."""
+    """What a DATASETS entry returns; the rest of the framework reads only this.
+
+    Each split is a Dataset of samples the task understands (built-in datasets: (input, target)
+    tuples). `target` declares what the targets are: "class" (an int), "labels" (a multi-hot float
+    vector), "values" (floats), "mask" (an H x W tensor of class indices), or a custom task's own word;
+    `classes` names the classes, labels or targets. The image fields are optional: without them the
+    run trains, and only the image-file side of predict and serve (and the TensorBoard preview) is
+    unavailable. A split may offer `preview(n)` (n inputs, for TensorBoard) and `targets()` (every
+    target, read cheaply; tasks that need statistics of the training targets use it)."""
     train: Dataset
     val: Dataset
     test: Dataset
     classes: list[str]
-    in_channels: int
-    image_size: int
-    mean: list[float]
-    std: list[float]
+    in_channels: int | None = None
+    image_size: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    target: str = "class"
 
 
 class ArrayDataset(Dataset):
@@ -32,15 +41,20 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int | Tensor]:
         j = int(self.indices[i])
         image = self.images[j]
         if not isinstance(image, Tensor):  # a memory-mapped array: read this one image, and only it
             image = torch.from_numpy(np.array(image))  # a copy of one image: writable, contiguous
-        return self.transform(image), int(self.labels[j])
+        label = self.labels[j]
+        return self.transform(image), (int(label) if label.ndim == 0 and not label.is_floating_point() else label)
+
+    def targets(self) -> Tensor:
+        """Every target of this split, in order (no image is read)."""
+        return self.labels[self.indices]
 
     def preview(self, n: int) -> Tensor:
-        """The first n images through this split's transform (for TensorBoard and export checks)."""
+        """The first n images through this split's transform (for TensorBoard)."""
         return torch.stack([self[i][0] for i in range(min(n, len(self)))])
 
     def all_images(self) -> Tensor:
@@ -96,7 +110,8 @@ def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], st
 
 def bundle_from_arrays(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], classes: list[str], *,
                        val_split: float, augment: Sequence[dict], mean: Sequence[float], std: Sequence[float],
-                       image_size: int, split_seed: int = 0, val: tuple[Tensor, Tensor] | None = None) -> DataBundle:
+                       image_size: int, split_seed: int = 0, val: tuple[Tensor, Tensor] | None = None,
+                       target: str = "class") -> DataBundle:
     """The validation set is `val` when the data has one; otherwise a `val_split` fraction of train
     (fixed by split_seed, so every run seed validates on the same images), or else the test split.
     The train transform goes to the training part only."""
@@ -119,4 +134,4 @@ def bundle_from_arrays(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
         val_set = ArrayDataset(*(val or test), None, eval_tf)
         train_set = ArrayDataset(images, labels, None, train_tf)
     return DataBundle(train=train_set, val=val_set, test=ArrayDataset(*test, None, eval_tf), classes=classes,
-                      in_channels=channels, image_size=image_size, mean=list(mean), std=list(std))
+                      in_channels=channels, image_size=image_size, mean=list(mean), std=list(std), target=target)

@@ -118,9 +118,9 @@ class Batcher:
         self.batches += 1
         try:
             batch = torch.cat([w.inputs for w in taken])
-            probabilities = await asyncio.get_running_loop().run_in_executor(
-                self.model_thread, self.predictor.probabilities, batch)
-            parts = probabilities.split([len(w.inputs) for w in taken])
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self.model_thread, self.predictor.outputs, batch)
+            parts = outputs.split([len(w.inputs) for w in taken])
         except Exception as e:
             log.error("a batch of %d request(s) failed in the model: %s", len(taken), e)
             for w in taken:
