@@ -100,6 +100,7 @@ def register_configs() -> None:
     # `num_classes: ${class_count:${.root}}` counts an image folder's classes when the config resolves.
     OmegaConf.register_new_resolver("class_count", _count_classes, replace=True)
     OmegaConf.register_new_resolver("stream_class_count", _stream_class_count, replace=True)
+    OmegaConf.register_new_resolver("manifest_count", _manifest_count, replace=True)
     # hparams_search=optuna: the study's direction follows checkpoint.mode; trials get short, stable folders
     OmegaConf.register_new_resolver("optuna_direction", _optuna_direction, replace=True)
     OmegaConf.register_new_resolver("trial_dirname", trial_dirname, replace=True)
@@ -123,6 +124,11 @@ def monitored(task: str, monitor: str | None, mode: str | None) -> tuple[str, st
 def _count_classes(root: str) -> int:
     from trainer.data.folder import count_classes  # the data package, only when a config asks
     return count_classes(root)
+
+
+def _manifest_count(root: str, targets: Any = None, separator: str = "|") -> int:
+    from trainer.data.manifest import count_outputs
+    return count_outputs(root, list(targets) if targets else None, separator)
 
 
 def _stream_class_count(root: str) -> int:

@@ -67,6 +67,21 @@ def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return values
 
 
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (dim 0, any count per rank) concatenated in rank order, on every rank; the
+    tensor itself in one process. For metrics that need every sample (mAP), not just sums."""
+    if not active():
+        return rows
+    counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
+    most = max(int(c) for c in counts)
+    padded = torch.zeros(most, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    padded[:len(rows)] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:int(c)] for g, c in zip(gathered, counts)])
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

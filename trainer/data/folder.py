@@ -48,19 +48,29 @@ def _load_split(folder: Path, classes: list[str], size: int, channels: int, on_e
              for path in sorted((folder / name).iterdir()) if path.suffix.lower() in SUFFIXES]
     if not files:
         raise UserError(f"dataset.root: no .jpg, .png, .webp or .gif images under {folder}/<class>/")
-    images, labels, bad = [], [], []
-    for path, label in tqdm(files, desc=f"decoding {folder.name}/", unit="img", leave=False, disable=None):
+    images, kept = decode_files([path for path, _ in files], size, channels, on_error, max_pixels, folder.name)
+    return images, torch.tensor([files[i][1] for i in kept])
+
+
+def decode_files(paths: list[Path], size: int, channels: int, on_error: str, max_pixels: int,
+                 split: str) -> tuple[torch.Tensor, list[int]]:
+    """The images at `paths` as one uint8 tensor, and the positions of those that were read; an
+    unreadable one is skipped with a warning and a count (on_error=skip), or is an error."""
+    images, kept, bad = [], [], []
+    for i, path in enumerate(tqdm(paths, desc=f"decoding {split}/", unit="img", leave=False, disable=None)):
         try:
             images.append(decode_image(path.read_bytes(), size, channels, max_pixels, "dataset.max_image_pixels"))
-            labels.append(label)
+            kept.append(i)
         except (ImageError, OSError) as e:
             if on_error == "error":
                 raise UserError(f"dataset.on_error=error: cannot decode {path} ({e}); fix or remove it, or set "
                                 f"dataset.on_error=skip") from None
             bad.append(path)
     if bad:
-        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), folder, bad[0])
-    return torch.stack(images), torch.tensor(labels)
+        log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), split, bad[0])
+    if not images:
+        raise UserError(f"dataset.root: none of the {len(paths)} images of {split} could be read, e.g. {paths[0]}")
+    return torch.stack(images), kept
 
 
 @DATASETS.register("imagefolder")

@@ -104,9 +104,10 @@ class Task:
     def bind(self, data: DataInfo) -> None:
         """Checks that the dataset holds what this task needs and learns its names."""
         if data.target != self.target:
+            example = f" (e.g. dataset={EXAMPLES[self.target]})" if self.target in EXAMPLES else ""
             raise UserError(f"task={self.name}: {data.name} holds {TARGET_WORDS.get(data.target, data.target)} "
                             f"targets, but {self.name} needs {TARGET_WORDS.get(self.target, self.target)} ones; "
-                            f"choose a {self.target} dataset or another task")
+                            f"choose a dataset that holds them{example}, or another task")
         self.classes = list(data.classes)
 
     def inputs(self, batch: Batch) -> Any:
@@ -187,6 +188,9 @@ class Task:
                 **{f"train/{k}": m for k, m in {"loss": "min", **self.train_metrics}.items()}}
 
 
+EXAMPLES = {"class": "synthetic, imagefolder or cifar10", "labels": "synthetic_multilabel, or manifest",
+            "values": "synthetic_regression, or manifest with dataset.targets=[...]",
+            "mask": "synthetic_shapes, or segfolder"}
 TARGET_WORDS = {"class": "single-class", "labels": "multi-label", "values": "regression (float)",
                 "mask": "segmentation-mask"}
 
