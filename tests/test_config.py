@@ -7,7 +7,7 @@ from omegaconf.errors import ValidationError
 from trainer.config import validate
 from trainer.errors import UserError
 
-GROUPS = ["model", "dataset", "optimizer", "scheduler", "trainer", "experiment", "debug"]
+GROUPS = ["model", "dataset", "task", "optimizer", "scheduler", "trainer", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -15,11 +15,12 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 def test_every_group_option_composes_and_validates(group, option, tmp_path):
     required = {"imagefolder": [f"dataset.root={write_imagefolder(tmp_path)}"],
                 "numpy": [f"dataset.root={tmp_path}", "dataset.num_classes=10"],
-                "streaming": [f"dataset.root={tmp_path}", "dataset.num_classes=3"]}
+                "streaming": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
+                "manifest": [f"dataset.root={tmp_path}", "dataset.num_classes=3"]}
     extra = required.get(option, []) if group == "dataset" else []
     cfg = compose_config(f"{group}={option}", *extra)
     validate(cfg)
-    if group in ("model", "dataset", "optimizer", "scheduler"):
+    if group in ("model", "dataset", "task", "optimizer", "scheduler"):
         assert cfg[group].name == option  # a group file names its registry entry
 
 
