@@ -75,9 +75,30 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int = DEFAUL
     return resize_and_crop(tensor, size)
 
 
-def resize_and_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+def decode_mask(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                limit_key: str = "max_image_pixels") -> torch.Tensor:
+    """A segmentation mask (a PNG of class indices: greyscale, or a palette image whose indices are the
+    classes, as VOC's) to a uint8 (size, size) tensor, with the same resize-and-crop geometry as its
+    image but nearest-neighbour, so no new values appear. ImageError for anything else."""
+    image = open_image(data, max_pixels, limit_key)
+    try:
+        if image.format != "PNG" or image.mode not in ("L", "P"):
+            raise ImageError(f"a mask must be a greyscale or palette PNG of class indices, got {image.format} "
+                             f"mode {image.mode}")
+        try:
+            pixels = np.asarray(image)  # palette images give their indices
+        except Exception as e:
+            raise ImageError(f"PNG mask with damaged data ({_reason(e)})") from None
+    finally:
+        image.close()
+    return resize_and_crop(torch.from_numpy(pixels.copy()).unsqueeze(0), size, nearest=True)[0]
+
+
+def resize_and_crop(image: torch.Tensor, size: int, nearest: bool = False) -> torch.Tensor:
+    from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
-    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+    how = InterpolationMode.NEAREST_EXACT if nearest else InterpolationMode.BILINEAR
+    return TF.center_crop(TF.resize(image, size, interpolation=how, antialias=not nearest), [size, size])
 
 
 def _reason(error: Exception) -> str:

@@ -52,7 +52,7 @@ def build_task(cfg: DictConfig, bundle: DataBundle, state: dict[str, Any] | None
     task.options = params_of(cfg.task)
     train_targets = bundle.train.targets() if hasattr(bundle.train, "targets") else None
     task.bind(DataInfo(target=bundle.target, classes=list(bundle.classes), name=f"dataset={cfg.dataset.name}",
-                       train_targets=train_targets))
+                       train_targets=train_targets, extra=dict(bundle.extra)))
     if state is not None and state.get("task"):
         task.load_state_dict(state["task"])
     resolve_monitor(task, cfg.checkpoint.monitor, cfg.checkpoint.mode)

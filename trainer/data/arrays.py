@@ -1,6 +1,6 @@
 """Datasets held as one uint8 tensor: decoded once, augmented per sample with transforms.v2."""
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,8 @@ class DataBundle:
     `classes` names the classes, labels or targets. The image fields are optional: without them the
     run trains, and only the image-file side of predict and serve (and the TensorBoard preview) is
     unavailable. A split may offer `preview(n)` (n inputs, for TensorBoard) and `targets()` (every
-    target, read cheaply; tasks that need statistics of the training targets use it)."""
+    target, read cheaply; tasks that need statistics of the training targets use it). `extra` holds
+    whatever else a task may check: segmentation datasets give "mask_values", {value: first file}."""
     train: Dataset
     val: Dataset
     test: Dataset
@@ -31,6 +32,7 @@ class DataBundle:
     mean: list[float] | None = None
     std: list[float] | None = None
     target: str = "class"
+    extra: dict[str, Any] = field(default_factory=dict)  # what else a task may check (e.g. "mask_values")
 
 
 class ArrayDataset(Dataset):
