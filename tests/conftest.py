@@ -2,9 +2,11 @@
 on-disk formats. Nothing here reads outside the repository or the test's temporary folder."""
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import forkrun
@@ -161,3 +163,50 @@ def write_npy(root: Path, n: int = 40, layout: str = "NHWC") -> Path:
         np.save(root / f"{split}_images.npy", images)
         np.save(root / f"{split}_labels.npy", rng.integers(0, 10, n))
     return root
+
+
+# ---- exact resume: a run killed while it saves, compared with one never interrupted ----------------
+# Wall-clock figures differ between any two runs, and a killed session's partial epoch drops out of the
+# image count (its time is lost with it).
+TIMING = {"train_time_s", "images_trained", "images_per_sec", "epoch_time_s"}
+
+
+def comparable(progress: dict) -> dict:
+    kept = {key: value for key, value in progress.items() if key not in TIMING}
+    return {**kept, "metrics": {key: value for key, value in progress["metrics"].items() if key not in TIMING}}
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    import torch
+
+    from trainer.checkpoint import load_checkpoint
+    sa, sb = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (a, b))
+    assert comparable(sa["progress"]) == comparable(sb["progress"])
+    for part in ("model", "ema"):
+        assert (sa[part] is None) == (sb[part] is None), part
+        for key, tensor in (sa[part] or {}).items():
+            assert torch.equal(tensor, sb[part][key]), (part, key)
+    for pid, buffers in sa["optimizer"]["state"].items():
+        for key, tensor in buffers.items():
+            assert torch.equal(tensor, sb["optimizer"]["state"][pid][key]), (pid, key)
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    assert sa.get("task") == sb.get("task")  # e.g. a regression's target statistics
+
+
+def kill_while_saving(run_dir: Path, args: list[str], step: int, *, launcher: list[str] | None = None) -> None:
+    """Starts a run and SIGKILLs it (every process of it) while it writes the checkpoint of `step`."""
+    marker = run_dir.parent / f"paused-{run_dir.name}"
+    pause = {"TRAINER_TEST_PAUSE_IN_SAVE": f"{step}:{marker}"}
+    if launcher:  # torchrun: a true subprocess
+        process = subprocess.Popen([*launcher, "trainer", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, **pause})
+    else:
+        process = start_trainer(*args, f"hydra.run.dir={run_dir}", env=pause)
+    deadline = time.time() + 180
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, "never reached the step"
+        time.sleep(0.02)
+    signal_tree(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)

@@ -96,7 +96,7 @@ def test_a_group_sigterm_with_loader_workers_checkpoints_and_resumes(tmp_path):
 def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_pair(single_and_pair, tmp_path):
     """Both processes and torchrun killed at once while rank 0 writes the step-40 checkpoint; resumed
     from step 30 (inside epoch 2), the pair ends with the uninterrupted pair's weights, bit for bit."""
-    from test_exact_resume import assert_same_training_state, kill_while_saving
+    from conftest import assert_same_training_state, kill_while_saving
     _, pair = single_and_pair
     args = [*EQUIVALENT, "loader.batch_size=16", "checkpoint.every_n_steps=10"]
     kill_while_saving(tmp_path / "run", args, 40,

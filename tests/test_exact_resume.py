@@ -2,15 +2,8 @@
 epoch, resume, and the weights, optimizer state and EMA equal, bit for bit, those of a run that was
 never interrupted. (The plain case, signals and damaged checkpoints are in test_resume.py; two
 processes under torchrun in test_distributed.py.)"""
-import os
-import signal
-import subprocess
-import time
-from pathlib import Path
-
 import pytest
-import torch
-from conftest import ROOT, run_trainer, signal_tree, start_trainer
+from conftest import assert_same_training_state, kill_while_saving, run_trainer
 
 from trainer.checkpoint import load_checkpoint
 
@@ -28,48 +21,6 @@ CASES = {
     "accumulate_grad_batches": (["trainer.accumulate_grad_batches=3"], 3, 9),  # 5 steps an epoch
     "on_device": (["loader.on_device=true", "trainer.ema_decay=0.9"], 4, 24),
 }
-
-
-# Wall-clock figures differ between any two runs, and a killed session's partial epoch drops out of the
-# image count (its time is lost with it).
-TIMING = {"train_time_s", "images_trained", "images_per_sec", "epoch_time_s"}
-
-
-def comparable(progress: dict) -> dict:
-    kept = {key: value for key, value in progress.items() if key not in TIMING}
-    return {**kept, "metrics": {key: value for key, value in progress["metrics"].items() if key not in TIMING}}
-
-
-def assert_same_training_state(a: Path, b: Path) -> None:
-    sa, sb = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (a, b))
-    assert comparable(sa["progress"]) == comparable(sb["progress"])
-    for part in ("model", "ema"):
-        assert (sa[part] is None) == (sb[part] is None), part
-        for key, tensor in (sa[part] or {}).items():
-            assert torch.equal(tensor, sb[part][key]), (part, key)
-    for pid, buffers in sa["optimizer"]["state"].items():
-        for key, tensor in buffers.items():
-            assert torch.equal(tensor, sb["optimizer"]["state"][pid][key]), (pid, key)
-    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
-
-
-def kill_while_saving(run_dir: Path, args: list[str], step: int, *, launcher: list[str] | None = None) -> None:
-    """Starts a run and SIGKILLs it (every process of it) while it writes the checkpoint of `step`."""
-    marker = run_dir.parent / f"paused-{run_dir.name}"
-    pause = {"TRAINER_TEST_PAUSE_IN_SAVE": f"{step}:{marker}"}
-    if launcher:  # torchrun: a true subprocess
-        process = subprocess.Popen([*launcher, "trainer", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, **pause})
-    else:
-        process = start_trainer(*args, f"hydra.run.dir={run_dir}", env=pause)
-    deadline = time.time() + 180
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read()
-        assert time.time() < deadline, "never reached the step"
-        time.sleep(0.02)
-    signal_tree(process.pid, signal.SIGKILL)
-    process.communicate(timeout=60)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,0 +1,228 @@
+"""Every shipped task beyond classification, end to end on its synthetic data: it learns, its metrics
+reach TensorBoard, metrics.json and a sweep's summary, the export matches the eager model, evaluate
+reproduces the test metrics, predict and serve answer what the eager model answers, a SIGKILL mid-epoch
+resumes bit for bit, and two processes reduce its metrics to the single-process values."""
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_training_state, kill_while_saving, run_trainer
+from PIL import Image
+
+from trainer.checkpoint import load_checkpoint
+from trainer.config import params_of
+from trainer.evaluate import evaluate_run
+from trainer.inference import Predictor
+from trainer.registry import MODELS, TASKS
+
+COMMON = ["loader.batch_size=32", "loader.num_workers=0", "trainer.progress_bar=false"]
+# (overrides, the test metric that shows learning, a bar well past chance). Chance: mAP ~0.35 (the
+# labels' prevalence), R2 0, mIoU ~0.25 (everything background).
+TASK_RUNS = {
+    "multilabel": (["dataset=synthetic_multilabel", "task=multilabel", "dataset.train_size=512", "dataset.test_size=128",
+                    "model=cnn", "model.width=16", "optimizer=adam", "optimizer.lr=0.003"], "test/map", 0.75),
+    "regression": (["dataset=synthetic_regression", "task=regression", "dataset.train_size=512",
+                    "dataset.test_size=128", "model=cnn", "model.width=16"], "test/r2", 0.6),
+    "segmentation": (["dataset=synthetic_shapes", "task=segmentation", "dataset.train_size=480", "dataset.val_size=64",
+                      "dataset.test_size=64", "model=unet", "model.widths=[8,16]", "optimizer=adam",
+                      "optimizer.lr=0.01", "task.tta=flip"], "test/miou", 0.4),
+}
+
+
+@pytest.fixture(scope="module", params=list(TASK_RUNS))
+def trained(request, tmp_path_factory) -> tuple[str, Path]:
+    name = request.param
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    result = run_trainer(*TASK_RUNS[name][0], *COMMON, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return name, run_dir
+
+
+def test_each_task_learns_and_reports_its_own_metrics(trained):
+    name, run_dir = trained
+    _, metric, bar = TASK_RUNS[name]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics[metric] > bar, metrics
+    task = TASKS.get(name)
+    assert {f"test/{k}" for k in task.metrics} <= set(metrics) and "test/acc" not in metrics
+    assert metrics["best"]["monitor"] == f"val/{task.monitor}"  # the task's default monitor
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert {f"val/{k}" for k in task.metrics} | {"train/loss"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars(f"val/{task.monitor}")) == 3
+
+
+def test_the_export_matches_and_evaluate_reproduces_the_test_metrics(trained):
+    name, run_dir = trained
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["task"]["name"] == name
+    assert all(r["parity"] for r in manifest["formats"].values()), manifest["formats"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    again = evaluate_run(run_dir, "best", [])
+    for key in (k for k in metrics if k.startswith("test/")):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
+
+
+def eager_model(run_dir: Path) -> tuple[torch.nn.Module, object]:
+    """The run's best weights in a freshly built model, under the task's TTA and export wrapper, with
+    the task rebuilt from the run's config: what the export must equal."""
+    from omegaconf import OmegaConf
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    cfg = OmegaConf.create(state["config"])
+    task = TASKS.build(cfg.task.name, **params_of(cfg.task))
+    task.classes = Predictor(run_dir).classes
+    task.load_state_dict(state["task"])
+    model = MODELS.build(cfg.model.name, **params_of(cfg.model))
+    model.load_state_dict(state["model"])
+    return task.exported(task.evaluated(model)).eval(), task
+
+
+def sample_images(name: str, folder: Path) -> list[Path]:
+    from trainer.data.segmentation import synthetic_scenes
+    from trainer.data.synthetic import synthetic_labelled, synthetic_measured
+    images = {"multilabel": lambda: synthetic_labelled(4, 6, 3, 32, 0.15, 99)[0],
+              "regression": lambda: synthetic_measured(4, 3, 32, 0.05, 99)[0],
+              "segmentation": lambda: synthetic_scenes(4, 32, 0.1, 99)[0]}[name]()
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"{name}_{i}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    return paths
+
+
+def test_predict_and_serve_answer_what_the_eager_model_answers(trained, tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trainer.predict import PredictConfig, predict
+    from trainer.serve import ServeSettings, build_app
+    name, run_dir = trained
+    files = sample_images(name, tmp_path)
+    model, task = eager_model(run_dir)
+    predictor = Predictor(run_dir)
+    with torch.no_grad():
+        outputs = model(torch.stack([predictor.decode(p.read_bytes()) for p in files]))
+    expected = task.answer(outputs, {"topk": 5})
+    config = PredictConfig(run=str(run_dir), inputs=[str(p) for p in files], masks=str(tmp_path / "masks")
+                           if name == "segmentation" else None)
+    rows = predict(config)
+    assert [{k: v for k, v in row.items() if k not in ("image", "mask")} for row in rows] == _rounded(expected)
+    if name == "segmentation":  # the mask files hold the eager model's argmax
+        masks = [torch.from_numpy(np.array(Image.open(r["mask"]))) for r in rows]
+        assert all(torch.equal(m.long(), o.argmax(0)) for m, o in zip(masks, outputs))
+
+    async def ask() -> None:
+        async with TestClient(TestServer(build_app(predictor, ServeSettings(max_wait_ms=1)))) as client:
+            for path, answer in zip(files, expected):
+                response = await client.post("/v1/predict", data=path.read_bytes(),
+                                             headers={"Content-Type": "image/png"})
+                assert response.status == 200
+                assert (await response.json())["predictions"] == _rounded([answer])
+            if name == "segmentation":
+                response = await client.post("/v1/predict?format=png", data=files[0].read_bytes(),
+                                             headers={"Content-Type": "image/png"})
+                mask = torch.from_numpy(np.array(Image.open(io.BytesIO(await response.read()))))
+                assert response.content_type == "image/png" and torch.equal(mask.long(), outputs[0].argmax(0))
+            meta = await (await client.get("/v1/metadata")).json()
+            assert meta["task"]["name"] == name
+    asyncio.run(ask())
+
+
+def _rounded(answers: list[dict]) -> list[dict]:
+    """Answers as they come back through JSON (floats compared to 1e-5: the export and eager differ
+    in the last bits only)."""
+    return json.loads(json.dumps(answers), parse_float=lambda s: pytest.approx(float(s), abs=1e-5))
+
+
+# Batches of 32: multilabel and regression train 461 images (15 batches), segmentation 240 (8 batches).
+RESUME = {
+    "multilabel": (["dataset=synthetic_multilabel", "task=multilabel", "dataset.train_size=512",
+                    "dataset.test_size=64", "model=cnn", "model.width=8", "model.dropout=0.2"], 4, 24),
+    "regression": (["dataset=synthetic_regression", "task=regression", "dataset.train_size=512", "dataset.test_size=64",
+                    "model=cnn", "model.width=8", "model.dropout=0.2"], 4, 24),
+    "segmentation": (["dataset=synthetic_shapes", "task=segmentation", "dataset.train_size=240", "dataset.val_size=32",
+                      "dataset.test_size=32", "model=unet", "model.widths=[8,16]"], 3, 12),
+}
+
+
+@pytest.mark.parametrize("name", RESUME)
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, name):
+    overrides, every, killed_at = RESUME[name]
+    args = [*overrides, *COMMON, "trainer.max_epochs=2", "export.formats=[]", f"checkpoint.every_n_steps={every}"]
+    straight = run_trainer(*args, f"hydra.run.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "killed"
+    kill_while_saving(run_dir, args, killed_at)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
+    assert saved["step"] == killed_at - every and saved["epoch"] == 1 and saved["batches_in_epoch"] > 0
+    resumed = run_trainer(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training_state(run_dir, tmp_path / "straight")
+
+
+# ---- two processes reduce every task's metrics to the one-process values ------------------------------
+def _task(name: str):
+    from trainer.tasks.base import DataInfo
+    task = TASKS.build(name)
+    target = {"classification": "class", "multilabel": "labels", "regression": "values", "segmentation": "mask"}
+    classes = {"regression": ["a", "b"]}.get(name, [f"c{i}" for i in range(7 if name == "classification" else 3)])
+    targets = torch.randn(50, 2, generator=torch.Generator().manual_seed(1)) if name == "regression" else None
+    task.bind(DataInfo(target=target[name], classes=classes, train_targets=targets))
+    return task
+
+
+def _samples(name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Seven batches of outputs and targets, of unequal sizes."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for size in (5, 3, 8, 1, 6, 4, 2):
+        if name == "classification":
+            batches.append((torch.randn(size, 7, generator=g), torch.randint(7, (size,), generator=g)))
+        elif name == "multilabel":
+            batches.append((torch.randn(size, 3, generator=g), (torch.rand(size, 3, generator=g) < 0.4).float()))
+        elif name == "regression":
+            batches.append((torch.randn(size, 2, generator=g), torch.randn(size, 2, generator=g)))
+        else:
+            masks = torch.randint(3, (size, 6, 6), generator=g)
+            masks[0, 0] = 255  # an ignored pixel
+            batches.append((torch.randn(size, 3, 6, 6, generator=g), masks))
+    return batches
+
+
+NAMES = ["classification", "multilabel", "regression", "segmentation"]
+
+
+def _evaluate_shares(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    found = {}
+    for name in NAMES:
+        evaluation = _task(name).evaluation(torch.device("cpu"))
+        for i, (outputs, targets) in enumerate(_samples(name)):
+            if i % world == rank:  # this process's share: unequal in batches and in samples
+                evaluation.update(outputs, (None, targets))
+        found[name] = evaluation.compute()
+    if rank == 0:
+        Path(out).write_text(json.dumps(found))
+    dist.destroy_process_group()
+
+
+def test_two_processes_reduce_every_tasks_metrics_to_the_single_process_values(tmp_path):
+    """mAP from scores gathered from both processes, the others from summed totals: equal to one
+    process's values over the same outputs, up to the order of float64 additions."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "pair.json"
+    mp.spawn(_evaluate_shares, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2)
+    pair = json.loads(out.read_text())
+    for name in NAMES:
+        evaluation = _task(name).evaluation(torch.device("cpu"))
+        for outputs, targets in _samples(name):
+            evaluation.update(outputs, (None, targets))
+        single = evaluation.compute()
+        assert pair[name].keys() == single.keys(), name
+        for key, value in single.items():
+            assert pair[name][key] == pytest.approx(value, rel=1e-12, abs=1e-12), (name, key)
