@@ -14,7 +14,22 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["model=resnte"], "model=resnte: no such option; choose one of cnn, fastnet, mlp, resnet, torchvision"),
+    (["model=resnte"], "model=resnte: no such option; choose one of cnn, fastnet, mlp, resnet, torchvision, tvseg, "
+                       "unet"),
+    (["task=segmentaton"], "task=segmentaton: no such option; choose one of classification, multilabel, regression, "
+                           "segmentation"),
+    (["task=segmentation"], "task=segmentation: dataset=synthetic holds single-class targets, but segmentation needs "
+                            "segmentation-mask ones; choose a dataset that holds them (e.g. dataset=synthetic_shapes"),
+    (["task=regression", "dataset=synthetic_multilabel", "dataset.train_size=64", "dataset.test_size=16"],
+     "task=regression: dataset=synthetic_multilabel holds multi-label targets, but regression needs regression"),
+    (["checkpoint.monitor=val/map"], "checkpoint.monitor: task=classification does not report 'val/map'; choose one "
+                                     "of val/loss, val/acc, val/top5, train/loss, train/acc"),
+    (["task=multilabel", "task.threshold=2"], "task.threshold: must be in (0, 1), got 2"),
+    (["task=regression", "task.loss=hinge"], "task.loss: must be one of mse, l1, huber, got 'hinge'"),
+    (["task.label_smoothing=1.5"], "task.label_smoothing: must be in [0, 1), got 1.5"),
+    (["loss.label_smoothing=0.1"], "loss.label_smoothing: moved to task.label_smoothing (an option of "
+                                   "task=classification); write task.label_smoothing=0.1"),
+    (["trainer.tta=flip"], "trainer.tta: moved to task.tta"),
     (["dataset=imagenet"], "dataset=imagenet: no such option"),
     (["optimizer=lamb"], "optimizer=lamb: no such option; choose one of adam, adamw, sgd"),
     (["scheduler=cosin"], "scheduler=cosin: no such option; choose one of constant, cosine, linear, onecycle, step"),
@@ -65,3 +80,35 @@ def test_corrupt_cifar_with_checksums_on(monkeypatch, capsys, tmp_path):
     code, err = _main_exit(monkeypatch, capsys, tmp_path, "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
                            "dataset.download=false")
     assert code == 2 and "corrupted" in err and "dataset.root" in err
+
+
+def test_a_mask_value_past_the_classes_names_the_first_file(monkeypatch, capsys, tmp_path):
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "seg"
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(root / split / "images" / f"{i}.png")
+            mask = np.zeros((8, 8), np.uint8)
+            mask[0, 0] = 255  # the ignore index: allowed
+            if split == "val" and i == 1:
+                mask[4, 4] = 7  # past dataset.num_classes=3
+            Image.fromarray(mask, mode="L").save(root / split / "masks" / f"{i}.png")
+    code, err = _main_exit(monkeypatch, capsys, tmp_path, "task=segmentation", "dataset=segfolder",
+                           f"dataset.root={root}", "dataset.num_classes=3", "dataset.image_size=8",
+                           "dataset.augment=[]", "model=unet")
+    assert code == 2 and f"the mask {root / 'val' / 'masks' / '1.png'} holds the value 7" in err, err
+    assert "task.ignore_index is 255" in err and err.count("\n") == 1
+
+
+def test_a_regression_column_a_row_lacks_names_the_file_and_row(monkeypatch, capsys, tmp_path):
+    from PIL import Image
+    root = tmp_path / "faces"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    (root / "train.csv").write_text("path,age\na.png,31\na.png,40\n")
+    code, err = _main_exit(monkeypatch, capsys, tmp_path, "task=regression", "dataset=manifest", f"dataset.root={root}",
+                           "dataset.targets=[age,height]", "dataset.val_split=0.5", "model=cnn")
+    assert code == 2 and f"dataset.targets: {root / 'train.csv'} row 1 has no 'height' (it has age)" in err, err

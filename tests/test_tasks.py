@@ -226,3 +226,105 @@ def test_two_processes_reduce_every_tasks_metrics_to_the_single_process_values(t
         assert pair[name].keys() == single.keys(), name
         for key, value in single.items():
             assert pair[name][key] == pytest.approx(value, rel=1e-12, abs=1e-12), (name, key)
+
+
+# ---- a task and a dataset of one's own -------------------------------------------------------------------
+def readme_block(first_line: str) -> str:
+    """The README's code block that starts with `first_line` (a file name comment)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index(first_line)
+    return readme[start:readme.index("```", start)]
+
+
+def test_the_readmes_own_task_trains_resumes_and_predicts(tmp_path):
+    code = readme_block("# my_tasks.py")
+    assert len(code.strip().splitlines()) < 40  # the promise the README makes
+    (tmp_path / "my_tasks.py").write_text(code)
+    (tmp_path / "my_conf" / "task").mkdir(parents=True)
+    (tmp_path / "my_conf" / "task" / "ordinal.yaml").write_text(readme_block("# my_conf/task/ordinal.yaml"))
+    run_dir = tmp_path / "run"
+    args = ["imports=[my_tasks]", f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=ordinal",
+            "dataset=synthetic", "dataset.train_size=512", "dataset.test_size=128", "model=cnn", "model.width=16",
+            *COMMON, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"]
+    result = run_trainer(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best"]["monitor"] == "val/mae" and metrics["test/mae"] < 2.5, metrics  # chance: 3.3 classes
+    resumed = run_trainer(f"resume={run_dir}", "trainer.max_epochs=4", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    images = sample_images("regression", tmp_path / "images")  # any images: the answer's form is checked
+    predicted = run_trainer(f"run={run_dir}", f"inputs=[{images[0]}]", "output=jsonl", module="trainer.predict",
+                            cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)["class"].startswith("class_")
+
+
+USER_DATASET = '''
+import torch
+from torch.utils.data import TensorDataset
+from trainer.data import DATASETS, DataBundle
+from trainer.registry import MODELS
+
+
+@DATASETS.register("points")
+def points(num_classes: int = 3, size: int = 600):
+    """Points in 16 dimensions, a class per cluster: no images, no mean, no std, no preview."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(num_classes, 16, generator=g) * 3
+    labels = torch.randint(num_classes, (size,), generator=g)
+    features = centres[labels] + torch.randn(size, 16, generator=g)
+    split = lambda a, b: TensorDataset(features[a:b], labels[a:b])
+    return DataBundle(train=split(0, 400), val=split(400, 500), test=split(500, 600),
+                      classes=[f"cluster_{i}" for i in range(num_classes)])
+
+
+@MODELS.register("linear")
+def linear(num_classes: int, features: int = 16):
+    return torch.nn.Linear(features, num_classes)
+'''
+
+
+def test_a_tensordataset_without_images_trains_exports_and_serves_json(tmp_path, monkeypatch):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trainer.serve import ServeSettings, build_app
+    (tmp_path / "my_data.py").write_text(USER_DATASET)
+    conf = tmp_path / "my_conf"
+    (conf / "dataset").mkdir(parents=True)
+    (conf / "model").mkdir()
+    (conf / "dataset" / "points.yaml").write_text("name: points\nnum_classes: 3\n")
+    (conf / "model" / "linear.yaml").write_text("name: linear\nnum_classes: ${dataset.num_classes}\n")
+    run_dir = tmp_path / "run"
+    result = run_trainer("imports=[my_data]", f"hydra.searchpath=[file://{conf}]", "dataset=points", "model=linear",
+                         *COMMON, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["test/acc"] > 0.8  # chance: 1/3
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["preprocess"] is None and manifest["input"]["shape"] == [-1, 16]
+    monkeypatch.syspath_prepend(str(tmp_path))  # the server imports the run's own modules (its imports)
+    predictor = Predictor(run_dir)
+    point = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]["weight"][0] * 0  # zeros
+
+    async def ask() -> None:
+        async with TestClient(TestServer(build_app(predictor, ServeSettings(max_wait_ms=1)))) as client:
+            response = await client.post("/v1/predict", json={"inputs": point.tolist()})
+            assert response.status == 200
+            assert len((await response.json())["predictions"][0]["top_k"]) == 3
+            image = await client.post("/v1/predict", data=b"\x89PNG", headers={"Content-Type": "image/png"})
+            assert image.status == 400 and "takes tensors" in (await image.json())["error"]
+    asyncio.run(ask())
+
+
+def test_a_sweeps_summary_shows_the_tasks_own_metrics(tmp_path):
+    from trainer.sweep import refresh_summary
+    for job, lr, value in (("0", "0.1", 0.81), ("1", "0.01", 0.93)):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "job.json").write_text(json.dumps({"overrides": [f"optimizer.lr={lr}"], "status": "done",
+                                                             "best": value, "wall_time_s": 3.0}))
+        (tmp_path / job / "metrics.json").write_text(json.dumps({"val/map": value, "val/f1": 0.5, "val/loss": 0.3,
+                                                                 "test/map": value - 0.01, "epochs": 2}))
+    refresh_summary(tmp_path, "val/map")
+    header, *rows = (tmp_path / "sweep_summary.csv").read_text().splitlines()
+    assert header.split(",") == ["job", "status", "overrides", "best val/map", "val/map", "val/f1", "val/loss",
+                                 "test/map", "epochs", "wall_time_s", "error"]
+    assert rows[1].split(",")[4] == "0.93" and (tmp_path / "sweep_summary.png").stat().st_size > 0

@@ -7,7 +7,8 @@ from typing import Any
 # Loaded on first use: `import trainer` (and every `python -m trainer.<command>`) stays cheap, and no
 # part of the package has to import the package's whole public surface.
 _EXPORTS = {"MODELS": "trainer.registry", "DATASETS": "trainer.registry", "OPTIMIZERS": "trainer.registry",
-            "SCHEDULERS": "trainer.registry", "Trainer": "trainer.loop"}
+            "SCHEDULERS": "trainer.registry", "TASKS": "trainer.registry", "Task": "trainer.tasks.base",
+            "Trainer": "trainer.loop"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -88,7 +88,8 @@ def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: 
                             list(cfg.export.formats), tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,
                             metadata={"model": cfg.model.name, "checkpoint": "checkpoints/best.pt",
                                       "ema": cfg.trainer.ema_decay > 0, "tta": trainer.task.tta,
-                                      "task": trainer.task.manifest(), "classes": bundle.classes,
+                                      "task": trainer.task.manifest(), "imports": list(cfg.imports),
+                                      "classes": bundle.classes,
                                       "image_size": bundle.image_size,
                                       "normalization": {"mean": bundle.mean, "std": bundle.std},
                                       "preprocess": preprocess_spec(bundle)})

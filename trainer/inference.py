@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from trainer.cli import import_user_modules
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
@@ -55,6 +56,7 @@ class Predictor:
             raise UserError(f"format: {fmt!r} is not among this run's exports that passed their parity check "
                             f"({', '.join(usable) or 'none'})")
         self.format, self.classes = fmt, list(self.manifest["classes"])
+        import_user_modules(list(self.manifest.get("imports", [])))  # the run's own task, model...
         self.task = task_of(self.manifest)
         self.model = _load(fmt, run_dir / "export" / self.manifest["formats"][fmt]["file"])
         self.max_image_pixels, self.limit_key = max_image_pixels, limit_key
