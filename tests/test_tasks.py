@@ -328,3 +328,45 @@ def test_a_sweeps_summary_shows_the_tasks_own_metrics(tmp_path):
     assert header.split(",") == ["job", "status", "overrides", "best val/map", "val/map", "val/f1", "val/loss",
                                  "test/map", "epochs", "wall_time_s", "error"]
     assert rows[1].split(",")[4] == "0.93" and (tmp_path / "sweep_summary.png").stat().st_size > 0
+
+
+def _as_before_tasks(config: dict) -> dict:
+    """A config as runs wrote it before tasks: a `loss` section and trainer.tta, no task, no top5."""
+    config = dict(config)
+    task = dict(config.pop("task"))
+    config["loss"] = {key: task[key] for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha")}
+    config["trainer"] = {**config["trainer"], "tta": task["tta"]}
+    config["checkpoint"] = {**config["checkpoint"], "monitor": "val/acc", "mode": "max"}
+    return config
+
+
+def test_a_run_from_before_tasks_still_evaluates_and_resumes(tmp_path):
+    """Its saved config, overrides and checkpoints in the old layout (loss.*, trainer.tta): evaluate reads
+    it as task=classification, and a resume replays `loss.label_smoothing=...` as task.label_smoothing."""
+    import yaml
+
+    from trainer.checkpoint import save_checkpoint
+    run_dir = tmp_path / "run"
+    args = ["dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64", "model=cnn", "model.width=8",
+            *COMMON, "trainer.max_epochs=1", "export.formats=[]", "task.label_smoothing=0.1", "task.tta=flip"]
+    result = run_trainer(*args, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(_as_before_tasks(saved)))
+    overrides = [o.replace("task.label_smoothing", "loss.label_smoothing").replace("task.tta", "trainer.tta")
+                 for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())]
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(run_dir / "checkpoints" / name)
+        state["config"] = _as_before_tasks(state["config"])
+        state.pop("task")
+        state["progress"]["epoch_sums"] = [0.0, 0.0, 0.0]  # the old fixed layout
+        save_checkpoint(state, run_dir / "checkpoints" / name)
+    before = json.loads((run_dir / "metrics.json").read_text())
+    evaluated = evaluate_run(run_dir, "best", [])  # under flip TTA, as the run was tested
+    assert evaluated["test/acc"] == pytest.approx(before["test/acc"]) and "test/top5" in evaluated
+    resumed = run_trainer(f"resume={run_dir}", "trainer.max_epochs=2")
+    assert resumed.returncode == 0, resumed.stderr
+    config = load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
+    assert config["task"] == {"name": "classification", "label_smoothing": 0.1, "mixup_alpha": 0.0,
+                              "cutmix_alpha": 0.0, "tta": "flip"}

@@ -24,6 +24,9 @@ Batch = Any  # a tuple/list or a dict of tensors
 def move(batch: Batch, device: torch.device, channels_last: bool = False) -> Batch:
     """Every tensor of a batch to the device (asynchronously from pinned memory); 4-D floating tensors
     (image batches) in channels_last when asked."""
+    if type(batch) is list and len(batch) == 2 and not channels_last:  # the common (inputs, targets): fast
+        return [batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)] \
+            if isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor) else [move(v, device) for v in batch]
     if isinstance(batch, Tensor):
         batch = batch.to(device, non_blocking=True)
         if channels_last and batch.ndim == 4 and batch.is_floating_point():
@@ -112,16 +115,16 @@ class Task:
 
     def inputs(self, batch: Batch) -> Any:
         """What the model is called with."""
-        return batch["inputs"] if isinstance(batch, Mapping) else batch[0]
+        return batch["inputs"] if isinstance(batch, dict) else batch[0]
 
     def targets(self, batch: Batch) -> Any:
-        return batch["targets"] if isinstance(batch, Mapping) else batch[1]
+        return batch["targets"] if isinstance(batch, dict) else batch[1]
 
     def count(self, batch: Batch) -> int:
         return len(self.targets(batch))
 
     def with_inputs(self, batch: Batch, inputs: Tensor, targets: Any) -> Batch:
-        if isinstance(batch, Mapping):
+        if isinstance(batch, dict):
             return {**batch, "inputs": inputs, "targets": targets}
         return type(batch)((inputs, targets, *batch[2:]))
 

@@ -66,7 +66,7 @@ class Classification(Task):
         return F.cross_entropy(outputs, self.targets(batch), label_smoothing=self.label_smoothing)
 
     def train_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return (outputs.detach().argmax(1) == self.targets(batch)).sum().float().view(1)
+        return (outputs.detach().argmax(1) == self.targets(batch)).sum()  # 0-d: added into the running sums
 
     def from_train_sums(self, sums: list[float], count: int) -> dict[str, float]:
         return {"acc": sums[0] / max(count, 1)}
