@@ -22,6 +22,20 @@ def test_forward_pass_gives_one_logit_per_class(name, params, shape):
     assert out.shape == (2, 7) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name,params", [
+    ("unet", {"widths": [8, 16, 32]}),
+    ("unet", {"widths": [8, 16], "in_channels": 1}),
+    ("tvseg", {"arch": "lraspp_mobilenet_v3_large"}),
+    ("tvseg", {"arch": "deeplabv3_mobilenet_v3_large"}),
+    ("tvseg", {"arch": "fcn_resnet50"}),
+])
+def test_segmentation_models_give_a_logit_per_class_and_pixel(name, params):
+    model = MODELS.build(name, num_classes=5, **params).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, params.get("in_channels", 3), 32, 32))
+    assert out.shape == (2, 5, 32, 32) and torch.isfinite(out).all()
+
+
 def test_resnet18_is_the_cifar_variant():
     model = MODELS.build("resnet", num_classes=10)
     stem = model[0]
@@ -34,6 +48,9 @@ def test_resnet18_is_the_cifar_variant():
     ("resnet", {"depth": 20}, "model.depth"),
     ("torchvision", {"arch": "resnet19"}, "model.arch"),
     ("mlp", {"in_channels": 3, "image_size": 32, "hidden": [0]}, "model.hidden"),
+    ("unet", {"widths": [8]}, "model.widths"),
+    ("tvseg", {"arch": "segformer"}, "model.arch"),
+    ("tvseg", {"in_channels": 1}, "model.in_channels"),
 ])
 def test_bad_model_parameters_name_the_key(name, params, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):

@@ -5,6 +5,7 @@ resumes bit for bit, and two processes reduce its metrics to the single-process 
 import asyncio
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -301,8 +302,14 @@ def test_a_tensordataset_without_images_trains_exports_and_serves_json(tmp_path,
     assert json.loads((run_dir / "metrics.json").read_text())["test/acc"] > 0.8  # chance: 1/3
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["preprocess"] is None and manifest["input"]["shape"] == [-1, 16]
-    monkeypatch.syspath_prepend(str(tmp_path))  # the server imports the run's own modules (its imports)
-    predictor = Predictor(run_dir)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the server imports the run's own modules (its imports)...
+    from trainer.registry import DATASETS
+    for registry in (MODELS, DATASETS):  # ...whose entries leave with this test, not stay in this worker
+        monkeypatch.setattr(registry, "_builders", dict(registry._builders))
+    try:
+        predictor = Predictor(run_dir)
+    finally:
+        sys.modules.pop("my_data", None)
     point = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]["weight"][0] * 0  # zeros
 
     async def ask() -> None:
@@ -370,3 +377,86 @@ def test_a_run_from_before_tasks_still_evaluates_and_resumes(tmp_path):
     config = load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
     assert config["task"] == {"name": "classification", "label_smoothing": 0.1, "mixup_alpha": 0.0,
                               "cutmix_alpha": 0.0, "tta": "flip"}
+
+
+# ---- the on-disk formats each task reads ------------------------------------------------------------------
+def _write_manifest(root: Path, kind: str) -> list[str]:
+    import csv
+
+    from trainer.data.synthetic import synthetic_labelled, synthetic_measured
+    names = ["red", "green", "blue", "sky", "sea", "sun"]
+    (root / "img").mkdir(parents=True)
+    for split, seed in (("train", 0), ("val", 1)):
+        if kind == "labels":
+            images, labels = synthetic_labelled(48, 6, 3, 32, 0.15, seed)
+            with (root / f"{split}.csv").open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "labels"])
+                for i, image in enumerate(images):
+                    Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "img" / f"{split}{i}.png")
+                    writer.writerow([f"img/{split}{i}.png", "|".join(n for n, on in zip(names, labels[i]) if on)])
+        else:
+            images, values = synthetic_measured(48, 3, 32, 0.05, seed)
+            with (root / f"{split}.jsonl").open("w") as f:
+                for i, image in enumerate(images):
+                    Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "img" / f"{split}{i}.jpg")
+                    f.write(json.dumps({"path": f"img/{split}{i}.jpg", "bright": float(values[i, 0]),
+                                        "x": float(values[i, 1])}) + "\n")
+    targets = [] if kind == "labels" else ["dataset.targets=[bright,x]", "dataset.augment=[]"]
+    return ["dataset=manifest", f"dataset.root={root}", *targets]
+
+
+def _write_numpy(root: Path, kind: str) -> list[str]:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        np.save(root / f"{split}_images.npy", rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+        labels = rng.normal(size=(40, 2)).astype(np.float32) if kind == "values" else rng.integers(0, 2, (40, 4))
+        np.save(root / f"{split}_labels.npy", labels)
+    return ["dataset=numpy", f"dataset.root={root}", f"dataset.num_classes={2 if kind == 'values' else 4}"]
+
+
+def _write_segfolder(root: Path) -> list[str]:
+    from trainer.data.segmentation import synthetic_scenes
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [224, 224, 192] * 253  # VOC-like: index 255 is the border colour
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        images, masks = synthetic_scenes(24, 48, 0.1, seed)
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / split / "images" / f"{i:03d}.jpg")
+            indexed = Image.fromarray(mask.numpy(), mode="P")
+            indexed.putpalette(palette)
+            indexed.save(root / split / "masks" / f"{i:03d}.png")
+    return ["dataset=segfolder", f"dataset.root={root}", "dataset.num_classes=3", "dataset.image_size=32",
+            "dataset.class_names=[background,square,disc]", "model=unet", "model.widths=[8,16]",
+            "dataset.augment=[{name: RandomCrop, size: 32, padding: 4}, {name: RandomHorizontalFlip}]"]
+
+
+FORMATS = {
+    "manifest_csv_multilabel": ("multilabel", lambda root: _write_manifest(root, "labels")),
+    "manifest_jsonl_regression": ("regression", lambda root: _write_manifest(root, "values")),
+    "numpy_float_regression": ("regression", lambda root: _write_numpy(root, "values")),
+    "numpy_multi_hot_multilabel": ("multilabel", lambda root: _write_numpy(root, "labels")),
+    "segfolder_palette_masks": ("segmentation", _write_segfolder),
+}
+
+
+@pytest.mark.parametrize("case", FORMATS)
+def test_the_tasks_read_their_real_on_disk_formats(tmp_path, case):
+    task, write = FORMATS[case]
+    args = write(tmp_path / "data")
+    model = [] if any(a.startswith("model=") for a in args) else ["model=cnn", "model.width=8"]
+    run_dir = tmp_path / "run"
+    result = run_trainer(f"task={task}", *args, *model, *COMMON, "loader.batch_size=16", "trainer.max_epochs=1",
+                         "export.formats=[torch_export]", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert all(np.isfinite(metrics[f"test/{k}"]) for k in TASKS.get(task).metrics)
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["formats"]["torch_export"]["parity"] and manifest["task"]["name"] == task
+    if case.startswith("manifest"):
+        assert manifest["classes"] == (["bright", "x"] if task == "regression" else
+                                       ["blue", "green", "red", "sea", "sky", "sun"])  # sorted labels
+    if case == "segfolder_palette_masks":
+        assert manifest["classes"] == ["background", "square", "disc"]

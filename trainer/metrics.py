@@ -39,6 +39,7 @@ class RunningMetrics:
             raise ValueError(f"expected {size + 2} running sums, got {len(sums)}")
         self.loss_sum = torch.tensor(float(sums[0]), device=device)
         self.task_sums = torch.tensor([float(v) for v in sums[1:-1]], device=device)
+        self.keeps_task_sums = size > 0
         self.samples = int(sums[-1])
         self.recent = torch.zeros(window, device=device)
         self.recent_steps = [0] * window
@@ -48,7 +49,7 @@ class RunningMetrics:
         """`loss`: the batch's mean loss (a device scalar); `task_sums`: the batch's share of the task's sums."""
         loss = loss.detach()
         self.loss_sum.add_(loss, alpha=samples)
-        if len(self.task_sums):
+        if self.keeps_task_sums:
             self.task_sums.add_(task_sums)
         slot = self.count % len(self.recent)
         self.recent[slot] = loss
