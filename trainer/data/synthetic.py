@@ -21,27 +21,24 @@ def synthetic_images(n: int, num_classes: int, in_channels: int, image_size: int
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+def _check_sizes(**sizes: int) -> None:
+    for key, value in sizes.items():
+        if value < 1:
+            raise UserError(f"dataset.{key}: must be 1 or more, got {value}")
+
+
 @DATASETS.register("synthetic")
 def synthetic(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, train_size: int = 2048,
               test_size: int = 512, noise: float = 0.25, seed: int = 0, val_split: float = 0.1,
               augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
               std: Sequence[float] = (0.25, 0.25, 0.25)) -> DataBundle:
-    for key, value in (("train_size", train_size), ("test_size", test_size), ("image_size", image_size),
-                       ("in_channels", in_channels)):
-        if value < 1:
-            raise UserError(f"dataset.{key}: must be 1 or more, got {value}")
+    _check_sizes(train_size=train_size, test_size=test_size, image_size=image_size, in_channels=in_channels)
     if noise < 0:
         raise UserError(f"dataset.noise: must be 0 or more, got {noise}")
     train = synthetic_images(train_size, num_classes, in_channels, image_size, noise, seed)
     test = synthetic_images(test_size, num_classes, in_channels, image_size, noise, seed + 1)
     return bundle_from_arrays(train, test, [f"class_{i}" for i in range(num_classes)], val_split=val_split,
                               augment=augment, mean=mean, std=std, image_size=image_size)
-
-
-def _check_sizes(**sizes: int) -> None:
-    for key, value in sizes.items():
-        if value < 1:
-            raise UserError(f"dataset.{key}: must be 1 or more, got {value}")
 
 
 def synthetic_labelled(n: int, num_classes: int, in_channels: int, image_size: int, noise: float,
