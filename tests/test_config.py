@@ -17,8 +17,12 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
                 "numpy": [f"dataset.root={tmp_path}", "dataset.num_classes=10"],
                 "streaming": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
                 "manifest": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
-                "segfolder": [f"dataset.root={tmp_path}", "dataset.num_classes=3"]}
-    extra = required.get(option, []) if group == "dataset" else []
+                "segfolder": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
+                "text": ["dataset.root=corpus.txt", "model=gpt", "task=language_model"],
+                "shakespeare_char": ["dataset.root=input.txt"],
+                "gpt": ["dataset=text", "dataset.root=corpus.txt", "task=language_model"],
+                "language_model": ["dataset=text", "dataset.root=corpus.txt", "model=gpt"]}
+    extra = required.get(option, []) if group in ("dataset", "experiment", "model", "task") else []
     cfg = compose_config(f"{group}={option}", *extra)
     validate(cfg)
     if group in ("model", "dataset", "task", "optimizer", "scheduler"):

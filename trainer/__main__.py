@@ -54,6 +54,9 @@ def run(cfg: DictConfig) -> float | None:
     state = load_resume_state(cfg.resume, run_dir, cfg)
     bundle, loaders = build_data(cfg, device)
     task = build_task(cfg, bundle, state)
+    if "tokenizer" in bundle.extra and distributed.is_main():  # generation decodes with the training tokenizer
+        from trainer.text.tokenizers import copy_tokenizer
+        copy_tokenizer(bundle.extra["tokenizer"], Path(bundle.extra["tokenizer_dir"]), run_dir / "tokenizer")
     trainer = build_trainer(cfg, run_dir, device, loaders, state, task)
     if state is None and hasattr(bundle.train, "preview") and bundle.mean is not None:
         trainer.metrics.images("train/samples", bundle.train.preview(64), bundle.mean, bundle.std)
@@ -86,6 +89,7 @@ def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: 
     export_started = time.perf_counter()
     manifest = export_model(trainer.task.exported(trainer.evaluator(plain=True)), inputs, run_dir / "export",
                             list(cfg.export.formats), tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,
+                            dims=trainer.task.dynamic_dims(),
                             metadata={"model": cfg.model.name, "checkpoint": "checkpoints/best.pt",
                                       "ema": cfg.trainer.ema_decay > 0, "tta": trainer.task.tta,
                                       "task": trainer.task.manifest(), "imports": list(cfg.imports),
@@ -94,6 +98,10 @@ def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: 
                                       "normalization": {"mean": bundle.mean, "std": bundle.std},
                                       "preprocess": preprocess_spec(bundle)})
     trainer.timer.add("export", time.perf_counter() - export_started)
+    if (run_dir / "tokenizer").is_dir():
+        from trainer.text.tokenizers import copy_tokenizer
+        spec = json.loads((run_dir / "tokenizer" / "tokenizer_spec.json").read_text())
+        copy_tokenizer(spec, run_dir / "tokenizer", run_dir / "export" / "tokenizer")
     p = trainer.progress
     metrics = {key: value for key, value in p.metrics.items() if key.startswith(("train/", "val/"))}
     metrics.update({**test, "epochs": p.epoch, "steps": p.step,

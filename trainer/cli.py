@@ -37,6 +37,10 @@ def _one_line(error: BaseException) -> str:
     key = re.search(r"full_key: (\S+)", str(error))
     if key and key.group(1) not in text:
         text = f"{key.group(1)}: {text}"
+    missing_key = re.search(r"Interpolation key '(dataset\.\w+)' not found", text)
+    if missing_key:  # e.g. model=gpt (vocab_size) with an image dataset, or an image model with dataset=text
+        text += (f"; the chosen model needs {missing_key.group(1)}, which this dataset does not have: choose a "
+                 f"model and dataset that fit (model=gpt with dataset=text, image models with image datasets)")
     return text
 
 

@@ -18,7 +18,15 @@ from trainer.atomic import write_text
 logger = logging.getLogger("trainer")
 
 
-def export_torchscript(model: nn.Module, example: Tensor, path: Path, max_batch: int) -> Callable[[Tensor], Tensor]:
+def _dynamic(max_batch: int, dims: dict[int, tuple[str, int]]) -> tuple[dict]:
+    """torch.export's dynamic shapes for the one input: the batch, and the task's other dimensions."""
+    shapes = {0: torch.export.Dim("batch", min=1, max=max_batch)}
+    shapes.update({dim: torch.export.Dim(name, min=2, max=most) for dim, (name, most) in dims.items()})
+    return (shapes,)
+
+
+def export_torchscript(model: nn.Module, example: Tensor, path: Path, max_batch: int,
+                       dims: dict[int, tuple[str, int]]) -> Callable[[Tensor], Tensor]:
     # TorchScript is deprecated from torch 2.14 on; users still ask for it, so we export it and
     # silence that one warning here, and nowhere else.
     with warnings.catch_warnings():
@@ -27,9 +35,9 @@ def export_torchscript(model: nn.Module, example: Tensor, path: Path, max_batch:
         return torch.jit.load(str(path))
 
 
-def export_torch_export(model: nn.Module, example: Tensor, path: Path, max_batch: int) -> Callable[[Tensor], Tensor]:
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+def export_torch_export(model: nn.Module, example: Tensor, path: Path, max_batch: int,
+                        dims: dict[int, tuple[str, int]]) -> Callable[[Tensor], Tensor]:
+    program = torch.export.export(model, (example,), dynamic_shapes=_dynamic(max_batch, dims))
     torch.export.save(program, str(path))
     return torch.export.load(str(path)).module()
 
@@ -37,14 +45,14 @@ def export_torch_export(model: nn.Module, example: Tensor, path: Path, max_batch
 ONNX_INLINE_LIMIT = 1 << 30
 
 
-def export_onnx(model: nn.Module, example: Tensor, path: Path, max_batch: int) -> Callable[[Tensor], Tensor]:
+def export_onnx(model: nn.Module, example: Tensor, path: Path, max_batch: int,
+                dims: dict[int, tuple[str, int]]) -> Callable[[Tensor], Tensor]:
     """ONNX through the dynamo exporter, reloaded in onnxruntime (the `onnx` extra)."""
     import onnxruntime
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
     # One self-contained file, unless the weights pass protobuf's 2 GB limit (then model.onnx.data beside it).
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     with contextlib.redirect_stdout(io.StringIO()):  # its progress lines would land in the run's log
-        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
+        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=_dynamic(max_batch, dims),
                           external_data=weight_bytes > ONNX_INLINE_LIMIT)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -59,7 +67,7 @@ EXPORTERS = {
 
 
 def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[str], *, tolerance: float,
-                 max_batch: int, metadata: dict[str, Any]) -> dict[str, Any]:
+                 max_batch: int, metadata: dict[str, Any], dims: dict[int, tuple[str, int]] | None = None) -> dict[str, Any]:
     """Writes each format and export/manifest.json; a format that fails is recorded with its error
     and the others are still written. `inputs` are real, preprocessed test images."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +75,8 @@ def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[
     # (torch.export's archive cannot pack channels_last weights).
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     example, check = inputs[:2], inputs[: max(3, min(len(inputs), 8))]  # check at another batch size
+    if dims and inputs.ndim > 1 and inputs.shape[1] > 2:
+        check = check[:, :-1]  # ...and another length, where the task's other dimensions are dynamic
     with torch.no_grad():
         expected = model(check)
     results: dict[str, Any] = {}
@@ -74,7 +84,7 @@ def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[
         filename, exporter = EXPORTERS[fmt]
         try:
             with torch.no_grad():
-                loaded = exporter(model, example, out_dir / filename, max_batch)
+                loaded = exporter(model, example, out_dir / filename, max_batch, dims or {})
                 diff = (loaded(check) - expected).abs().max().item()
             results[fmt] = {"file": filename, "max_abs_diff": diff, "parity": diff <= tolerance}
             if diff > tolerance:
@@ -88,7 +98,8 @@ def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[
                 leftover.unlink(missing_ok=True)
             results[fmt] = {"file": None, "error": f"{type(e).__name__}: {message}"}
     manifest = {**metadata, "formats": results,
-                "input": {"shape": [-1, *inputs.shape[1:]], "dtype": "float32", "max_batch": max_batch},
+                "input": {"shape": [-1, *(-1 if i + 1 in (dims or {}) else n for i, n in enumerate(inputs.shape[1:]))],
+                          "dtype": str(inputs.dtype).removeprefix("torch."), "max_batch": max_batch},
                 "torch_version": torch.__version__}
     write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

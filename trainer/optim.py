@@ -1,7 +1,7 @@
 """OPTIMIZERS and SCHEDULERS: small strategy functions chosen by name.
 
-Every optimizer strategy splits the parameters so norms and biases get no weight decay (decaying them
-only shrinks a scale or a shift and hurts accuracy). Every scheduler is a LambdaLR over optimizer
+Every optimizer strategy splits the parameters so norms, biases and embedding tables get no weight decay
+(decaying them only shrinks a scale, a shift or a lookup and hurts accuracy). Every scheduler is a LambdaLR over optimizer
 steps: the learning rate is a pure function of the step count, so a resumed run recomputes it exactly,
 and a run extended to more epochs recomputes the schedule for the new horizon.
 """
@@ -28,9 +28,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     if norm_and_bias_lr_scale <= 0:
         raise UserError(f"optimizer.norm_and_bias_lr_scale: must be positive, got {norm_and_bias_lr_scale}")
     decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # token/position tables
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 or decay_norm_and_bias else no_decay).append(p)
+            (decay if (p.ndim > 1 and id(p) not in embeddings) or decay_norm_and_bias else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
             {"params": no_decay, "weight_decay": 0.0, "lr": lr * norm_and_bias_lr_scale}]
 

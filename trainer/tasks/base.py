@@ -167,6 +167,10 @@ class Task:
         """What the export holds (e.g. with the targets' standardisation undone)."""
         return model
 
+    def dynamic_dims(self) -> dict[int, tuple[str, int]]:
+        """Input dimensions besides the batch that the export must take at any size: {dim: (name, max)}."""
+        return {}
+
     # ---- state saved with checkpoints and exports -----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -191,10 +195,10 @@ class Task:
                 **{f"train/{k}": m for k, m in {"loss": "min", **self.train_metrics}.items()}}
 
 
-EXAMPLES = {"class": "synthetic, imagefolder or cifar10", "labels": "synthetic_multilabel, or manifest",
+EXAMPLES = {"tokens": "text", "class": "synthetic, imagefolder or cifar10", "labels": "synthetic_multilabel, or manifest",
             "values": "synthetic_regression, or manifest with dataset.targets=[...]",
             "mask": "synthetic_shapes, or segfolder"}
-TARGET_WORDS = {"class": "single-class", "labels": "multi-label", "values": "regression (float)",
+TARGET_WORDS = {"tokens": "next-token", "class": "single-class", "labels": "multi-label", "values": "regression (float)",
                 "mask": "segmentation-mask"}
 
 

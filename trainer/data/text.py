@@ -1,0 +1,105 @@
+"""`text`: a corpus of token ids, read as windows of dataset.block_size + 1 tokens (inputs and the
+next-token targets) from a memory-mapped array, for task=language_model.
+
+dataset.root is either a folder written by `python -m trainer.data.tokenize` (index.json, tokens.bin)
+or the text itself: a .txt or .jsonl file, a folder or a glob, tokenized once (dataset.tokenizer) into
+dataset.cache and reused while the inputs are unchanged. The last dataset.val_fraction of the token
+stream is the validation (and test) split. A training epoch is every block_size-th window start, each
+shifted by a random offset drawn from the sample's own seed: random windows, the same for a seed
+whatever the worker count, and a resume restarts at any batch, as for images.
+"""
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from trainer.data.arrays import DataBundle
+from trainer.data.tokenize import INDEX, TOKENS, input_files, tokenize
+from trainer.errors import UserError
+from trainer.registry import DATASETS
+
+log = logging.getLogger("trainer")
+
+
+class TextWindows(Dataset):
+    """(inputs, targets) = tokens[s : s + block], tokens[s + 1 : s + block + 1] for window starts s in
+    [start, stop - block - 1]; the file is opened in each process that reads it."""
+
+    def __init__(self, path: Path, dtype: str, start: int, stop: int, block_size: int, shift: bool) -> None:
+        self.path, self.dtype, self.start, self.stop = path, dtype, start, stop
+        self.block_size, self.shift = block_size, shift
+        self._tokens: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return (self.stop - self.start - 1) // self.block_size
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}  # a worker maps the file itself
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        begin = self.start + i * self.block_size
+        if self.shift:  # under the sample's seed (SeededSamples): random, and the same for a seed
+            room = self.stop - self.block_size - 1 - begin
+            begin += int(torch.randint(min(self.block_size, room) + 1, ()))
+        window = torch.from_numpy(self.tokens[begin:begin + self.block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+    def targets(self) -> None:
+        return None
+
+
+def _cache_key(inputs: str, tokenizer: str, vocab_size: int) -> str:
+    files = input_files([inputs])
+    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha1(json.dumps([stamp, tokenizer, vocab_size]).encode()).hexdigest()[:16]
+
+
+def tokenized(root: str, tokenizer: str, vocab_size: int, cache: str) -> Path:
+    """The folder of token ids for dataset.root: itself when it is one, else the cache's (made once)."""
+    folder = Path(root)
+    if (folder / INDEX).is_file():
+        return folder
+    target = Path(cache) / _cache_key(root, tokenizer, vocab_size)
+    if not (target / INDEX).is_file():
+        log.info("tokenizing %s (%s) into %s, once", root, tokenizer, target)
+        tokenize([root], target, tokenizer, vocab_size)
+    return target
+
+
+@DATASETS.register("text")
+def text(root: str, block_size: int = 256, vocab_size: int = 256, val_fraction: float = 0.1, tokenizer: str = "byte",
+         cache: str = "data/tokens") -> DataBundle:
+    if block_size < 1:
+        raise UserError(f"dataset.block_size: must be 1 or more, got {block_size}")
+    if not 0 < val_fraction < 1:
+        raise UserError(f"dataset.val_fraction: must be in (0, 1), got {val_fraction}")
+    folder = tokenized(root, tokenizer, vocab_size, cache)
+    index = json.loads((folder / INDEX).read_text())
+    spec = index["tokenizer"]
+    if spec["vocab_size"] > vocab_size:
+        raise UserError(f"dataset.vocab_size: the tokenizer of {folder} has {spec['vocab_size']:,} tokens, more than "
+                        f"dataset.vocab_size={vocab_size:,} (the model's); set dataset.vocab_size={spec['vocab_size']}")
+    total = int(index["tokens"])
+    n_val = int(total * val_fraction)
+    split = total - n_val
+    for name, size in (("training", split), ("validation", n_val)):
+        if size < block_size + 1:
+            raise UserError(f"dataset.block_size: the {name} split has {size:,} tokens, fewer than block_size + 1 = "
+                            f"{block_size + 1}; lower dataset.block_size, or use a bigger corpus")
+    path = folder / TOKENS
+    train = TextWindows(path, index["dtype"], 0, split, block_size, shift=True)
+    val = TextWindows(path, index["dtype"], split, total, block_size, shift=False)
+    extra = {"tokenizer": spec, "tokenizer_dir": str(folder), "block_size": block_size, "vocab_size": vocab_size,
+             "bytes_per_token": index["bytes"] / max(total, 1)}
+    return DataBundle(train=train, val=val, test=val, classes=[], target="tokens", extra=extra)
