@@ -1,0 +1,147 @@
+"""Text: the tokenizers round-trip, a small GPT learns a generated corpus through `python -m trainer`,
+exports at any length, resumes bit for bit after a SIGKILL mid-epoch, and generates the same tokens with
+and without its key/value cache; bad text input is one line and exit 2."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_training_state, kill_while_saving, run_trainer
+
+from trainer.checkpoint import load_checkpoint
+from trainer.data.tokenize import tokenize
+from trainer.registry import MODELS
+from trainer.text.generation import generate
+from trainer.text.tokenizers import ByteTokenizer, load_tokenizer
+
+WORDS = "the king and queen of a far land would ride to the sea where old ships lay in the sun".split()
+SMALL_GPT = ["model=gpt", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "dataset.block_size=32"]
+
+
+def write_corpus(path: Path, lines: int = 1500, seed: int = 0) -> Path:
+    """Sentences of a small vocabulary: easy to learn well below log(256) nats a byte."""
+    rng = random.Random(seed)
+    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                     for _ in range(lines))
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def lm_args(corpus: Path, cache: Path) -> list[str]:
+    return ["task=language_model", "dataset=text", f"dataset.root={corpus}", f"dataset.cache={cache}", *SMALL_GPT,
+            "optimizer=adamw", "optimizer.lr=3e-3", "loader.batch_size=16", "loader.num_workers=0",
+            "trainer.progress_bar=false"]
+
+
+def test_the_byte_tokenizer_round_trips_any_text(tmp_path):
+    text = "naïve café — 東京 🚀\nline two\x00"
+    byte = ByteTokenizer()
+    assert byte.decode(byte.encode(text)) == text and max(byte.encode(text)) < 256
+    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+    index = tokenize([str(tmp_path / "doc.txt")], tmp_path / "out")
+    ids = np.fromfile(tmp_path / "out" / "tokens.bin", dtype=index["dtype"])
+    assert index["dtype"] == "uint16" and index["tokens"] == len(text.encode()) == len(ids)
+    assert byte.decode(ids.tolist()) == text
+
+
+def test_a_bpe_tokenizer_trained_on_the_corpus_round_trips_and_travels(tmp_path):
+    pytest.importorskip("tokenizers", reason="the text extra is not installed")
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=300)
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": "The queen rode to the sea. Ünïcödé."}) + "\n")
+    index = tokenize([str(corpus), str(tmp_path / "more.jsonl")], tmp_path / "out", "bpe", vocab_size=400)
+    assert index["tokenizer"]["kind"] == "bpe" and index["tokenizer"]["vocab_size"] <= 400
+    tokenizer = load_tokenizer(index["tokenizer"], tmp_path / "out")  # read back from its own file
+    ids = np.fromfile(tmp_path / "out" / "tokens.bin", dtype=index["dtype"]).tolist()
+    first, second = index["documents"]
+    assert tokenizer.decode(ids[first[1]:first[2]]) == corpus.read_text()
+    assert tokenizer.decode(ids[second[1]:second[2]]) == "The queen rode to the sea. Ünïcödé."
+    assert index["tokens"] < index["bytes"] / 2  # merges learnt: fewer tokens than bytes
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lm")
+    corpus = write_corpus(root / "corpus.txt")
+    run_dir = root / "run"
+    result = run_trainer(*lm_args(corpus, root / "cache"), "trainer.max_epochs=3", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_a_small_gpt_learns_the_corpus_well_below_chance(lm_run):
+    metrics = json.loads((lm_run / "metrics.json").read_text())
+    assert metrics["steps"] >= 200  # a few hundred steps...
+    assert metrics["test/loss"] < 0.5 * np.log(256), metrics  # ...well below a uniform guess over bytes
+    assert metrics["test/bits_per_byte"] == pytest.approx(metrics["test/loss"] / np.log(2))  # byte tokens
+    assert metrics["test/perplexity"] == pytest.approx(np.exp(metrics["test/loss"]))
+    assert metrics["best"]["monitor"] == "val/loss"
+
+
+def test_the_export_takes_any_length_and_names_its_tokenizer(lm_run):
+    manifest = json.loads((lm_run / "export" / "manifest.json").read_text())
+    assert manifest["formats"]["torch_export"]["parity"] and manifest["input"]["shape"] == [-1, -1]
+    assert manifest["input"]["dtype"] == "int64" and manifest["task"]["state"]["block_size"] == 32
+    assert json.loads((lm_run / "export" / "tokenizer" / "tokenizer_spec.json").read_text())["kind"] == "byte"
+    program = torch.export.load(str(lm_run / "export" / "model.pt2")).module()
+    state = load_checkpoint(lm_run / "checkpoints" / "best.pt")
+    model = MODELS.build("gpt", vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32).eval()
+    model.load_state_dict(state["model"])
+    ids = torch.randint(256, (3, 17))
+    with torch.no_grad():
+        assert torch.allclose(program(ids), model(ids), atol=1e-5)
+
+
+def test_generation_is_the_same_with_and_without_the_cache_and_for_a_seed(lm_run):
+    from trainer.generate import load_run
+    model, tokenizer = load_run(lm_run, "best")
+    prompt = torch.tensor(tokenizer.encode("The king"))
+    for temperature, top_k in ((0.0, None), (0.8, 20), (1.0, None)):
+        cached = list(generate(model, prompt, 80, temperature=temperature, top_k=top_k, seed=3))  # past block 32
+        plain = list(generate(model, prompt, 80, temperature=temperature, top_k=top_k, seed=3, use_cache=False))
+        assert cached == plain and len(cached) == 80
+    again = list(generate(model, prompt, 40, temperature=0.8, seed=3))
+    assert again == list(generate(model, prompt, 40, temperature=0.8, seed=3)) != \
+        list(generate(model, prompt, 40, temperature=0.8, seed=4))
+
+
+def test_generate_prints_the_prompt_and_its_continuation(lm_run):
+    result = run_trainer(f"run={lm_run}", "prompt=The queen", "max_new_tokens=60", "seed=1",
+                         module="trainer.generate")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The queen") and len(result.stdout.encode()) >= len("The queen") + 55
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=300)  # 10.5 KB: 295 windows, 19 batches of 16 an epoch
+    args = [*lm_args(corpus, tmp_path / "cache"), "model.dropout=0.1", "trainer.max_epochs=2", "export.formats=[]",
+            "checkpoint.every_n_steps=5"]
+    straight = run_trainer(*args, f"hydra.run.dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "killed"
+    kill_while_saving(run_dir, args, 30)
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]
+    assert saved["step"] == 25 and saved["epoch"] == 1 and saved["batches_in_epoch"] > 0  # mid-epoch
+    resumed = run_trainer(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training_state(run_dir, tmp_path / "straight")
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("empty corpus", "holds no text"),
+    ("block size past the corpus", "dataset.block_size: the validation split has"),
+    ("a tokenizer bigger than the model", "dataset.vocab_size: the tokenizer of"),
+])
+def test_bad_text_input_is_one_line_and_exit_2(tmp_path, case, needle):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("" if case == "empty corpus" else "Some text. " * 40)
+    extra = {"block size past the corpus": ["dataset.block_size=200"],
+             "a tokenizer bigger than the model": ["dataset.vocab_size=100"]}.get(case, [])
+    result = run_trainer(*lm_args(corpus, tmp_path / "cache"), *extra, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+
+
+def test_a_prompt_longer_than_the_block_size_is_refused(lm_run):
+    result = run_trainer(f"run={lm_run}", "prompt=" + "x" * 40, module="trainer.generate")
+    assert result.returncode == 2 and "prompt: 40 tokens, longer than the model's block size 32" in result.stderr
