@@ -13,7 +13,7 @@ from conftest import assert_same_training_state, kill_while_saving, run_trainer
 from trainer.checkpoint import load_checkpoint
 from trainer.data.tokenize import tokenize
 from trainer.registry import MODELS
-from trainer.text.generation import generate
+from trainer.generate import generate
 from trainer.text.tokenizers import ByteTokenizer, load_tokenizer
 
 WORDS = "the king and queen of a far land would ride to the sea where old ships lay in the sun".split()
