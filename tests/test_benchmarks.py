@@ -105,3 +105,13 @@ def test_serve_benchmark_sends_every_request_to_both_servers():
     assert single["forward_passes"] == 60  # one per request; the warm-up's are not counted
     assert batched["forward_passes"] < single["forward_passes"]  # 6 clients at once: requests shared passes
     assert batched["p50_ms"] <= batched["p99_ms"]
+
+
+def test_gpt_benchmark_trains_the_same_tokens_on_both_sides():
+    result = run_benchmark("gpt", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+                           "--batch-size", "4", "--steps", "3", "--rounds", "2", "--corpus-bytes", "5000")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["benchmark"] == "gpt" and len(data["rounds"]) == 2
+    for pair in data["rounds"]:  # 3 steps of 4 windows of 16 tokens, each side
+        assert pair["ours"]["tokens"] == pair["one_file"]["tokens"] == 3 * 4 * 16
