@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = statistics.median(r["ratio"] for r in rounds)
     print(f"gpt: ours runs at {ratio:.3f}x the one-file loop's tokens/s (median of {args.rounds}; n_layer "
           f"{args.n_layer}, n_embd {args.n_embd}, block {args.block_size}, batch {args.batch_size}, cpu)")
-    result = {"benchmark": "gpt", "ratio": ratio, "rounds": rounds, **vars(args)}
+    result = {**vars(args), "benchmark": "gpt", "ratio": ratio, "rounds": rounds}
     print(json.dumps(result))
     return result
 
