@@ -130,6 +130,7 @@ def test_predict_and_serve_answer_what_the_eager_model_answers(trained, tmp_path
                 assert response.content_type == "image/png" and torch.equal(mask.long(), outputs[0].argmax(0))
             meta = await (await client.get("/v1/metadata")).json()
             assert meta["task"]["name"] == name
+            assert (await client.post("/v1/generate", json={"prompt": "a"})).status == 404  # language models only
     asyncio.run(ask())
 
 

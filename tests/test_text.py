@@ -13,7 +13,7 @@ from conftest import assert_same_training_state, kill_while_saving, run_trainer
 from trainer.checkpoint import load_checkpoint
 from trainer.data.tokenize import tokenize
 from trainer.registry import MODELS
-from trainer.generate import generate
+from trainer.text.sampling import generate
 from trainer.text.tokenizers import ByteTokenizer, load_tokenizer
 
 WORDS = "the king and queen of a far land would ride to the sea where old ships lay in the sun".split()
@@ -94,7 +94,7 @@ def test_the_export_takes_any_length_and_names_its_tokenizer(lm_run):
 
 
 def test_generation_is_the_same_with_and_without_the_cache_and_for_a_seed(lm_run):
-    from trainer.generate import load_run
+    from trainer.text.sampling import load_run
     model, tokenizer = load_run(lm_run, "best")
     prompt = torch.tensor(tokenizer.encode("The king"))
     for temperature, top_k in ((0.0, None), (0.8, 20), (1.0, None)):
@@ -145,3 +145,46 @@ def test_bad_text_input_is_one_line_and_exit_2(tmp_path, case, needle):
 def test_a_prompt_longer_than_the_block_size_is_refused(lm_run):
     result = run_trainer(f"run={lm_run}", "prompt=" + "x" * 40, module="trainer.generate")
     assert result.returncode == 2 and "prompt: 40 tokens, longer than the model's block size 32" in result.stderr
+
+
+def test_serve_streams_generation_with_limits_and_stops_for_a_client_that_leaves(lm_run):
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trainer.inference import Predictor
+    from trainer.serve import ServeSettings, build_app
+    from trainer.text.sampling import load_run
+    model, tokenizer = load_run(lm_run, "best")
+    expected = tokenizer.decode(list(generate(model, torch.tensor(tokenizer.encode("The king")), 50,
+                                              temperature=0.8, top_k=None, seed=3)))
+    app = build_app(Predictor(lm_run), ServeSettings(max_new_tokens=400, max_generations=1))
+
+    async def events(response) -> list[dict]:
+        return [json.loads(line[len("data: "):]) for line in (await response.text()).splitlines() if line]
+
+    async def ask() -> None:
+        async with TestClient(TestServer(app)) as client:
+            response = await client.post("/v1/generate", json={"prompt": "The king", "max_new_tokens": 50, "seed": 3,
+                                                               "temperature": 0.8})
+            assert response.status == 200 and response.content_type == "text/event-stream"
+            got = await events(response)
+            assert "".join(e.get("text", "") for e in got) == expected and got[-1] == {"done": True, "tokens": 50}
+            for body, status, phrase in (({"prompt": "x" * 33}, 422, "serve.max_prompt_tokens=32"),
+                                         ({"prompt": "a", "max_new_tokens": 401}, 422, "serve.max_new_tokens=400"),
+                                         ({"prompt": "a", "temperature": "hot"}, 400, "temperature must be a number"),
+                                         ({"text": "a"}, 400, '{"prompt": "...",')):
+                refused = await client.post("/v1/generate", json=body)
+                assert refused.status == status and phrase in (await refused.json())["error"], body
+            long = await client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 400})
+            await long.content.readline()  # it is generating: the one slot is taken
+            busy = await client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 5})
+            assert busy.status == 503 and "serve.max_generations=1" in (await busy.json())["error"]
+            long.close()  # the client leaves mid-stream: its generation stops and frees the slot
+            for _ in range(100):
+                again = await client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 5})
+                if again.status == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert again.status == 200 and (await events(again))[-1]["done"]
+    asyncio.run(ask())

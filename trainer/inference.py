@@ -62,8 +62,11 @@ class Predictor:
         self.max_image_pixels, self.limit_key = max_image_pixels, limit_key
         self.input_shape = tuple(self.manifest["input"]["shape"][1:])
         self.max_batch = int(self.manifest["input"].get("max_batch", 1024))
-        # Outputs of the model's shape for one input (zeros): a request's options are checked on them first.
-        self.example_outputs = self.outputs(torch.zeros(1, *self.input_shape))
+        self.run_dir = run_dir
+        # Outputs of the model's shape for one input (zeros; a dynamic length: 2): options are checked on them.
+        dtype = getattr(torch, self.manifest["input"].get("dtype", "float32"))
+        self.example_outputs = self.outputs(torch.zeros(1, *(2 if n == -1 else n for n in self.input_shape),
+                                                        dtype=dtype))
         spec = self.manifest.get("preprocess")
         self.takes_images = spec is not None  # else the model takes tensors only (JSON to serve)
         if spec is not None:

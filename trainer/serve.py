@@ -8,6 +8,8 @@ exported model behind an HTTP API (aiohttp; the `serve` extra).
                        multilabel {"labels": [...], "scores"} (?threshold=T), regression {"values"},
                        segmentation {"pixels": {class: count}} (or, with ?format=png, the mask as a PNG)
     GET  /v1/metadata  the model, classes, input spec, preprocessing and exported formats
+    POST /v1/generate  language models: {"prompt", "max_new_tokens", "temperature", "top_k", "seed"} -> the
+                       continuation as server-sent events, a piece of text each, as it is made
     GET  /healthz      {"status": "ok"} and the number of requests waiting; 503 if the batcher has stopped
 
 A client's mistake is a 4xx with a JSON {"error"} and nothing in the log: 400 malformed JSON, form or
@@ -62,6 +64,9 @@ class ServeSettings:
     cache_size: int = 0  # an LRU of predictions keyed by the request's hash; 0: off
     decode_threads: int = 2
     drain_timeout_s: float = 30.0  # on SIGTERM, how long to wait for requests already received
+    max_prompt_tokens: int = 0  # language models, /v1/generate: the longest prompt (0: the block size)
+    max_new_tokens: int = 512  # /v1/generate: the most tokens one request may ask for
+    max_generations: int = 4  # /v1/generate: generations running at once; past this, 503
 
 
 @dataclass
@@ -187,7 +192,13 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
 
     middlewares = ([guard.middleware] if guard is not None else []) + [json_errors]
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
+    async def no_generation(request: web.Request) -> web.Response:
+        return error(404, f"this run's task is {predictor.task.name}; /v1/generate serves language models")
+
+    from trainer.serving.generation import generation_for
+    generation = generation_for(predictor.run_dir, predictor.task.name, settings)
     app.add_routes([web.post("/v1/predict", predict, expect_handler=expect_continue),
+                    web.post("/v1/generate", generation.handle if generation else no_generation),
                     web.get("/v1/metadata", metadata), web.get("/healthz", healthz)])
     app.cleanup_ctx.append(run_batcher)
     app["batcher"] = batcher
@@ -251,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                                ("max_image_pixels", s.max_image_pixels, s.max_image_pixels >= 1),
                                ("max_connections", s.max_connections, s.max_connections >= 1),
                                ("decode_threads", s.decode_threads, s.decode_threads >= 1),
+                               ("max_prompt_tokens", s.max_prompt_tokens, s.max_prompt_tokens >= 0),
+                               ("max_new_tokens", s.max_new_tokens, s.max_new_tokens >= 1),
+                               ("max_generations", s.max_generations, s.max_generations >= 1),
                                *((key, getattr(s, key), getattr(s, key) > 0) for key in
                                  ("idle_timeout_s", "body_timeout_s", "request_timeout_s", "drain_timeout_s")),
                                ("port", s.port, 0 <= s.port <= 65535)):

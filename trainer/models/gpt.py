@@ -99,6 +99,9 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def new_cache(self) -> KVCache:
+        return KVCache(self.n_layer)
+
     def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
