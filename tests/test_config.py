@@ -21,7 +21,9 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
                 "text": ["dataset.root=corpus.txt", "model=gpt", "task=language_model"],
                 "shakespeare_char": ["dataset.root=input.txt"],
                 "gpt": ["dataset=text", "dataset.root=corpus.txt", "task=language_model"],
-                "language_model": ["dataset=text", "dataset.root=corpus.txt", "model=gpt"]}
+                "language_model": ["dataset=text", "dataset.root=corpus.txt", "model=gpt"],
+                "text_classification": [f"dataset.root={tmp_path}", "dataset.num_classes=2", "model=text_encoder"],
+                "text_encoder": ["dataset=text_classification", f"dataset.root={tmp_path}", "dataset.num_classes=2"]}
     extra = required.get(option, []) if group in ("dataset", "experiment", "model", "task") else []
     cfg = compose_config(f"{group}={option}", *extra)
     validate(cfg)

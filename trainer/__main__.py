@@ -125,6 +125,8 @@ def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: 
 def preprocess_spec(bundle) -> dict | None:
     """How an image file becomes the exported model's input: what predict and serve (or anyone) apply;
     None for a dataset that is not images (then the export takes tensors only)."""
+    if "text" in bundle.extra:  # text classification: how a text becomes token ids
+        return {"decode": "text", "tokenizer": bundle.extra["tokenizer"], **bundle.extra["text"]}
     if bundle.image_size is None or bundle.mean is None or bundle.in_channels not in (1, 3):
         return None
     return {"decode": "RGB" if bundle.in_channels == 3 else "L", "resize_shorter_side": bundle.image_size,

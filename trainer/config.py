@@ -101,6 +101,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("class_count", _count_classes, replace=True)
     OmegaConf.register_new_resolver("stream_class_count", _stream_class_count, replace=True)
     OmegaConf.register_new_resolver("manifest_count", _manifest_count, replace=True)
+    OmegaConf.register_new_resolver("text_class_count", _text_class_count, replace=True)
     # hparams_search=optuna: the study's direction follows checkpoint.mode; trials get short, stable folders
     OmegaConf.register_new_resolver("optuna_direction", _optuna_direction, replace=True)
     OmegaConf.register_new_resolver("trial_dirname", trial_dirname, replace=True)
@@ -129,6 +130,11 @@ def _count_classes(root: str) -> int:
 def _manifest_count(root: str, targets: Any = None, separator: str = "|") -> int:
     from trainer.data.manifest import count_outputs
     return count_outputs(root, list(targets) if targets else None, separator)
+
+
+def _text_class_count(root: str) -> int:
+    from trainer.data.textclass import count_labels
+    return count_labels(root)
 
 
 def _stream_class_count(root: str) -> int:

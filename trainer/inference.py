@@ -68,8 +68,13 @@ class Predictor:
         self.example_outputs = self.outputs(torch.zeros(1, *(2 if n == -1 else n for n in self.input_shape),
                                                         dtype=dtype))
         spec = self.manifest.get("preprocess")
-        self.takes_images = spec is not None  # else the model takes tensors only (JSON to serve)
-        if spec is not None:
+        self.takes_text = spec is not None and spec.get("decode") == "text"
+        self.takes_images = spec is not None and not self.takes_text  # neither: tensors only (JSON to serve)
+        if self.takes_text:
+            from trainer.text.tokenizers import load_tokenizer
+            self.tokenizer = load_tokenizer(spec["tokenizer"], run_dir / "export" / "tokenizer")
+            self.max_length, self.pad_id = spec["max_length"], spec["pad_id"]
+        elif spec is not None:
             self.channels, self.size = (3 if spec["decode"] == "RGB" else 1), spec["center_crop"][0]
             # The same operations as the run's evaluation transform (arrays.build_transform): the same floats.
             from torchvision.transforms import v2
@@ -83,6 +88,14 @@ class Predictor:
             raise ImageError("this model takes tensors, not image files (its dataset is not images); send JSON")
         image = decode_image(data, self.size, self.channels, self.max_image_pixels, self.limit_key, expect)
         return self.normalise(image)
+
+    def encode_texts(self, texts: list[str]) -> Tensor:
+        """Texts as the model's input: token ids cut to max_length and padded, as in training."""
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = self.tokenizer.encode(text)[:self.max_length]
+            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return ids
 
     def check(self, inputs: Tensor) -> Tensor:
         """A (C, H, W) input or an (N, C, H, W) batch of the shape the model takes, as a batch."""

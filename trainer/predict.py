@@ -23,7 +23,9 @@ from trainer.inference import Predictor
 @dataclass
 class PredictConfig:
     run: str = MISSING
-    inputs: list[str] = field(default_factory=list)  # image files and folders (searched recursively)
+    inputs: list[str] = field(default_factory=list)  # image files and folders (searched recursively); text
+    # models: .txt files, a text per line
+    texts: list[str] = field(default_factory=list)  # text models: texts given on the command line
     format: Optional[str] = None  # torch_export, torchscript or onnx; default: the first that passed parity
     topk: int = 5  # classification: how many classes per image
     threshold: Optional[float] = None  # multilabel: the score a label needs (default: the run's task.threshold)
@@ -63,6 +65,8 @@ def predict(cfg: PredictConfig) -> list[dict]:
         raise UserError(str(e)) from None
     if cfg.masks is not None and not hasattr(predictor.task, "png"):
         raise UserError(f"masks: task={predictor.task.name} answers no masks; masks= is for segmentation runs")
+    if predictor.takes_text:
+        return predict_texts(predictor, cfg, options)
     files, results = image_files(list(cfg.inputs)), []
     for first in range(0, len(files), cfg.batch_size):
         batch, names = [], []
@@ -85,7 +89,27 @@ def predict(cfg: PredictConfig) -> list[dict]:
     return results
 
 
+def predict_texts(predictor: Predictor, cfg: PredictConfig, options: dict) -> list[dict]:
+    """A text model's answers: each of `texts`, and each non-empty line of the `inputs` files."""
+    texts = list(cfg.texts)
+    for item in cfg.inputs:
+        path = Path(item)
+        if not path.is_file():
+            raise UserError(f"inputs: {item} is not a file; give .txt files with a text per line, or texts=[...]")
+        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise UserError('texts: this run classifies text; give texts=["..."] or inputs=[file.txt]')
+    results = []
+    for first in range(0, len(texts), cfg.batch_size):
+        batch = texts[first:first + cfg.batch_size]
+        answers = predictor.answer(predictor.outputs(predictor.encode_texts(batch)), options)
+        results += [{"text": text, **answer} for text, answer in zip(batch, answers)]
+    return results
+
+
 def show_table(results: list[dict], k: int) -> str:
+    for r in results:  # a text model's rows name their text, shortened, where image rows name the file
+        r.setdefault("image", r.get("text", "")[:40])
     width = max(len(r["image"]) for r in results)
     if any("top_k" in r for r in results):  # classification: a column per rank
         header = "  ".join(f"{f'top-{i + 1}':<22}" for i in range(k))
@@ -100,7 +124,7 @@ def show_table(results: list[dict], k: int) -> str:
 def _cells(row: dict) -> str:
     if "top_k" in row:
         return "  ".join(f"{c['class'][:14]:<14} {c['probability']:>7.3f}" for c in row["top_k"])
-    answer = {key: value for key, value in row.items() if key != "image"}
+    answer = {key: value for key, value in row.items() if key not in ("image", "text")}
     return json.dumps(answer, separators=(", ", ": "))
 
 

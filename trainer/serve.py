@@ -92,7 +92,8 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
 
     async def read_inputs(request: web.Request) -> tuple[torch.Tensor, bytes]:
         try:
-            body = await asyncio.wait_for(read_body(request, settings.max_body_bytes, settings.max_batch_size),
+            body = await asyncio.wait_for(read_body(request, settings.max_body_bytes, settings.max_batch_size,
+                                                    predictor.takes_text),
                                           settings.body_timeout_s)
         except asyncio.TimeoutError:
             raise ClientError(408, f"the body did not arrive within serve.body_timeout_s={settings.body_timeout_s:g}"

@@ -33,14 +33,18 @@ class ClientError(Exception):
 
 @dataclass
 class Body:
-    kind: str  # "json" or "images"
+    kind: str  # "json", "images" or "text"
     parts: list[tuple[bytes, str | None]]  # (bytes, the image format the client declared, if any)
 
 
-async def read_body(request: web.Request, max_bytes: int, max_inputs: int) -> Body:
-    """The request's bytes, collected; nothing is parsed or decoded here."""
+async def read_body(request: web.Request, max_bytes: int, max_inputs: int, takes_text: bool = False) -> Body:
+    """The request's bytes, collected; nothing is parsed or decoded here. `takes_text`: the model
+    classifies text, sent as text/plain (one text) or JSON {"texts": [...]}."""
     kind = request.content_type
-    if kind != "application/json" and not kind.startswith("multipart/") and kind not in IMAGE_TYPES:
+    if takes_text and kind not in ("text/plain", "application/json"):
+        raise ClientError(415, f"content type {kind!r}: this model classifies text; send text/plain or "
+                               f'application/json {{"texts": [...]}}')
+    if not takes_text and kind != "application/json" and not kind.startswith("multipart/") and kind not in IMAGE_TYPES:
         raise ClientError(415, f"content type {kind!r}: send image/png, image/jpeg, image/webp, image/gif, "
                                f"multipart form files or application/json")
     check_declared_length(request, max_bytes)
@@ -56,6 +60,8 @@ async def read_body(request: web.Request, max_bytes: int, max_inputs: int) -> Bo
         raise ClientError(400, "the body is empty; send an image, multipart form files or JSON")
     if kind == "application/json":
         return Body("json", [(data, None)])
+    if kind == "text/plain":
+        return Body("text", [(data, None)])
     return Body("images", [(data, MEDIA_TYPES.get(kind))])
 
 
@@ -107,6 +113,12 @@ def to_batch(body: Body, predictor: Predictor) -> tuple[torch.Tensor, bytes]:
     try:
         if body.kind == "json":
             return _tensor_from_json(body.parts[0][0], predictor), body.parts[0][0]
+        if body.kind == "text":
+            try:
+                text = body.parts[0][0].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ClientError(400, "the text is not UTF-8") from None
+            return predictor.encode_texts([text]), body.parts[0][0]
         images = []
         for i, (data, declared) in enumerate(body.parts):
             which = f"image {i + 1}: " if len(body.parts) > 1 else ""
@@ -129,6 +141,11 @@ def _tensor_from_json(data: bytes, predictor: Predictor) -> torch.Tensor:
         raise ClientError(400, "malformed JSON: nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
         raise ClientError(400, f"malformed JSON: {_short(e)}") from None
+    if predictor.takes_text:
+        texts = payload.get("texts") if isinstance(payload, dict) else None
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError('JSON must be an object with "texts": a list of strings')
+        return predictor.encode_texts(texts)
     if not isinstance(payload, dict) or "inputs" not in payload:
         raise InputError('JSON must be an object with "inputs": a [C, H, W] tensor or an [N, C, H, W] batch')
     if payload.get("dtype", "float32") != "float32":

@@ -1,0 +1,114 @@
+"""`text_classification`: texts with a label each, for task=classification.
+
+    root/train.jsonl ({"text": ..., "label": ...} a line) or root/train.csv (text,label columns),
+    root/val.* (or dataset.val_split), root/test.* (optional)
+
+Texts are tokenized once (dataset.tokenizer: byte, or a BPE tokenizer.json in dataset.tokenizer_file),
+cut to dataset.max_length tokens and padded with the id dataset.vocab_size (one past the vocabulary),
+which model=text_encoder masks out. Labels are the training file's, sorted.
+"""
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from trainer.data.arrays import DataBundle
+from trainer.errors import UserError
+from trainer.registry import DATASETS
+from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
+
+
+def split_file(root: Path, split: str) -> Path | None:
+    found = [root / f"{split}.{suffix}" for suffix in ("jsonl", "csv") if (root / f"{split}.{suffix}").is_file()]
+    return found[0] if found else None
+
+
+def read_examples(path: Path) -> list[tuple[str, str]]:
+    """(text, label) rows; a row without either names the file and line."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows: list[Any] = list(csv.DictReader(f))
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"dataset.root: {path} line {number} is not JSON ({e.msg})") from None
+    examples = []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or row.get("label") in (None, ""):
+            raise UserError(f"dataset.root: {path} row {number} needs a text and a label")
+        examples.append((row["text"], str(row["label"])))
+    if not examples:
+        raise UserError(f"dataset.root: {path} holds no examples")
+    return examples
+
+
+def label_names(root: str) -> list[str]:
+    path = split_file(Path(root), "train")
+    if path is None:
+        raise UserError(f"dataset.root: {Path(root).resolve()} has no train.jsonl or train.csv")
+    return sorted({label for _, label in read_examples(path)})
+
+
+def count_labels(root: str) -> int:
+    """The `text_class_count` config resolver."""
+    return len(label_names(root))
+
+
+def encode(examples: list[tuple[str, str]], tokenizer: Tokenizer, classes: list[str], max_length: int,
+           pad_id: int, path: Path) -> TensorDataset:
+    ids = torch.full((len(examples), max_length), pad_id, dtype=torch.long)
+    labels = torch.zeros(len(examples), dtype=torch.long)
+    index = {name: i for i, name in enumerate(classes)}
+    for row, (text, label) in enumerate(examples):
+        if label not in index:
+            raise UserError(f"dataset.root: {path} row {row + 1} has the label {label!r}, which train never uses")
+        tokens = tokenizer.encode(text)[:max_length] or [pad_id]
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        labels[row] = index[label]
+    return TensorDataset(ids, labels)
+
+
+@DATASETS.register("text_classification")
+def text_classification(root: str, num_classes: int, max_length: int = 128, vocab_size: int = 256,
+                        tokenizer: str = "byte", tokenizer_file: str | None = None,
+                        val_split: float = 0.0) -> DataBundle:
+    folder = Path(root)
+    classes = label_names(root)
+    if num_classes != len(classes):
+        raise UserError(f"dataset.num_classes: {folder} has {len(classes)} labels, the config says {num_classes}")
+    if tokenizer == "byte":
+        tok: Tokenizer = ByteTokenizer()
+        spec_folder = None
+    elif tokenizer == "bpe" and tokenizer_file:
+        tok, spec_folder = BPETokenizer.load(Path(tokenizer_file)), Path(tokenizer_file).parent
+    else:
+        raise UserError("dataset.tokenizer: byte, or bpe with dataset.tokenizer_file=<tokenizer.json>")
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"dataset.vocab_size: the tokenizer has {tok.vocab_size:,} tokens, more than "
+                        f"dataset.vocab_size={vocab_size:,}; set dataset.vocab_size={tok.vocab_size}")
+    splits = {}
+    for split in ("train", "val", "test"):
+        path = split_file(folder, split)
+        if path is not None:
+            splits[split] = encode(read_examples(path), tok, classes, max_length, vocab_size, path)
+    if "val" not in splits:
+        if not 0 < val_split < 1:
+            raise UserError(f"dataset.val_split: {root} has no val file; hold out part of train, e.g. "
+                            f"dataset.val_split=0.1")
+        ids, labels = splits["train"].tensors
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+        n_val = max(1, int(round(val_split * len(labels))))
+        splits["val"] = TensorDataset(ids[order[:n_val]], labels[order[:n_val]])
+        splits["train"] = TensorDataset(ids[order[n_val:]], labels[order[n_val:]])
+    extra = {"tokenizer": tok.save(Path(root)) if tok.kind == "byte" else {"kind": "bpe", "vocab_size": tok.vocab_size,
+                                                                           "file": Path(tokenizer_file).name},
+             "tokenizer_dir": str(spec_folder or folder), "text": {"max_length": max_length, "pad_id": vocab_size}}
+    return DataBundle(train=splits["train"], val=splits["val"], test=splits.get("test", splits["val"]),
+                      classes=classes, target="class", extra=extra)
