@@ -14,10 +14,10 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["model=resnte"], "model=resnte: no such option; choose one of cnn, fastnet, mlp, resnet, torchvision, tvseg, "
-                       "unet"),
-    (["task=segmentaton"], "task=segmentaton: no such option; choose one of classification, multilabel, regression, "
-                           "segmentation"),
+    (["model=resnte"], "model=resnte: no such option; choose one of cnn, fastnet, gpt, mlp, resnet, text_encoder, "
+                       "torchvision, tvseg, unet"),
+    (["task=segmentaton"], "task=segmentaton: no such option; choose one of classification, language_model, "
+                           "multilabel, regression, segmentation"),
     (["task=segmentation"], "task=segmentation: dataset=synthetic holds single-class targets, but segmentation needs "
                             "segmentation-mask ones; choose a dataset that holds them (e.g. dataset=synthetic_shapes"),
     (["task=regression", "dataset=synthetic_multilabel", "dataset.train_size=64", "dataset.test_size=16"],
