@@ -30,6 +30,7 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     (["loss.label_smoothing=0.1"], "loss.label_smoothing: moved to task.label_smoothing (an option of "
                                    "task=classification); write task.label_smoothing=0.1"),
     (["trainer.tta=flip"], "trainer.tta: moved to task.tta"),
+    (["task=language_model", "task.tta=flip"], "task.tta: a language model has no test-time augmentation"),
     (["dataset=imagenet"], "dataset=imagenet: no such option"),
     (["optimizer=lamb"], "optimizer=lamb: no such option; choose one of adam, adamw, sgd"),
     (["scheduler=cosin"], "scheduler=cosin: no such option; choose one of constant, cosine, linear, onecycle, step"),

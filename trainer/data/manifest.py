@@ -10,7 +10,6 @@ and `labels` (a list) or the target keys. Images are decoded once (trainer/image
 dataset.image_size, as imagefolder does.
 """
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.data.folder import decode_files
+from trainer.data.jsonl import json_lines
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS
 from trainer.registry import DATASETS
@@ -41,14 +41,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             raise UserError(f"dataset.root: {path} has no `path` column (its header: {', '.join(rows[0])})")
         return rows
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"dataset.root: {path} line {number} is not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "path" not in row:
+    for number, row in json_lines(path, "dataset.root"):
+        if "path" not in row:
             raise UserError(f"dataset.root: {path} line {number} needs an object with a `path` key")
         rows.append(row)
     return rows

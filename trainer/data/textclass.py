@@ -8,7 +8,6 @@ cut to dataset.max_length tokens and padded with the id dataset.vocab_size (one 
 which model=text_encoder masks out. Labels are the training file's, sorted.
 """
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from trainer.data.arrays import DataBundle
+from trainer.data.jsonl import json_lines
 from trainer.errors import UserError
 from trainer.registry import DATASETS
 from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
@@ -32,13 +32,7 @@ def read_examples(path: Path) -> list[tuple[str, str]]:
         with path.open(newline="", encoding="utf-8") as f:
             rows: list[Any] = list(csv.DictReader(f))
     else:
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"dataset.root: {path} line {number} is not JSON ({e.msg})") from None
+        rows = [row for _, row in json_lines(path, "dataset.root")]
     examples = []
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or row.get("label") in (None, ""):

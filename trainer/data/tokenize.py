@@ -17,6 +17,7 @@ import numpy as np
 
 from trainer.atomic import write_text
 from trainer.cli import exit_codes
+from trainer.data.jsonl import json_lines
 from trainer.errors import UserError
 from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
 
@@ -52,14 +53,8 @@ def documents(files: list[Path], field: str) -> Iterator[tuple[str, str]]:
         if path.suffix != ".jsonl":
             yield str(path), content
             continue
-        for number, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"inputs: {path} line {number} is not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+        for number, row in json_lines(path, "inputs", content):
+            if not isinstance(row.get(field), str):
                 raise UserError(f"inputs: {path} line {number} has no text field {field!r}; name it with --field")
             yield f"{path}:{number}", row[field]
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.errors import UserError
 from trainer.registry import TASKS
 from trainer.tasks.base import Batch, DataInfo, Task, option
 
@@ -19,16 +20,15 @@ class LanguageModel(Task):
     metrics = {"loss": "min", "perplexity": "min", "bits_per_byte": "min"}
 
     def __init__(self, tta: str = "none") -> None:
-        super().__init__("none" if tta == "none" else tta)
+        if tta != "none":
+            raise UserError(f"task.tta: a language model has no test-time augmentation; set task.tta=none, got {tta!r}")
+        super().__init__(tta)
         self.extra: dict[str, Any] = {}
 
     def bind(self, data: DataInfo) -> None:
         super().bind(data)
         self.extra = {key: data.extra[key] for key in ("tokenizer", "block_size", "vocab_size", "bytes_per_token")
                       if key in data.extra}
-
-    def evaluated(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model  # no test-time augmentation for text
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         return F.cross_entropy(outputs.flatten(0, 1), self.targets(batch).flatten())
