@@ -18,7 +18,7 @@ from trainer.models import MODELS
 from trainer.optim import OPTIMIZERS, SCHEDULERS, plan_steps
 from trainer.registry import TASKS
 from trainer.speed import WeightAverage, compile_model, configure_backends
-from trainer.tasks.base import DataInfo, Task, resolve_monitor
+from trainer.tasks.base import DataInfo, Task
 
 log = logging.getLogger("trainer")
 # Keys of the dataset config that do not change what a checkpoint's model was trained to do.
@@ -55,7 +55,6 @@ def build_task(cfg: DictConfig, bundle: DataBundle, state: dict[str, Any] | None
                        train_targets=train_targets, extra=dict(bundle.extra)))
     if state is not None and state.get("task"):
         task.load_state_dict(state["task"])
-    resolve_monitor(task, cfg.checkpoint.monitor, cfg.checkpoint.mode)
     return task
 
 
