@@ -5,12 +5,18 @@ token file, in one process, alternating.
     python benchmarks/gpt.py --corpus input.txt                 # tiny Shakespeare, bytes
     python benchmarks/gpt.py                                    # a generated corpus
     python benchmarks/gpt.py --n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64  # nanoGPT's
+    python benchmarks/gpt.py --memory                           # memory for a corpus and one 16x larger
 
 Ours is `Trainer.train_epoch()` over `--steps` batches (its data loader cutting windows from the
 memory-mapped tokens under each sample's seed, the task's loss, on-device metrics, the non-finite
 check, the schedule), timed by its own "train" phase. The one-file loop is what nanoGPT's train.py does
 per step: random offsets into the memory-mapped array, a forward and backward, clipping, an AdamW step,
 timed from its first step to its last. Prints each round's ratio, the median, and a JSON line.
+
+With --memory, it trains our loop (2 loader workers) for --steps batches on a corpus and on the same
+corpus 16 times over, each in a fresh process, and reports the peak proportional set size (the main
+process and its workers, sampled every 50 ms): windows are read from the memory-mapped tokens, so the
+larger corpus should cost no more memory.
 """
 import argparse
 import json
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from frameworks import build_ours
+from measure import SAME_PROCESS_HELP, memory_mb, run_configuration
 
 LR, BETAS, WEIGHT_DECAY, CLIP = 1e-3, (0.9, 0.99), 0.1, 1.0
 
@@ -70,13 +77,14 @@ class OneFileLoop:
         return {"tokens": steps * self.batch_size * self.block_size, "seconds": time.perf_counter() - started}
 
 
-def build(args: argparse.Namespace, corpus: Path, folder: Path):
+def build(args: argparse.Namespace, corpus: Path, folder: Path, workers: int = 0):
     overrides = ["task=language_model", "dataset=text", f"dataset.root={corpus}", f"dataset.cache={folder / 'tokens'}",
                  f"dataset.block_size={args.block_size}", "model=gpt", f"model.n_layer={args.n_layer}",
                  f"model.n_head={args.n_head}", f"model.n_embd={args.n_embd}", "model.dropout=0.0",
                  "optimizer=adamw", f"optimizer.lr={LR}", f"optimizer.betas=[{BETAS[0]},{BETAS[1]}]",
                  f"optimizer.weight_decay={WEIGHT_DECAY}", "scheduler=constant",
-                 f"trainer.gradient_clip_val={CLIP}", f"loader.batch_size={args.batch_size}", "loader.num_workers=0",
+                 f"trainer.gradient_clip_val={CLIP}", f"loader.batch_size={args.batch_size}",
+                 f"loader.num_workers={workers}",
                  f"trainer.limit_train_batches={args.steps}", "trainer.progress_bar=false", "trainer.device=cpu",
                  f"seed={args.seed}"]
     trainer, bundle, cfg = build_ours(overrides, folder / "run")
@@ -93,6 +101,40 @@ def ours_round(trainer, block_size: int) -> dict:
     return {"tokens": result["samples"] * block_size, "seconds": trainer.timer.last["train"]}
 
 
+def memory_run(args: argparse.Namespace, corpus: Path) -> dict:
+    """Our loop on `corpus` with loader workers: the peak PSS while it trains."""
+    import threading
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _ = build(args, corpus, Path(tmp), workers=2)
+        peak, done = [memory_mb()], threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak.append(memory_mb())
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        result = ours_round(trainer, args.block_size)
+        done.set()
+        sampler.join()
+    return {"corpus_bytes": corpus.stat().st_size, "tokens": result["tokens"], "peak_pss_mb": max(peak)}
+
+
+def memory(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(args.corpus) if args.corpus else generated_corpus(Path(tmp) / "corpus.txt", args.corpus_bytes)
+        text = base.read_text()
+        big = Path(tmp) / "corpus16.txt"
+        big.write_text("\n".join([text] * 16))
+        figures = [run_configuration(__file__, [*args.passed, "--memory-run", str(path)], args.same_process,
+                                     lambda path=path: memory_run(args, path)) for path in (base, big)]
+    small, large = figures
+    print(f"gpt memory: {small['peak_pss_mb']:,.0f} MB for {small['corpus_bytes']:,} bytes of text, "
+          f"{large['peak_pss_mb']:,.0f} MB for {large['corpus_bytes']:,} ({large['peak_pss_mb'] / small['peak_pss_mb']:.3f}x)")
+    result = {"benchmark": "gpt_memory", "runs": figures, "ratio": large["peak_pss_mb"] / small["peak_pss_mb"]}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", help="a text file (default: a generated one of --corpus-bytes)")
@@ -105,7 +147,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps a round, each side")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", action="store_true", help="peak memory on a corpus and on one 16x larger")
+    parser.add_argument("--memory-run", help=argparse.SUPPRESS)  # one measurement, in a fresh process
+    parser.add_argument("--same-process", action="store_true", help=SAME_PROCESS_HELP)
     args = parser.parse_args(argv)
+    args.passed = [a for a in (argv if argv is not None else __import__("sys").argv[1:]) if a != "--memory"]
+    if args.memory_run:
+        result = memory_run(args, Path(args.memory_run))
+        print(json.dumps(result))
+        return result
+    if args.memory:
+        return memory(args)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(args.corpus) if args.corpus else generated_corpus(Path(tmp) / "corpus.txt", args.corpus_bytes)
         trainer, loop = build(args, corpus, Path(tmp))
@@ -123,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = statistics.median(r["ratio"] for r in rounds)
     print(f"gpt: ours runs at {ratio:.3f}x the one-file loop's tokens/s (median of {args.rounds}; n_layer "
           f"{args.n_layer}, n_embd {args.n_embd}, block {args.block_size}, batch {args.batch_size}, cpu)")
-    result = {**vars(args), "benchmark": "gpt", "ratio": ratio, "rounds": rounds}
+    result = {**{k: v for k, v in vars(args).items() if k != "passed"}, "benchmark": "gpt", "ratio": ratio,
+              "rounds": rounds}
     print(json.dumps(result))
     return result
 

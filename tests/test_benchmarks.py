@@ -115,3 +115,13 @@ def test_gpt_benchmark_trains_the_same_tokens_on_both_sides():
     assert data["benchmark"] == "gpt" and len(data["rounds"]) == 2
     for pair in data["rounds"]:  # 3 steps of 4 windows of 16 tokens, each side
         assert pair["ours"]["tokens"] == pair["one_file"]["tokens"] == 3 * 4 * 16
+
+
+def test_gpt_memory_benchmark_trains_on_both_corpora():
+    result = run_benchmark("gpt", "--memory", "--same-process", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                           "--block-size", "16", "--batch-size", "4", "--steps", "3", "--corpus-bytes", "5000")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    small, large = data["runs"]
+    assert large["corpus_bytes"] > 15 * small["corpus_bytes"] and small["tokens"] == large["tokens"] == 3 * 4 * 16
+    assert small["peak_pss_mb"] > 100  # a live torch process with its loader workers
