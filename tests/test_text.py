@@ -79,6 +79,7 @@ def test_a_small_gpt_learns_the_corpus_well_below_chance(lm_run):
     assert metrics["test/bits_per_byte"] == pytest.approx(metrics["test/loss"] / np.log(2))  # byte tokens
     assert metrics["test/perplexity"] == pytest.approx(np.exp(metrics["test/loss"]))
     assert metrics["best"]["monitor"] == "val/loss"
+    assert "resumed" not in (lm_run / "train.log").read_text()  # a fresh run says so
 
 
 def test_the_export_takes_any_length_and_names_its_tokenizer(lm_run):

@@ -58,8 +58,9 @@ def run(cfg: DictConfig) -> float | None:
         from trainer.text.tokenizers import copy_tokenizer
         copy_tokenizer(bundle.extra["tokenizer"], Path(bundle.extra["tokenizer_dir"]), run_dir / "tokenizer")
     trainer = build_trainer(cfg, run_dir, device, loaders, state, task)
-    if state is None and hasattr(bundle.train, "preview") and bundle.mean is not None:
-        trainer.metrics.images("train/samples", bundle.train.preview(64), bundle.mean, bundle.std)
+    if state is None:
+        if hasattr(bundle.train, "preview") and bundle.mean is not None:  # images: a grid in TensorBoard
+            trainer.metrics.images("train/samples", bundle.train.preview(64), bundle.mean, bundle.std)
     else:
         p = trainer.progress
         log.info("resumed (resume=%s) at epoch %d, batch %d, step %d", cfg.resume, p.epoch, p.batches_in_epoch,

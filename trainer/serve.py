@@ -226,8 +226,8 @@ async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None
         raise UserError(f"serve.port: cannot listen on {settings.host}:{settings.port} ({e.strerror}); choose "
                         f"another serve.port, or 0 for any free one") from None
     port = runner.addresses[0][1]
-    print(f"serving {run} ({predictor.task.name}, {predictor.format}, {len(predictor.classes)} classes) on "
-          f"http://{settings.host}:{port}",
+    classes = f", {len(predictor.classes)} classes" if predictor.classes else ""
+    print(f"serving {run} ({predictor.task.name}, {predictor.format}{classes}) on http://{settings.host}:{port}",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
