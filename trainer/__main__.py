@@ -153,6 +153,7 @@ def main() -> None:
         refuse_moved_keys(sys.argv[1:])
         sys.argv = resume_argv(sys.argv)
         train()
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

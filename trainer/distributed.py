@@ -4,6 +4,7 @@ Every rank composes the same config; `SharedRunDir` makes them agree on one run 
 Hydra creates it, and leaves the writing to rank 0: ranks above 0 write no .hydra/ folder and log
 only warnings, to the console. Everything else reads `rank()` and `world_size()` from here.
 """
+import atexit
 import logging
 import os
 import sys
@@ -34,6 +35,27 @@ def init() -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    atexit.register(_leave)  # however the process ends: an exit with the group alive can abort in C++
+
+
+def shutdown() -> None:
+    """The end of a run: wait for every process (rank 0 may still be exporting), then leave the group.
+    Processes that exit at once with the group still open can race in its teardown (seen: gloo's
+    "terminate called without an active exception", SIGABRT, when two ranks ended together)."""
+    if active():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer has already failed and gone: its error is what the launcher reports
+            pass
+    _leave()
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already torn down by the launcher, or a failed peer: nothing left to do
+            pass
 
 
 def active() -> bool:
