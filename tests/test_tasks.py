@@ -218,7 +218,9 @@ def test_two_processes_reduce_every_tasks_metrics_to_the_single_process_values(t
     process's values over the same outputs, up to the order of float64 additions."""
     import torch.multiprocessing as mp
     out = tmp_path / "pair.json"
-    mp.spawn(_evaluate_shares, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2)
+    # forked from this worker, which has imported torch already (a spawned child would import it again)
+    mp.start_processes(_evaluate_shares, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2,
+                       start_method="fork")
     pair = json.loads(out.read_text())
     for name in NAMES:
         evaluation = _task(name).evaluation(torch.device("cpu"))

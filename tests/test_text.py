@@ -261,9 +261,7 @@ def test_two_processes_train_the_language_model_one_process_trains(tmp_path):
     args = ["task=language_model", "dataset=text", f"dataset.root={corpus}", f"dataset.cache={tmp_path / 'cache'}",
             "model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "dataset.block_size=16",
             "loader.num_workers=0", "trainer.max_epochs=2", "trainer.progress_bar=false", "export.formats=[]"]
-    single = subprocess.run([sys.executable, "-m", "trainer", *args, "loader.batch_size=16",
-                             f"hydra.run.dir={tmp_path / 'single'}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    single = run_trainer(*args, "loader.batch_size=16", f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr
     pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "trainer", *args,
                            "loader.batch_size=8", f"hydra.run.dir={tmp_path / 'pair'}"], cwd=ROOT, capture_output=True,
