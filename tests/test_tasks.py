@@ -128,6 +128,15 @@ def test_predict_and_serve_answer_what_the_eager_model_answers(trained, tmp_path
                                              headers={"Content-Type": "image/png"})
                 mask = torch.from_numpy(np.array(Image.open(io.BytesIO(await response.read()))))
                 assert response.content_type == "image/png" and torch.equal(mask.long(), outputs[0].argmax(0))
+            if name == "multilabel":  # the request's threshold over the run's task.threshold
+                strict = await client.post("/v1/predict?threshold=0.99", data=files[0].read_bytes(),
+                                           headers={"Content-Type": "image/png"})
+                answer = (await strict.json())["predictions"][0]
+                assert answer == _rounded(task.answer(outputs[:1], {"threshold": 0.99}))[0]
+                assert answer["threshold"] == 0.99 and all(label["score"] >= 0.99 for label in answer["labels"])
+                bad = await client.post("/v1/predict?threshold=2", data=files[0].read_bytes(),
+                                        headers={"Content-Type": "image/png"})
+                assert bad.status == 400 and "threshold must be below 1" in (await bad.json())["error"]
             meta = await (await client.get("/v1/metadata")).json()
             assert meta["task"]["name"] == name
             assert (await client.post("/v1/generate", json={"prompt": "a"})).status == 404  # language models only

@@ -108,16 +108,16 @@ def predict_texts(predictor: Predictor, cfg: PredictConfig, options: dict) -> li
 
 
 def show_table(results: list[dict], k: int) -> str:
-    for r in results:  # a text model's rows name their text, shortened, where image rows name the file
-        r.setdefault("image", r.get("text", "")[:40])
-    width = max(len(r["image"]) for r in results)
+    # a text model's rows name their text, shortened, where image rows name the file
+    names = [r["image"] if "image" in r else r.get("text", "")[:40] for r in results]
+    width = max(len(name) for name in names)
     if any("top_k" in r for r in results):  # classification: a column per rank
         header = "  ".join(f"{f'top-{i + 1}':<22}" for i in range(k))
     else:
         header = "answer"
     rows = [f"{'image':<{width}}  {header}"]
-    for r in results:
-        rows.append(f"{r['image']:<{width}}  " + (f"error: {r['error']}" if "error" in r else _cells(r)))
+    for name, r in zip(names, results):
+        rows.append(f"{name:<{width}}  " + (f"error: {r['error']}" if "error" in r else _cells(r)))
     return "\n".join(rows)
 
 

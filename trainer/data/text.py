@@ -55,9 +55,6 @@ class TextWindows(Dataset):
         window = torch.from_numpy(self.tokens[begin:begin + self.block_size + 1].astype(np.int64))
         return window[:-1], window[1:]
 
-    def targets(self) -> None:
-        return None
-
 
 def _cache_key(inputs: str, tokenizer: str, vocab_size: int) -> str:
     files = input_files([inputs])

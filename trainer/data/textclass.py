@@ -101,8 +101,9 @@ def text_classification(root: str, num_classes: int, max_length: int = 128, voca
         n_val = max(1, int(round(val_split * len(labels))))
         splits["val"] = TensorDataset(ids[order[:n_val]], labels[order[:n_val]])
         splits["train"] = TensorDataset(ids[order[n_val:]], labels[order[n_val:]])
-    extra = {"tokenizer": tok.save(Path(root)) if tok.kind == "byte" else {"kind": "bpe", "vocab_size": tok.vocab_size,
-                                                                           "file": Path(tokenizer_file).name},
+    spec = {"kind": tok.kind, "vocab_size": tok.vocab_size,
+            **({"file": Path(tokenizer_file).name} if tokenizer_file and tok.kind == "bpe" else {})}
+    extra = {"tokenizer": spec,
              "tokenizer_dir": str(spec_folder or folder), "text": {"max_length": max_length, "pad_id": vocab_size}}
     return DataBundle(train=splits["train"], val=splits["val"], test=splits.get("test", splits["val"]),
                       classes=classes, target="class", extra=extra)

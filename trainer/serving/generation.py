@@ -18,6 +18,7 @@ import torch
 from aiohttp import web
 
 from trainer.errors import UserError
+from trainer.serving.bodies import ClientError
 
 
 def _json_error(status: int, message: str, **headers: str) -> web.Response:
@@ -34,25 +35,27 @@ class Generation:
         self.running = 0
 
     def options(self, body: Any) -> dict[str, Any]:
-        """The request's options, checked: ValueError with the 4xx message."""
+        """The request's options, checked: ClientError with the 4xx status and message."""
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
-            raise ValueError('the body must be JSON {"prompt": "...", "max_new_tokens": N, ...}')
+            raise ClientError(400, 'the body must be JSON {"prompt": "...", "max_new_tokens": N, ...}')
         ids = self.tokenizer.encode(body["prompt"]) or self.tokenizer.encode("\n")
         if len(ids) > self.max_prompt_tokens:
-            raise ValueError(f"the prompt is {len(ids)} tokens, over serve.max_prompt_tokens={self.max_prompt_tokens}")
+            raise ClientError(422, f"the prompt is {len(ids)} tokens, over serve.max_prompt_tokens="
+                                   f"{self.max_prompt_tokens}")
         wanted = {"max_new_tokens": (int, 64), "temperature": (float, 0.8), "top_k": (int, None), "seed": (int, 0)}
         found: dict[str, Any] = {"ids": ids}
         for key, (kind, default) in wanted.items():
             value = body.get(key, default)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or (kind is int and not float(value).is_integer())):
-                raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {str(value)[:20]!r}")
+                raise ClientError(400, f"{key} must be {'an integer' if kind is int else 'a number'}, got "
+                                       f"{str(value)[:20]!r}")
             found[key] = None if value is None else kind(value)
         if not 1 <= found["max_new_tokens"] <= self.max_new_tokens:
-            raise ValueError(f"max_new_tokens must be 1 to serve.max_new_tokens={self.max_new_tokens}, got "
+            raise ClientError(422, f"max_new_tokens must be 1 to serve.max_new_tokens={self.max_new_tokens}, got "
                              f"{found['max_new_tokens']}")
         if found["temperature"] < 0 or (found["top_k"] is not None and found["top_k"] < 1):
-            raise ValueError("temperature must be 0 or more and top_k 1 or more")
+            raise ClientError(422, "temperature must be 0 or more and top_k 1 or more")
         return found
 
     def run(self, options: dict[str, Any], send: Any, stopped: threading.Event) -> int:
@@ -76,9 +79,13 @@ class Generation:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            options = self.options(json.loads(await request.read() or b"null"))
-        except (ValueError, RecursionError) as e:
-            return _json_error(422 if "over" in str(e) or "must be 1 to" in str(e) else 400, str(e))
+            body = json.loads(await request.read() or b"null")
+        except (ValueError, RecursionError):
+            return _json_error(400, 'malformed JSON; send {"prompt": "...", "max_new_tokens": N, ...}')
+        try:
+            options = self.options(body)
+        except ClientError as e:
+            return _json_error(e.status, str(e))
         if self.running >= self.max_generations:
             return _json_error(503, f"busy: serve.max_generations={self.max_generations} generations are running; "
                                     f"try again", **{"Retry-After": "1"})

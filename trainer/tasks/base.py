@@ -62,8 +62,8 @@ class DataInfo:
 
 class Evaluation:
     """Metric state over one split: `update` per batch on the device, `compute` once (reduced over
-    processes). The default keeps sums: subclasses return their per-batch sums from `batch_sums` and
-    turn the totals into metrics in `from_sums`."""
+    processes). It keeps the sums the task gives for each batch (`Task.eval_sums`) and hands their totals to
+    `Task.from_eval_sums`; a task whose metric needs every sample subclasses it (multilabel's mAP)."""
 
     def __init__(self, task: "Task", device: torch.device) -> None:
         self.task, self.device = task, device
