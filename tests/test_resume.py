@@ -1,5 +1,6 @@
 """Kill a run at any instant, resume it, and get the weights of a run that was never interrupted."""
 import json
+import logging
 import os
 import signal
 import time
@@ -193,3 +194,51 @@ def test_resume_refuses_another_model_and_a_damaged_file(uninterrupted, tmp_path
     copy.write_bytes(data[: len(data) - 100])
     code, err = refused_in_process(monkeypatch, capsys, *TINY, f"resume={copy}", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and err.count("\n") == 1 and "copy.pt: truncated" in err
+
+
+def test_a_signal_landing_inside_a_log_write_does_not_write_again():
+    """A stop signal can land while the main thread is inside a log handler (CI caught one: the handler
+    logged, and the file's writer refused the reentrant call with a traceback). The signal lands here,
+    deterministically, in the middle of an emit; the guard's handler must only set the flag, and the
+    "received" line comes at the step boundary, once."""
+    from trainer.guard import StopRequested, guarded
+
+    class Probe(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.depth, self.reentered, self.lines = 0, False, []
+
+        def emit(self, record):
+            self.depth += 1
+            self.reentered |= self.depth > 1
+            if record.getMessage() == "a line being written":
+                signal.raise_signal(signal.SIGUSR1)  # its Python handler runs before raise_signal returns
+            self.lines.append(record.getMessage())
+            self.depth -= 1
+
+    class Loop:
+        stop_signal = None
+        progress = type("P", (), {"step": 7})()
+
+        def save_checkpoint(self, wait):
+            return Path("run/checkpoints/step-000000007.pt")
+
+        @guarded
+        def fit(self):
+            logging.getLogger("trainer").info("a line being written")
+            assert self.stop_signal == signal.SIGUSR1
+            raise StopRequested(self.stop_signal)
+
+    probe, logger = Probe(), logging.getLogger("trainer")
+    logger.addHandler(probe)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            Loop().fit()
+    finally:
+        logger.removeHandler(probe)
+        logger.setLevel(level)
+    assert exit_.value.code == 143 and not probe.reentered
+    assert probe.lines[0] == "a line being written"
+    assert probe.lines[1] == "received SIGUSR1: stopped at step 7, saving a checkpoint"
+    assert signal.getsignal(signal.SIGUSR1) is not None  # the previous handler is back

@@ -30,19 +30,21 @@ def guarded(fn: F) -> F:
 
     When a scheduler had installed its own handler for the signal (submitit requeues the job on
     SIGUSR2), that handler runs after the checkpoint is saved, so the requeued job resumes from it.
-    The handlers only set `self.stop_signal`; the loop checks it between optimizer steps and raises
+    The handlers only set `self.stop_signal` (they log nothing: see request_stop); the loop checks it between optimizer steps and raises
     StopRequested, which lands here, where `self.save_checkpoint(wait=True)` runs before the exit."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
             return fn(self, *args, **kwargs)
         def request_stop(signum, frame):
-            log.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
+            # Only a flag: a handler runs between any two bytecodes of the main thread, which may be
+            # inside the log handler's write; logging here again raised "reentrant call" there.
             self.stop_signal = signum
         previous = {s: signal.signal(s, request_stop) for s in EXIT_CODES}
         try:
             return fn(self, *args, **kwargs)
         except StopRequested as stop:
+            log.warning("received %s: stopped at step %d, saving a checkpoint", stop, self.progress.step)
             path = self.save_checkpoint(wait=True)
             if distributed.is_main():
                 launcher = f"torchrun --nproc_per_node={distributed.world_size()}" if distributed.active() else "python"
