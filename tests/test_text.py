@@ -62,6 +62,30 @@ def test_a_bpe_tokenizer_trained_on_the_corpus_round_trips_and_travels(tmp_path)
     assert index["tokens"] < index["bytes"] / 2  # merges learnt: fewer tokens than bytes
 
 
+def test_split_by_file_validates_on_other_files_with_the_training_tokenizer(tmp_path):
+    """dataset.val_root: all of root trains; val_root's text, tokenized with root's own BPE, validates.
+    A val folder tokenized with another tokenizer is refused, naming the file to tokenize it with."""
+    pytest.importorskip("tokenizers", reason="the text extra is not installed")
+    from trainer.data.text import text
+    from trainer.errors import UserError
+    train_file, val_file = write_corpus(tmp_path / "train.txt", lines=300), write_corpus(tmp_path / "val.txt", 60, 1)
+    cache = str(tmp_path / "cache")
+    bundle = text(str(train_file), block_size=16, vocab_size=400, tokenizer="bpe", cache=cache, val_root=str(val_file))
+    folder = Path(bundle.extra["tokenizer_dir"])
+    tokenizer = load_tokenizer(bundle.extra["tokenizer"], folder)
+    train_ids = np.fromfile(folder / "tokens.bin", dtype=bundle.train.dtype)
+    assert bundle.train.stop == len(train_ids)  # nothing of the training file is held out
+    assert tokenizer.decode(train_ids.tolist()) == train_file.read_text()
+    val_ids = np.fromfile(bundle.val.path, dtype=bundle.val.dtype)
+    assert bundle.val.path.parent != folder and tokenizer.decode(val_ids.tolist()) == val_file.read_text()
+    inputs, targets = bundle.val[1]
+    assert torch.equal(inputs, torch.from_numpy(val_ids[16:32].astype(np.int64))) and torch.equal(targets[:-1], inputs[1:])
+    tokenize([str(val_file)], tmp_path / "val_bytes")  # the byte tokenizer: ids that mean other text
+    with pytest.raises(UserError, match="dataset.val_root: .* another tokenizer .* --tokenizer-file"):
+        text(str(train_file), block_size=16, vocab_size=400, tokenizer="bpe", cache=cache,
+             val_root=str(tmp_path / "val_bytes"))
+
+
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lm")

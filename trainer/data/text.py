@@ -3,8 +3,9 @@ next-token targets) from a memory-mapped array, for task=language_model.
 
 dataset.root is either a folder written by `python -m trainer.data.tokenize` (index.json, tokens.bin)
 or the text itself: a .txt or .jsonl file, a folder or a glob, tokenized once (dataset.tokenizer) into
-dataset.cache and reused while the inputs are unchanged. The last dataset.val_fraction of the token
-stream is the validation (and test) split. A training epoch is every block_size-th window start, each
+dataset.cache and reused while the inputs are unchanged. The validation (and test) split is the last
+dataset.val_fraction of the token stream, or, split by file, dataset.val_root (the same kinds of input,
+tokenized with the training corpus's tokenizer). A training epoch is every block_size-th window start, each
 shifted by a random offset drawn from the sample's own seed: random windows, the same for a seed
 whatever the worker count, and a resume restarts at any batch, as for images.
 """
@@ -56,30 +57,44 @@ class TextWindows(Dataset):
         return window[:-1], window[1:]
 
 
-def _cache_key(inputs: str, tokenizer: str, vocab_size: int) -> str:
+def _cache_key(inputs: str, tokenizer: str, vocab_size: int, like: str) -> str:
     files = input_files([inputs])
     stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha1(json.dumps([stamp, tokenizer, vocab_size]).encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps([stamp, tokenizer, vocab_size, like]).encode()).hexdigest()[:16]
 
 
-def tokenized(root: str, tokenizer: str, vocab_size: int, cache: str) -> Path:
-    """The folder of token ids for dataset.root: itself when it is one, else the cache's (made once)."""
+def _tokenizer_identity(folder: Path) -> str:
+    """What makes two folders' token ids mean the same text: the spec, and a BPE's own file."""
+    spec = json.loads((folder / INDEX).read_text())["tokenizer"]
+    content = (folder / spec["file"]).read_bytes() if spec.get("file") else b""
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode() + content).hexdigest()
+
+
+def tokenized(root: str, tokenizer: str, vocab_size: int, cache: str, like: Path | None = None) -> Path:
+    """The folder of token ids for `root`: itself when it is one, else the cache's (made once). With
+    `like` (the training corpus's folder), tokenized with that folder's tokenizer."""
     folder = Path(root)
     if (folder / INDEX).is_file():
         return folder
-    target = Path(cache) / _cache_key(root, tokenizer, vocab_size)
+    identity = _tokenizer_identity(like) if like else ""
+    target = Path(cache) / _cache_key(root, tokenizer, vocab_size, identity)
     if not (target / INDEX).is_file():
         log.info("tokenizing %s (%s) into %s, once", root, tokenizer, target)
-        tokenize([root], target, tokenizer, vocab_size)
+        if like is None:
+            tokenize([root], target, tokenizer, vocab_size)
+        else:
+            spec = json.loads((like / INDEX).read_text())["tokenizer"]
+            tokenize([root], target, spec["kind"], vocab_size,
+                     tokenizer_file=str(like / spec["file"]) if spec.get("file") else None)
     return target
 
 
 @DATASETS.register("text")
 def text(root: str, block_size: int = 256, vocab_size: int = 256, val_fraction: float = 0.1, tokenizer: str = "byte",
-         cache: str = "data/tokens") -> DataBundle:
+         cache: str = "data/tokens", val_root: str | None = None) -> DataBundle:
     if block_size < 1:
         raise UserError(f"dataset.block_size: must be 1 or more, got {block_size}")
-    if not 0 < val_fraction < 1:
+    if not val_root and not 0 < val_fraction < 1:
         raise UserError(f"dataset.val_fraction: must be in (0, 1), got {val_fraction}")
     folder = tokenized(root, tokenizer, vocab_size, cache)
     index = json.loads((folder / INDEX).read_text())
@@ -88,15 +103,24 @@ def text(root: str, block_size: int = 256, vocab_size: int = 256, val_fraction: 
         raise UserError(f"dataset.vocab_size: the tokenizer of {folder} has {spec['vocab_size']:,} tokens, more than "
                         f"dataset.vocab_size={vocab_size:,} (the model's); set dataset.vocab_size={spec['vocab_size']}")
     total = int(index["tokens"])
-    n_val = int(total * val_fraction)
-    split = total - n_val
+    if val_root:  # split by file: all of root trains, val_root validates
+        val_folder = tokenized(val_root, tokenizer, vocab_size, cache, like=folder)
+        if _tokenizer_identity(val_folder) != _tokenizer_identity(folder):
+            raise UserError(f"dataset.val_root: {val_folder} was tokenized with another tokenizer than {folder}; "
+                            f"tokenize it with --tokenizer-file {folder / spec.get('file', 'tokenizer.json')}, "
+                            f"or give the raw text")
+        val_index = json.loads((val_folder / INDEX).read_text())
+        split, n_val = total, int(val_index["tokens"])
+        val = TextWindows(val_folder / TOKENS, val_index["dtype"], 0, n_val, block_size, shift=False)
+    else:  # the held-out tail of the stream
+        n_val = int(total * val_fraction)
+        split = total - n_val
+        val = TextWindows(folder / TOKENS, index["dtype"], split, total, block_size, shift=False)
     for name, size in (("training", split), ("validation", n_val)):
         if size < block_size + 1:
             raise UserError(f"dataset.block_size: the {name} split has {size:,} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}; lower dataset.block_size, or use a bigger corpus")
-    path = folder / TOKENS
-    train = TextWindows(path, index["dtype"], 0, split, block_size, shift=True)
-    val = TextWindows(path, index["dtype"], split, total, block_size, shift=False)
+    train = TextWindows(folder / TOKENS, index["dtype"], 0, split, block_size, shift=True)
     extra = {"tokenizer": spec, "tokenizer_dir": str(folder), "block_size": block_size, "vocab_size": vocab_size,
              "bytes_per_token": index["bytes"] / max(total, 1)}
     return DataBundle(train=train, val=val, test=val, classes=[], target="tokens", extra=extra)
