@@ -217,6 +217,55 @@ def test_serve_streams_generation_with_limits_and_stops_for_a_client_that_leaves
     asyncio.run(ask())
 
 
+def test_predict_and_serve_answer_the_next_tokens_after_each_text(lm_run):
+    """A language model's /v1/predict and trainer.predict: the likeliest next tokens after each text, as
+    the model gives them at the text's own last token (texts of different lengths share a padded batch;
+    a text past the block size keeps its last 32 tokens); an empty text is refused."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trainer.inference import Predictor
+    from trainer.serve import ServeSettings, build_app
+    from trainer.text.sampling import load_run
+    model, tokenizer = load_run(lm_run, "best")
+    texts = ["The king", "The queen would ride to the sea where old ships lay in the"]
+
+    def expected(text: str) -> list[dict]:
+        ids = torch.tensor([tokenizer.encode(text)[-32:]])
+        with torch.no_grad():
+            probabilities = torch.softmax(model(ids)[0, -1].float(), dim=-1)
+        values, top = probabilities.topk(3)
+        return [{"id": i, "token": tokenizer.decode([i]), "probability": p} for p, i in zip(values.tolist(), top.tolist())]
+
+    def same(answers: list[dict], texts: list[str]) -> None:
+        for answer, text in zip(answers, texts, strict=True):
+            want = expected(text)
+            assert [c["id"] for c in answer["next"]] == [c["id"] for c in want], text
+            assert [c["token"] for c in answer["next"]] == [c["token"] for c in want]
+            assert [c["probability"] for c in answer["next"]] == pytest.approx([c["probability"] for c in want], abs=1e-5)
+
+    result = run_trainer(f"run={lm_run}", "topk=3", "output=jsonl", f"texts={json.dumps(texts)}", module="trainer.predict")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    same(rows, texts)
+    app = build_app(Predictor(lm_run), ServeSettings(topk=3))
+
+    async def ask() -> None:
+        async with TestClient(TestServer(app)) as client:
+            response = await client.post("/v1/predict", json={"texts": texts})
+            assert response.status == 200, await response.text()
+            same((await response.json())["predictions"], texts)
+            response = await client.post("/v1/predict", data="The king".encode(), headers={"Content-Type": "text/plain"})
+            same((await response.json())["predictions"], ["The king"])
+            empty = await client.post("/v1/predict", json={"texts": ["The king", ""]})
+            assert empty.status == 422 and "text 2 is empty" in (await empty.json())["error"]
+    asyncio.run(ask())
+    refused = run_trainer(f"run={lm_run}", 'texts=[""]', module="trainer.predict")
+    assert refused.returncode == 2 and "texts: text 1 is empty" in refused.stderr
+
+
 # ---- text classification ---------------------------------------------------------------------------------
 def write_reviews(root: Path) -> Path:
     """Short reviews whose label is carried by one word among fillers."""

@@ -63,23 +63,29 @@ class Predictor:
         self.input_shape = tuple(self.manifest["input"]["shape"][1:])
         self.max_batch = int(self.manifest["input"].get("max_batch", 1024))
         self.run_dir = run_dir
-        # Outputs of the model's shape for one input (zeros; a dynamic length: 2): options are checked on them.
-        dtype = getattr(torch, self.manifest["input"].get("dtype", "float32"))
-        self.example_outputs = self.outputs(torch.zeros(1, *(2 if n == -1 else n for n in self.input_shape),
-                                                        dtype=dtype))
         spec = self.manifest.get("preprocess")
+        self.causal = False
         self.takes_text = spec is not None and spec.get("decode") == "text"
         self.takes_images = spec is not None and not self.takes_text  # neither: tensors only (JSON to serve)
         if self.takes_text:
             from trainer.text.tokenizers import load_tokenizer
             self.tokenizer = load_tokenizer(spec["tokenizer"], run_dir / "export" / "tokenizer")
             self.max_length, self.pad_id = spec["max_length"], spec["pad_id"]
+            # No pad token: a causal model (a language model) reads each text's last max_length tokens and
+            # is answered at its last one; padding after it cannot change that position's outputs.
+            self.causal = self.pad_id is None
+            if hasattr(self.task, "use_tokenizer"):
+                self.task.use_tokenizer(self.tokenizer)
         elif spec is not None:
             self.channels, self.size = (3 if spec["decode"] == "RGB" else 1), spec["center_crop"][0]
             # The same operations as the run's evaluation transform (arrays.build_transform): the same floats.
             from torchvision.transforms import v2
             self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True),
                                          v2.Normalize(spec["mean"], spec["std"])])
+        # Outputs of the model's shape for one input (zeros; a dynamic length: 2): options are checked on them.
+        dtype = getattr(torch, self.manifest["input"].get("dtype", "float32"))
+        self.example_outputs = self.outputs(torch.zeros(1, *(2 if n == -1 else n for n in self.input_shape),
+                                                        dtype=dtype))
 
     def decode(self, data: bytes, expect: str | None = None) -> Tensor:
         """Image file bytes (PNG, JPEG, WebP, GIF; `expect`: the format the sender declared) to one
@@ -90,10 +96,15 @@ class Predictor:
         return self.normalise(image)
 
     def encode_texts(self, texts: list[str]) -> Tensor:
-        """Texts as the model's input: token ids cut to max_length and padded, as in training."""
-        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
+        """Texts as the model's input: token ids cut to max_length and padded, as in training. A causal
+        model's texts keep their last max_length tokens and are padded with -1, which `outputs` reads
+        as each text's length (and never gives the model)."""
+        ids = torch.full((len(texts), self.max_length), -1 if self.causal else self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            tokens = self.tokenizer.encode(text)[:self.max_length]
+            tokens = self.tokenizer.encode(text)
+            if self.causal and not tokens:
+                raise InputError(f"text {row + 1} is empty; a language model needs a text to continue")
+            tokens = tokens[-self.max_length:] if self.causal else tokens[:self.max_length]
             ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return ids
 
@@ -111,8 +122,13 @@ class Predictor:
 
     @torch.no_grad()
     def outputs(self, batch: Tensor) -> Tensor:
-        """The exported model's outputs for a batch (what `answer` reads)."""
-        return self.model(batch).float()
+        """The exported model's outputs for a batch (what `answer` reads); for a causal text model, each
+        text's outputs at its last token, as a sequence of one."""
+        if not self.causal:
+            return self.model(batch).float()
+        last = (batch >= 0).sum(dim=1) - 1
+        outputs = self.model(batch.clamp(min=0)).float()
+        return outputs[torch.arange(len(batch)), last].unsqueeze(1)
 
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         """One answer per input, as the run's task gives it; ValueError for an option it cannot take."""

@@ -17,7 +17,7 @@ from trainer.atomic import write_bytes
 from trainer.cli import exit_codes
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError
-from trainer.inference import Predictor
+from trainer.inference import InputError, Predictor
 
 
 @dataclass
@@ -98,11 +98,15 @@ def predict_texts(predictor: Predictor, cfg: PredictConfig, options: dict) -> li
             raise UserError(f"inputs: {item} is not a file; give .txt files with a text per line, or texts=[...]")
         texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
-        raise UserError('texts: this run classifies text; give texts=["..."] or inputs=[file.txt]')
+        raise UserError('texts: this run takes text; give texts=["..."] or inputs=[file.txt]')
     results = []
     for first in range(0, len(texts), cfg.batch_size):
         batch = texts[first:first + cfg.batch_size]
-        answers = predictor.answer(predictor.outputs(predictor.encode_texts(batch)), options)
+        try:
+            inputs = predictor.encode_texts(batch)
+        except InputError as e:
+            raise UserError(f"texts: {e}") from None
+        answers = predictor.answer(predictor.outputs(inputs), options)
         results += [{"text": text, **answer} for text, answer in zip(batch, answers)]
     return results
 
@@ -115,7 +119,7 @@ def show_table(results: list[dict], k: int) -> str:
         header = "  ".join(f"{f'top-{i + 1}':<22}" for i in range(k))
     else:
         header = "answer"
-    rows = [f"{'image':<{width}}  {header}"]
+    rows = [f"{'image' if any('image' in r for r in results) else 'text':<{width}}  {header}"]
     for name, r in zip(names, results):
         rows.append(f"{name:<{width}}  " + (f"error: {r['error']}" if "error" in r else _cells(r)))
     return "\n".join(rows)
@@ -124,6 +128,8 @@ def show_table(results: list[dict], k: int) -> str:
 def _cells(row: dict) -> str:
     if "top_k" in row:
         return "  ".join(f"{c['class'][:14]:<14} {c['probability']:>7.3f}" for c in row["top_k"])
+    if "next" in row:  # a language model: the likeliest next tokens
+        return "  ".join(f"{c.get('token', c['id'])!r:<8} {c['probability']:>6.3f}" for c in row["next"])
     answer = {key: value for key, value in row.items() if key not in ("image", "text")}
     return json.dumps(answer, separators=(", ", ": "))
 

@@ -6,7 +6,9 @@ exported model behind an HTTP API (aiohttp; the `serve` extra).
                        -> {"predictions": [<one answer per input, as the run's task gives it>, ...]}:
                        classification {"top_k": [{"class", "index", "probability"}, ...]} (?topk=N),
                        multilabel {"labels": [...], "scores"} (?threshold=T), regression {"values"},
-                       segmentation {"pixels": {class: count}} (or, with ?format=png, the mask as a PNG)
+                       segmentation {"pixels": {class: count}} (or, with ?format=png, the mask as a PNG);
+                       text models take text/plain (one text) or JSON {"texts": [...]}: text classification
+                       answers as classification, a language model {"next": [{"id", "token", "probability"}]}
     GET  /v1/metadata  the model, classes, input spec, preprocessing and exported formats
     POST /v1/generate  language models: {"prompt", "max_new_tokens", "temperature", "top_k", "seed"} -> the
                        continuation as server-sent events, a piece of text each, as it is made

@@ -122,5 +122,7 @@ def text(root: str, block_size: int = 256, vocab_size: int = 256, val_fraction: 
                             f"{block_size + 1}; lower dataset.block_size, or use a bigger corpus")
     train = TextWindows(folder / TOKENS, index["dtype"], 0, split, block_size, shift=True)
     extra = {"tokenizer": spec, "tokenizer_dir": str(folder), "block_size": block_size, "vocab_size": vocab_size,
-             "bytes_per_token": index["bytes"] / max(total, 1)}
+             "bytes_per_token": index["bytes"] / max(total, 1),
+             # predict/serve: a text's last block_size tokens, unpadded (the answer is at its last token)
+             "text": {"max_length": block_size, "pad_id": None}}
     return DataBundle(train=train, val=val, test=val, classes=[], target="tokens", extra=extra)

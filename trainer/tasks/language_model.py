@@ -58,10 +58,16 @@ class LanguageModel(Task):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.extra.update(state or {})
 
+    def use_tokenizer(self, tokenizer) -> None:
+        """Answers name each token's text too (predict and serve hand over the run's tokenizer)."""
+        self.tokenizer = tokenizer
+
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The most likely next tokens after each input sequence (its last position)."""
         k = option(options, "topk", 5, int, low=1)
         probabilities = torch.softmax(outputs[:, -1].float(), dim=-1)
         values, ids = probabilities.topk(min(k, probabilities.shape[-1]), dim=-1)
-        return [{"next": [{"id": i, "probability": p} for p, i in zip(ps, row)]}
+        tokenizer = getattr(self, "tokenizer", None)
+        return [{"next": [{"id": i, **({"token": tokenizer.decode([i])} if tokenizer else {}), "probability": p}
+                          for p, i in zip(ps, row)]}
                 for ps, row in zip(values.tolist(), ids.tolist())]
