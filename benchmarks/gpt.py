@@ -11,7 +11,8 @@ Ours is `Trainer.train_epoch()` over `--steps` batches (its data loader cutting 
 memory-mapped tokens under each sample's seed, the task's loss, on-device metrics, the non-finite
 check, the schedule), timed by its own "train" phase. The one-file loop is what nanoGPT's train.py does
 per step: random offsets into the memory-mapped array, a forward and backward, clipping, an AdamW step,
-timed from its first step to its last. Prints each round's ratio, the median, and a JSON line.
+timed from its first step to its last. Prints each round's ratio, the median, both models' validation
+loss after the same steps from the same weights (the same windows, the same code), and a JSON line.
 
 With --memory, it trains our loop (2 loader workers) for --steps batches on a corpus and on the same
 corpus 16 times over, each in a fresh process, and reports the peak proportional set size (the main
@@ -93,7 +94,21 @@ def build(args: argparse.Namespace, corpus: Path, folder: Path, workers: int = 0
     torch.manual_seed(args.seed)
     theirs = MODELS.build("gpt", **params_of(cfg.model))
     tokens = np.memmap(bundle.train.path, dtype=bundle.train.dtype, mode="r")[:bundle.train.stop]
-    return trainer, OneFileLoop(theirs, tokens, args.batch_size, args.block_size)
+    return trainer, OneFileLoop(theirs, tokens, args.batch_size, args.block_size), bundle.val
+
+
+@torch.no_grad()
+def val_loss(model: torch.nn.Module, windows, batch_size: int, max_batches: int = 50) -> float:
+    """Mean next-token loss (nats) over the first validation windows, the same for both sides."""
+    model.eval()
+    nats, count = 0.0, 0
+    for first in range(0, min(len(windows), batch_size * max_batches), batch_size):
+        x, y = (torch.stack(t) for t in zip(*(windows[i] for i in range(first, min(first + batch_size, len(windows))))))
+        logits = model(x)
+        nats += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
+        count += y.numel()
+    model.train()
+    return nats / count
 
 
 def ours_round(trainer, block_size: int) -> dict:
@@ -105,7 +120,7 @@ def memory_run(args: argparse.Namespace, corpus: Path) -> dict:
     """Our loop on `corpus` with loader workers: the peak PSS while it trains."""
     import threading
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _ = build(args, corpus, Path(tmp), workers=2)
+        trainer, _, _ = build(args, corpus, Path(tmp), workers=2)
         peak, done = [memory_mb()], threading.Event()
 
         def sample() -> None:
@@ -160,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         return memory(args)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(args.corpus) if args.corpus else generated_corpus(Path(tmp) / "corpus.txt", args.corpus_bytes)
-        trainer, loop = build(args, corpus, Path(tmp))
+        trainer, loop, windows = build(args, corpus, Path(tmp))
         ours_round(trainer, args.block_size), loop.run(args.steps)  # warm-up: allocator, thread pools
         rounds = []
         for k in range(1, args.rounds + 1):
@@ -172,11 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
             rounds.append({"ours": ours, "one_file": theirs, "ratio": ratio})
             print(f"round {k}: ours {ours['tokens'] / ours['seconds']:,.0f} tok/s, one-file loop "
                   f"{theirs['tokens'] / theirs['seconds']:,.0f} tok/s, ratio {ratio:.3f}", flush=True)
+        # Both have taken the same number of steps from the same weights: how well each learnt.
+        losses = {"ours": val_loss(trainer.model, windows, args.batch_size),
+                  "one_file": val_loss(loop.model, windows, args.batch_size)}
     ratio = statistics.median(r["ratio"] for r in rounds)
+    steps = (args.rounds + 1) * args.steps
     print(f"gpt: ours runs at {ratio:.3f}x the one-file loop's tokens/s (median of {args.rounds}; n_layer "
           f"{args.n_layer}, n_embd {args.n_embd}, block {args.block_size}, batch {args.batch_size}, cpu)")
+    print(f"gpt: validation loss after {steps} steps each: ours {losses['ours']:.4f}, one-file loop "
+          f"{losses['one_file']:.4f} nats/token")
     result = {**{k: v for k, v in vars(args).items() if k != "passed"}, "benchmark": "gpt", "ratio": ratio,
-              "rounds": rounds}
+              "rounds": rounds, "steps": steps, "val_loss": losses}
     print(json.dumps(result))
     return result
 

@@ -68,8 +68,12 @@ def run(cfg: DictConfig) -> float | None:
     log.info("training %s for %s on %s (%d train / %d val samples) on %s%s, run dir %s", cfg.model.name,
              cfg.task.name, cfg.dataset.name, len(bundle.train), len(bundle.val), device,
              f" x {distributed.world_size()} processes" if distributed.active() else "", run_dir)
-    trainer.fit()
-    finish(cfg, trainer, bundle, run_dir, started)
+    try:
+        trainer.fit()
+        finish(cfg, trainer, bundle, run_dir, started)
+    except BaseException:  # a signal's exit, an error: the trackers end their run as stopped, to be resumed
+        trainer.metrics.close(finished=False)
+        raise
     return trainer.progress.best
 
 
@@ -112,7 +116,7 @@ def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: 
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     trainer.metrics.write(test, step=p.step)
     trainer.metrics.hparams(_hparams(cfg), {k: v for k, v in metrics.items() if isinstance(v, float)})
-    trainer.metrics.close()
+    trainer.metrics.close(finished=True, run_dir=run_dir)
     log.info("%s  (best %s %.4f at epoch %d)", "  ".join(f"{k} {v:.4f}" for k, v in test.items()),
              trainer.checkpointing.monitor, p.best if p.best is not None else float("nan"), p.best_epoch)
     log.info("time per phase:\n%s", trainer.timer.table())

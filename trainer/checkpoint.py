@@ -12,6 +12,7 @@ import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,8 +68,9 @@ class CheckpointWriter:
     its error. The write itself is save_checkpoint's (temporary file, fsync, rename), so a crash at any
     instant still leaves the previous checkpoint whole."""
 
-    def __init__(self, folder: Path, keep_last: int) -> None:
-        self.folder, self.keep_last = folder, keep_last
+    def __init__(self, folder: Path, keep_last: int, on_saved: Callable[[int], None] | None = None) -> None:
+        """`on_saved(step)` runs in the writer's thread once the `last` checkpoint of `step` is durable."""
+        self.folder, self.keep_last, self.on_saved = folder, keep_last, on_saved
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future | None = None
 
@@ -87,6 +89,8 @@ class CheckpointWriter:
             keep_history(path, step, self.keep_last)
             if best:
                 copy_checkpoint(path, self.folder / "best.pt")  # the same state: a link, not a second write
+            if self.on_saved is not None:
+                self.on_saved(step)
         elif best:
             save_checkpoint(state, self.folder / "best.pt")
 

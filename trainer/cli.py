@@ -21,6 +21,12 @@ def _one_line(error: BaseException) -> str:
         group = (error.missing_cfg_file or "").split("/")[0] or "config"
         wanted = (error.missing_cfg_file or "").split("/")[-1]
         return f"{group}={wanted}: no such option; choose one of {', '.join(error.options)}"
+    unknown = re.search(r"Could not load '(\w+)/([^']+)'", str(error))
+    if isinstance(error, MissingConfigException) and unknown:  # one of a list, e.g. logger=[tensorboard,foo]
+        group, wanted = unknown.groups()
+        folder = Path(__file__).resolve().parent.parent / "conf" / group
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        return f"{group}={wanted}: no such option; choose from {', '.join(options)} (e.g. {group}=[{options[0]}])"
     cause: BaseException | None = error
     while cause is not None:  # our own message, raised inside a config resolver, says it best
         if isinstance(cause, UserError):

@@ -84,6 +84,7 @@ class Config:
     model: Any = None
     dataset: Any = None
     task: Any = None
+    logger: Any = None  # {name: options} of each logger chosen (logger=[tensorboard,mlflow])
     optimizer: Any = None
     scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -239,11 +240,29 @@ def validate(cfg: DictConfig) -> None:
     from trainer.tasks.base import resolve_monitor
     task = TASKS.build(cfg.task.name, **params_of(cfg.task))  # its own checks of its options
     resolve_monitor(task, cfg.checkpoint.monitor, cfg.checkpoint.mode)  # before any data is read
+    _check_loggers(cfg)
     if "onnx" in cfg.export.formats:
         import importlib.util
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
         _require(not missing, f"export.formats: onnx needs {', '.join(missing)}: pip install -e \".[onnx]\", or "
                               f"leave onnx out of export.formats")
+
+
+def _check_loggers(cfg: DictConfig) -> None:
+    """Each logger's options, and its client library installed, before any data is read."""
+    import importlib.util
+
+    from trainer.loggers.base import missing
+    from trainer.registry import LOGGERS
+    section = cfg.get("logger")
+    for name in (section.keys() if section else []):
+        options = section[name]
+        _require(options is None or isinstance(options, DictConfig),
+                 f"logger.{name}: must be a mapping of options, got {options!r}")
+        LOGGERS.check(str(name), OmegaConf.to_container(options, resolve=True) if options else {},
+                      ("run_dir", "resume_step", "state", "config"))
+        needs = LOGGERS.get(str(name)).needs
+        _require(needs is None or importlib.util.find_spec(needs[0]) is not None, missing(str(name), *needs or ("", "")))
 
 
 def params_of(section: DictConfig) -> dict[str, Any]:

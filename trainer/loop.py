@@ -54,7 +54,8 @@ class Trainer:
         self.ema, self.run_dir, self.task = ema, run_dir, task
         self.checkpointing.monitor, self.checkpointing.mode = resolve_monitor(task, checkpoint.monitor, checkpoint.mode)
         self.checkpoint_dir = run_dir / "checkpoints"
-        self.writer = CheckpointWriter(self.checkpoint_dir, checkpoint.keep_last)
+        # Once a checkpoint has landed, the trackers may have the points it covers (MetricLog).
+        self.writer = CheckpointWriter(self.checkpoint_dir, checkpoint.keep_last, on_saved=metrics.checkpointed)
         self.autocast_dtype = AUTOCAST_DTYPES[str(settings.precision)]
         if self.autocast_dtype is torch.float16 and device.type != "cuda":
             raise UserError("trainer.precision=16: float16 with loss scaling needs a CUDA device; use bf16 here")
@@ -338,7 +339,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "progress": self.progress.state_dict(), "rng": rng_state(), "config": self.config,
                 "ema": None if self.ema is None else self.ema.module.state_dict(), "task": self.task.state_dict(),
-                "version": __version__}
+                "loggers": self.metrics.state_dict(), "version": __version__}
 
     def load_state_dict(self, state: dict[str, Any], reset_optimizer: bool = False,
                         reset_scheduler: bool = False) -> None:

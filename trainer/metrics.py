@@ -1,8 +1,10 @@
 """Training metrics: running sums kept on the device (no host sync per step), and the sinks they are
-reported to (TensorBoard and train.log on rank 0, nothing on the others), with the decorator that sends
-a method's returned metrics there."""
+reported to (train.log and the loggers of `logger=[...]` on rank 0, nothing on the others), with the
+decorator that sends a method's returned metrics there."""
 import functools
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,39 +94,99 @@ class NullMetricLog:
     def hparams(self, *args: Any) -> None:
         pass
 
-    def close(self) -> None:
+    def checkpointed(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def close(self, finished: bool = True, run_dir: Path | None = None) -> None:
         pass
 
 
 class MetricLog:
-    """TensorBoard events plus one readable line per report in train.log."""
+    """One readable line per report in train.log, and every logger of `logger=[...]` (trainer.loggers).
 
-    def __init__(self, logdir: Path, purge_step: int | None) -> None:
-        from torch.utils.tensorboard import (
-            SummaryWriter,  # imports TensorFlow-lite bits: load only when used
-        )
-        # purge_step drops the events a killed run wrote after its last checkpoint, so resumed curves
-        # carry no duplicate points.
-        self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
+    A logger that can rewind (TensorBoard, CSV) gets each point at once. A tracker that cannot (MLflow,
+    W&B) gets a point once a durable checkpoint covers its step: the checkpoint writer calls
+    `checkpointed(step)` when a file has landed. Until then the point is held, with the time it was
+    made, and every checkpoint carries the held points; a resumed run sends again those its checkpoint
+    covers (the same point, the same timestamp: MLflow keeps one; W&B keeps the first of a step), and
+    later steps come from the resumed training. So no step reaches a tracker twice or never."""
+
+    def __init__(self, loggers: list[Any], held: list[list[Any]] | None = None, resume_step: int | None = None) -> None:
+        self.loggers = loggers
+        self.trackers = [logger for logger in loggers if not logger.rewinds]
+        self.lock = threading.Lock()  # the checkpoint writer's thread sends too
+        # [step, time in ms, {metric: value}] not yet sent to the trackers
+        self.held: list[list[Any]] = [list(point) for point in held or [] if resume_step is not None
+                                      and point[0] <= resume_step]
+        self.failed: set[str] = set()
+        self.closed = False
+        if resume_step is not None:
+            self.checkpointed(resume_step)
 
     def write(self, metrics: dict[str, Any], step: int) -> None:
-        scalars = {k: v for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))}
-        for key, value in scalars.items():
-            self.writer.add_scalar(key, value, step)
+        scalars = {k: float(v) for k, v in metrics.items() if k != "epoch" and isinstance(v, (int, float))}
+        for logger in self.loggers:
+            if logger.rewinds:
+                self._call(logger, "write", scalars, step)
+        if self.trackers:
+            with self.lock:
+                self.held.append([step, int(time.time() * 1000), scalars])
         if "epoch" in metrics:
             log.info("epoch %d | %s", metrics["epoch"], "  ".join(_fmt(k, v) for k, v in scalars.items()))
+
+    def checkpointed(self, step: float) -> None:
+        """The trackers get the held points up to `step`, which a durable checkpoint covers."""
+        with self.lock:
+            ready = [point for point in self.held if point[0] <= step]
+            self.held = [point for point in self.held if point[0] > step]
+            for point_step, at, scalars in ready:
+                for tracker in self.trackers:
+                    self._call(tracker, "write", scalars, point_step, at)
+
+    def _call(self, logger: Any, method: str, *args: Any) -> None:
+        """A logger that fails (a tracking server down) is reported once and skipped; training goes on."""
+        if logger.name in self.failed:
+            return
+        try:
+            getattr(logger, method)(*args)
+        except Exception as e:  # noqa: BLE001 - a tracker's error must not stop the run
+            self.failed.add(logger.name)
+            log.warning("logger %s failed (%s: %s); the run goes on without it", logger.name, type(e).__name__,
+                        str(e)[:200])
 
     def images(self, tag: str, images: torch.Tensor, mean: list[float], std: list[float]) -> None:
         """A grid of normalised images, shown as the model sees them before normalisation."""
         from torchvision.utils import make_grid
         images = images * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-        self.writer.add_image(tag, make_grid(images.clamp(0, 1), nrow=8), 0)
+        grid = make_grid(images.clamp(0, 1), nrow=8)
+        for logger in self.loggers:
+            self._call(logger, "images", tag, grid)
 
     def hparams(self, params: dict[str, Any], final: dict[str, float]) -> None:
-        self.writer.add_hparams(params, {f"hparam/{k}": v for k, v in final.items()}, run_name=".")
+        for logger in self.loggers:
+            self._call(logger, "hparams", params, final)
 
-    def close(self) -> None:
-        self.writer.close()
+    def state_dict(self) -> dict[str, Any]:
+        """Each logger's own (a tracker's run id) and the points not yet sent: saved in every checkpoint."""
+        with self.lock:
+            return {"state": {logger.name: logger.state_dict() for logger in self.loggers},
+                    "held": [list(point) for point in self.held]}
+
+    def close(self, finished: bool = True, run_dir: Path | None = None) -> None:
+        """A finished run sends everything (and the artifacts asked for); a stopped one keeps what no
+        durable checkpoint covers, for the resumed run to send."""
+        if self.closed:
+            return
+        self.closed = True
+        if finished:
+            self.checkpointed(float("inf"))
+        for logger in self.loggers:
+            if finished and run_dir is not None:
+                self._call(logger, "artifacts", run_dir)
+            self._call(logger, "close", finished)
 
 
 def _fmt(key: str, value: float) -> str:

@@ -1,4 +1,4 @@
-"""A registry is a dict from name to builder, filled by a decorator and read by config name; the five
+"""A registry is a dict from name to builder, filled by a decorator and read by config name; the six
 the framework chooses from are defined here, at the bottom of the import graph.
 
 Each registry knows the module that registers its built-in entries and imports it on first look-up
@@ -102,3 +102,4 @@ DATASETS: Registry = Registry("dataset", builtins="trainer.data")
 OPTIMIZERS: Registry = Registry("optimizer", builtins="trainer.optim")
 SCHEDULERS: Registry = Registry("scheduler", builtins="trainer.optim")
 TASKS: Registry = Registry("task", builtins="trainer.tasks")
+LOGGERS: Registry = Registry("logger", builtins="trainer.loggers")

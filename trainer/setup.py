@@ -16,7 +16,7 @@ from trainer.metrics import MetricLog, NullMetricLog
 from trainer.loop import Trainer
 from trainer.models import MODELS
 from trainer.optim import OPTIMIZERS, SCHEDULERS, plan_steps
-from trainer.registry import TASKS
+from trainer.registry import LOGGERS, TASKS
 from trainer.speed import WeightAverage, compile_model, configure_backends
 from trainer.tasks.base import DataInfo, Task
 
@@ -77,9 +77,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
         state["progress"].get("schedule_start", 0)
     scheduler = SCHEDULERS.build(cfg.scheduler.name, optimizer=optimizer, total_steps=total_steps - schedule_start,
                                  steps_per_epoch=steps_per_epoch, **params_of(cfg.scheduler))
-    # Purge what a killed run logged after its checkpoint, so resumed curves have no duplicate points.
     if distributed.is_main():
-        metrics = MetricLog(run_dir / "tensorboard", purge_step=None if state is None else resumed_step + 1)
+        metrics = build_metric_log(cfg, run_dir, state)
         remove_stale_temporaries(run_dir / "checkpoints")
     else:
         metrics = NullMetricLog()  # rank 0 logs the reduced metrics for all
@@ -90,6 +89,26 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
     if state is not None:
         trainer.load_state_dict(state, reset_optimizer=ck.reset_optimizer, reset_scheduler=ck.reset_scheduler)
     return trainer
+
+
+def logger_names(cfg: DictConfig) -> list[str]:
+    """The loggers `logger=[...]` chose (each file of conf/logger/ holds its options under its name)."""
+    section = cfg.get("logger")
+    return list(section.keys()) if section else ["tensorboard"]
+
+
+def build_metric_log(cfg: DictConfig, run_dir: Path, state: dict[str, Any] | None) -> MetricLog:
+    """The loggers, each told where a resumed run stands: what it drops (a rewinding one) or which
+    tracked run it continues (a tracker, from the checkpoint)."""
+    saved = (state or {}).get("loggers") or {}
+    resume_step = None if state is None else state["progress"]["step"]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    loggers = []
+    for name in logger_names(cfg):
+        options = OmegaConf.to_container(cfg.logger[name], resolve=True) if cfg.get("logger") else {}
+        loggers.append(LOGGERS.build(name, run_dir=run_dir, resume_step=resume_step,
+                                     state=saved.get("state", {}).get(name, {}), config=config, **(options or {})))
+    return MetricLog(loggers, held=saved.get("held"), resume_step=resume_step)
 
 
 def load_resume_state(resume: str | None, run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
