@@ -124,7 +124,7 @@ def test_console_script_is_declared_and_answers(tmp_path):
         pytest.skip("the console script is not on PATH (pip install -e . puts it there)")
     shown = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)  # a fresh interpreter
     assert shown.returncode == 0 and "usage: python -m trainer" in shown.stdout
-    assert "model           cnn, fastnet, gpt, mlp, resnet, text_encoder, torchvision" in shown.stdout
+    assert "model           cnn, fastnet, gpt, mlp, resnet, text_encoder, timm, torchvision" in shown.stdout
     refused = subprocess.run([script, "trainer.max_epochs=0", f"hydra.run.dir={tmp_path}"], capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr == "error: trainer.max_epochs: must be 1 or more, got 0\n"

@@ -43,6 +43,7 @@ class TrainerConfig:
     cudnn_benchmark: bool = True  # on CUDA: let cuDNN pick the fastest algorithms for the fixed shapes
     ema_decay: float = 0.0  # 0: off; else evaluate, test and export an EMA of the weights
     ema_every: int = 1  # update the EMA every N optimizer steps
+    unfreeze_at_epoch: int = 0  # model.freeze's parameters train from this epoch (1-based) on; 0: never
     profile: bool = False  # a torch.profiler trace of a few steps into the run's tensorboard/ folder
     profile_steps: int = 5
     threads: Optional[int] = None  # torch's intra-op threads (None: torch's default, one per core)
@@ -233,7 +234,10 @@ def validate(cfg: DictConfig) -> None:
         section = cfg[group]
         _require(isinstance(section, DictConfig) and "name" in section,
                  f"{group}: missing; choose one with {group}=<name> ({', '.join(registry.names())})")
-        registry.check(section.name, params_of(section), provided)  # types too: the rules below compare
+        params = params_of(section)
+        if group == "model":  # every model's own keys (trainer.setup.build_model), not its builder's
+            params = {k: v for k, v in params.items() if k not in ("checkpoint", "freeze")}
+        registry.check(section.name, params, provided)  # types too: the rules below compare
     for key, ok, requirement in RULES:
         value = OmegaConf.select(cfg, key)
         _require(ok(value), f"{key}: must be {requirement}, got {value!r}")

@@ -45,13 +45,15 @@ def plain(section: Any) -> Any:
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: LambdaLR, loaders: Loaders, *,
                  settings: Any, checkpoint: Any, task: Task, device: torch.device, run_dir: Path,
-                 metrics: MetricLog, config: dict[str, Any], ema: WeightAverage | None = None) -> None:
+                 metrics: MetricLog, config: dict[str, Any], ema: WeightAverage | None = None,
+                 freezer: Any = None) -> None:
+        """`freezer` (trainer.finetune.Freezer): which parameters train in each epoch; None: all of them."""
         self.model, self.optimizer, self.scheduler, self.loaders = model, optimizer, scheduler, loaders
         # Plain Python objects: read on every step, and a DictConfig attribute costs microseconds.
         self.settings, self.checkpointing = plain(settings), plain(checkpoint)
         self.device, self.metrics = device, metrics
         self.config = config  # resolved, plain: saved in every checkpoint
-        self.ema, self.run_dir, self.task = ema, run_dir, task
+        self.ema, self.run_dir, self.task, self.freezer = ema, run_dir, task, freezer
         self.checkpointing.monitor, self.checkpointing.mode = resolve_monitor(task, checkpoint.monitor, checkpoint.mode)
         self.checkpoint_dir = run_dir / "checkpoints"
         # Once a checkpoint has landed, the trackers may have the points it covers (MetricLog).
@@ -97,6 +99,8 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         p, accumulate = self.progress, self.settings.accumulate_grad_batches
         self.model.train()
+        if self.freezer is not None:
+            self.freezer.apply(p.epoch)
         self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch)
         # Metrics accumulate on the device; the window covers the batches between two finiteness checks.
         # A resumed epoch's partial sums are the whole job's: rank 0 carries them, the others start at 0.
@@ -263,6 +267,8 @@ class Trainer:
             for size in sorted(sizes):  # a real batch's samples, repeated or cut to each size
                 batch = take(first, torch.arange(size) % self.task.count(first))
                 self.model.train()  # not through forward_backward: the warm-up is not training's time
+                if self.freezer is not None:
+                    self.freezer.apply(self.progress.epoch)
                 self._forward_backward(batch)
                 with torch.no_grad(), autocast(self.device, self.autocast_dtype):
                     self.model.eval()(self.task.inputs(batch))

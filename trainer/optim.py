@@ -21,42 +21,60 @@ log = logging.getLogger("trainer")
 
 
 
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classifier head's parameters: a timm model's get_classifier(), else the last Linear layer."""
+    if hasattr(model, "get_classifier") and isinstance(model.get_classifier(), nn.Module):
+        return list(model.get_classifier().parameters())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool, lr: float,
-                 norm_and_bias_lr_scale: float = 1.0) -> list[dict]:
+                 norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0) -> list[dict]:
+    """Decayed and undecayed groups; with head_lr_scale != 1 the head's two apart, at lr * head_lr_scale
+    (fine-tuning: a new head learns faster than the pretrained body)."""
     if weight_decay < 0:
         raise UserError(f"optimizer.weight_decay: must be 0 or more, got {weight_decay}")
     if norm_and_bias_lr_scale <= 0:
         raise UserError(f"optimizer.norm_and_bias_lr_scale: must be positive, got {norm_and_bias_lr_scale}")
-    decay, no_decay = [], []
+    if head_lr_scale <= 0:
+        raise UserError(f"optimizer.head_lr_scale: must be positive, got {head_lr_scale}")
+    head = {id(p) for p in head_parameters(model)} if head_lr_scale != 1.0 else set()
+    groups: dict[tuple[bool, bool], list] = {(d, h): [] for h in (False, True) for d in (True, False)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # token/position tables
     for p in model.parameters():
         if p.requires_grad:
-            (decay if (p.ndim > 1 and id(p) not in embeddings) or decay_norm_and_bias else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": lr * norm_and_bias_lr_scale}]
+            decays = (p.ndim > 1 and id(p) not in embeddings) or decay_norm_and_bias
+            groups[(decays, id(p) in head)].append(p)
+    built = [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+              "lr": lr * (norm_and_bias_lr_scale if not decays else 1.0) * (head_lr_scale if in_head else 1.0)}
+             for (decays, in_head), params in groups.items()]
+    return built[:2] if not head else [g for g in built if g["params"]]
 
 
 @OPTIMIZERS.register("sgd")
 def sgd(model: nn.Module, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
-        decay_norm_and_bias: bool = False, norm_and_bias_lr_scale: float = 1.0) -> Optimizer:
+        decay_norm_and_bias: bool = False, norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0) -> Optimizer:
     """norm_and_bias_lr_scale: a larger rate for the norms and biases (the speed-record recipes use 64)."""
     if nesterov and momentum <= 0:
         raise UserError("optimizer.nesterov: needs optimizer.momentum > 0; set one or the other")
-    groups = param_groups(model, weight_decay, decay_norm_and_bias, lr, norm_and_bias_lr_scale)
+    groups = param_groups(model, weight_decay, decay_norm_and_bias, lr, norm_and_bias_lr_scale, head_lr_scale)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.05, decay_norm_and_bias: bool = False) -> Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay, decay_norm_and_bias, lr), lr=lr, betas=tuple(betas),
+          weight_decay: float = 0.05, decay_norm_and_bias: bool = False, head_lr_scale: float = 1.0) -> Optimizer:
+    return torch.optim.AdamW(param_groups(model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale),
+                             lr=lr, betas=tuple(betas),
                              eps=eps)
 
 
 @OPTIMIZERS.register("adam")
 def adam(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0, decay_norm_and_bias: bool = False) -> Optimizer:
-    return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias, lr), lr=lr, betas=tuple(betas),
+         weight_decay: float = 0.0, decay_norm_and_bias: bool = False, head_lr_scale: float = 1.0) -> Optimizer:
+    return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale),
+                            lr=lr, betas=tuple(betas),
                             eps=eps)
 
 

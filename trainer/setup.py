@@ -40,9 +40,20 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[DataBundle, Loade
     return bundle, loaders
 
 
+MODEL_KEYS = ("checkpoint", "freeze")  # every model's: where its weights come from, what stays fixed
+
+
 def build_model(cfg: DictConfig) -> nn.Module:
+    """The model, built by its registry entry from the seed, then given model.checkpoint's weights."""
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
-    return MODELS.build(cfg.model.name, **params_of(cfg.model))
+    params = params_of(cfg.model)
+    checkpoint = params.pop("checkpoint", None)
+    params.pop("freeze", None)
+    model = MODELS.build(cfg.model.name, **params)
+    if checkpoint:
+        from trainer.models.pretrained import load_weights_file
+        load_weights_file(model, Path(checkpoint))
+    return model
 
 
 def build_task(cfg: DictConfig, bundle: DataBundle, state: dict[str, Any] | None = None) -> Task:
@@ -82,10 +93,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
         remove_stale_temporaries(run_dir / "checkpoints")
     else:
         metrics = NullMetricLog()  # rank 0 logs the reduced metrics for all
+    freezer = None
+    if cfg.model.get("freeze"):
+        from trainer.finetune import Freezer
+        freezer = Freezer(model, list(cfg.model.freeze), t.unfreeze_at_epoch)
+        if distributed.active() and t.unfreeze_at_epoch:
+            raise UserError("trainer.unfreeze_at_epoch: with several processes DDP fixes the trained parameters when "
+                            "it wraps the model; unfreeze in a resumed run instead (model.freeze=[] on resume)")
+        freezer.apply(0 if state is None else state["progress"]["epoch"])  # before DDP sees which ones train
     stepped = distributed.wrap(model, device, t.sync_batchnorm)  # DDP when several processes
     trainer = Trainer(compile_model(stepped, t.compile_mode) if t.compile else stepped, optimizer, scheduler, loaders,
                       settings=t, checkpoint=ck, task=task, device=device, run_dir=run_dir, metrics=metrics, ema=ema,
-                      config=OmegaConf.to_container(cfg, resolve=True))
+                      config=OmegaConf.to_container(cfg, resolve=True), freezer=freezer)
     if state is not None:
         trainer.load_state_dict(state, reset_optimizer=ck.reset_optimizer, reset_scheduler=ck.reset_scheduler)
     return trainer

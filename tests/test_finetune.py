@@ -1,0 +1,73 @@
+"""Fine-tuning: a timm model from a local weights file (its 1000-class head resized to the dataset's),
+part of it frozen until an epoch, its head at a larger learning rate, tracked in MLflow; killed and
+resumed across the unfreeze, it ends with the weights of the run never interrupted, in one MLflow run.
+Bad input (an unknown architecture, weights of another one, a pattern matching nothing) is one line."""
+import pytest
+import torch
+from conftest import assert_same_training_state, kill_while_saving, refused_in_process, run_trainer
+
+from trainer.checkpoint import load_checkpoint
+
+pytest.importorskip("timm", reason="the timm extra is not installed")
+FROZEN = ["conv1.*", "bn1.*", "layer1.*"]
+
+
+def args_for(weights, database) -> list[str]:
+    return ["model=timm", "model.arch=resnet10t", f"model.checkpoint={weights}", f"model.freeze=[{','.join(FROZEN)}]",
+            "trainer.unfreeze_at_epoch=2", "optimizer.lr=0.02", "optimizer.head_lr_scale=5", "dataset=synthetic",
+            "dataset.train_size=256", "dataset.test_size=32", "loader.batch_size=32", "loader.num_workers=0",
+            "trainer.max_epochs=3", "trainer.progress_bar=false", "checkpoint.every_n_steps=5", "checkpoint.keep_last=10",
+            "export.formats=[]", "logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri=sqlite:///{database}"]
+
+
+def test_fine_tuning_a_timm_model_resumes_exactly_across_the_unfreeze_in_one_mlflow_run(tmp_path):
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    import timm
+    from mlflow.tracking import MlflowClient
+    torch.manual_seed(1)
+    weights = tmp_path / "resnet10t_in1k.pth"  # as a pretrained release is: 1000 classes
+    pretrained = timm.create_model("resnet10t", num_classes=1000).state_dict()
+    torch.save(pretrained, weights)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = run_trainer(*args_for(weights, tmp_path / "straight.db"), f"hydra.run.dir={straight}")
+    assert result.returncode == 0, result.stderr
+    log = (straight / "train.log").read_text()
+    assert "loaded 84 of 86 tensors" in log and "kept new for this dataset's shapes: fc.weight, fc.bias" in log
+    # 8 steps an epoch: at the end of epoch 1 (step 8) the frozen part is the file's, BatchNorm statistics too
+    epoch1 = load_checkpoint(straight / "checkpoints" / "step-000000008.pt")
+    for key in ("conv1.0.weight", "bn1.weight", "bn1.running_mean", "layer1.0.conv1.weight"):
+        assert torch.equal(epoch1["model"][key], pretrained[key]), key
+    assert not torch.equal(epoch1["model"]["layer2.0.conv1.weight"], pretrained["layer2.0.conv1.weight"])
+    final = load_checkpoint(straight / "checkpoints" / "last.pt")
+    assert not torch.equal(final["model"]["conv1.0.weight"], pretrained["conv1.0.weight"])  # trained from epoch 2
+    rates = sorted({group["initial_lr"] for group in final["optimizer"]["param_groups"]})
+    assert rates == pytest.approx([0.02, 0.1])  # the head at 5x
+    # Killed while saving step 10 (epoch 2): resumed from step 8, frozen, into the unfreeze.
+    kill_while_saving(killed, args_for(weights, tmp_path / "killed.db"), 10)
+    assert load_checkpoint(killed / "checkpoints" / "last.pt")["progress"]["step"] == 8
+    resumed = run_trainer(*args_for(weights, tmp_path / "killed.db"), f"hydra.run.dir={killed}", f"resume={killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training_state(straight, killed)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'killed.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("trainer").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/acc")]
+    assert sorted(steps) == [8, 16, 24]  # one continuous run, each epoch once
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("timm typo", "model.arch: 'resnet1o' is not a timm model; did you mean"),
+    ("torchvision typo", "model.arch: 'resnet1800' is not a torchvision classification model; did you mean resnet18"),
+    ("another architecture", "model.checkpoint: none of"),
+    ("no such parameter", "model.freeze: no parameter matches ['head.*']; the names look like"),
+])
+def test_bad_fine_tuning_input_is_one_line(tmp_path, monkeypatch, capsys, case, needle):
+    from trainer.models.small import cnn
+    torch.save(cnn(10, 3, width=8).state_dict(), tmp_path / "cnn.pt")
+    model = {"timm typo": ["model=timm", "model.arch=resnet1o"],
+             "torchvision typo": ["model=torchvision", "model.arch=resnet1800"],
+             "another architecture": ["model=timm", "model.arch=resnet10t", f"model.checkpoint={tmp_path / 'cnn.pt'}"],
+             "no such parameter": ["model=cnn", "model.width=8", "model.freeze=[head.*]"]}[case]
+    code, err = refused_in_process(monkeypatch, capsys, *model, "dataset=synthetic", "dataset.train_size=64",
+                                   "loader.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and needle in err and err.count("\n") == 1, err

@@ -1,0 +1,38 @@
+"""`model=timm`: any timm model (the `timm` extra), untrained or with its pretrained weights through
+timm's own download and cache (the Hugging Face hub cache), its head sized to the dataset's classes."""
+import difflib
+import os
+from pathlib import Path
+
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.registry import MODELS
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise UserError('model=timm: needs timm, which is not installed: pip install -e ".[timm]"') from None
+    return timm
+
+
+@MODELS.register("timm")
+def timm_model(num_classes: int, arch: str, pretrained: bool = False, in_channels: int = 3,
+               drop_rate: float = 0.0) -> nn.Module:
+    timm = _timm()
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.5)
+        raise UserError(f"model.arch: '{arch}' is not a timm model; "
+                        + (f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"))
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels,
+                                 drop_rate=drop_rate)
+    except Exception as e:  # noqa: BLE001 - offline with an empty cache, a hub error: one line, exit 2
+        if not pretrained:
+            raise
+        cache = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+        raise UserError(f"model.pretrained: cannot get {arch}'s weights ({type(e).__name__}); offline, fill the cache "
+                        f"{cache} on a machine with network (or set HF_HUB_CACHE), or give a local file with "
+                        f"model.pretrained=false model.checkpoint=<weights.pth|.safetensors>") from None
