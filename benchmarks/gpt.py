@@ -89,10 +89,10 @@ def build(args: argparse.Namespace, corpus: Path, folder: Path, workers: int = 0
                  f"trainer.limit_train_batches={args.steps}", "trainer.progress_bar=false", "trainer.device=cpu",
                  f"seed={args.seed}"]
     trainer, bundle, cfg = build_ours(overrides, folder / "run")
-    from trainer.config import params_of
+    from trainer.config import model_params
     from trainer.registry import MODELS
     torch.manual_seed(args.seed)
-    theirs = MODELS.build("gpt", **params_of(cfg.model))
+    theirs = MODELS.build("gpt", **model_params(cfg.model))
     tokens = np.memmap(bundle.train.path, dtype=bundle.train.dtype, mode="r")[:bundle.train.stop]
     return trainer, OneFileLoop(theirs, tokens, args.batch_size, args.block_size), bundle.val
 

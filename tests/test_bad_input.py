@@ -15,7 +15,7 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("args,needle", [
     (["model=resnte"], "model=resnte: no such option; choose one of cnn, fastnet, gpt, mlp, resnet, text_encoder, "
-                       "torchvision, tvseg, unet"),
+                       "timm, torchvision, tvseg, unet"),
     (["task=segmentaton"], "task=segmentaton: no such option; choose one of classification, language_model, "
                            "multilabel, regression, segmentation"),
     (["task=segmentation"], "task=segmentation: dataset=synthetic holds single-class targets, but segmentation needs "

@@ -15,7 +15,7 @@ from conftest import assert_same_training_state, kill_while_saving, run_trainer
 from PIL import Image
 
 from trainer.checkpoint import load_checkpoint
-from trainer.config import params_of
+from trainer.config import model_params, params_of
 from trainer.evaluate import evaluate_run
 from trainer.inference import Predictor
 from trainer.registry import MODELS, TASKS
@@ -77,7 +77,7 @@ def eager_model(run_dir: Path) -> tuple[torch.nn.Module, object]:
     task = TASKS.build(cfg.task.name, **params_of(cfg.task))
     task.classes = Predictor(run_dir).classes
     task.load_state_dict(state["task"])
-    model = MODELS.build(cfg.model.name, **params_of(cfg.model))
+    model = MODELS.build(cfg.model.name, **model_params(cfg.model))
     model.load_state_dict(state["model"])
     return task.exported(task.evaluated(model)).eval(), task
 

@@ -234,9 +234,7 @@ def validate(cfg: DictConfig) -> None:
         section = cfg[group]
         _require(isinstance(section, DictConfig) and "name" in section,
                  f"{group}: missing; choose one with {group}=<name> ({', '.join(registry.names())})")
-        params = params_of(section)
-        if group == "model":  # every model's own keys (trainer.setup.build_model), not its builder's
-            params = {k: v for k, v in params.items() if k not in ("checkpoint", "freeze")}
+        params = model_params(section) if group == "model" else params_of(section)
         registry.check(section.name, params, provided)  # types too: the rules below compare
     for key, ok, requirement in RULES:
         value = OmegaConf.select(cfg, key)
@@ -274,6 +272,13 @@ def params_of(section: DictConfig) -> dict[str, Any]:
     params = OmegaConf.to_container(section, resolve=True)
     params.pop("name")
     return params
+
+
+
+def model_params(section: DictConfig) -> dict[str, Any]:
+    """The model builder's parameters (registry.builder_params of the resolved model section)."""
+    from trainer.registry import builder_params
+    return builder_params(OmegaConf.to_container(section, resolve=True))
 
 
 def upgrade_legacy(config: dict[str, Any]) -> dict[str, Any]:

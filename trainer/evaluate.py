@@ -29,7 +29,7 @@ def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, 
     state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
     bundle, loaders = build_data(cfg, device)
     task = build_task(cfg, bundle, state)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, initial_weights=False).to(device)  # the run's own weights are loaded next
     # What the run tested: the weights' EMA when it kept one (the same architecture), under its TTA.
     unwrap(model).load_state_dict(state.get("ema") or state["model"])
     found = evaluate_model(task.evaluated(model), loaders.test, device, AUTOCAST_DTYPES[str(cfg.trainer.precision)],

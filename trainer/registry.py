@@ -97,6 +97,15 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+MODEL_KEYS = ("checkpoint", "freeze")  # every model's own: where its first weights come from, what stays fixed
+
+
+def builder_params(model_section: Mapping[str, Any]) -> dict[str, Any]:
+    """A model section (plain: a config's, or a run's saved one) as its builder's parameters: without
+    its name and the keys every model has (trainer.setup.build_model reads those)."""
+    return {k: v for k, v in model_section.items() if k not in ("name", *MODEL_KEYS)}
+
+
 MODELS: Registry = Registry("model", builtins="trainer.models")
 DATASETS: Registry = Registry("dataset", builtins="trainer.data")
 OPTIMIZERS: Registry = Registry("optimizer", builtins="trainer.optim")

@@ -9,7 +9,7 @@ from torch import nn
 
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
-from trainer.config import params_of, upgrade_legacy
+from trainer.config import model_params, params_of, upgrade_legacy
 from trainer.data import DATASETS, DataBundle, Loaders, build_loaders
 from trainer.errors import UserError
 from trainer.metrics import MetricLog, NullMetricLog
@@ -40,17 +40,14 @@ def build_data(cfg: DictConfig, device: torch.device) -> tuple[DataBundle, Loade
     return bundle, loaders
 
 
-MODEL_KEYS = ("checkpoint", "freeze")  # every model's: where its weights come from, what stays fixed
-
-
-def build_model(cfg: DictConfig) -> nn.Module:
-    """The model, built by its registry entry from the seed, then given model.checkpoint's weights."""
+def build_model(cfg: DictConfig, initial_weights: bool = True) -> nn.Module:
+    """The model, built by its registry entry from the seed, then given model.checkpoint's weights
+    (unless `initial_weights` is false: a resumed or evaluated run's own weights replace them anyway,
+    and the file need not be there any more)."""
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
-    params = params_of(cfg.model)
-    checkpoint = params.pop("checkpoint", None)
-    params.pop("freeze", None)
-    model = MODELS.build(cfg.model.name, **params)
-    if checkpoint:
+    model = MODELS.build(cfg.model.name, **model_params(cfg.model))
+    checkpoint = cfg.model.get("checkpoint")
+    if checkpoint and initial_weights:
         from trainer.models.pretrained import load_weights_file
         load_weights_file(model, Path(checkpoint))
     return model
@@ -76,7 +73,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
     configure_backends(device, t.cudnn_benchmark, str(t.precision), t.threads)
     # On the device before the optimizer sees the parameters, so it can pick the device's kernels. The
     # memory format only when asked: it inspects every parameter, which lazy modules cannot answer yet.
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, initial_weights=state is None).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = OPTIMIZERS.build(cfg.optimizer.name, model=model, **params_of(cfg.optimizer))

@@ -56,7 +56,7 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, *, temperatu
 
 def load_run(run: Path, checkpoint: str) -> tuple[nn.Module, Tokenizer]:
     """(model, tokenizer) of a language-model run: its config and weights, its tokenizer folder."""
-    from trainer.registry import MODELS
+    from trainer.registry import MODELS, builder_params
     if checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint: '{checkpoint}' is not one of best, last")
     path = run / "checkpoints" / f"{checkpoint}.pt"
@@ -68,7 +68,7 @@ def load_run(run: Path, checkpoint: str) -> tuple[nn.Module, Tokenizer]:
         raise UserError(f"run: {run} is a task={task} run; generate needs a task=language_model run")
     import_user_modules(list(config.get("imports", [])))
     state = load_checkpoint(path)
-    model = MODELS.build(config["model"]["name"], **{k: v for k, v in config["model"].items() if k != "name"})
+    model = MODELS.build(config["model"]["name"], **builder_params(config["model"]))
     model.load_state_dict(state.get("ema") or state["model"])
     spec = json.loads((run / "tokenizer" / "tokenizer_spec.json").read_text())
     return model.eval(), load_tokenizer(spec, run / "tokenizer")
