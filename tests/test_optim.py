@@ -76,3 +76,19 @@ def test_batch_mix_builds_mixup_cutmix_or_nothing():
         assert torch.equal(mixed, again)  # drawn from the global generator, which checkpoints restore
         assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
         assert not torch.equal(mixed, images) and (targets.max(1).values < 1).any()  # pairs really mixed
+
+
+def test_head_lr_scale_puts_the_last_linear_layer_apart_and_leaves_the_groups_alone_at_1():
+    from trainer.errors import UserError
+    from trainer.optim import param_groups
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    plain = param_groups(model, 0.1, False, lr=0.5)
+    assert [len(g["params"]) for g in plain] == [2, 2] and [g["lr"] for g in plain] == [0.5, 0.5]
+    scaled = param_groups(model, 0.1, False, lr=0.5, head_lr_scale=10)
+    head = {id(p) for p in model[2].parameters()}
+    rates = {id(p): (g["lr"], g["weight_decay"]) for g in scaled for p in g["params"]}
+    assert all(rates[id(p)][0] == (5.0 if id(p) in head else 0.5) for p in model.parameters())
+    assert rates[id(model[2].weight)][1] == 0.1 and rates[id(model[2].bias)][1] == 0.0  # decay as before
+    with pytest.raises(UserError, match="optimizer.head_lr_scale: Sequential has no classifier head"):
+        param_groups(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), 0.1, False, lr=0.5, head_lr_scale=2)

@@ -40,6 +40,9 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     if head_lr_scale <= 0:
         raise UserError(f"optimizer.head_lr_scale: must be positive, got {head_lr_scale}")
     head = {id(p) for p in head_parameters(model)} if head_lr_scale != 1.0 else set()
+    if head_lr_scale != 1.0 and not head:
+        raise UserError(f"optimizer.head_lr_scale: {type(model).__name__} has no classifier head (no get_classifier(), "
+                        f"no Linear layer); leave optimizer.head_lr_scale at 1")
     groups: dict[tuple[bool, bool], list] = {(d, h): [] for h in (False, True) for d in (True, False)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # token/position tables
     for p in model.parameters():
