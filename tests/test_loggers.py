@@ -156,3 +156,13 @@ def test_a_tracker_that_is_not_installed_or_unknown_is_one_line(monkeypatch, cap
     assert code == 2 and "logger=neptune: no such option; choose from csv, mlflow, tensorboard, wandb" in err
     code, err = refused_in_process(monkeypatch, capsys, "+logger.csv.colour=red")
     assert code == 2 and "logger.colour: not a parameter of logger 'csv'" in err
+
+
+def test_the_csv_drops_what_a_killed_run_wrote_after_its_checkpoint(tmp_path):
+    from trainer.loggers.csv_file import CSVFile
+    first = CSVFile(tmp_path, None, {}, {})
+    first.write({"val/acc": 0.5}, 10)
+    first.write({"val/acc": 0.6, "lr": 0.1}, 20)  # then killed; the newest checkpoint is step 10's
+    resumed = CSVFile(tmp_path, 10, {}, {})
+    resumed.write({"val/acc": 0.7, "lr": 0.1}, 20)
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,val/acc,lr", "10,0.5,", "20,0.7,0.1"]

@@ -85,23 +85,24 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
         state["progress"].get("schedule_start", 0)
     scheduler = SCHEDULERS.build(cfg.scheduler.name, optimizer=optimizer, total_steps=total_steps - schedule_start,
                                  steps_per_epoch=steps_per_epoch, **params_of(cfg.scheduler))
-    if distributed.is_main():
-        metrics = build_metric_log(cfg, run_dir, state)
-        remove_stale_temporaries(run_dir / "checkpoints")
-    else:
-        metrics = NullMetricLog()  # rank 0 logs the reduced metrics for all
     freezer = None
-    if cfg.model.get("freeze"):
+    if cfg.model.get("freeze"):  # checked before a tracker opens a run for a run that is refused
         from trainer.finetune import Freezer
         freezer = Freezer(model, list(cfg.model.freeze), t.unfreeze_at_epoch)
         if distributed.active() and t.unfreeze_at_epoch:
             raise UserError("trainer.unfreeze_at_epoch: with several processes DDP fixes the trained parameters when "
                             "it wraps the model; unfreeze in a resumed run instead (model.freeze=[] on resume)")
         freezer.apply(0 if state is None else state["progress"]["epoch"])  # before DDP sees which ones train
+    config = OmegaConf.to_container(cfg, resolve=True)  # plain: in every checkpoint, and the trackers' parameters
+    if distributed.is_main():
+        metrics = build_metric_log(cfg, config, run_dir, state)
+        remove_stale_temporaries(run_dir / "checkpoints")
+    else:
+        metrics = NullMetricLog()  # rank 0 logs the reduced metrics for all
     stepped = distributed.wrap(model, device, t.sync_batchnorm)  # DDP when several processes
     trainer = Trainer(compile_model(stepped, t.compile_mode) if t.compile else stepped, optimizer, scheduler, loaders,
                       settings=t, checkpoint=ck, task=task, device=device, run_dir=run_dir, metrics=metrics, ema=ema,
-                      config=OmegaConf.to_container(cfg, resolve=True), freezer=freezer)
+                      config=config, freezer=freezer)
     if state is not None:
         trainer.load_state_dict(state, reset_optimizer=ck.reset_optimizer, reset_scheduler=ck.reset_scheduler)
     return trainer
@@ -113,12 +114,11 @@ def logger_names(cfg: DictConfig) -> list[str]:
     return list(section.keys()) if section else ["tensorboard"]
 
 
-def build_metric_log(cfg: DictConfig, run_dir: Path, state: dict[str, Any] | None) -> MetricLog:
+def build_metric_log(cfg: DictConfig, config: dict[str, Any], run_dir: Path, state: dict[str, Any] | None) -> MetricLog:
     """The loggers, each told where a resumed run stands: what it drops (a rewinding one) or which
     tracked run it continues (a tracker, from the checkpoint)."""
     saved = (state or {}).get("loggers") or {}
     resume_step = None if state is None else state["progress"]["step"]
-    config = OmegaConf.to_container(cfg, resolve=True)
     loggers = []
     for name in logger_names(cfg):
         options = OmegaConf.to_container(cfg.logger[name], resolve=True) if cfg.get("logger") else {}
