@@ -113,3 +113,13 @@ def test_a_regression_column_a_row_lacks_names_the_file_and_row(monkeypatch, cap
     code, err = _main_exit(monkeypatch, capsys, tmp_path, "task=regression", "dataset=manifest", f"dataset.root={root}",
                            "dataset.targets=[age,height]", "dataset.val_split=0.5", "model=cnn")
     assert code == 2 and f"dataset.targets: {root / 'train.csv'} row 1 has no 'height' (it has age)" in err, err
+
+
+def test_an_optional_library_that_is_not_installed_names_its_extra():
+    """The one helper every optional extra goes through (timm, tokenizers, the trackers, serve's aiohttp)."""
+    from trainer.errors import UserError, require
+    with pytest.raises(UserError) as refused:
+        require("no_such_library_here", "model=timm", "timm", hint="or choose another model")
+    assert str(refused.value) == ('model=timm: needs no_such_library_here, which is not installed: '
+                                  'pip install -e ".[timm]" (or choose another model)')
+    assert require("json", "anything", "none").dumps([1]) == "[1]"

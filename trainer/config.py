@@ -252,9 +252,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_loggers(cfg: DictConfig) -> None:
     """Each logger's options, and its client library installed, before any data is read."""
-    import importlib.util
-
-    from trainer.loggers.base import missing
+    from trainer.loggers.base import needs_library
     from trainer.registry import LOGGERS
     section = cfg.get("logger")
     for name in (section.keys() if section else []):
@@ -263,8 +261,8 @@ def _check_loggers(cfg: DictConfig) -> None:
                  f"logger.{name}: must be a mapping of options, got {options!r}")
         LOGGERS.check(str(name), OmegaConf.to_container(options, resolve=True) if options else {},
                       ("run_dir", "resume_step", "state", "config"))
-        needs = LOGGERS.get(str(name)).needs
-        _require(needs is None or importlib.util.find_spec(needs[0]) is not None, missing(str(name), *needs or ("", "")))
+        problem = needs_library(LOGGERS.get(str(name)))
+        _require(problem is None, problem or "")
 
 
 def params_of(section: DictConfig) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 
 from trainer.cli import exit_codes
-from trainer.errors import UserError
+from trainer.errors import UserError, require
 from trainer.images import DEFAULT_MAX_PIXELS
 from trainer.inference import Predictor
 
@@ -248,10 +248,7 @@ async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
     with exit_codes():
-        try:
-            import aiohttp  # noqa: F401
-        except ImportError:
-            raise UserError('serve: needs aiohttp: pip install -e ".[serve]"') from None
+        require("aiohttp", "serve", "serve")
         cfg = OmegaConf.merge(OmegaConf.structured(ServeConfig), OmegaConf.from_dotlist(argv or sys.argv[1:]))
         if OmegaConf.is_missing(cfg, "run"):
             raise UserError("run: missing; usage: python -m trainer.serve run=<run dir> [serve.port=8000]")

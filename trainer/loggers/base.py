@@ -1,10 +1,9 @@
 """The one small interface every logger keeps (see trainer.metrics.MetricLog for when each is called)."""
-import importlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from trainer.errors import UserError
+from trainer.errors import not_installed, require
 
 
 class Logger:
@@ -39,17 +38,19 @@ class Logger:
         """`finished`: the run completed (else it stopped on a signal or an error, to be resumed)."""
 
 
-def missing(logger: str, module: str, extra: str) -> str:
-    return (f"logger={logger}: needs {module}, which is not installed: pip install -e \".[{extra}]\" "
-            f"(or leave {logger} out of logger=[...])")
+def needs_library(logger: "type[Logger]") -> str | None:
+    """Why `logger` cannot run here (its client library is not installed), or None."""
+    import importlib.util
+    if logger.needs is None or importlib.util.find_spec(logger.needs[0]) is not None:
+        return None
+    return not_installed(f"logger={logger.name}", *logger.needs, hint=f"or leave {logger.name} out of logger=[...]")
 
 
-def require(module: str, logger: str, extra: str) -> ModuleType:
-    """The tracker's client library, or a one-line error naming the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(missing(logger, module, extra)) from None
+def require_library(logger: "type[Logger]") -> ModuleType:
+    """The logger's client library, imported, or a one-line error naming the extra to install."""
+    assert logger.needs is not None
+    return require(logger.needs[0], f"logger={logger.name}", logger.needs[1],
+                   hint=f"or leave {logger.name} out of logger=[...]")
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.loggers.base import Logger, flatten, require
+from trainer.loggers.base import Logger, flatten, require_library
 from trainer.registry import LOGGERS
 
 log = logging.getLogger("trainer")
@@ -19,7 +19,7 @@ class MLflow(Logger):
     def __init__(self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any],
                  tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "trainer", run_name: str | None = None,
                  artifacts: bool = False) -> None:
-        require("mlflow", "mlflow", "mlflow")
+        require_library(MLflow)
         from mlflow.entities import Param, RunStatus
         from mlflow.tracking import MlflowClient
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database migrations talk at INFO

@@ -6,7 +6,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from trainer.loggers.base import Logger, require
+from trainer.loggers.base import Logger, require_library
 from trainer.registry import LOGGERS
 
 
@@ -17,7 +17,7 @@ class WandB(Logger):
     def __init__(self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any],
                  project: str = "trainer", entity: str | None = None, mode: str = "offline", name: str | None = None,
                  artifacts: bool = False) -> None:
-        wandb = require("wandb", "wandb", "wandb")
+        wandb = require_library(WandB)
         self.keep_artifacts = artifacts
         self.id = state.get("id") or secrets.token_hex(4)  # W&B ids: 8 of [a-z0-9]
         os.environ.setdefault("WANDB_SILENT", "true")  # its banner would interleave with our log

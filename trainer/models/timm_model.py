@@ -6,22 +6,14 @@ from pathlib import Path
 
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.errors import UserError, require
 from trainer.registry import MODELS
-
-
-def _timm():
-    try:
-        import timm
-    except ImportError:
-        raise UserError('model=timm: needs timm, which is not installed: pip install -e ".[timm]"') from None
-    return timm
 
 
 @MODELS.register("timm")
 def timm_model(num_classes: int, arch: str, pretrained: bool = False, in_channels: int = 3,
                drop_rate: float = 0.0) -> nn.Module:
-    timm = _timm()
+    timm = require("timm", "model=timm", "timm")
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.5)
         raise UserError(f"model.arch: '{arch}' is not a timm model; "

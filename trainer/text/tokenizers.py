@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from trainer.errors import UserError
+from trainer.errors import UserError, require
 
 
 class Tokenizer(Protocol):
@@ -36,11 +36,7 @@ class ByteTokenizer:
 
 
 def _hf():
-    try:
-        import tokenizers
-    except ImportError:
-        raise UserError('tokenizer=bpe: needs Hugging Face tokenizers: pip install -e ".[text]"') from None
-    return tokenizers
+    return require("tokenizers", "tokenizer=bpe", "text")
 
 
 class BPETokenizer:
