@@ -61,7 +61,8 @@ def test_every_logger_gets_every_step_once_across_a_stop_and_resume(tmp_path):
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     run_dir, database = tmp_path / "run", tmp_path / "mlflow.db"
     args = [*ARGS, "logger=[tensorboard,csv,mlflow,wandb]", f"logger.mlflow.tracking_uri=sqlite:///{database}",
-            "logger.mlflow.artifacts=true", f"hydra.run.dir={run_dir}"]
+            "logger.mlflow.artifacts=true", f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}",
+            f"hydra.run.dir={run_dir}"]
     process = start_trainer(*args)
     log = run_dir / "train.log"
     while not (log.is_file() and "epoch 1 |" in log.read_text()):
@@ -97,6 +98,7 @@ def test_every_logger_gets_every_step_once_across_a_stop_and_resume(tmp_path):
         assert [v for _, v in history] == pytest.approx([v for _, v in expected], rel=1e-9), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"checkpoints", "export"}
+    assert list((tmp_path / "artifacts").rglob("best.pt"))  # where the experiment was told to keep them
 
     ids, files = wandb_history(run_dir)
     assert len(ids) == 1 and len(files) == 2  # one W&B run, written by two processes

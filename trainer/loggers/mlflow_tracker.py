@@ -18,7 +18,7 @@ class MLflow(Logger):
 
     def __init__(self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any],
                  tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "trainer", run_name: str | None = None,
-                 artifacts: bool = False) -> None:
+                 artifacts: bool = False, artifact_location: str | None = None) -> None:
         require_library(MLflow)
         from mlflow.entities import Param, RunStatus
         from mlflow.tracking import MlflowClient
@@ -30,7 +30,8 @@ class MLflow(Logger):
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=artifact_location)  # None: MLflow's own, ./mlruns in the working directory
         self.run_id = self.client.create_run(experiment_id, run_name=run_name or run_dir.name,
                                              tags={"run_dir": str(run_dir.resolve())}).info.run_id
         params = [Param(key, str(value)[:6000]) for key, value in flatten(config).items()]
