@@ -92,3 +92,34 @@ def test_head_lr_scale_puts_the_last_linear_layer_apart_and_leaves_the_groups_al
     assert rates[id(model[2].weight)][1] == 0.1 and rates[id(model[2].bias)][1] == 0.0  # decay as before
     with pytest.raises(UserError, match="optimizer.head_lr_scale: Sequential has no classifier head"):
         param_groups(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), 0.1, False, lr=0.5, head_lr_scale=2)
+
+
+def test_layer_decay_scales_each_block_below_the_head_and_keeps_the_weight_decay_split():
+    from trainer.errors import UserError
+    from trainer.optim import param_groups
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    groups = param_groups(model, 0.1, False, lr=1.0, layer_decay=0.5)
+    rates = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert [rates[id(p)][0] for p in model.parameters()] == [0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
+    assert [rates[id(p)][1] for p in model.parameters()] == [0.1, 0.0] * 3
+    assert groups[0]["lr"] == 1.0  # the groups at lr first: the logged rate is the configured one
+    both = param_groups(model, 0.1, False, lr=1.0, layer_decay=0.5, head_lr_scale=10)
+    assert {g["lr"] for g in both for p in g["params"] if p is model[4].weight} == {10.0}
+    with pytest.raises(UserError, match=r"optimizer.layer_decay: must be in \(0, 1\]"):
+        param_groups(model, 0.1, False, lr=1.0, layer_decay=1.5)
+
+
+def test_layer_decay_on_a_timm_model_follows_timms_own_grouping():
+    timm = pytest.importorskip("timm")
+    from timm.models import group_parameters
+    from trainer.optim import param_groups
+    model = timm.create_model("resnet18", num_classes=3)
+    groups = param_groups(model, 0.0, False, lr=1.0, layer_decay=0.8)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    layers = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    deepest = max(layers.values())
+    for name, p in model.named_parameters():
+        assert rate[id(p)] == pytest.approx(0.8 ** (deepest - layers[name]))
+    assert rate[id(model.conv1.weight)] < rate[id(model.layer4[1].conv2.weight)] < rate[id(model.fc.weight)] == 1.0

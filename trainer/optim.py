@@ -20,7 +20,6 @@ from trainer.registry import OPTIMIZERS, SCHEDULERS
 log = logging.getLogger("trainer")
 
 
-
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The classifier head's parameters: a timm model's get_classifier(), else the last Linear layer."""
     if hasattr(model, "get_classifier") and isinstance(model.get_classifier(), nn.Module):
@@ -29,54 +28,103 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(linears[-1].parameters()) if linears else []
 
 
+def layer_depths(model: nn.Module) -> dict[str, int]:
+    """Each parameter's depth for layer-wise decay: 0 for the stem (and parameters of the model itself,
+    e.g. position embeddings), one more per block, the head deepest. A timm model's own grouping
+    (`group_matcher`, the one timm's fine-tuning uses); else the model's children in order, with a
+    Sequential or ModuleList (ResNet's stages, a transformer's blocks) counted block by block."""
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+        return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    blocks: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, (nn.Sequential, nn.ModuleList)):
+                walk(child, f"{prefix}{name}.")
+            else:
+                blocks.append(f"{prefix}{name}.")
+    walk(model, "")
+    depths, order = {}, {}
+    for name, _ in model.named_parameters():
+        block = max((b for b in blocks if name.startswith(b)), key=len, default="")
+        if block:
+            order.setdefault(block, len(order) + 1)
+        depths[name] = order[block] if block else 0
+    params = dict(model.named_parameters())
+    head = {id(p) for p in head_parameters(model)}
+    body = [d for name, d in depths.items() if id(params[name]) not in head]
+    head_depth = max(body, default=0) + 1  # one past the body, however the head was registered
+    return {name: head_depth if id(params[name]) in head else d for name, d in depths.items()}
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool, lr: float,
-                 norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0) -> list[dict]:
-    """Decayed and undecayed groups; with head_lr_scale != 1 the head's two apart, at lr * head_lr_scale
-    (fine-tuning: a new head learns faster than the pretrained body)."""
+                 norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """Decayed and undecayed groups, each at its own rate: lr times norm_and_bias_lr_scale for the
+    undecayed, times head_lr_scale for the classifier head (fine-tuning: a new head learns faster than
+    the pretrained body), times layer_decay ** (head's depth - depth) below the head (layer-wise decay,
+    as BEiT and timm fine-tune: the stem, the most general features, moves least). Groups at lr first."""
     if weight_decay < 0:
         raise UserError(f"optimizer.weight_decay: must be 0 or more, got {weight_decay}")
     if norm_and_bias_lr_scale <= 0:
         raise UserError(f"optimizer.norm_and_bias_lr_scale: must be positive, got {norm_and_bias_lr_scale}")
     if head_lr_scale <= 0:
         raise UserError(f"optimizer.head_lr_scale: must be positive, got {head_lr_scale}")
+    if not 0 < layer_decay <= 1:
+        raise UserError(f"optimizer.layer_decay: must be in (0, 1] (1: off; fine-tuning uses 0.65 to 0.85), "
+                        f"got {layer_decay}")
     head = {id(p) for p in head_parameters(model)} if head_lr_scale != 1.0 else set()
     if head_lr_scale != 1.0 and not head:
         raise UserError(f"optimizer.head_lr_scale: {type(model).__name__} has no classifier head (no get_classifier(), "
                         f"no Linear layer); leave optimizer.head_lr_scale at 1")
-    groups: dict[tuple[bool, bool], list] = {(d, h): [] for h in (False, True) for d in (True, False)}
+    depths = layer_depths(model) if layer_decay != 1.0 else {}
+    deepest = max(depths.values(), default=0)
+    if layer_decay != 1.0:
+        log.info("optimizer.layer_decay: %d layers, from lr * %.3g (the first) to lr (the head)", deepest + 1,
+                 layer_decay ** deepest)
+    # The two plain groups always exist (empty or not), so a checkpoint's groups line up on resume.
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, norm_and_bias_lr_scale): []}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # token/position tables
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
             decays = (p.ndim > 1 and id(p) not in embeddings) or decay_norm_and_bias
-            groups[(decays, id(p) in head)].append(p)
-    built = [{"params": params, "weight_decay": weight_decay if decays else 0.0,
-              "lr": lr * (norm_and_bias_lr_scale if not decays else 1.0) * (head_lr_scale if in_head else 1.0)}
-             for (decays, in_head), params in groups.items()]
-    return built[:2] if not head else [g for g in built if g["params"]]
+            scale = (1.0 if decays else norm_and_bias_lr_scale) * (head_lr_scale if id(p) in head else 1.0) \
+                * layer_decay ** (deepest - depths.get(name, deepest))
+            groups.setdefault((decays, scale), []).append(p)
+    built = [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+             for (decays, scale), params in groups.items()]
+    return [g for g in built if g["lr"] == lr] + [g for g in built if g["lr"] != lr]
 
 
 @OPTIMIZERS.register("sgd")
 def sgd(model: nn.Module, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
-        decay_norm_and_bias: bool = False, norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0) -> Optimizer:
+        decay_norm_and_bias: bool = False, norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0,
+        layer_decay: float = 1.0) -> Optimizer:
     """norm_and_bias_lr_scale: a larger rate for the norms and biases (the speed-record recipes use 64)."""
     if nesterov and momentum <= 0:
         raise UserError("optimizer.nesterov: needs optimizer.momentum > 0; set one or the other")
-    groups = param_groups(model, weight_decay, decay_norm_and_bias, lr, norm_and_bias_lr_scale, head_lr_scale)
+    groups = param_groups(model, weight_decay, decay_norm_and_bias, lr, norm_and_bias_lr_scale, head_lr_scale,
+                          layer_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.05, decay_norm_and_bias: bool = False, head_lr_scale: float = 1.0) -> Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale),
+          weight_decay: float = 0.05, decay_norm_and_bias: bool = False, head_lr_scale: float = 1.0,
+          layer_decay: float = 1.0) -> Optimizer:
+    return torch.optim.AdamW(param_groups(model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale,
+                                          layer_decay=layer_decay),
                              lr=lr, betas=tuple(betas),
                              eps=eps)
 
 
 @OPTIMIZERS.register("adam")
 def adam(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0, decay_norm_and_bias: bool = False, head_lr_scale: float = 1.0) -> Optimizer:
-    return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale),
+         weight_decay: float = 0.0, decay_norm_and_bias: bool = False, head_lr_scale: float = 1.0,
+         layer_decay: float = 1.0) -> Optimizer:
+    return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale,
+                                          layer_decay=layer_decay),
                             lr=lr, betas=tuple(betas),
                             eps=eps)
 
