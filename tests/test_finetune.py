@@ -15,7 +15,7 @@ FROZEN = ["conv1.*", "bn1.*", "layer1.*"]
 def args_for(weights, database) -> list[str]:
     return ["model=timm", "model.arch=resnet10t", f"model.checkpoint={weights}", f"model.freeze=[{','.join(FROZEN)}]",
             "trainer.unfreeze_at_epoch=2", "optimizer.lr=0.02", "optimizer.head_lr_scale=5", "dataset=synthetic",
-            "dataset.train_size=256", "dataset.test_size=32", "loader.batch_size=32", "loader.num_workers=0",
+            "dataset.train_size=256", "dataset.test_size=32", "dataset.image_size=32", "loader.batch_size=32", "loader.num_workers=0",
             "trainer.max_epochs=3", "trainer.progress_bar=false", "checkpoint.every_n_steps=5", "checkpoint.keep_last=10",
             "export.formats=[]", "logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri=sqlite:///{database}"]
 
@@ -33,6 +33,9 @@ def test_fine_tuning_a_timm_model_resumes_exactly_across_the_unfreeze_in_one_mlf
     assert result.returncode == 0, result.stderr
     log = (straight / "train.log").read_text()
     assert "loaded 84 of 86 tensors" in log and "kept new for this dataset's shapes: fc.weight, fc.bias" in log
+    # the weights' normalisation (timm's pretrained config); the image size given on the command line kept
+    assert "model.data_config: dataset.mean=[0.485, 0.456, 0.406] dataset.std=[0.229, 0.224, 0.225], as" in log
+    assert load_checkpoint(straight / "checkpoints" / "last.pt")["config"]["dataset"]["image_size"] == 32
     # 8 steps an epoch: at the end of epoch 1 (step 8) the frozen part is the file's, BatchNorm statistics too
     epoch1 = load_checkpoint(straight / "checkpoints" / "step-000000008.pt")
     for key in ("conv1.0.weight", "bn1.weight", "bn1.running_mean", "layer1.0.conv1.weight"):
@@ -71,3 +74,21 @@ def test_bad_fine_tuning_input_is_one_line(tmp_path, monkeypatch, capsys, case, 
     code, err = refused_in_process(monkeypatch, capsys, *model, "dataset=synthetic", "dataset.train_size=64",
                                    "loader.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_preprocessing_follows_pretrained_weights_unless_given(compose_cfg):
+    from trainer.models.pretrained import follow_data_config
+    cfg = compose_cfg("model=torchvision", "model.arch=resnet18", "model.weights=IMAGENET1K_V1", "dataset=synthetic")
+    follow_data_config(cfg, {"model.weights"})
+    assert list(cfg.dataset.mean) == [0.485, 0.456, 0.406] and list(cfg.dataset.std) == [0.229, 0.224, 0.225]
+    assert cfg.dataset.image_size == 224 and cfg.dataset.augment[0]["size"] == 224  # the random crop follows
+    given = compose_cfg("model=timm", "model.arch=resnet10t", "model.pretrained=true", "dataset=synthetic",
+                        "dataset.image_size=64", "dataset.mean=[0.5,0.5,0.5]")
+    follow_data_config(given, {"dataset.image_size", "dataset.mean"})
+    assert given.dataset.image_size == 64 and list(given.dataset.mean) == [0.5] * 3  # given: kept
+    assert list(given.dataset.std) == [0.229, 0.224, 0.225]  # not given: timm's
+    for untouched in (compose_cfg("model=timm", "model.arch=resnet10t", "dataset=synthetic"),  # not pretrained
+                      compose_cfg("model=timm", "model.arch=resnet10t", "model.pretrained=true", "dataset=synthetic",
+                                  "model.data_config=false")):
+        follow_data_config(untouched, set())
+        assert untouched.dataset.image_size == 32 and list(untouched.dataset.std) == [0.25] * 3

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from trainer import distributed
 from trainer.atomic import write_text
-from trainer.cli import exit_codes, import_user_modules, refuse_moved_keys, resume_argv, usage
+from trainer.cli import exit_codes, import_user_modules, override_key, refuse_moved_keys, resume_argv, usage
 from trainer.config import register_configs, validate
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ def run(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     import_user_modules(list(cfg.imports))
     validate(cfg)
+    from trainer.models.pretrained import follow_data_config
+    follow_data_config(cfg, {override_key(o) for o in HydraConfig.get().overrides.task})
     from trainer.devices import pick_device
     from trainer.setup import build_data, build_task, build_trainer, load_resume_state
     device = distributed.device_for(pick_device(cfg.trainer.device))

@@ -104,7 +104,7 @@ def import_user_modules(modules: list[str]) -> None:
             raise UserError(f"imports: importing '{name}' failed:\n{traceback.format_exc()}") from None
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
@@ -128,11 +128,11 @@ def resume_argv(argv: list[str]) -> list[str]:
     if any(a in ("-m", "--multirun") for a in argv):
         raise UserError("resume: resuming one run cannot be combined with -m/--multirun")
     flags, given = [a for a in argv[1:] if a.startswith("-")], [a for a in argv[1:] if not a.startswith("-")]
-    given_keys = {_key(a) for a in given} | {"hydra.run.dir"}
+    given_keys = {override_key(a) for a in given} | {"hydra.run.dir"}
     replayed = [legacy_override(o) for o in OmegaConf.load(saved)]  # a run from before tasks: keys moved
-    replayed = [o for o in replayed if _key(o) not in given_keys]
+    replayed = [o for o in replayed if override_key(o) not in given_keys]
     hydra_saved = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.overrides.hydra
-    replayed += [o for o in hydra_saved if _key(o) == "hydra.searchpath" and _key(o) not in given_keys]
+    replayed += [o for o in hydra_saved if override_key(o) == "hydra.searchpath" and override_key(o) not in given_keys]
     return [argv[0], *flags, *replayed, *given, f"hydra.run.dir={run_dir.resolve()}"]
 
 
@@ -153,9 +153,9 @@ def legacy_override(override: str) -> str:
 def refuse_moved_keys(args: list[str]) -> None:
     """A key that moved (loss.label_smoothing is task.label_smoothing now): its new name, exit 2."""
     for arg in args:
-        if _key(arg) in MOVED_KEYS:
-            new = MOVED_KEYS[_key(arg)]
-            raise UserError(f"{_key(arg)}: moved to {new} (an option of task=classification); write "
+        if override_key(arg) in MOVED_KEYS:
+            new = MOVED_KEYS[override_key(arg)]
+            raise UserError(f"{override_key(arg)}: moved to {new} (an option of task=classification); write "
                             f"{new}={arg.partition('=')[2]}")
 
 

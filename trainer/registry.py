@@ -97,7 +97,8 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-MODEL_KEYS = ("checkpoint", "freeze")  # every model's own: where its first weights come from, what stays fixed
+# Every model's own keys: where its first weights come from, what stays fixed, whose preprocessing its inputs get
+MODEL_KEYS = ("checkpoint", "freeze", "data_config")
 
 
 def builder_params(model_section: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,14 +1,41 @@
 """Weights from elsewhere: a local state dict (ours, timm's or torchvision's) loaded into a model, its
 classifier head left at the dataset's size, and what did not fit said in one line."""
 import logging
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from trainer.errors import UserError
 
 log = logging.getLogger("trainer")
+# model name -> the preprocessing its pretrained weights were trained with, {"mean", "std", "image_size"},
+# from its model section (timm's pretrained config, a torchvision weights entry's transforms)
+DATA_CONFIGS: dict[str, Callable[[DictConfig], dict]] = {}
+
+
+def follow_data_config(cfg: DictConfig, given: Collection[str]) -> None:
+    """With pretrained weights (model.pretrained, model.weights or model.checkpoint) and model.data_config,
+    dataset.mean, dataset.std and dataset.image_size become the weights' own, except those `given` (set on
+    the command line): a pretrained network sees its inputs scaled as in its training."""
+    model = cfg.model
+    source = DATA_CONFIGS.get(model.name)
+    if source is None or not model.get("data_config", False) or \
+            not (model.get("pretrained") or model.get("weights") or model.get("checkpoint")):
+        return
+    changed = []
+    for key, value in source(model).items():
+        if key not in cfg.dataset or f"dataset.{key}" in given or cfg.dataset[key] == value:
+            continue
+        if key in ("mean", "std") and len(value) != len(cfg.dataset[key]):  # grey images on an RGB model
+            continue
+        cfg.dataset[key] = value
+        changed.append(f"dataset.{key}={value}")
+    if changed:
+        log.info("model.data_config: %s, as %s's pretrained weights expect (give them on the command line to "
+                 "keep your own, or model.data_config=false)", " ".join(changed), model.arch)
 
 
 def state_dict_of(path: Path) -> dict[str, torch.Tensor]:

@@ -4,9 +4,11 @@ import difflib
 import os
 from pathlib import Path
 
+from omegaconf import DictConfig
 from torch import nn
 
 from trainer.errors import UserError, require
+from trainer.models.pretrained import DATA_CONFIGS
 from trainer.registry import MODELS
 
 
@@ -28,3 +30,16 @@ def timm_model(num_classes: int, arch: str, pretrained: bool = False, in_channel
         raise UserError(f"model.pretrained: cannot get {arch}'s weights ({type(e).__name__}); offline, fill the cache "
                         f"{cache} on a machine with network (or set HF_HUB_CACHE), or give a local file with "
                         f"model.pretrained=false model.checkpoint=<weights.pth|.safetensors>") from None
+
+
+def pretrained_data_config(model: DictConfig) -> dict:
+    """The arch's pretrained config (timm's own table, no download): its mean, std and input size."""
+    timm = require("timm", "model=timm", "timm")
+    pretrained = timm.get_pretrained_cfg(model.arch) if timm.is_model(model.arch) else None
+    if pretrained is None:
+        return {}
+    return {"mean": [float(v) for v in pretrained.mean], "std": [float(v) for v in pretrained.std],
+            "image_size": int(pretrained.input_size[-1])}
+
+
+DATA_CONFIGS["timm"] = pretrained_data_config

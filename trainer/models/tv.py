@@ -2,9 +2,11 @@
 import difflib
 from pathlib import Path
 
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from trainer.errors import UserError
+from trainer.models.pretrained import DATA_CONFIGS
 from trainer.registry import MODELS
 
 
@@ -53,3 +55,18 @@ def torchvision_model(num_classes: int, arch: str, in_channels: int = 3, weights
         replace_head(model, num_classes)
     return RepeatChannels(model, 3) if in_channels == 1 else model
 
+
+
+def weights_data_config(model: DictConfig) -> dict:
+    """The preprocessing of model.weights (DEFAULT's for a model.checkpoint): torchvision's transforms()."""
+    import torchvision
+    try:
+        entries = torchvision.models.get_model_weights(model.arch)
+        chosen = entries.DEFAULT if model.get("weights") in (None, "DEFAULT") else entries[model.weights]
+    except (ValueError, KeyError, AttributeError):  # no such arch or weights: the builder says which
+        return {}
+    preprocess = chosen.transforms()
+    return {"mean": list(preprocess.mean), "std": list(preprocess.std), "image_size": int(preprocess.crop_size[0])}
+
+
+DATA_CONFIGS["torchvision"] = weights_data_config
