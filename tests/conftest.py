@@ -155,6 +155,25 @@ def write_imagefolder(root: Path, classes=("cat", "dog", "frog"), per_class: int
     return root
 
 
+def write_hf_dataset(image_folder: Path, out: Path, num_shards: int = 1) -> Path:
+    """An image folder (root/<split>/<class>/*) as a Hugging Face dataset written by save_to_disk: the
+    file bytes in an Image column, the class folders' names in a ClassLabel, rows in the image folder's
+    order; `val` becomes the "validation" split, as the hub names it."""
+    import datasets
+    classes = sorted(p.name for p in (image_folder / "train").iterdir())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    splits = {}
+    for split in sorted(p.name for p in image_folder.iterdir()):
+        rows = [(path, label) for label, name in enumerate(classes) if (image_folder / split / name).is_dir()
+                for path in sorted((image_folder / split / name).iterdir())]
+        splits["validation" if split == "val" else split] = datasets.Dataset.from_dict(
+            {"image": [{"bytes": path.read_bytes(), "path": None} for path, _ in rows],
+             "label": [label for _, label in rows]}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(out), num_shards={name: min(num_shards, len(split))
+                                                                       for name, split in splits.items()})
+    return out
+
+
 def write_npy(root: Path, n: int = 40, layout: str = "NHWC") -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
     required = {"imagefolder": [f"dataset.root={write_imagefolder(tmp_path)}"],
                 "numpy": [f"dataset.root={tmp_path}", "dataset.num_classes=10"],
                 "streaming": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
+                "hf": [f"dataset.path={tmp_path}", "dataset.num_classes=3"],
                 "manifest": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
                 "segfolder": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
                 "text": ["dataset.root=corpus.txt", "model=gpt", "task=language_model"],

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, run_trainer, start_trainer, write_imagefolder
+from conftest import TINY_MODEL, run_trainer, start_trainer, write_hf_dataset, write_imagefolder
 
 from trainer import DATASETS
 from trainer.checkpoint import load_checkpoint
@@ -41,18 +41,26 @@ def numbers(images: torch.Tensor) -> list[int]:
     return (values[:, 0] + 256 * values[:, 1]).tolist()
 
 
-@pytest.fixture(scope="module", params=["tar", "jsonl"])
+@pytest.fixture(scope="module", params=["tar", "jsonl", "hf"])
 def shards(request, tmp_path_factory) -> Path:
+    """The same images as tar shards, JSONL manifests, or a Hugging Face dataset's Arrow files (dataset=hf
+    with dataset.streaming=true reads those through the same plan)."""
+    if request.param == "hf":
+        pytest.importorskip("datasets")
     root = tmp_path_factory.mktemp(f"shards-{request.param}")
     write_numbered_images(root / "images", N_TRAIN)
     write_numbered_images(root / "images", 9, split="val")
+    if request.param == "hf":
+        return write_hf_dataset(root / "images", root / "out", num_shards=3)
     write_shards(root / "images", root / "out", shard_size=7, fmt=request.param)
     return root / "out"
 
 
 def _bundle(root: Path, **kw):
-    return DATASETS.build("streaming", root=str(root), num_classes=3, image_size=8, mean=[0.0] * 3, std=[1.0] * 3,
-                          **{"shuffle_buffer": 10, **kw})
+    common = dict(num_classes=3, image_size=8, mean=[0.0] * 3, std=[1.0] * 3, **{"shuffle_buffer": 10, **kw})
+    if (root / "dataset_dict.json").is_file():
+        return DATASETS.build("hf", path=str(root), streaming=True, **common)
+    return DATASETS.build("streaming", root=str(root), **common)
 
 
 def _epoch(bundle, *, workers=0, rank=0, world=1, epoch=0, start=0, batch=4) -> list[tuple[torch.Tensor, torch.Tensor]]:

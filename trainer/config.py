@@ -104,6 +104,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("stream_class_count", _stream_class_count, replace=True)
     OmegaConf.register_new_resolver("manifest_count", _manifest_count, replace=True)
     OmegaConf.register_new_resolver("text_class_count", _text_class_count, replace=True)
+    OmegaConf.register_new_resolver("hf_class_count", _hf_class_count, replace=True)
     # hparams_search=optuna: the study's direction follows checkpoint.mode; trials get short, stable folders
     OmegaConf.register_new_resolver("optuna_direction", _optuna_direction, replace=True)
     OmegaConf.register_new_resolver("trial_dirname", trial_dirname, replace=True)
@@ -137,6 +138,11 @@ def _manifest_count(root: str, targets: Any = None, separator: str = "|") -> int
 def _text_class_count(root: str) -> int:
     from trainer.data.textclass import count_labels
     return count_labels(root)
+
+
+def _hf_class_count(path: str, label_column: str = "label", split_train: str = "train") -> int:
+    from trainer.data.hf import count_classes
+    return count_classes(path, label_column, split_train)
 
 
 def _stream_class_count(root: str) -> int:

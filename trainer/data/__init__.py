@@ -1,5 +1,5 @@
 """DATASETS entries return a DataBundle; `build_loaders` turns one into DataLoaders."""
-from trainer.data import folder, manifest, mapped, segmentation, streaming, synthetic, text, textclass, vision  # noqa: F401  (registers the built-in datasets)
+from trainer.data import folder, hf, manifest, mapped, segmentation, streaming, synthetic, text, textclass, vision  # noqa: F401  (registers the built-in datasets)
 from trainer.data.arrays import DataBundle
 from trainer.data.loader import Loaders, build_loaders
 from trainer.registry import DATASETS

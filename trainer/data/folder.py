@@ -7,7 +7,7 @@ augmentation alone. That suits folders that fit in memory at the training size (
 32x32 are 300 MB); bigger collections want the streaming dataset.
 """
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -54,22 +54,29 @@ def _load_split(folder: Path, classes: list[str], size: int, channels: int, on_e
 
 def decode_files(paths: list[Path], size: int, channels: int, on_error: str, max_pixels: int,
                  split: str) -> tuple[torch.Tensor, list[int]]:
-    """The images at `paths` as one uint8 tensor, and the positions of those that were read; an
-    unreadable one is skipped with a warning and a count (on_error=skip), or is an error."""
+    """The images at `paths` as one uint8 tensor, and the positions of those that were read."""
+    return decode_all([(str(path), path.read_bytes) for path in paths], size, channels, on_error, max_pixels, split)
+
+
+def decode_all(sources: Sequence[tuple[str, Callable[[], bytes]]], size: int, channels: int, on_error: str,
+               max_pixels: int, split: str, key: str = "dataset.root") -> tuple[torch.Tensor, list[int]]:
+    """Each (name, read) source's image, as one uint8 tensor, and the positions of those that were read;
+    an unreadable one is skipped with a warning and a count (on_error=skip), or is an error."""
     images, kept, bad = [], [], []
-    for i, path in enumerate(tqdm(paths, desc=f"decoding {split}/", unit="img", leave=False, disable=None)):
+    for i, (name, read) in enumerate(tqdm(sources, desc=f"decoding {split}/", unit="img", leave=False,
+                                          disable=None)):
         try:
-            images.append(decode_image(path.read_bytes(), size, channels, max_pixels, "dataset.max_image_pixels"))
+            images.append(decode_image(read(), size, channels, max_pixels, "dataset.max_image_pixels"))
             kept.append(i)
-        except (ImageError, OSError) as e:
+        except (ImageError, OSError, ValueError) as e:
             if on_error == "error":
-                raise UserError(f"dataset.on_error=error: cannot decode {path} ({e}); fix or remove it, or set "
+                raise UserError(f"dataset.on_error=error: cannot decode {name} ({e}); fix or remove it, or set "
                                 f"dataset.on_error=skip") from None
-            bad.append(path)
+            bad.append(name)
     if bad:
         log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(bad), split, bad[0])
     if not images:
-        raise UserError(f"dataset.root: none of the {len(paths)} images of {split} could be read, e.g. {paths[0]}")
+        raise UserError(f"{key}: none of the {len(sources)} images of {split} could be read, e.g. {sources[0][0]}")
     return torch.stack(images), kept
 
 

@@ -36,6 +36,7 @@ from trainer.registry import DATASETS
 from trainer.data.arrays import DataBundle, build_transform
 from trainer.seeding import mix, seeded
 from trainer.data.plan import EpochPlan
+from trainer.data.tables import iter_table_rows
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
@@ -48,6 +49,7 @@ INDEX = "index.json"
 class Shard:
     path: str
     count: int  # samples
+    columns: tuple[str, str] | None = None  # a table's (image, label) columns (tables.py); None: tar or JSONL
 
 
 # ---- reading shards ---------------------------------------------------------------------------------
@@ -69,6 +71,9 @@ def iter_shard(shard: Shard, start: int, stop: int, wanted: Callable[[int], bool
                classes: Sequence[str]) -> Iterator[tuple[int, Callable[[], tuple[bytes, int]]]]:
     """(index in shard, read) for the wanted samples with start <= index < stop; `read()` returns
     (encoded image, label) and must be called before the caller asks for the next sample."""
+    if shard.columns is not None:  # an Arrow or Parquet table (a Hugging Face dataset)
+        yield from iter_table_rows(shard.path, shard.columns, start, stop, wanted, classes)
+        return
     if shard.path.endswith(".jsonl"):
         folder = Path(shard.path).parent
         with open(shard.path, encoding="utf-8") as lines:
@@ -332,12 +337,8 @@ class StreamBatches(IterableDataset):
 
 
 # ---- the DATASETS entry ----------------------------------------------------------------------------
-@DATASETS.register("streaming")
-def streaming(root: str, num_classes: int, image_size: int = 32, in_channels: int = 3, shuffle_buffer: int = 1000,
-              epoch_length: int | None = None, augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
-              std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip",
-              max_image_pixels: int = DEFAULT_MAX_PIXELS) -> DataBundle:
-    folder = Path(root)
+def check_options(*, shuffle_buffer: int, epoch_length: int | None, on_error: str, in_channels: int,
+                  max_image_pixels: int) -> None:
     for key, value, ok, requirement in (("shuffle_buffer", shuffle_buffer, shuffle_buffer >= 1, "1 or more"),
                                         ("epoch_length", epoch_length, epoch_length is None or epoch_length >= 1,
                                          "null (one pass) or 1 or more"),
@@ -346,6 +347,16 @@ def streaming(root: str, num_classes: int, image_size: int = 32, in_channels: in
                                         ("max_image_pixels", max_image_pixels, max_image_pixels >= 1, "1 or more")):
         if not ok:
             raise UserError(f"dataset.{key}: must be {requirement}, got {value!r}")
+
+
+@DATASETS.register("streaming")
+def streaming(root: str, num_classes: int, image_size: int = 32, in_channels: int = 3, shuffle_buffer: int = 1000,
+              epoch_length: int | None = None, augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
+              std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip",
+              max_image_pixels: int = DEFAULT_MAX_PIXELS) -> DataBundle:
+    check_options(shuffle_buffer=shuffle_buffer, epoch_length=epoch_length, on_error=on_error,
+                  in_channels=in_channels, max_image_pixels=max_image_pixels)
+    folder = Path(root)
     if not folder.is_dir():
         raise UserError(f"dataset.root: {folder.resolve()} does not exist; write shards there with "
                         f"python -m trainer.data.shard <image folder> {root}")
@@ -360,6 +371,15 @@ def streaming(root: str, num_classes: int, image_size: int = 32, in_channels: in
     if not splits["val"] and not splits["test"]:
         raise UserError(f"dataset.root: {folder.resolve()} has no val or test shards to validate on; shard an image "
                         f"folder that has val/ (or test/)")
+    return streaming_bundle(splits, classes, image_size=image_size, in_channels=in_channels,
+                            shuffle_buffer=shuffle_buffer, epoch_length=epoch_length, augment=augment, mean=mean,
+                            std=std, on_error=on_error, max_image_pixels=max_image_pixels)
+
+
+def streaming_bundle(splits: dict[str, list[Shard]], classes: list[str], *, image_size: int, in_channels: int,
+                     shuffle_buffer: int, epoch_length: int | None, augment: Sequence[dict], mean: Sequence[float],
+                     std: Sequence[float], on_error: str, max_image_pixels: int) -> DataBundle:
+    """The bundle of streamed splits: val is the test shards when there is no val, and the other way round."""
     common = dict(classes=classes, image_size=image_size, channels=in_channels, shuffle_buffer=shuffle_buffer,
                   on_error=on_error, max_image_pixels=max_image_pixels)
     eval_transform = build_transform([], mean, std, None)
