@@ -1,4 +1,5 @@
-"""The test side of forkserver.py: `launch()` starts `python -m <module> args...` as a child of this
+"""The test side of forkserver.py: `launch()` starts `python -m <module> args...` (or, for a module
+ending in .py, `python <script> args...`) as a child of this
 pytest worker's fork server and returns a Popen-like handle (pid, poll, wait, communicate,
 send_signal, kill, stdout/stderr pipes). One fork server per pytest worker, started on first use."""
 import json
@@ -39,11 +40,11 @@ class ForkServer:
                 self.changed.notify_all()
 
     def spawn(self, module: str, argv: list[str], cwd: Path, env: dict[str, str], new_session: bool,
-              stdout_fd: int, stderr_fd: int) -> int:
+              stdout_fd: int, stderr_fd: int, max_files: int | None = None) -> int:
         with self.changed:
             request_id = self.next_id = self.next_id + 1
         request = {"id": request_id, "module": module, "argv": argv, "cwd": str(cwd), "env": env,
-                   "new_session": new_session}
+                   "new_session": new_session, "max_files": max_files}
         socket.send_fds(self.socket, [json.dumps(request).encode()], [stdout_fd, stderr_fd])
         with self.changed:
             self.changed.wait_for(lambda: request_id in self.pids, timeout=60)
@@ -69,13 +70,13 @@ class Forked:
     """What subprocess.Popen offers that the tests use, for a child of the fork server."""
 
     def __init__(self, module: str, argv: list[str], *, cwd: Path, env: dict[str, str], new_session: bool,
-                 stdout: Any, stderr: Any) -> None:
+                 stdout: Any, stderr: Any, max_files: int | None = None) -> None:
         self.args = [sys.executable, "-m", module, *argv]
         self.returncode: int | None = None
         ends = [self._end(kind) for kind in (stdout, stderr)]
         self.stdout: IO[str] | None = ends[0][0]
         self.stderr: IO[str] | None = ends[1][0]
-        self.pid = server().spawn(module, argv, cwd, env, new_session, ends[0][1], ends[1][1])
+        self.pid = server().spawn(module, argv, cwd, env, new_session, ends[0][1], ends[1][1], max_files)
         for _, write_end in ends:
             os.close(write_end)
 
@@ -128,9 +129,10 @@ class Forked:
 
 
 def launch(module: str, *argv: str, cwd: Path, env: dict[str, str] | None = None, new_session: bool = False,
-           stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE) -> Forked:
+           stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE, max_files: int | None = None) -> Forked:
+    """`max_files`: the child's limit of open file descriptors (RLIMIT_NOFILE), as a preexec_fn would set it."""
     return Forked(module, list(argv), cwd=cwd, env={**os.environ, **(env or {})}, new_session=new_session,
-                  stdout=stdout, stderr=stderr)
+                  stdout=stdout, stderr=stderr, max_files=max_files)
 
 
 def run(module: str, *argv: str, cwd: Path, env: dict[str, str] | None = None,

@@ -1,5 +1,6 @@
 """A fork server for the end-to-end tests: it imports torch, torchvision, Hydra and this package once,
-then forks one child per `python -m <module> args...` that a test asks for. Each child is a real process
+then forks one child per `python -m <module> args...` (or `python <script.py> args...`) that a test
+asks for. Each child is a real process
 with its own pid, exit status, signals, process group (on request) and stdout/stderr, and runs the
 module exactly as `python -m` would (`runpy`, as `__main__`, then the interpreter's exit steps); only
 the ~5 s of imports are skipped.
@@ -7,11 +8,12 @@ the ~5 s of imports are skipped.
 What a fork cannot reproduce: a CUDA context (none is made here: tests run on the CPU; a test that
 needs one must use a true subprocess), state that a module computes at import from the environment
 (the imports happen once, with the server's environment), and anything that depends on a fresh
-interpreter's memory. torchrun and the benchmark scripts keep true subprocesses.
+interpreter's memory (a benchmark that measures a process's peak memory starts a true subprocess for
+it). torchrun keeps true subprocesses.
 
 Protocol (a SOCK_SEQPACKET socket pair, one JSON message each): a request carries the module, argv, cwd,
 environment and whether to start a new session, with the child's stdout and stderr as file descriptors
-(SCM_RIGHTS); the server answers {"id", "pid"} when it has forked, and {"pid", "status"} (the raw wait
+(SCM_RIGHTS), and optionally a limit of open files; the server answers {"id", "pid"} when it has forked, and {"pid", "status"} (the raw wait
 status) when that child has ended.
 """
 import atexit
@@ -44,6 +46,9 @@ def run_child(request: dict, fds: list[int]) -> None:
     """In the forked child: become the process `python -m <module> <argv>` would be, run, exit."""
     if request["new_session"]:
         os.setsid()
+    if request.get("max_files"):
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (request["max_files"], request["max_files"]))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(fds[0], 1)
@@ -55,12 +60,17 @@ def run_child(request: dict, fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     module = request["module"]
+    if module.endswith(".py"):  # `python path/to/script.py`: the script's folder first on sys.path
+        sys.path[0] = os.path.dirname(os.path.abspath(module))
     for name in (module, f"{module}.__main__"):  # else runpy warns that it is already imported
         sys.modules.pop(name, None)
     sys.argv = [module, *request["argv"]]
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module.endswith(".py"):
+            runpy.run_path(module, run_name="__main__")
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         if e.code is None:
             code = 0

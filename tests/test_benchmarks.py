@@ -7,16 +7,16 @@ start is ~8 s on two cores); the memory benchmark keeps a child process per conf
 all do when run for figures."""
 import json
 import subprocess
-import sys
 
+import forkrun
 import pytest
 from conftest import ROOT
 
 
 def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
-    """As the README runs them: `python benchmarks/<name>.py ...` from the repository root."""
-    return subprocess.run([sys.executable, f"benchmarks/{name}.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    """As the README runs them: `python benchmarks/<name>.py ...` from the repository root (forked from
+    the fork server: its own process, without the imports' cost)."""
+    return forkrun.run(f"benchmarks/{name}.py", *args, cwd=ROOT, timeout=300)
 
 
 def test_checkpoint_benchmark_measures_both_sides():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_DATA, TINY_RUN, process_tree, signal_tree
+from conftest import ROOT, TINY_DATA, TINY_RUN, process_tree, run_trainer, signal_tree
 
 from trainer.checkpoint import load_checkpoint
 
@@ -29,8 +29,7 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def single_and_pair(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("ddp")
-    single = subprocess.run([sys.executable, "-m", "trainer", *EQUIVALENT, "loader.batch_size=32",
-                             f"hydra.run.dir={root / 'single'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    single = run_trainer(*EQUIVALENT, "loader.batch_size=32", f"hydra.run.dir={root / 'single'}")  # forked; torchrun is not
     assert single.returncode == 0, single.stderr
     pair = torchrun(*EQUIVALENT, "loader.batch_size=16", f"hydra.run.dir={root / 'pair'}")
     assert pair.returncode == 0, pair.stderr

@@ -59,7 +59,8 @@ def test_one_failing_export_format_keeps_the_others(tmp_path):
     args = _user_project(tmp_path, "gated", body)
     (tmp_path / "gated_models.py").write_text(module)
     run_dir = tmp_path / "run"
-    result = run_trainer(*TINY_DATA, *TINY_RUN, *args, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_trainer(*TINY_DATA, *TINY_RUN, *args, "trainer.max_epochs=1", "export.formats=[torchscript,torch_export]",
+                         f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 1 and "export: torch_export failed" in result.stderr
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["formats"]["torchscript"]["parity"] is True

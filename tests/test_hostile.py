@@ -8,18 +8,16 @@ import io
 import json
 import random
 import re
-import resource
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+import forkrun
 import numpy as np
 import pytest
 import torch
@@ -163,10 +161,9 @@ def served_run(tmp_path_factory) -> Path:
 
 @contextmanager
 def hostile_server(run: Path, *settings: str, max_files: int | None = None):
-    """The server in a subprocess (with at most `max_files` file descriptors); yields (process, port)."""
-    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))) if max_files else None
-    process = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"run={run}", "serve.port=0", *settings],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+    """The server in its own process, forked from the fork server (with at most `max_files` file
+    descriptors); yields (process, port)."""
+    process = forkrun.launch("trainer.serve", f"run={run}", "serve.port=0", *settings, cwd=ROOT, max_files=max_files)
     try:
         line = process.stdout.readline()
         assert line.startswith("serving"), line + process.stderr.read()
