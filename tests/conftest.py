@@ -32,6 +32,17 @@ TINY_RUN = ["loader.batch_size=32", "loader.num_workers=0", "trainer.max_epochs=
 TINY = TINY_DATA + TINY_MODEL + TINY_RUN
 
 
+# The files that take longest go first: `--dist loadfile` hands whole files to the workers in collection
+# order, and a long file handed out last leaves the other worker idle while it runs (~15 s of the suite).
+LONGEST_FIRST = ["test_distributed.py", "test_sweeps.py", "test_tasks.py", "test_resume.py", "test_benchmarks.py",
+                 "test_streaming.py", "test_text.py", "test_finetune.py", "test_features.py"]
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
+
+
 def run_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, timeout: int = 300,
                 env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
     """`python -m <module> args...` in its own process, as a person would type it: forked from this
