@@ -1,10 +1,12 @@
-"""Fine-tuning: a timm model from a local weights file (its 1000-class head resized to the dataset's),
-part of it frozen until an epoch, its head at a larger learning rate, tracked in MLflow; killed and
-resumed across the unfreeze, it ends with the weights of the run never interrupted, in one MLflow run.
+"""Fine-tuning: a timm model from a local weights file (its 1000-class head resized to the dataset's) on
+an image folder, part of it frozen until an epoch, its head at a larger learning rate, tracked in MLflow;
+killed and resumed across the unfreeze, it ends with the weights of the run never interrupted, in one
+MLflow run.
 Bad input (an unknown architecture, weights of another one, a pattern matching nothing) is one line."""
 import pytest
 import torch
-from conftest import assert_same_training_state, kill_while_saving, refused_in_process, run_trainer
+from conftest import (assert_same_training_state, kill_while_saving, refused_in_process, run_trainer,
+                      write_imagefolder)
 
 from trainer.checkpoint import load_checkpoint
 
@@ -12,14 +14,21 @@ pytest.importorskip("timm", reason="the timm extra is not installed")
 FROZEN = ["conv1.*", "bn1.*", "layer1.*"]
 
 
-def args_for(weights, database=None) -> list[str]:
-    """The run; tracked in MLflow (an SQLite store at `database`) when one is given."""
+def args_for(weights, images, database=None) -> list[str]:
+    """The run on an image folder; tracked in MLflow (an SQLite store at `database`) when one is given."""
     return ["model=timm", "model.arch=resnet10t", f"model.checkpoint={weights}", f"model.freeze=[{','.join(FROZEN)}]",
-            "trainer.unfreeze_at_epoch=2", "optimizer.lr=0.02", "optimizer.head_lr_scale=5", "dataset=synthetic",
-            "dataset.train_size=256", "dataset.test_size=32", "dataset.image_size=32", "loader.batch_size=32",
-            "loader.num_workers=0", "trainer.max_epochs=3", "trainer.progress_bar=false", "checkpoint.every_n_steps=5", "checkpoint.keep_last=10",
+            "trainer.unfreeze_at_epoch=2", "optimizer.lr=0.02", "optimizer.head_lr_scale=5", "dataset=imagefolder",
+            f"dataset.root={images}", "dataset.image_size=32", "loader.batch_size=32", "loader.num_workers=0",
+            "trainer.max_epochs=3", "trainer.progress_bar=false", "checkpoint.every_n_steps=5", "checkpoint.keep_last=10",
             "export.formats=[]"] + (["logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri=sqlite:///{database}"]
                                     if database else [])
+
+
+def photos(root):
+    """Someone's own photos: 4 classes, 256 to train on (8 batches of 32), 32 to validate on."""
+    classes = ("ant", "bee", "cat", "dog")
+    write_imagefolder(root, classes=classes, per_class=64, splits=("train",))
+    return write_imagefolder(root, classes=classes, per_class=8, splits=("val",))
 
 
 def test_fine_tuning_a_timm_model_resumes_exactly_across_the_unfreeze_in_one_mlflow_run(tmp_path):
@@ -30,8 +39,8 @@ def test_fine_tuning_a_timm_model_resumes_exactly_across_the_unfreeze_in_one_mlf
     weights = tmp_path / "resnet10t_in1k.pth"  # as a pretrained release is: 1000 classes
     pretrained = timm.create_model("resnet10t", num_classes=1000).state_dict()
     torch.save(pretrained, weights)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    result = run_trainer(*args_for(weights), f"hydra.run.dir={straight}")  # the reference: no tracker needed
+    straight, killed, images = tmp_path / "straight", tmp_path / "killed", photos(tmp_path / "photos")
+    result = run_trainer(*args_for(weights, images), f"hydra.run.dir={straight}")  # the reference: no tracker needed
     assert result.returncode == 0, result.stderr
     log = (straight / "train.log").read_text()
     assert "loaded 84 of 86 tensors" in log and "kept new for this dataset's shapes: fc.weight, fc.bias" in log
@@ -48,9 +57,10 @@ def test_fine_tuning_a_timm_model_resumes_exactly_across_the_unfreeze_in_one_mlf
     rates = sorted({group["initial_lr"] for group in final["optimizer"]["param_groups"]})
     assert rates == pytest.approx([0.02, 0.1])  # the head at 5x
     # Killed while saving step 10 (epoch 2): resumed from step 8, frozen, into the unfreeze.
-    kill_while_saving(killed, args_for(weights, tmp_path / "killed.db"), 10)
+    kill_while_saving(killed, args_for(weights, images, tmp_path / "killed.db"), 10)
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["progress"]["step"] == 8
-    resumed = run_trainer(*args_for(weights, tmp_path / "killed.db"), f"hydra.run.dir={killed}", f"resume={killed}")
+    resumed = run_trainer(*args_for(weights, images, tmp_path / "killed.db"), f"hydra.run.dir={killed}",
+                          f"resume={killed}")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_training_state(straight, killed)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'killed.db'}")
@@ -94,3 +104,18 @@ def test_preprocessing_follows_pretrained_weights_unless_given(compose_cfg):
                                   "model.data_config=false")):
         follow_data_config(untouched, set())
         assert untouched.dataset.image_size == 32 and list(untouched.dataset.std) == [0.25] * 3
+
+
+def test_pretrained_weights_offline_with_an_empty_cache_name_the_folder_to_fill(tmp_path):
+    """No network here: each library's own download fails, and the one line says which folder to fill."""
+    common = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "loader.num_workers=0",
+              "trainer.max_epochs=1", "export.formats=[]", f"hydra.run.dir={tmp_path / 'run'}"]
+    timm_run = run_trainer("model=timm", "model.arch=resnet10t", "model.pretrained=true", *common,
+                           env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert timm_run.returncode == 2 and len(timm_run.stderr.strip().splitlines()) == 1, timm_run.stderr
+    assert "model.pretrained: cannot get resnet10t's weights" in timm_run.stderr
+    assert f"fill the cache {tmp_path / 'hub'}" in timm_run.stderr
+    tv_run = run_trainer("model=torchvision", "model.arch=resnet18", "model.weights=IMAGENET1K_V1", *common,
+                         env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert tv_run.returncode == 2, tv_run.stderr
+    assert f"put resnet18-f37072fd.pth in {tmp_path / 'torch' / 'hub' / 'checkpoints'}" in tv_run.stderr.splitlines()[-1]
