@@ -168,3 +168,30 @@ def test_linear_schedule_and_the_norm_and_bias_learning_rate():
     assert factors[:2] == pytest.approx([1 / 3, 2 / 3]) and factors[2] == pytest.approx(1.0)
     assert factors[-1] == pytest.approx(1 - 0.9 * 7 / 8)  # straight down towards 0.1 at step 10
     assert optimizer.param_groups[1]["lr"] == pytest.approx(4 * optimizer.param_groups[0]["lr"])
+
+
+def test_validation_every_n_epochs_and_without_tta_while_the_test_keeps_it(tmp_path, monkeypatch):
+    """trainer.val_every_n_epochs=2 over 3 epochs validates after epochs 2 and 3 (the last, always), and
+    best.pt is chosen among those; trainer.val_tta=false validates the plain model, the test flip-averages."""
+    import csv
+
+    from conftest import compose_config as compose
+
+    import trainer.loop
+    from trainer.setup import build_data, build_task, build_trainer
+    cfg = compose(*TINY, "trainer.max_epochs=3", "trainer.val_every_n_epochs=2", "trainer.val_tta=false",
+                  "task.tta=flip", "logger=[csv]")
+    evaluated = []
+    original = trainer.loop.evaluate_model
+    monkeypatch.setattr(trainer.loop, "evaluate_model", lambda model, *a, **k: evaluated.append(type(model).__name__)
+                        or original(model, *a, **k))
+    device = torch.device("cpu")
+    bundle, loaders = build_data(cfg, device)
+    fitted = build_trainer(cfg, tmp_path, device, loaders, None, build_task(cfg, bundle))
+    fitted.fit()
+    steps = len(loaders.train)
+    with (tmp_path / "metrics.csv").open() as f:
+        validated = [int(row["step"]) for row in csv.DictReader(f) if row.get("val/acc")]
+    assert validated == [2 * steps, 3 * steps] and fitted.progress.best_epoch in (2, 3)
+    fitted.evaluate(loaders.test, None, "test")
+    assert evaluated == ["Sequential", "Sequential", "FlipAverage"], evaluated

@@ -28,6 +28,8 @@ class TrainerConfig:
     stop_at: Optional[float] = None  # stop once checkpoint.monitor reaches this value (time-to-accuracy)
     limit_train_batches: Optional[int] = None  # None: every batch
     limit_val_batches: Optional[int] = None
+    val_every_n_epochs: int = 1  # validate every N epochs, and after the last (best.pt and stop_at follow it)
+    val_tta: bool = True  # false: validate without the task's test-time augmentation (the test keeps it)
     limit_test_batches: Optional[int] = None
     device: str = "auto"
     precision: str = "32"
@@ -191,6 +193,7 @@ RULES = [
     ("trainer.accumulate_grad_batches", _at_least(1), "1 or more"),
     ("trainer.gradient_clip_val", _at_least(0), "0 (off) or positive"),
     ("trainer.log_every_n_steps", _at_least(1), "1 or more"),
+    ("trainer.val_every_n_epochs", _at_least(1), "1 or more"),
     ("trainer.on_nonfinite", lambda v: v in ("stop", "skip_batch"), "one of stop, skip_batch"),
     ("trainer.max_skipped_batches", _at_least(0), "0 or more"),
     ("trainer.compile_mode", lambda v: v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}"),

@@ -82,8 +82,9 @@ class Trainer:
         try:
             while p.epoch < self.settings.max_epochs and p.step < self.total_steps and not self.target_reached():
                 train = self.train_epoch()
-                val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val")
-                if not math.isfinite(val["val/loss"]):  # diverged: finite training losses, overflowing weights
+                val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val") \
+                    if self.validation_due() else {}
+                if val and not math.isfinite(val["val/loss"]):  # diverged: finite training losses, overflowing weights
                     raise NonFiniteLoss(f"trainer: the validation loss is NaN or Inf after epoch {p.epoch + 1} "
                                         f"(training loss {train['train/loss']:.4g}); stopped without saving, the "
                                         f"last good checkpoint is kept. {NONFINITE_CAUSES}")
@@ -227,20 +228,28 @@ class Trainer:
             raise NonFiniteLoss(f"trainer: the loss became NaN or Inf at step {step} (epoch {epoch}); "
                                 f"stopped without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
 
+    def validation_due(self) -> bool:
+        """After the epoch just trained: every trainer.val_every_n_epochs epochs, and always after the last."""
+        p, settings = self.progress, self.settings
+        epoch = p.epoch + 1
+        return epoch % settings.val_every_n_epochs == 0 or epoch >= settings.max_epochs or p.step >= self.total_steps
+
     @timed("eval")
     def evaluate(self, loader: DataLoader, limit: int | None, split: str) -> dict[str, float]:
-        found = evaluate_model(self.evaluator(), loader, self.device, self.autocast_dtype, self.task, limit,
+        tta = split != "val" or self.settings.val_tta
+        found = evaluate_model(self.evaluator(tta=tta), loader, self.device, self.autocast_dtype, self.task, limit,
                                self.settings.channels_last)
         return {f"{split}/{key}": value for key, value in found.items()}
 
-    def evaluator(self, plain: bool = False) -> nn.Module:
-        """What is evaluated, tested and exported: the weights' EMA when on, under the task's TTA.
-        `plain`: the module itself, not its compiled or DDP wrapper (for export)."""
+    def evaluator(self, plain: bool = False, tta: bool = True) -> nn.Module:
+        """What is evaluated, tested and exported: the weights' EMA when on, under the task's TTA (unless
+        `tta` is false: validation with trainer.val_tta=false). `plain`: the module itself, not its
+        compiled or DDP wrapper (for export)."""
         if self.ema is not None:
             model = self.ema.module
         else:  # each process evaluates its share; DDP's forward would only add a buffer broadcast
             model = unwrap(self.model) if plain or distributed.active() else self.model
-        return self.task.evaluated(model)
+        return self.task.evaluated(model) if tta else model
 
     def init_from_data(self) -> None:
         """A model with a data-dependent initialisation (fastnet's whitening layer) gets the first
@@ -285,16 +294,17 @@ class Trainer:
     def end_epoch(self, train: dict[str, float], val: dict[str, float]) -> dict[str, float]:
         p = self.progress
         p.epoch += 1
-        train_seconds, eval_seconds = self.timer.last["train"], self.timer.last["eval"]  # this epoch's
+        train_seconds = self.timer.last["train"]  # this epoch's
+        eval_seconds = self.timer.last["eval"] if val else 0.0  # (the last evaluation's, if this epoch had none)
         p.images_trained += int(train["samples"])
         p.train_time_s += train_seconds
         p.metrics = {"epoch": p.epoch, **{k: v for k, v in train.items() if k != "samples"}, **val,
                      "lr": self.optimizer.param_groups[0]["lr"],
                      "images_per_sec": train["samples"] / max(train_seconds, 1e-9),
                      "epoch_time_s": train_seconds + eval_seconds}
-        value = p.metrics[self.checkpointing.monitor]
-        improved = math.isfinite(value) and (p.best is None or (value > p.best if self.checkpointing.mode == "max"
-                                                                else value < p.best))
+        value = p.metrics.get(self.checkpointing.monitor)  # a val/ metric is missing after an epoch not validated
+        improved = value is not None and math.isfinite(value) and (
+            p.best is None or (value > p.best if self.checkpointing.mode == "max" else value < p.best))
         if improved:
             p.best, p.best_epoch = value, p.epoch
         return p.metrics
