@@ -143,6 +143,25 @@ def test_flip_average_is_the_same_for_an_image_and_its_mirror():
         assert torch.allclose(tta(x), (model(x) + model(x.flip(-1))) / 2)
 
 
+def test_flip_translate_averages_flips_and_one_pixel_shifts_and_exports(tmp_path):
+    import torch.nn.functional as F
+
+    from trainer.export import export_model
+    from trainer.tasks.base import FlipTranslateAverage
+    torch.manual_seed(0)
+    model = MODELS.build("cnn", num_classes=10, width=8).eval()
+    x = torch.randn(4, 3, 32, 32)
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    flips = FlipAverage(model)
+    tta = FlipTranslateAverage(model)
+    with torch.no_grad():
+        expected = flips(x) / 2 + flips(padded[..., :32, :32]) / 4 + flips(padded[..., 2:, 2:]) / 4
+        assert torch.allclose(tta(x), expected, atol=1e-6) and not torch.allclose(tta(x), flips(x), atol=1e-4)
+    manifest = export_model(tta, x, tmp_path, ["torchscript", "torch_export"], tolerance=1e-4, max_batch=64,
+                            metadata={})
+    assert all(manifest["formats"][f]["parity"] for f in ("torchscript", "torch_export")), manifest
+
+
 def test_running_metrics_name_the_first_nonfinite_step():
     metrics = RunningMetrics(torch.device("cpu"), size=1, window=4)
     correct = torch.tensor([1.0])  # the task's running sum: one of the two samples right

@@ -97,8 +97,8 @@ class Task:
     train_sums_size = 0  # how many running sums train_sums returns
 
     def __init__(self, tta: str = "none") -> None:
-        if tta not in ("none", "flip"):
-            raise UserError(f"task.tta: must be none or flip, got {tta!r}")
+        if tta not in TTA_MODES:
+            raise UserError(f"task.tta: must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         self.tta = tta
         self.classes: list[str] = []
         self.options: dict[str, Any] = {}  # the config's task section, set by whoever builds the task
@@ -161,7 +161,7 @@ class Task:
 
     def evaluated(self, model: nn.Module) -> nn.Module:
         """The model as evaluated, tested and exported: under this task's test-time augmentation."""
-        return FlipAverage(model) if self.tta == "flip" else model
+        return {"flip": FlipAverage, "flip_translate": FlipTranslateAverage}.get(self.tta, lambda m: m)(model)
 
     def exported(self, model: nn.Module) -> nn.Module:
         """What the export holds (e.g. with the targets' standardisation undone)."""
@@ -202,6 +202,9 @@ TARGET_WORDS = {"tokens": "next-token", "class": "single-class", "labels": "mult
                 "mask": "segmentation-mask"}
 
 
+TTA_MODES = ("none", "flip", "flip_translate")
+
+
 class FlipAverage(nn.Module):
     """Test-time augmentation: the mean of the outputs for an input and for its mirror image."""
 
@@ -212,6 +215,21 @@ class FlipAverage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         mirrored = self.model(x.flip(-1))
         return (self.model(x) + (mirrored.flip(-1) if self.flip_back else mirrored)) / 2
+
+
+class FlipTranslateAverage(nn.Module):
+    """The speed records' test-time augmentation (airbench's): the flip average of the image, weighted
+    1/2, and of two copies shifted by one pixel (up-left and down-right, the border reflected), 1/4 each."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.flips = FlipAverage(model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = self.flips(padded[..., :height, :width]) + self.flips(padded[..., 2:, 2:])
+        return self.flips(x) / 2 + shifted / 4
 
 
 def option(options: Mapping[str, Any], key: str, default: Any, kind: type, low: float | None = None) -> Any:

@@ -24,6 +24,8 @@ class Segmentation(Task):
 
     def __init__(self, ignore_index: int = 255, tta: str = "none") -> None:
         super().__init__(tta)
+        if tta == "flip_translate":  # a shifted mask would have to be shifted back, pixel for pixel
+            raise UserError("task.tta: segmentation averages flips only; set task.tta=flip or none")
         if ignore_index < 0:
             raise UserError(f"task.ignore_index: must be 0 or more, got {ignore_index}")
         self.ignore_index = ignore_index
