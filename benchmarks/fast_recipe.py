@@ -55,7 +55,8 @@ def run_script(args: argparse.Namespace, cfg) -> dict:
                         final_lr_ratio=cfg.scheduler.final_lr_ratio, ema_decay=cfg.trainer.ema_decay,
                         ema_every=cfg.trainer.ema_every, padding=crop.padding, mean=list(cfg.dataset.mean),
                         std=list(cfg.dataset.std), precision=str(cfg.trainer.precision),
-                        compile=cfg.trainer.compile, device=pick_device(cfg.trainer.device), seed=args.seed)
+                        compile=cfg.trainer.compile, device=pick_device(cfg.trainer.device), seed=args.seed,
+                        tta=cfg.task.tta if cfg.trainer.val_tta else "none")  # as ours validates
 
 
 def main(argv: list[str] | None = None) -> dict:

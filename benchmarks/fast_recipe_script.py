@@ -62,12 +62,20 @@ def batches(images, labels, batch_size, mean, std, padding, seed, epoch, train):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, mean, std, dtype) -> float:
+def evaluate(model, images, labels, mean, std, dtype, tta: str = "flip") -> float:
+    """Accuracy, under test-time augmentation: none, flip, or flip_translate (flips of the image and of
+    its two one-pixel shifts, weighted 1/2, 1/4, 1/4)."""
     model.eval()
+
+    def flips(x):
+        return model(x) + model(x.flip(-1)) if tta != "none" else model(x)
     correct = torch.zeros((), device=images.device)
     for x, y in batches(images, labels, 1000, mean, std, 0, 0, 0, train=False):
         with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x) + model(x.flip(-1))  # flip test-time augmentation
+            logits = flips(x)
+            if tta == "flip_translate":
+                padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+                logits = logits / 2 + (flips(padded[..., :32, :32]) + flips(padded[..., 2:, 2:])) / 4
         correct += (logits.argmax(1) == y).sum()
     return correct.item() / len(labels)
 
@@ -75,7 +83,7 @@ def evaluate(model, images, labels, mean, std, dtype) -> float:
 def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, batch_size: int, lr: float,
           momentum: float, weight_decay: float, bias_scale: float, label_smoothing: float, warmup_epochs: float,
           final_lr_ratio: float, ema_decay: float, ema_every: int, padding: int, mean, std, precision: str,
-          compile: bool, device: torch.device, seed: int = 0) -> dict:
+          compile: bool, device: torch.device, seed: int = 0, tta: str = "flip") -> dict:
     """Trains until the EMA weights reach `target` validation accuracy (or `epochs` run out). The time
     counts training and evaluation, not loading the data or compiling."""
     train_x, train_y = (t.to(device) for t in load_split(data / "train"))
@@ -125,7 +133,7 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
                     ours = [*average.parameters(), *(b for b in average.buffers() if b.is_floating_point())]
                     theirs = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
                     torch._foreach_lerp_(ours, theirs, 1 - ema_decay)
-        accuracy = evaluate(average, val_x, val_y, mean, std, dtype)  # synchronises
+        accuracy = evaluate(average, val_x, val_y, mean, std, dtype, tta)  # synchronises
         seconds += time.perf_counter() - start
         if accuracy >= target:
             break

@@ -94,6 +94,17 @@ def test_fast_recipe_benchmark_trains_both_identically(tmp_path):
     assert run["ours"]["val_acc"] == run["script"]["val_acc"]  # the same batches, the same steps: the same model
 
 
+def test_record_benchmark_trains_both_recipes_for_the_same_epochs(tmp_path):
+    from conftest import write_imagefolder
+    write_imagefolder(tmp_path / "images", per_class=16, size=(32, 32))
+    result = run_benchmark("vs_record", "--data", str(tmp_path / "images"), "--epochs", "2", "--seeds", "0")
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout.strip().splitlines()[-1])["runs"][0]
+    assert run["ours"]["epochs"] == 2 and run["record"]["steps"] == 2  # 48 images: one batch of 1,024 an epoch
+    for side in ("ours", "record"):  # an accuracy over the 48 validation images, each side's own
+        assert run[side]["val_acc"] * 48 == pytest.approx(round(run[side]["val_acc"] * 48))
+
+
 def test_serve_benchmark_sends_every_request_to_both_servers():
     pytest.importorskip("aiohttp", reason="the serve extra is not installed")
     result = run_benchmark("serve", "--requests", "60", "--clients", "6", "--max-batch-size", "8", "--width", "8",

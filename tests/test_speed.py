@@ -100,7 +100,8 @@ def test_stop_at_ends_training_and_profile_writes_a_trace_beside_the_tensorboard
 
 def test_fast_recipe_composes_and_trains_shrunk(tmp_path):
     cfg = compose_config("experiment=cifar10_fast")
-    assert cfg.model.name == "fastnet" and cfg.loader.on_device and cfg.task.tta == "flip"
+    assert cfg.model.name == "fastnet" and cfg.loader.on_device and cfg.task.tta == "flip_translate"
+    assert not cfg.trainer.val_tta  # validation in one pass; the test (and the export) under the TTA
     assert cfg.loader.batch_size == 1024 and cfg.trainer.compile and cfg.trainer.ema_decay > 0
     result = run_trainer("experiment=cifar10_fast", "dataset=synthetic", "dataset.train_size=768",
                          "dataset.test_size=128", "model.widths=[16,32,32]", "loader.batch_size=64",
