@@ -80,3 +80,17 @@ def test_an_unknown_path_offline_names_the_cache_to_fill(monkeypatch, capsys, tm
     code, err = refused_in_process(monkeypatch, capsys, "dataset=hf", "dataset.path=someone/no-such-dataset", *RUN)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "dataset.path: cannot load 'someone/no-such-dataset'" in err and str(tmp_path / "cache") in err
+
+
+def test_a_damaged_arrow_file_is_one_line_naming_it(folders, tmp_path):
+    """Files from elsewhere are hostile: a truncated Arrow file is refused in one line, never a crash."""
+    import shutil
+
+    from trainer import DATASETS
+    from trainer.errors import UserError
+    _, saved = folders
+    copy = shutil.copytree(saved, tmp_path / "copy")
+    arrow = sorted((copy / "train").glob("*.arrow"))[0]
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"dataset.path: cannot load the folder {copy} \\(OSError: .*; write it again"):
+        DATASETS.build("hf", path=str(copy), num_classes=3, streaming=True, image_size=16)

@@ -40,12 +40,15 @@ def open_splits(path: str) -> Any:
         else:
             loaded = datasets.load_dataset(path)
     except Exception as e:  # noqa: BLE001 - not found, offline, a damaged folder: one line, exit 2
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+        if folder.is_dir():
+            raise UserError(f"dataset.path: cannot load the folder {path} ({reason}); write it again with "
+                            f"save_to_disk, or give a folder of data files") from None
         cache = os.environ.get("HF_DATASETS_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
                                                                            "huggingface")) / "datasets"
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        raise UserError(f"dataset.path: cannot load '{path}' ({type(e).__name__}{': ' + reason if reason else ''}); "
-                        f"give a folder written by save_to_disk, a folder of data files, or a hub name (offline: "
-                        f"load it once on a machine with network to fill {cache}, or set HF_DATASETS_CACHE)") from None
+        raise UserError(f"dataset.path: cannot load '{path}' ({reason}); give a folder written by save_to_disk, a "
+                        f"folder of data files, or a hub name (offline: load it once on a machine with network to "
+                        f"fill {cache}, or set HF_DATASETS_CACHE)") from None
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 
 

@@ -71,7 +71,7 @@ def iter_shard(shard: Shard, start: int, stop: int, wanted: Callable[[int], bool
                classes: Sequence[str]) -> Iterator[tuple[int, Callable[[], tuple[bytes, int]]]]:
     """(index in shard, read) for the wanted samples with start <= index < stop; `read()` returns
     (encoded image, label) and must be called before the caller asks for the next sample."""
-    if shard.columns is not None:  # an Arrow or Parquet table (a Hugging Face dataset)
+    if shard.columns is not None:  # an Arrow table (a Hugging Face dataset's file)
         yield from iter_table_rows(shard.path, shard.columns, start, stop, wanted, classes)
         return
     if shard.path.endswith(".jsonl"):

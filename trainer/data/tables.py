@@ -1,5 +1,5 @@
 """Samples held in tables: the Arrow files a Hugging Face `datasets` dataset keeps (its save_to_disk
-folder, its cache) and Parquet files (the hub's format), read row by row for the streaming dataset.
+folder, its cache), read row by row for the streaming dataset.
 
 An image cell is what `datasets` stores for an Image feature, {"bytes", "path"} (bytes inline, or a
 file beside it), or plain bytes, or a path. Only the rows a worker wants are turned into Python
@@ -11,15 +11,9 @@ from pathlib import Path
 
 from trainer.errors import UserError
 
-TABLE_SUFFIXES = (".arrow", ".parquet")
-
-
-def _record_batches(path: str, columns: Sequence[str]) -> Iterator:
+def _record_batches(path: str) -> Iterator:
+    """An Arrow file's record batches, memory-mapped: a batch's rows are read only when asked for."""
     import pyarrow as pa
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        yield from pq.ParquetFile(path).iter_batches(columns=list(columns))
-        return
     with pa.memory_map(path) as source:
         try:
             reader = pa.ipc.open_stream(source)  # what `datasets` writes
@@ -31,13 +25,10 @@ def _record_batches(path: str, columns: Sequence[str]) -> Iterator:
 
 
 def count_rows(path: str) -> int:
-    """A table file's rows, from its metadata (Parquet) or its batch headers (Arrow, memory-mapped)."""
+    """An Arrow file's rows, from its batches' headers."""
     import pyarrow as pa
     try:
-        if path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            return pq.ParquetFile(path).metadata.num_rows
-        return sum(batch.num_rows for batch in _record_batches(path, ()))
+        return sum(batch.num_rows for batch in _record_batches(path))
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"dataset.path: cannot read {path} as a table ({_first_line(e)}); write the dataset "
                         f"again (save_to_disk)") from None
@@ -51,7 +42,7 @@ def iter_table_rows(path: str, columns: tuple[str, str], start: int, stop: int, 
     image_column, label_column = columns
     first = 0
     try:
-        for batch in _record_batches(path, columns):
+        for batch in _record_batches(path):
             if first >= stop:
                 return
             if first + batch.num_rows > start:
