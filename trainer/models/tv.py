@@ -56,7 +56,6 @@ def torchvision_model(num_classes: int, arch: str, in_channels: int = 3, weights
     return RepeatChannels(model, 3) if in_channels == 1 else model
 
 
-
 def weights_data_config(model: DictConfig) -> dict:
     """The preprocessing of model.weights (DEFAULT's for a model.checkpoint): torchvision's transforms()."""
     import torchvision
