@@ -56,7 +56,8 @@ def run_script(args: argparse.Namespace, cfg) -> dict:
                         ema_every=cfg.trainer.ema_every, padding=crop.padding, mean=list(cfg.dataset.mean),
                         std=list(cfg.dataset.std), precision=str(cfg.trainer.precision),
                         compile=cfg.trainer.compile, device=pick_device(cfg.trainer.device), seed=args.seed,
-                        tta=cfg.task.tta if cfg.trainer.val_tta else "none")  # as ours validates
+                        tta=cfg.task.tta if cfg.trainer.val_tta else "none",  # as ours validates
+                        start_lr_ratio=cfg.scheduler.start_lr_ratio)
 
 
 def main(argv: list[str] | None = None) -> dict:

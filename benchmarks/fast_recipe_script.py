@@ -83,7 +83,8 @@ def evaluate(model, images, labels, mean, std, dtype, tta: str = "flip") -> floa
 def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, batch_size: int, lr: float,
           momentum: float, weight_decay: float, bias_scale: float, label_smoothing: float, warmup_epochs: float,
           final_lr_ratio: float, ema_decay: float, ema_every: int, padding: int, mean, std, precision: str,
-          compile: bool, device: torch.device, seed: int = 0, tta: str = "flip") -> dict:
+          compile: bool, device: torch.device, seed: int = 0, tta: str = "flip",
+          start_lr_ratio: float = 0.0) -> dict:
     """Trains until the EMA weights reach `target` validation accuracy (or `epochs` run out). The time
     counts training and evaluation, not loading the data or compiling."""
     train_x, train_y = (t.to(device) for t in load_split(data / "train"))
@@ -100,9 +101,9 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
                                 momentum=momentum, nesterov=True)
     steps_per_epoch = -(-len(train_y) // batch_size)
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    def factor(step: int) -> float:  # linear warmup, then a straight line down to final_lr_ratio
+    def factor(step: int) -> float:  # linear warmup from start_lr_ratio, then a straight line to final_lr_ratio
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return start_lr_ratio + (1 - start_lr_ratio) * (step + 1) / (warmup + 1)
         return 1 - (1 - final_lr_ratio) * min((step - warmup) / max(total - warmup, 1), 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     average = copy.deepcopy(model).eval()

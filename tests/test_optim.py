@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trainer import MODELS, OPTIMIZERS, SCHEDULERS
+from trainer.errors import UserError
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])
@@ -40,6 +41,17 @@ def test_cosine_warms_up_linearly_then_decays_to_min():
     assert lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warmup
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_linear_warms_up_from_its_start_ratio_and_ends_at_its_final_ratio():
+    plain = _lrs("linear", warmup_epochs=1, final_lr_ratio=0.07)
+    assert plain[0] == 1 / 11 and plain[10] == 1.0  # from ~0, as before the key existed
+    started = _lrs("linear", warmup_epochs=1, final_lr_ratio=0.07, start_lr_ratio=0.2)
+    assert started[0] == pytest.approx(0.2 + 0.8 / 11) and started[9] == pytest.approx(0.2 + 0.8 * 10 / 11)
+    assert started[10:] == plain[10:]  # after the warmup, the same straight line down
+    assert started[-1] == pytest.approx(0.07 + 0.93 / 90, abs=1e-9)
+    with pytest.raises(UserError, match=r"scheduler.start_lr_ratio: must be in \[0, 1\]"):
+        _lrs("linear", start_lr_ratio=1.5)
 
 
 def test_onecycle_peaks_at_pct_start():

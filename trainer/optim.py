@@ -177,13 +177,16 @@ def onecycle(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, pct_s
 
 @SCHEDULERS.register("linear")
 def linear(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-           final_lr_ratio: float = 0.0) -> LambdaLR:
-    """Linear warmup from ~0, then a straight line down to final_lr_ratio * lr at the last step."""
+           final_lr_ratio: float = 0.0, start_lr_ratio: float = 0.0) -> LambdaLR:
+    """Linear warmup from start_lr_ratio * lr (0: from ~0), then a straight line down to
+    final_lr_ratio * lr at the last step."""
+    if not 0 <= start_lr_ratio <= 1:
+        raise UserError(f"scheduler.start_lr_ratio: must be in [0, 1], got {start_lr_ratio}")
     warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return start_lr_ratio + (1 - start_lr_ratio) * (step + 1) / (warmup + 1)
         progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
         return 1 - (1 - final_lr_ratio) * progress
     return LambdaLR(optimizer, factor)
