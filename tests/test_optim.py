@@ -91,7 +91,6 @@ def test_batch_mix_builds_mixup_cutmix_or_nothing():
 
 
 def test_head_lr_scale_puts_the_last_linear_layer_apart_and_leaves_the_groups_alone_at_1():
-    from trainer.errors import UserError
     from trainer.optim import param_groups
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
@@ -107,7 +106,6 @@ def test_head_lr_scale_puts_the_last_linear_layer_apart_and_leaves_the_groups_al
 
 
 def test_layer_decay_scales_each_block_below_the_head_and_keeps_the_weight_decay_split():
-    from trainer.errors import UserError
     from trainer.optim import param_groups
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
