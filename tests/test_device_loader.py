@@ -16,14 +16,17 @@ def _device_batches(bundle, seed=3, shuffle=True, batch_size=16):
                          shuffle=shuffle, drop_last=False)
 
 
-def test_every_output_is_a_crop_or_flip_of_its_own_image():
-    bundle = DATASETS.build("synthetic", train_size=48, test_size=8, val_split=0.0, augment=AUGMENT)
+@pytest.mark.parametrize("mode", ["constant", "edge", "reflect", "symmetric"])
+def test_every_output_is_a_crop_or_flip_of_its_own_image(mode):
+    crop = {"name": "RandomCrop", "size": 32, "padding": 4, "padding_mode": mode}
+    bundle = DATASETS.build("synthetic", train_size=48, test_size=8, val_split=0.0,
+                            augment=[crop, {"name": "RandomHorizontalFlip"}])
     batches = _device_batches(bundle, shuffle=False)
     normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(bundle.mean, bundle.std)])
     images, labels = next(iter(batches))
     flips = 0
     for i in range(len(images)):
-        source = v2.functional.pad(bundle.train.images[i], [4, 4, 4, 4])
+        source = v2.functional.pad(bundle.train.images[i], [4, 4, 4, 4], padding_mode=mode)
         candidates = [source[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
         matches = [k for k, c in enumerate(candidates) for flip in (False, True)
                    if torch.equal(normalise(c.flip(-1) if flip else c), images[i])]

@@ -2,7 +2,7 @@
 permutation, and augmentation runs on whole batches as tensor operations, with no per-sample Python.
 
 It reproduces the dataset's own transform (read from its transforms.v2 pipeline): Resize is applied
-once up front, RandomCrop with constant padding and RandomHorizontalFlip per sample but batched,
+once up front, RandomCrop (any padding mode) and RandomHorizontalFlip per sample but batched,
 then scaling and Normalize, then Cutout. Other augmentation steps have no batched version here and are refused.
 Every random draw of an epoch comes from a generator seeded by (seed, epoch) and is indexed by the
 sample's position in the epoch, so the same seed gives the same batches, and a resume can start
@@ -29,7 +29,7 @@ class DeviceBatches:
         self.seed, self.shuffle, self.rank = seed, shuffle, rank
         self.plan = EpochPlan(len(dataset), batch_size, world_size, drop_last)
         self.epoch, self.start = 0, 0
-        self.crop: tuple[tuple[int, int], list[int], float] | None = None
+        self.crop: tuple[tuple[int, int], list[int], float, str] | None = None
         self.flip_p = 0.0
         self.cutout = 0
         from torchvision.transforms import v2  # the steps the dataset's transform is made of
@@ -37,8 +37,8 @@ class DeviceBatches:
         for step in dataset.transform.transforms:
             if isinstance(step, v2.Resize):
                 images = torch.cat([step(chunk) for chunk in images.split(1024)])  # once, not every epoch
-            elif isinstance(step, v2.RandomCrop) and step.padding_mode == "constant" and not step.pad_if_needed:
-                self.crop = (step.size, step.padding or [0, 0, 0, 0], float(step.fill))
+            elif isinstance(step, v2.RandomCrop) and not step.pad_if_needed:
+                self.crop = (step.size, step.padding or [0, 0, 0, 0], float(step.fill), step.padding_mode)
             elif isinstance(step, v2.RandomHorizontalFlip):
                 self.flip_p = step.p
             elif isinstance(step, Cutout):
@@ -67,7 +67,7 @@ class DeviceBatches:
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         offsets = flips = centres = None
         if self.crop is not None:
-            (h, w), (left, right, top, bottom), _ = self.crop  # transforms.v2 keeps padding in this order
+            (h, w), (left, right, top, bottom), _, _ = self.crop  # transforms.v2 keeps padding in this order
             limits = torch.tensor([self.images.shape[-2] + top + bottom - h + 1,
                                    self.images.shape[-1] + left + right - w + 1])
             offsets = (torch.rand(n, 2, generator=generator) * limits).long().to(self.device)
@@ -102,11 +102,25 @@ class DeviceBatches:
         return images.masked_fill_((inside_rows[:, :, None] & inside_cols[:, None, :])[:, None], 0)
 
     def _crop(self, images: Tensor, offsets: Tensor) -> Tensor:
-        """A different crop per image, as one gather from the padded batch."""
-        (h, w), (left, right, top, bottom), fill = self.crop
-        padded = F.pad(images, (left, right, top, bottom), value=fill)
-        rows = (offsets[:, 0, None] + torch.arange(h, device=images.device))[:, None, :, None]
-        cols = (offsets[:, 1, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        """A different crop per image, as one gather: from the padded batch (constant padding), or from the
+        batch itself through rows and columns mapped back inside the image (edge, reflect, symmetric)."""
+        (h, w), (left, right, top, bottom), fill, mode = self.crop
+        rows = offsets[:, 0, None] + torch.arange(h, device=images.device)  # in the padded image's coordinates
+        cols = offsets[:, 1, None] + torch.arange(w, device=images.device)
+        if mode == "constant":
+            images = F.pad(images, (left, right, top, bottom), value=fill)
+        else:
+            rows, cols = _inside(rows - top, images.shape[-2], mode), _inside(cols - left, images.shape[-1], mode)
         batch = torch.arange(len(images), device=images.device)[:, None, None, None]
         channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-        return padded[batch, channels, rows, cols]
+        return images[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _inside(index: Tensor, size: int, mode: str) -> Tensor:
+    """Positions outside 0..size-1 mapped to the pixel that padding mode `mode` (torchvision's) copies there."""
+    if mode == "edge":
+        return index.clamp(0, size - 1)
+    if mode == "reflect":  # the edge pixel is not repeated: -1 -> 1, size -> size - 2
+        return torch.where(index < 0, -index, torch.where(index >= size, 2 * (size - 1) - index, index))
+    # symmetric (transforms.v2 has no other mode): the edge pixel is repeated, -1 -> 0, size -> size - 1
+    return torch.where(index < 0, -index - 1, torch.where(index >= size, 2 * size - 1 - index, index))
