@@ -45,6 +45,8 @@ class TrainerConfig:
     cudnn_benchmark: bool = True  # on CUDA: let cuDNN pick the fastest algorithms for the fixed shapes
     ema_decay: float = 0.0  # 0: off; else evaluate, test and export an EMA of the weights
     ema_every: int = 1  # update the EMA every N optimizer steps
+    ema_decay_power: float = 0.0  # > 0: the decay grows over training, ema_decay * (step / total) ** this
+    ema_lookahead: bool = False  # after each EMA update the model continues from the average (Lookahead)
     unfreeze_at_epoch: int = 0  # model.freeze's parameters train from this epoch (1-based) on; 0: never
     profile: bool = False  # a torch.profiler trace of a few steps into the run's tensorboard/ folder
     profile_steps: int = 5
@@ -107,6 +109,8 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("manifest_count", _manifest_count, replace=True)
     OmegaConf.register_new_resolver("text_class_count", _text_class_count, replace=True)
     OmegaConf.register_new_resolver("hf_class_count", _hf_class_count, replace=True)
+    # `compile: ${on_cuda:${trainer.device}}`: a setting that pays on a GPU and not on a CPU
+    OmegaConf.register_new_resolver("on_cuda", _on_cuda, replace=True)
     # hparams_search=optuna: the study's direction follows checkpoint.mode; trials get short, stable folders
     OmegaConf.register_new_resolver("optuna_direction", _optuna_direction, replace=True)
     OmegaConf.register_new_resolver("trial_dirname", trial_dirname, replace=True)
@@ -125,6 +129,14 @@ def monitored(task: str, monitor: str | None, mode: str | None) -> tuple[str, st
     split, _, metric = monitor.partition("/")
     modes = cls.metrics if split == "val" else {"loss": "min", **cls.train_metrics}
     return monitor, mode or modes.get(metric, "max")
+
+
+def _on_cuda(device: str) -> bool:
+    """Whether trainer.device (as trainer.devices.pick_device reads it) is a CUDA device."""
+    if device != "auto":
+        return device.startswith("cuda")
+    import torch
+    return torch.cuda.is_available()
 
 
 def _count_classes(root: str) -> int:
@@ -199,6 +211,7 @@ RULES = [
     ("trainer.compile_mode", lambda v: v in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}"),
     ("trainer.ema_decay", lambda v: 0 <= v < 1, "in [0, 1) (0: off)"),
     ("trainer.ema_every", _at_least(1), "1 or more"),
+    ("trainer.ema_decay_power", lambda v: v >= 0, "0 (a constant decay) or more"),
     ("trainer.profile_steps", _at_least(1), "1 or more"),
     ("trainer.threads", lambda v: v is None or v >= 1, "null (one per core) or 1 or more"),
     ("checkpoint.keep_last", _at_least(1), "1 or more"),
