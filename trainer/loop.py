@@ -102,6 +102,8 @@ class Trainer:
         self.model.train()
         if self.freezer is not None:
             self.freezer.apply(p.epoch)
+        if hasattr(model := unwrap(self.model), "start_epoch"):  # what a model changes by epoch (fastnet)
+            model.start_epoch(p.epoch)
         self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch)
         # Metrics accumulate on the device; the window covers the batches between two finiteness checks.
         # A resumed epoch's partial sums are the whole job's: rank 0 carries them, the others start at 0.

@@ -77,22 +77,28 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = OPTIMIZERS.build(cfg.optimizer.name, model=model, **params_of(cfg.optimizer))
-    ema = WeightAverage(model, t.ema_decay, t.ema_every) if t.ema_decay > 0 else None
     _, steps_per_epoch, total_steps = plan_steps(len(loaders.train), t.limit_train_batches,
                                                  t.accumulate_grad_batches, t.max_epochs, t.max_steps)
+    ema = WeightAverage(model, t.ema_decay, t.ema_every, t.ema_decay_power, total_steps,
+                        t.ema_lookahead) if t.ema_decay > 0 else None
     resumed_step = None if state is None else state["progress"]["step"]
     schedule_start = 0 if state is None else resumed_step if ck.reset_scheduler else \
         state["progress"].get("schedule_start", 0)
     scheduler = SCHEDULERS.build(cfg.scheduler.name, optimizer=optimizer, total_steps=total_steps - schedule_start,
                                  steps_per_epoch=steps_per_epoch, **params_of(cfg.scheduler))
-    freezer = None
+    freezer, first_epoch = None, 0 if state is None else state["progress"]["epoch"]
     if cfg.model.get("freeze"):  # checked before a tracker opens a run for a run that is refused
         from trainer.finetune import Freezer
         freezer = Freezer(model, list(cfg.model.freeze), t.unfreeze_at_epoch)
         if distributed.active() and t.unfreeze_at_epoch:
             raise UserError("trainer.unfreeze_at_epoch: with several processes DDP fixes the trained parameters when "
                             "it wraps the model; unfreeze in a resumed run instead (model.freeze=[] on resume)")
-        freezer.apply(0 if state is None else state["progress"]["epoch"])  # before DDP sees which ones train
+        freezer.apply(first_epoch)  # before DDP sees which ones train
+    if hasattr(model, "start_epoch"):  # the same: what trains in the first epoch, before DDP wraps the model
+        model.start_epoch(first_epoch)
+    if distributed.active() and cfg.model.get("whiten_bias_epochs", 0) > first_epoch:
+        raise UserError("model.whiten_bias_epochs: with several processes DDP fixes the trained parameters when it "
+                        "wraps the model; set model.whiten_bias_epochs=0 (or resume after that epoch)")
     config = OmegaConf.to_container(cfg, resolve=True)  # plain: in every checkpoint, and the trackers' parameters
     if distributed.is_main():
         metrics = build_metric_log(cfg, config, run_dir, state)
