@@ -57,7 +57,8 @@ def run_script(args: argparse.Namespace, cfg) -> dict:
                         std=list(cfg.dataset.std), precision=str(cfg.trainer.precision),
                         compile=cfg.trainer.compile, device=pick_device(cfg.trainer.device), seed=args.seed,
                         tta=cfg.task.tta if cfg.trainer.val_tta else "none",  # as ours validates
-                        start_lr_ratio=cfg.scheduler.start_lr_ratio)
+                        start_lr_ratio=cfg.scheduler.start_lr_ratio, padding_mode=crop.get("padding_mode", "constant"),
+                        ema_decay_power=cfg.trainer.ema_decay_power, lookahead=cfg.trainer.ema_lookahead)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -38,7 +38,7 @@ def load_split(folder: Path, size: int = 32) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack(images), torch.tensor(labels)
 
 
-def batches(images, labels, batch_size, mean, std, padding, seed, epoch, train):
+def batches(images, labels, batch_size, mean, std, padding, seed, epoch, train, padding_mode="constant"):
     """Normalised batches; when training, shuffled, and each image randomly shifted and flipped."""
     n, device = len(labels), images.device
     generator = torch.Generator().manual_seed(seed_of(seed, epoch))
@@ -50,7 +50,7 @@ def batches(images, labels, batch_size, mean, std, padding, seed, epoch, train):
         index = order[first:first + batch_size]
         x = images[index]
         if train:
-            x = F.pad(x, (padding,) * 4)  # then a crop back to size, one per image
+            x = F.pad(x, (padding,) * 4, mode=padding_mode)  # then a crop back to size, one per image
             shift = shifts[first:first + batch_size]
             rows = (shift[:, :1] + torch.arange(images.shape[-2], device=device))[:, None, :, None]
             cols = (shift[:, 1:] + torch.arange(images.shape[-1], device=device))[:, None, None, :]
@@ -84,7 +84,8 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
           momentum: float, weight_decay: float, bias_scale: float, label_smoothing: float, warmup_epochs: float,
           final_lr_ratio: float, ema_decay: float, ema_every: int, padding: int, mean, std, precision: str,
           compile: bool, device: torch.device, seed: int = 0, tta: str = "flip",
-          start_lr_ratio: float = 0.0) -> dict:
+          start_lr_ratio: float = 0.0, padding_mode: str = "constant", ema_decay_power: float = 0.0,
+          lookahead: bool = False) -> dict:
     """Trains until the EMA weights reach `target` validation accuracy (or `epochs` run out). The time
     counts training and evaluation, not loading the data or compiling."""
     train_x, train_y = (t.to(device) for t in load_split(data / "train"))
@@ -93,7 +94,8 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
     std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     dtype = {"32": None, "bf16": torch.bfloat16}[precision]
     model = model.to(device, memory_format=torch.channels_last)
-    model.init_from_data(next(batches(train_x, train_y, batch_size, mean, std, padding, seed, 0, True))[0])
+    first = next(batches(train_x, train_y, batch_size, mean, std, padding, seed, 0, True, padding_mode))
+    model.init_from_data(first[0])
     norms_and_biases = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     others = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     optimizer = torch.optim.SGD([{"params": others, "lr": lr, "weight_decay": weight_decay},
@@ -110,7 +112,7 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
     step_model = torch.compile(model) if compile else model
     if compile:  # warm up outside the timing, then put every weight back
         saved = copy.deepcopy(model.state_dict())
-        x, y = next(batches(train_x, train_y, batch_size, mean, std, padding, seed, 0, True))
+        x, y = next(batches(train_x, train_y, batch_size, mean, std, padding, seed, 0, True, padding_mode))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             F.cross_entropy(step_model(x), y).backward()
         optimizer.zero_grad(set_to_none=True)
@@ -121,7 +123,8 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
             torch.cuda.synchronize()
         start = time.perf_counter()
         step_model.train()
-        for x, y in batches(train_x, train_y, batch_size, mean, std, padding, seed, epoch - 1, True):
+        model.start_epoch(epoch - 1)  # the network's own: its whitening bias may stop training
+        for x, y in batches(train_x, train_y, batch_size, mean, std, padding, seed, epoch - 1, True, padding_mode):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = F.cross_entropy(step_model(x), y, label_smoothing=label_smoothing)
             loss.backward()
@@ -129,11 +132,14 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
             step += 1
-            if step % ema_every == 0:
+            if step % ema_every == 0:  # the average; with lookahead, the model goes on from it
+                decay = ema_decay * (step / total) ** ema_decay_power if ema_decay_power else ema_decay
                 with torch.no_grad():
                     ours = [*average.parameters(), *(b for b in average.buffers() if b.is_floating_point())]
                     theirs = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
-                    torch._foreach_lerp_(ours, theirs, 1 - ema_decay)
+                    torch._foreach_lerp_(ours, theirs, 1 - decay)
+                    if lookahead:
+                        torch._foreach_copy_(theirs, ours)
         accuracy = evaluate(average, val_x, val_y, mean, std, dtype, tta)  # synchronises
         seconds += time.perf_counter() - start
         if accuracy >= target:

@@ -134,8 +134,10 @@ def train(data: Path, epochs: float = 9.9, seed: int = 0, batch_size: int = 1024
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if step % 5 == 0 or step == total:  # lookahead: pull towards the average, then the average along
-                alpha = 0.95 ** 5 * (step / total) ** 3 if step < total else 1.0
+            # lookahead every 5 steps: the average moves towards the model, the model goes on from the
+            # average; after the last step the model takes the average (the record's final decay of 1)
+            alphas = ([0.95 ** 5 * (step / total) ** 3] if step % 5 == 0 else []) + ([1.0] if step == total else [])
+            for alpha in alphas:
                 with torch.no_grad():
                     for a, m in zip(average.state_dict().values(), model.state_dict().values()):
                         if a.is_floating_point():

@@ -102,9 +102,13 @@ def test_fast_recipe_composes_and_trains_shrunk(tmp_path):
     cfg = compose_config("experiment=cifar10_fast")
     assert cfg.model.name == "fastnet" and cfg.loader.on_device and cfg.task.tta == "flip_translate"
     assert not cfg.trainer.val_tta  # validation in one pass; the test (and the export) under the TTA
-    assert cfg.loader.batch_size == 1024 and cfg.trainer.compile and cfg.trainer.ema_decay > 0
+    assert cfg.loader.batch_size == 1024 and cfg.trainer.ema_decay > 0 and cfg.trainer.ema_lookahead
+    assert cfg.trainer.compile == torch.cuda.is_available()  # compiled on a GPU, eager on a CPU (faster there)
+    assert compose_config("experiment=cifar10_fast", "trainer.device=cpu").trainer.compile is False
+    assert compose_config("experiment=cifar10_fast", "trainer.device=cuda:1").trainer.compile is True
     result = run_trainer("experiment=cifar10_fast", "dataset=synthetic", "dataset.train_size=768",
                          "dataset.test_size=128", "model.widths=[16,32,32]", "loader.batch_size=64",
+                         "optimizer.lr=0.4",  # shrunk with the batch: at 1.5 a batch of 64 goes astray
                          "trainer.precision=32", "trainer.compile=false", "trainer.max_epochs=3",
                          "trainer.progress_bar=false", "export.formats=[torch_export]", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
@@ -133,6 +137,62 @@ def test_weight_average_is_an_exponential_moving_average():
     assert torch.equal(average.module.weight, start)
     average.update(model, step=2)
     assert torch.allclose(average.module.weight, 0.75 * start + 0.25 * (start + 4.0))
+
+
+def test_weight_average_decay_grows_with_its_power_and_lookahead_moves_the_model():
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.8, every=1, power=3, total_steps=10, lookahead=True)
+    assert [average.decay_at(s) for s in (0, 5, 10)] == [0.0, 0.8 * 0.5 ** 3, 0.8]
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    average.update(model, step=5)
+    expected = 0.1 * start + 0.9 * (start + 4.0)  # decay 0.1 at half-way
+    assert torch.allclose(average.module.weight, expected)
+    assert torch.equal(model.weight, average.module.weight)  # lookahead: the model goes on from the average
+    watcher = WeightAverage(model, decay=0.8, every=1)  # without: a constant decay, and the model untouched
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    watcher.update(model, step=1)
+    assert watcher.decay_at(1) == watcher.decay_at(1000) == 0.8 and torch.equal(model.weight, before + 1.0)
+
+
+def test_the_whitening_bias_trains_for_its_epochs_only():
+    model = MODELS.build("fastnet", num_classes=10, widths=[8, 8, 8], whiten_bias_epochs=2)
+    bias = model[0].conv.bias
+    x = torch.randn(4, 3, 16, 16)
+    for epoch, trains in ((0, True), (1, True), (2, False), (5, False)):
+        model.start_epoch(epoch)
+        model(x).sum().backward()
+        assert bias.requires_grad is trains and (bias.grad is not None) is trains, epoch
+        model.zero_grad(set_to_none=True)
+    always = MODELS.build("fastnet", num_classes=10, widths=[8, 8, 8])  # 0: the bias always trains
+    always.start_epoch(50)
+    assert always[0].conv.bias.requires_grad
+
+
+def test_the_records_recipe_keys_resume_exactly_and_freeze_the_whitening_bias(tmp_path):
+    """Lookahead with the growing decay, the whitening bias trained for one epoch, reflect-padded crops:
+    killed in the third epoch and resumed, the run ends as the one never interrupted; the bias stays
+    as it was after epoch 1, and after the last update the model is the average."""
+    from conftest import assert_same_training_state, kill_while_saving
+    args = ["experiment=cifar10_fast", "dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64",
+            "model.widths=[8,16,16]", "model.whiten_bias_epochs=1", "loader.batch_size=64", "trainer.precision=32",
+            "trainer.device=cpu", "trainer.max_epochs=3", "trainer.ema_every=2", "checkpoint.every_n_steps=4",
+            "trainer.progress_bar=false", "export.formats=[]"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_trainer(*args, f"hydra.run.dir={straight}").returncode == 0
+    kill_while_saving(killed, args, 8)
+    after_epoch_1 = load_checkpoint(killed / "checkpoints" / "last.pt")
+    assert after_epoch_1["progress"]["step"] == 4
+    resumed = run_trainer(*args, f"hydra.run.dir={killed}", f"resume={killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_training_state(straight, killed)
+    final = load_checkpoint(straight / "checkpoints" / "last.pt")
+    assert torch.equal(final["model"]["0.conv.bias"], after_epoch_1["model"]["0.conv.bias"])
+    assert not torch.equal(final["model"]["2.4.weight"], after_epoch_1["model"]["2.4.weight"])  # the rest trained
+    assert all(torch.equal(t, final["ema"][k]) for k, t in final["model"].items() if t.is_floating_point())
 
 
 def test_flip_average_is_the_same_for_an_image_and_its_mirror():
