@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from fast_recipe_script import train as train_script
-from frameworks import build_ours
+from frameworks import build_ours, compose, in_child
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -35,13 +35,13 @@ def overrides(args: argparse.Namespace) -> list[str]:
             "export.formats=[]", f"seed={args.seed}"]
 
 
-def run_ours(args: argparse.Namespace, run_dir: Path) -> tuple[dict, object]:
-    trainer, _, cfg = build_ours(overrides(args), run_dir)
+def run_ours(args: argparse.Namespace, run_dir: Path) -> dict:
+    trainer, _, _ = build_ours(overrides(args), run_dir)
     trainer.fit()
     seconds = sum(trainer.timer.seconds[phase] for phase in ("train", "eval", "checkpoint"))
     p = trainer.progress
     return {"seconds": seconds, "epochs": p.epoch, "val_acc": p.metrics["val/acc"],
-            "reached": p.metrics["val/acc"] >= args.target}, cfg
+            "reached": p.metrics["val/acc"] >= args.target}
 
 
 def run_script(args: argparse.Namespace, cfg) -> dict:
@@ -73,13 +73,15 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             args.seed = seed
-            if seed % 2 == 0:  # which side goes first alternates: the machine's speed drifts
-                ours, cfg = run_ours(args, Path(tmp) / f"seed-{seed}")
-                script = run_script(args, cfg)
+            # Each side in a process of its own (see frameworks.in_child); which goes first alternates: the
+            # machine's speed drifts.
+            cfg = compose(overrides(args))
+            if seed % 2 == 0:
+                ours = in_child(run_ours, args, Path(tmp) / f"seed-{seed}")
+                script = in_child(run_script, args, cfg)
             else:
-                from frameworks import compose
-                script = run_script(args, compose(overrides(args)))
-                ours, cfg = run_ours(args, Path(tmp) / f"seed-{seed}")
+                script = in_child(run_script, args, cfg)
+                ours = in_child(run_ours, args, Path(tmp) / f"seed-{seed}")
             runs.append({"seed": seed, "ours": ours, "script": script})
             for name, r in (("ours", ours), ("script", script)):
                 status = f"reached {args.target:.2f}" if r["reached"] else f"did NOT reach {args.target:.2f}"

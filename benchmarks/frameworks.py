@@ -55,6 +55,35 @@ class DeviceBatches:
             yield self.images[index].float().div_(255).sub_(self.mean).div_(self.std), self.labels[index]
 
 
+def in_child(function, *args):
+    """function(*args) in a forked child process, its result handed back: what one side sets for its
+    whole process (trainer.keep_cpu_memory's allocator, oneDNN's kernel caches, the heap) stays its own,
+    and neither side finds the other's warm caches. The parent must not have computed yet (fork and
+    OpenMP's threads do not mix)."""
+    import multiprocessing
+    import traceback
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def run() -> None:
+        try:
+            send.send(("ok", function(*args)))
+        except BaseException:
+            send.send(("error", traceback.format_exc()))
+
+    child = context.Process(target=run)
+    child.start()
+    send.close()  # the child's copy is the only writer left: its death ends recv with EOFError
+    try:
+        status, value = receive.recv()
+    except EOFError:
+        raise RuntimeError(f"the benchmark's child process died (exit code {child.join() or child.exitcode})")
+    child.join()
+    if status == "error":
+        raise RuntimeError(f"the benchmark's child process failed:\n{value}")
+    return value
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

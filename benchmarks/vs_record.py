@@ -3,8 +3,10 @@ CPU), on the same images, at the same number of epochs: training time per epoch 
 
     python benchmarks/vs_record.py --data ../shared/data/cifar10-mini --epochs 10 --seeds 0 1 2
 
-Both sides train eagerly in bf16 autocast with channels_last (on this CPU; add --compile to compile
-ours), at batch 1,024 and the record's widths. Seeds alternate which side goes first. Ours validates
+Both sides train eagerly in bf16 autocast with channels_last (on a CPU the experiment does not compile;
+--compile makes it), at batch 1,024 and the record's widths. Each side trains in a process of its own,
+forked (so a process-wide setting such as trainer.keep_cpu_memory stays ours, and neither side finds the
+other's warm caches); seeds alternate which side goes first. Ours validates
 every epoch as configured; the time per epoch compares training alone (ours: its timer's train phase,
 the record: its steps), and the evaluation time is reported apart (ours: every epoch's and the final
 one). Accuracy is each side's validation accuracy after the last epoch, each with its own test-time
@@ -16,13 +18,13 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from frameworks import build_ours
+from frameworks import build_ours, in_child
 from record_recipe import train as train_record
 
 
 def run_ours(args: argparse.Namespace, seed: int, run_dir: Path) -> dict:
     overrides = ["experiment=cifar10_fast", "dataset=imagefolder", f"dataset.root={args.data}",
-                 f"trainer.max_epochs={args.epochs}", f"trainer.compile={str(args.compile).lower()}",
+                 f"trainer.max_epochs={args.epochs}", *(["trainer.compile=true"] if args.compile else []),
                  "trainer.progress_bar=false", "export.formats=[]", f"seed={seed}", *args.ours]
     trainer, _, _ = build_ours(overrides, run_dir)
     trainer.fit()
@@ -43,11 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            sides = [("ours", lambda: run_ours(args, seed, Path(tmp) / f"seed-{seed}")),
-                     ("record", lambda: train_record(args.data, float(args.epochs), seed))]
+            sides = [("ours", lambda: in_child(run_ours, args, seed, Path(tmp) / f"seed-{seed}")),
+                     ("record", lambda: in_child(train_record, args.data, float(args.epochs), seed))]
             results = {}
             for name, side in (sides if seed % 2 == 0 else sides[::-1]):  # which goes first alternates
-                results[name] = side()
+                results[name] = side()  # each in a process of its own
             runs.append({"seed": seed, **results})
             for name in ("ours", "record"):
                 r = results[name]

@@ -103,6 +103,7 @@ def test_fast_recipe_composes_and_trains_shrunk(tmp_path):
     assert cfg.model.name == "fastnet" and cfg.loader.on_device and cfg.task.tta == "flip_translate"
     assert not cfg.trainer.val_tta  # validation in one pass; the test (and the export) under the TTA
     assert cfg.loader.batch_size == 1024 and cfg.trainer.ema_decay > 0 and cfg.trainer.ema_lookahead
+    assert cfg.trainer.keep_cpu_memory and cfg.model.whiten_bias_epochs == 3
     assert cfg.trainer.compile == torch.cuda.is_available()  # compiled on a GPU, eager on a CPU (faster there)
     assert compose_config("experiment=cifar10_fast", "trainer.device=cpu").trainer.compile is False
     assert compose_config("experiment=cifar10_fast", "trainer.device=cuda:1").trainer.compile is True
@@ -193,6 +194,36 @@ def test_the_records_recipe_keys_resume_exactly_and_freeze_the_whitening_bias(tm
     assert torch.equal(final["model"]["0.conv.bias"], after_epoch_1["model"]["0.conv.bias"])
     assert not torch.equal(final["model"]["2.4.weight"], after_epoch_1["model"]["2.4.weight"])  # the rest trained
     assert all(torch.equal(t, final["ema"][k]) for k, t in final["model"].items() if t.is_floating_point())
+
+
+KEEP_MEMORY = """
+import resource, sys, torch
+from trainer.speed import keep_freed_memory
+source = torch.empty(16 * 2 ** 20).fill_(1)
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        block = source * 2  # 64 MiB, as an activation is made: by default an mmap of its own, faulted in page by page
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+plain = faults()
+if not keep_freed_memory():
+    sys.exit(3)
+faults()  # the heap grows once
+print(plain, faults())
+"""
+
+
+def test_keep_cpu_memory_stops_freed_tensors_faulting_in_again():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", KEEP_MEMORY], capture_output=True, text=True, timeout=120)
+    if result.returncode == 3:
+        pytest.skip("not glibc: trainer.keep_cpu_memory has nothing to set here")
+    assert result.returncode == 0, result.stderr
+    plain, kept = map(int, result.stdout.split())
+    assert plain > 3 * 16_000  # every 4 KiB page of each 64 MiB block, three times
+    assert kept < plain / 20  # the blocks come back from the heap, already in memory (measured: 0)
 
 
 def test_flip_average_is_the_same_for_an_image_and_its_mirror():

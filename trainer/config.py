@@ -51,6 +51,7 @@ class TrainerConfig:
     profile: bool = False  # a torch.profiler trace of a few steps into the run's tensorboard/ folder
     profile_steps: int = 5
     threads: Optional[int] = None  # torch's intra-op threads (None: torch's default, one per core)
+    keep_cpu_memory: bool = False  # glibc: freed memory stays in the process for the next step (no page faults)
     sync_batchnorm: bool = False  # with several processes (CUDA): BatchNorm statistics over the global batch
 
 

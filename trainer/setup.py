@@ -70,7 +70,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
                   state: dict[str, Any] | None, task: Task) -> Trainer:
     """Builds the model, optimizer, schedule and metric log, and restores `state` when resuming."""
     t, ck = cfg.trainer, cfg.checkpoint
-    configure_backends(device, t.cudnn_benchmark, str(t.precision), t.threads)
+    configure_backends(device, t.cudnn_benchmark, str(t.precision), t.threads, t.keep_cpu_memory)
     # On the device before the optimizer sees the parameters, so it can pick the device's kernels. The
     # memory format only when asked: it inspects every parameter, which lazy modules cannot answer yet.
     model = build_model(cfg, initial_weights=state is None).to(device)
