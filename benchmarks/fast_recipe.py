@@ -58,7 +58,8 @@ def run_script(args: argparse.Namespace, cfg) -> dict:
                         compile=cfg.trainer.compile, device=pick_device(cfg.trainer.device), seed=args.seed,
                         tta=cfg.task.tta if cfg.trainer.val_tta else "none",  # as ours validates
                         start_lr_ratio=cfg.scheduler.start_lr_ratio, padding_mode=crop.get("padding_mode", "constant"),
-                        ema_decay_power=cfg.trainer.ema_decay_power, lookahead=cfg.trainer.ema_lookahead)
+                        ema_decay_power=cfg.trainer.ema_decay_power, lookahead=cfg.trainer.ema_lookahead,
+                        biases_as_weights=cfg.optimizer.get("biases_as_weights", False))
 
 
 def main(argv: list[str] | None = None) -> dict:

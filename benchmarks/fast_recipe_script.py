@@ -85,7 +85,7 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
           final_lr_ratio: float, ema_decay: float, ema_every: int, padding: int, mean, std, precision: str,
           compile: bool, device: torch.device, seed: int = 0, tta: str = "flip",
           start_lr_ratio: float = 0.0, padding_mode: str = "constant", ema_decay_power: float = 0.0,
-          lookahead: bool = False) -> dict:
+          lookahead: bool = False, biases_as_weights: bool = False) -> dict:
     """Trains until the EMA weights reach `target` validation accuracy (or `epochs` run out). The time
     counts training and evaluation, not loading the data or compiling."""
     train_x, train_y = (t.to(device) for t in load_split(data / "train"))
@@ -96,8 +96,12 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
     model = model.to(device, memory_format=torch.channels_last)
     first = next(batches(train_x, train_y, batch_size, mean, std, padding, seed, 0, True, padding_mode))
     model.init_from_data(first[0])
-    norms_and_biases = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    others = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    if biases_as_weights:  # the faster rate and no decay for BatchNorm's parameters alone
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        norms_and_biases = [p for m in norms for p in m.parameters() if p.requires_grad]
+    else:
+        norms_and_biases = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in norms_and_biases)]
     optimizer = torch.optim.SGD([{"params": others, "lr": lr, "weight_decay": weight_decay},
                                  {"params": norms_and_biases, "lr": lr * bias_scale, "weight_decay": 0.0}],
                                 momentum=momentum, nesterov=True)

@@ -281,6 +281,22 @@ def test_linear_schedule_and_the_norm_and_bias_learning_rate():
     assert optimizer.param_groups[1]["lr"] == pytest.approx(4 * optimizer.param_groups[0]["lr"])
 
 
+def test_biases_as_weights_leaves_the_faster_rate_to_the_norm_layers():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    conv, norm, head = model[0], model[1], model[3]
+
+    def groups(**options):
+        optimizer = OPTIMIZERS.build("sgd", model=model, lr=0.5, weight_decay=0.01, norm_and_bias_lr_scale=64.0,
+                                     **options)
+        return {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    plain = groups()
+    assert plain[id(conv.bias)] == plain[id(head.bias)] == plain[id(norm.bias)] == (32.0, 0.0)
+    record = groups(biases_as_weights=True)
+    assert record[id(conv.bias)] == record[id(head.bias)] == record[id(conv.weight)] == (0.5, 0.01)
+    assert record[id(norm.weight)] == record[id(norm.bias)] == (32.0, 0.0)
+
+
 def test_validation_every_n_epochs_and_without_tta_while_the_test_keeps_it(tmp_path, monkeypatch):
     """trainer.val_every_n_epochs=2 over 3 epochs validates after epochs 2 and 3 (the last, always), and
     best.pt is chosen among those; trainer.val_tta=false validates the plain model, the test flip-averages."""

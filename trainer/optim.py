@@ -18,6 +18,7 @@ from trainer.errors import UserError
 from trainer.registry import OPTIMIZERS, SCHEDULERS
 
 log = logging.getLogger("trainer")
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -60,11 +61,13 @@ def layer_depths(model: nn.Module) -> dict[str, int]:
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool, lr: float,
                  norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0,
-                 layer_decay: float = 1.0) -> list[dict]:
+                 layer_decay: float = 1.0, biases_as_weights: bool = False) -> list[dict]:
     """Decayed and undecayed groups, each at its own rate: lr times norm_and_bias_lr_scale for the
     undecayed, times head_lr_scale for the classifier head (fine-tuning: a new head learns faster than
     the pretrained body), times layer_decay ** (head's depth - depth) below the head (layer-wise decay,
-    as BEiT and timm fine-tune: the stem, the most general features, moves least). Groups at lr first."""
+    as BEiT and timm fine-tune: the stem, the most general features, moves least). Groups at lr first.
+    `biases_as_weights`: only normalisation layers' parameters count as "norms and biases"; other biases
+    are decayed at lr like the weights (the speed record treats its whitening bias so)."""
     if weight_decay < 0:
         raise UserError(f"optimizer.weight_decay: must be 0 or more, got {weight_decay}")
     if norm_and_bias_lr_scale <= 0:
@@ -86,9 +89,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     # The two plain groups always exist (empty or not), so a checkpoint's groups line up on resume.
     groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, norm_and_bias_lr_scale): []}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # token/position tables
+    norms = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            decays = (p.ndim > 1 and id(p) not in embeddings) or decay_norm_and_bias
+            decays = (p.ndim > 1 and id(p) not in embeddings) or decay_norm_and_bias or \
+                (biases_as_weights and id(p) not in norms and id(p) not in embeddings)
             scale = (1.0 if decays else norm_and_bias_lr_scale) * (head_lr_scale if id(p) in head else 1.0) \
                 * layer_decay ** (deepest - depths.get(name, deepest))
             groups.setdefault((decays, scale), []).append(p)
@@ -100,12 +105,13 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 @OPTIMIZERS.register("sgd")
 def sgd(model: nn.Module, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
         decay_norm_and_bias: bool = False, norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0,
-        layer_decay: float = 1.0) -> Optimizer:
-    """norm_and_bias_lr_scale: a larger rate for the norms and biases (the speed-record recipes use 64)."""
+        layer_decay: float = 1.0, biases_as_weights: bool = False) -> Optimizer:
+    """norm_and_bias_lr_scale: a larger rate for the norms and biases (the speed-record recipes use 64);
+    with biases_as_weights, for the normalisation layers' parameters only."""
     if nesterov and momentum <= 0:
         raise UserError("optimizer.nesterov: needs optimizer.momentum > 0; set one or the other")
     groups = param_groups(model, weight_decay, decay_norm_and_bias, lr, norm_and_bias_lr_scale, head_lr_scale,
-                          layer_decay)
+                          layer_decay, biases_as_weights)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
