@@ -69,6 +69,30 @@ def test_compile_warms_up_outside_the_timing_and_saves_plain_weights(tmp_path):
     assert warm_up > train  # compiling is slow; had it landed inside the first epoch, images/s would show it
 
 
+def test_compile_warm_up_covers_the_parameters_that_train_later(tmp_path):
+    """model.freeze until epoch 2 (as fastnet's whitening bias stops at its epoch): which parameters
+    need gradients changes mid-run, and torch.compile would compile again then, inside training's
+    time. The warm-up compiles the last epoch's graphs too."""
+    reason = _cannot_compile()
+    if reason:
+        pytest.skip(reason)
+    from conftest import compose_config as compose
+    from torch._dynamo.utils import counters
+
+    from trainer.setup import build_data, build_task, build_trainer
+    cfg = compose(*TINY_DATA, *TINY_RUN, "model=mlp", "model.hidden=[32]", "dataset.train_size=96",
+                  "loader.batch_size=32", "model.freeze=[1.*]", "trainer.unfreeze_at_epoch=2",
+                  "trainer.compile=true", "logger=csv")
+    device = torch.device("cpu")
+    bundle, loaders = build_data(cfg, device)
+    trainer = build_trainer(cfg, tmp_path, device, loaders, None, build_task(cfg, bundle))
+    trainer.warm_up()
+    compiled = sum(counters["stats"].values()), dict(counters["frames"])
+    trainer.fit()
+    assert (sum(counters["stats"].values()), dict(counters["frames"])) == compiled  # nothing compiled while training
+    assert trainer.progress.epoch == 2
+
+
 def test_warm_up_restores_weights_statistics_and_random_state(tmp_path):
     from conftest import compose_config as compose
 

@@ -35,13 +35,14 @@ class Freezer:
         """Whether the patterns hold in `epoch` (0-based, as Progress counts)."""
         return bool(self.frozen) and (self.unfreeze_at_epoch == 0 or epoch + 1 < self.unfreeze_at_epoch)
 
-    def apply(self, epoch: int) -> None:
-        """Called after model.train() at each epoch's start: the gradients and norms of `epoch`."""
+    def apply(self, epoch: int, quiet: bool = False) -> None:
+        """Called after model.train() at each epoch's start: the gradients and norms of `epoch`
+        (`quiet`: for the compile warm-up, which visits the last epoch's state before training)."""
         active = self.frozen_in(epoch)
         if active != self.active:
             for p in self.frozen:
                 p.requires_grad_(not active)
-            if self.active is not None and not active:
+            if self.active is not None and not active and not quiet:
                 log.info("model.freeze: epoch %d, every parameter trains from now on", epoch + 1)
             self.active = active
         if active:

@@ -99,11 +99,7 @@ class Trainer:
     @timed("train")
     def train_epoch(self) -> dict[str, float]:
         p, accumulate = self.progress, self.settings.accumulate_grad_batches
-        self.model.train()
-        if self.freezer is not None:
-            self.freezer.apply(p.epoch)
-        if hasattr(model := unwrap(self.model), "start_epoch"):  # what a model changes by epoch (fastnet)
-            model.start_epoch(p.epoch)
+        self.train_mode(p.epoch)
         self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch)
         # Metrics accumulate on the device; the window covers the batches between two finiteness checks.
         # A resumed epoch's partial sums are the whole job's: rank 0 carries them, the others start at 0.
@@ -148,6 +144,15 @@ class Trainer:
         totals = metrics.totals()  # deliberate sync: once per epoch
         p.epoch_sums, p.batches_in_epoch = [], 0
         return self._train_report(totals) | {"samples": totals[-1] - samples_before}
+
+    def train_mode(self, epoch: int, warming_up: bool = False) -> None:
+        """The model as it trains in `epoch` (0-based): train mode, and the parameters that train then
+        (model.freeze until trainer.unfreeze_at_epoch; a model's own start_epoch, e.g. fastnet's whitening bias)."""
+        self.model.train()
+        if self.freezer is not None:
+            self.freezer.apply(epoch, quiet=warming_up)
+        if hasattr(model := unwrap(self.model), "start_epoch"):
+            model.start_epoch(epoch)
 
     def _train_report(self, totals: list[float]) -> dict[str, float]:
         seen = max(totals[-1], 1)
@@ -267,19 +272,20 @@ class Trainer:
     @timed("compile warm-up")
     def warm_up(self) -> None:
         """Compiles every graph training will run (a forward and backward per batch size, an eval
-        forward), before training and outside its timing; the weights, statistics, gradients and
-        random state are restored afterwards, so the run is the one it would have been."""
+        forward; for the first epoch's trained parameters and the last one's, when an unfreeze or
+        fastnet's whitening bias changes them), before training and outside its timing; the weights,
+        statistics, gradients and random state are restored afterwards, so the run is the one it
+        would have been."""
         model = unwrap(self.model)
         saved, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
         plan, rank = self.loaders.sampler.plan, getattr(self.loaders.sampler, "rank", 0)
         sizes = {len(plan.share(0, rank)), len(plan.share(len(plan) - 1, rank))}
         first = move(next(iter(self.loaders.train)), self.device, self.settings.channels_last)
+        epochs = sorted({self.progress.epoch, max(self.settings.max_epochs - 1, self.progress.epoch)})
         try:
-            for size in sorted(sizes):  # a real batch's samples, repeated or cut to each size
+            for epoch, size in itertools.product(epochs, sorted(sizes)):  # a real batch's samples, to each size
                 batch = take(first, torch.arange(size) % self.task.count(first))
-                self.model.train()  # not through forward_backward: the warm-up is not training's time
-                if self.freezer is not None:
-                    self.freezer.apply(self.progress.epoch)
+                self.train_mode(epoch, warming_up=True)  # not through forward_backward: not training's time
                 self._forward_backward(batch)
                 with torch.no_grad(), autocast(self.device, self.autocast_dtype):
                     self.model.eval()(self.task.inputs(batch))
