@@ -93,6 +93,27 @@ def test_compile_warm_up_covers_the_parameters_that_train_later(tmp_path):
     assert trainer.progress.epoch == 2
 
 
+@pytest.mark.parametrize("case", ["whiten_bias_epochs", "unfreeze_at_epoch"])
+def test_several_processes_refuse_what_would_change_the_trained_parameters_mid_run(tmp_path, monkeypatch, case):
+    """DDP registers the parameters that need gradients when it wraps the model; one that stops (or
+    starts) needing them later is silently left out of the all-reduce (measured with torchrun), so a
+    run with several processes is refused before it starts."""
+    from conftest import compose_config as compose
+
+    from trainer import distributed
+    from trainer.errors import UserError
+    from trainer.setup import build_data, build_task, build_trainer
+    overrides = {"whiten_bias_epochs": ["model=fastnet", "model.widths=[8,8,8]", "model.whiten_bias_epochs=1"],
+                 "unfreeze_at_epoch": ["model=mlp", "model.hidden=[16]", "model.freeze=[1.*]",
+                                       "trainer.unfreeze_at_epoch=2"]}[case]
+    cfg = compose(*TINY_DATA, *TINY_RUN, "dataset.train_size=64", *overrides)
+    device = torch.device("cpu")
+    bundle, loaders = build_data(cfg, device)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    with pytest.raises(UserError, match=rf"^(model|trainer)\.{case}: with several processes DDP fixes"):
+        build_trainer(cfg, tmp_path, device, loaders, None, build_task(cfg, bundle))
+
+
 def test_warm_up_restores_weights_statistics_and_random_state(tmp_path):
     from conftest import compose_config as compose
 
