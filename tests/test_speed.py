@@ -2,6 +2,7 @@
 EMA, flip TTA, the fast recipe, profiling and the per-phase timing table."""
 import json
 import math
+import resource
 from pathlib import Path
 
 import pytest
@@ -241,37 +242,42 @@ def test_the_records_recipe_keys_resume_exactly_and_freeze_the_whitening_bias(tm
     assert all(torch.equal(t, final["ema"][k]) for k, t in final["model"].items() if t.is_floating_point())
 
 
-KEEP_MEMORY = """
-import resource, sys, torch
-from trainer.speed import keep_freed_memory
-source = torch.empty(16 * 2 ** 20).fill_(1)
-def step():  # as a training step makes and drops its activations: blocks of 64 and 32 MiB
-    a = source * 2
-    b = a + 1
-    c = b[: 8 * 2 ** 20] * 3
-    del a, b, c
-def faults():
+def _page_faults_of_a_settled_heap() -> int:
+    source = torch.empty(16 * 2 ** 20).fill_(1)
+
+    def step():  # as a training step makes and drops its activations: blocks of 64 and 32 MiB
+        a = source * 2
+        b = a + 1
+        c = b[: 8 * 2 ** 20] * 3
+        del a, b, c
     for _ in range(3):  # the heap settles
         step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
         step()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-plain = faults()
-if not keep_freed_memory():
-    sys.exit(3)
-print(plain, faults())
-"""
 
 
 def test_keep_cpu_memory_stops_freed_tensors_faulting_in_again():
-    import subprocess
-    import sys
-    result = subprocess.run([sys.executable, "-c", KEEP_MEMORY], capture_output=True, text=True, timeout=120)
-    if result.returncode == 3:
+    import os
+
+    from trainer.speed import keep_freed_memory
+    read, write = os.pipe()
+    child = os.fork()  # the allocator setting is the whole process's: a child of this worker takes it
+    if child == 0:
+        try:
+            plain = _page_faults_of_a_settled_heap()
+            answer = f"{plain} {_page_faults_of_a_settled_heap()}" if keep_freed_memory() else "not glibc"
+            os.write(write, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        answer = pipe.read()
+    os.waitpid(child, 0)
+    if answer == "not glibc":
         pytest.skip("not glibc: trainer.keep_cpu_memory has nothing to set here")
-    assert result.returncode == 0, result.stderr
-    plain, kept = map(int, result.stdout.split())
+    plain, kept = map(int, answer.split())
     assert plain > 10 * 40_000  # every 4 KiB page of 160 MiB, every step
     assert kept < plain / 20  # the blocks come back from the heap, already in memory (measured: 0)
 
