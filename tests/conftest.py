@@ -35,7 +35,7 @@ TINY = TINY_DATA + TINY_MODEL + TINY_RUN
 # The files that take longest go first: `--dist loadfile` hands whole files to the workers in collection
 # order, and a long file handed out last leaves the other worker idle while it runs (~15 s of the suite).
 LONGEST_FIRST = ["test_distributed.py", "test_sweeps.py", "test_tasks.py", "test_resume.py", "test_benchmarks.py",
-                 "test_streaming.py", "test_text.py", "test_finetune.py", "test_features.py"]
+                 "test_streaming.py", "test_finetune.py", "test_text.py", "test_features.py", "test_speed.py"]
 
 
 def pytest_collection_modifyitems(items: list) -> None:
