@@ -133,11 +133,9 @@ def monitored(task: str, monitor: str | None, mode: str | None) -> tuple[str, st
 
 
 def _on_cuda(device: str) -> bool:
-    """Whether trainer.device (as trainer.devices.pick_device reads it) is a CUDA device."""
-    if device != "auto":
-        return device.startswith("cuda")
-    import torch
-    return torch.cuda.is_available()
+    """Whether trainer.device is (or, for auto, picks) a CUDA device."""
+    from trainer.devices import pick_device  # torch, only when a config asks
+    return pick_device(device).type == "cuda"
 
 
 def _count_classes(root: str) -> int:
