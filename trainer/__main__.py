@@ -55,6 +55,14 @@ def run(cfg: DictConfig) -> float | None:
     device = distributed.device_for(pick_device(cfg.trainer.device))
     state = load_resume_state(cfg.resume, run_dir, cfg)
     bundle, loaders = build_data(cfg, device)
+    try:
+        return _train_and_finish(cfg, run_dir, device, state, bundle, loaders, started)
+    finally:
+        loaders.close()  # the workers end with the run, however it ends (a sweep's next job, an error)
+
+
+def _train_and_finish(cfg, run_dir, device, state, bundle, loaders, started) -> float | None:
+    from trainer.setup import build_task, build_trainer
     task = build_task(cfg, bundle, state)
     if "tokenizer" in bundle.extra and distributed.is_main():  # generation decodes with the training tokenizer
         from trainer.text.tokenizers import copy_tokenizer

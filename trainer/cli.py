@@ -66,6 +66,30 @@ def exit_codes() -> Iterator[None]:
         _fail(2, _one_line(e))
     except KeyboardInterrupt:
         _fail(130, "interrupted")
+    except Exception:  # a bug, ours or in a user's code: the traceback, then the process ends, promptly
+        text = traceback.format_exc()
+        _log_to_files(f"unexpected error:\n{text}")
+        print(text, file=sys.stderr, end="", flush=True)
+        end_promptly(1)
+
+
+# How long the interpreter may take to end after an unexpected error (flushing logs, joining threads)
+# before the process is ended regardless.
+EXIT_GRACE_S = 10.0
+
+
+def end_promptly(code: int) -> None:
+    """Exits with `code` now: child processes (loader workers, which ignore the stop signals) are
+    killed, and a daemon timer ends the process if the interpreter's own exit steps (atexit handlers,
+    non-daemon threads, a collective with a dead peer) have not finished within EXIT_GRACE_S."""
+    import multiprocessing
+    import threading
+    for child in multiprocessing.active_children():
+        child.kill()
+    timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
+    raise SystemExit(code)
 
 
 def _unwrap_worker_error(message: str) -> str:

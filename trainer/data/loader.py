@@ -113,6 +113,16 @@ class Loaders:
     sampler: Any  # what orders the training batches: set_epoch(epoch, start batch)
     batch_size: int  # per process
 
+    def close(self) -> None:
+        """Stops every loader's worker processes now. Persistent workers otherwise live as long as their
+        DataLoader, and after an error the traceback keeps it alive: the workers ignore the stop signals
+        (see _worker_init), so multiprocessing's exit handler would wait for them forever."""
+        for loader in (self.train, self.val, self.test):
+            iterator = getattr(loader, "_iterator", None)  # torch's persistent worker pool, when one was started
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+                loader._iterator = None
+
 
 def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_memory: bool,
                   prefetch_factor: int, persistent_workers: bool, shuffle: bool, drop_last: bool,
