@@ -126,3 +126,36 @@ def test_an_optional_library_that_is_not_installed_names_its_extra():
     assert str(refused.value) == ('model=timm: needs no_such_library_here, which is not installed: '
                                   'pip install -e ".[timm]" (or choose another model)')
     assert require("json", "anything", "none").dumps([1]) == "[1]"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["task=segmentation", "dataset=synthetic_shapes", "model=cnn"],
+     "model=cnn does not fit task=segmentation: for inputs float32 [2, 3, 32, 32] of dataset=synthetic_shapes it "
+     "outputs float32 [2, 3], and task=segmentation needs [N, 3, 32, 32] logits"),
+    (["model=unet"], "model=unet does not fit task=classification: for inputs float32 [2, 3, 32, 32] of "
+                     "dataset=synthetic it outputs float32 [2, 10, 32, 32], and task=classification needs [N, 10]"),
+    (["task=segmentation", "dataset=synthetic_shapes", "model=unet", "model.num_classes=5"],
+     "it outputs float32 [2, 5, 32, 32], and task=segmentation needs [N, 3, 32, 32] logits"),
+])
+def test_a_model_that_does_not_fit_the_task_is_refused_before_any_step(monkeypatch, capsys, tmp_path, args, needle):
+    """Found with one forward pass of two training samples, before a step, a checkpoint or a tracker."""
+    code, err = _main_exit(monkeypatch, capsys, tmp_path, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_a_model_that_cannot_take_the_datasets_inputs_is_refused_in_one_line():
+    import torch
+    from omegaconf import OmegaConf
+
+    from trainer.errors import UserError
+    from trainer.setup import check_model_fits
+    from trainer.tasks.language_model import LanguageModel
+    cfg = OmegaConf.create({"model": {"name": "cnn"}, "task": {"name": "language_model"}, "dataset": {"name": "text"}})
+    image_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    tokens = torch.randint(0, 50, (2, 9))
+    with pytest.raises(UserError) as refused:
+        check_model_fits(cfg, image_model, LanguageModel(), (tokens[:, :-1], tokens[:, 1:]), torch.device("cpu"))
+    assert str(refused.value).startswith("model=cnn cannot take the inputs of dataset=text (int64 [2, 8]): ")
+    assert "\n" not in str(refused.value)

@@ -10,7 +10,7 @@ from torch import nn
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
 from trainer.config import model_params, params_of, upgrade_legacy
-from trainer.data import DATASETS, DataBundle, Loaders, build_loaders
+from trainer.data import DATASETS, DataBundle, Loaders, build_loaders, sample_batch
 from trainer.errors import UserError
 from trainer.metrics import MetricLog, NullMetricLog
 from trainer.loop import Trainer
@@ -18,7 +18,7 @@ from trainer.models import MODELS
 from trainer.optim import OPTIMIZERS, SCHEDULERS, plan_steps
 from trainer.registry import LOGGERS, TASKS
 from trainer.speed import WeightAverage, compile_model, configure_backends
-from trainer.tasks.base import DataInfo, Task
+from trainer.tasks.base import DataInfo, Task, move
 
 log = logging.getLogger("trainer")
 # Keys of the dataset config that do not change what a checkpoint's model was trained to do.
@@ -53,6 +53,51 @@ def build_model(cfg: DictConfig, initial_weights: bool = True) -> nn.Module:
     return model
 
 
+def check_model_fits(cfg: DictConfig, model: nn.Module, task: Task, batch: Any, device: torch.device) -> None:
+    """One forward pass of two training samples before anything trains: a model that cannot take the
+    dataset's inputs, or whose outputs the task cannot use, is refused in one line that names both. The
+    model is evaluated (no statistics change) and the random state is restored."""
+    batch = move(batch, device)
+    inputs = task.inputs(batch)
+    model_name, task_name, data_name = f"model={cfg.model.name}", f"task={cfg.task.name}", f"dataset={cfg.dataset.name}"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                outputs = model(inputs)
+            except Exception as e:  # noqa: BLE001 - whatever the model raises on inputs it was not made for
+                raise UserError(f"{model_name} cannot take the inputs of {data_name} ({describe(inputs)}): "
+                                f"{first_line(e)}; choose a model made for this data") from None
+            problem = task.check_outputs(outputs, batch)
+            if problem is None:
+                try:
+                    task.loss(outputs, batch)
+                except Exception as e:  # noqa: BLE001 - the same, from the task's loss
+                    problem = f"its loss fails on them ({first_line(e)})"
+    finally:
+        model.train(was_training)
+    if problem is not None:
+        raise UserError(f"{model_name} does not fit {task_name}: for inputs {describe(inputs)} of {data_name} it "
+                        f"outputs {describe(outputs)}, and {problem}; choose a model and task that fit")
+
+
+def describe(value: Any) -> str:
+    """A tensor (or a dict or tuple of them) as its dtype and shape, for messages."""
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(describe(v) for v in value) + ")"
+    return type(value).__name__
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
 def build_task(cfg: DictConfig, bundle: DataBundle, state: dict[str, Any] | None = None) -> Task:
     """The task, checked against what the dataset holds; a checkpoint's task state (e.g. a regression's
     target statistics) replaces what the data would give."""
@@ -74,6 +119,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, device: torch.device, loaders:
     # On the device before the optimizer sees the parameters, so it can pick the device's kernels. The
     # memory format only when asked: it inspects every parameter, which lazy modules cannot answer yet.
     model = build_model(cfg, initial_weights=state is None).to(device)
+    check_model_fits(cfg, model, task, sample_batch(loaders.train_split), device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = OPTIMIZERS.build(cfg.optimizer.name, model=model, **params_of(cfg.optimizer))
@@ -130,7 +176,8 @@ def build_metric_log(cfg: DictConfig, config: dict[str, Any], run_dir: Path, sta
         options = OmegaConf.to_container(cfg.logger[name], resolve=True) if cfg.get("logger") else {}
         loggers.append(LOGGERS.build(name, run_dir=run_dir, resume_step=resume_step,
                                      state=saved.get("state", {}).get(name, {}), config=config, **(options or {})))
-    return MetricLog(loggers, held=saved.get("held"), resume_step=resume_step)
+    return MetricLog(loggers, held=saved.get("held"), resume_step=resume_step,
+                     sent_record=run_dir / "checkpoints" / "trackers_sent.json")
 
 
 def load_resume_state(resume: str | None, run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:

@@ -105,6 +105,18 @@ def _map_large_blocks() -> None:
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
 
 
+def sample_batch(dataset: Any, n: int = 2) -> Any:
+    """The first `n` samples of a split as one collated batch, as a loader would give them, for checks
+    before training; the random state that training draws from is left as it was."""
+    from torch.utils.data import default_collate
+
+    from trainer.data.streaming import StreamingSplit
+    if isinstance(dataset, StreamingSplit):  # it batches itself
+        return next(iter(dataset.batches(batch_size=n, seed=0, shuffle=False, drop_last=False)))
+    with seeded(0):
+        return default_collate([dataset[i] for i in range(min(n, len(dataset)))])
+
+
 @dataclass
 class Loaders:
     train: Iterable  # of (images, labels) batches, with len()
@@ -112,6 +124,7 @@ class Loaders:
     test: Iterable
     sampler: Any  # what orders the training batches: set_epoch(epoch, start batch)
     batch_size: int  # per process
+    train_split: Any = None  # the dataset the training batches come from
 
     def close(self) -> None:
         """Stops every loader's worker processes now. Persistent workers otherwise live as long as their
@@ -135,7 +148,8 @@ def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_
         train = DeviceBatches(bundle.train, device=on_device, shuffle=shuffle, drop_last=drop_last, **split)
         val, test = (DeviceBatches(ds, device=on_device, shuffle=False, drop_last=False, **split)
                      for ds in (bundle.val, bundle.test))
-        return Loaders(train=train, val=val, test=test, sampler=train, batch_size=batch_size)
+        return Loaders(train=train, val=val, test=test, sampler=train, batch_size=batch_size,
+                       train_split=bundle.train)
     from trainer.data.streaming import StreamingSplit
     workers = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
                    prefetch_factor=prefetch_factor if num_workers else None,
@@ -155,4 +169,5 @@ def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_
 
     (train, sampler), (val, _), (test, _) = (loader(bundle.train, shuffle, drop_last),
                                              loader(bundle.val, False, False), loader(bundle.test, False, False))
-    return Loaders(train=train, val=val, test=test, sampler=sampler, batch_size=batch_size)
+    return Loaders(train=train, val=val, test=test, sampler=sampler, batch_size=batch_size,
+                   train_split=bundle.train)

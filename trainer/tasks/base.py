@@ -128,6 +128,12 @@ class Task:
             return {**batch, "inputs": inputs, "targets": targets}
         return type(batch)((inputs, targets, *batch[2:]))
 
+    def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
+        """What makes the model's outputs for `batch` unusable for this task (their shape, say), as the
+        end of a sentence that names what the task needs; None when they fit. Checked on one small batch
+        before training, after which the loss must also accept them."""
+        return None
+
     # ---- training -----------------------------------------------------------------------------------
     def mix(self, batch: Batch) -> Batch:
         """A training-only transform of the whole batch (MixUp, CutMix); the loss sees its result."""

@@ -57,6 +57,11 @@ class Classification(Task):
             found.pop("val/top5")
         return found
 
+    def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
+        if outputs.ndim != 2 or outputs.shape[1] != len(self.classes):
+            return f"task={self.name} needs [N, {len(self.classes)}] logits (one per class)"
+        return None
+
     def mix(self, batch: Batch) -> Batch:
         if self.batch_mix is None:
             return batch

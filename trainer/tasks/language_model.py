@@ -30,6 +30,14 @@ class LanguageModel(Task):
         self.extra = {key: data.extra[key] for key in ("tokenizer", "block_size", "vocab_size", "bytes_per_token")
                       if key in data.extra}
 
+    def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
+        targets = self.targets(batch)
+        vocabulary = int(self.extra.get("vocab_size", 0))
+        if outputs.ndim != 3 or outputs.shape[:2] != targets.shape or outputs.shape[-1] < vocabulary:
+            return (f"task={self.name} needs [N, {targets.shape[-1]}, {vocabulary or 'vocabulary'}] logits (a score per "
+                    f"token of the vocabulary at every position), e.g. from model=gpt")
+        return None
+
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         return F.cross_entropy(outputs.flatten(0, 1), self.targets(batch).flatten())
 

@@ -77,6 +77,11 @@ class MultiLabel(Task):
             raise UserError(f"task.pos_weight: one value, or one per label ({len(self.classes)} in {data.name}), "
                             f"got {len(self.pos_weight_values)}")
 
+    def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
+        if outputs.ndim != 2 or outputs.shape[1] != len(self.classes):
+            return f"task={self.name} needs [N, {len(self.classes)}] logits (one per label)"
+        return None
+
     def _weights(self, device: torch.device) -> Tensor | None:
         if not self.pos_weight_values:
             return None

@@ -72,6 +72,11 @@ class Regression(Task):
         else:
             self.mean, self.std = [0.0] * targets.shape[1], [1.0] * targets.shape[1]
 
+    def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
+        if outputs.ndim not in (1, 2) or outputs.reshape(len(outputs), -1).shape[1] != len(self.classes):
+            return f"task={self.name} needs [N, {len(self.classes)}] values (one per target)"
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {"mean": self.mean, "std": self.std}
 

@@ -40,6 +40,14 @@ class Segmentation(Task):
                                 f"{self.ignore_index}; fix the mask, raise dataset.num_classes, or set "
                                 f"task.ignore_index={value}")
 
+    def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
+        masks = self.targets(batch)
+        wanted = [len(masks), len(self.classes), *masks.shape[-2:]]
+        if list(outputs.shape) != wanted:
+            return (f"task={self.name} needs [N, {len(self.classes)}, {masks.shape[-2]}, {masks.shape[-1]}] logits "
+                    f"(a score per class and pixel), e.g. from model=unet or model=tvseg")
+        return None
+
     def evaluated(self, model: nn.Module) -> nn.Module:
         return FlipAverage(model, flip_back=True) if self.tta == "flip" else model
 
