@@ -107,7 +107,8 @@ def test_every_logger_gets_every_step_once_across_a_stop_and_resume(tmp_path):
         assert steps == sorted(set(steps))  # each file's steps increase, as W&B requires
     seen: dict[int, dict] = {}
     for step, values in (row for rows_of_file in files for row in rows_of_file):
-        assert seen.setdefault(step, values) == values  # a step sent again (the resume's) is the same point
+        assert step not in seen, step  # W&B keeps every copy of a step: the resumed run must not send it again
+        seen[step] = values
     assert sorted(seen) == [18, 36, 54]
     assert all(v == pytest.approx(csv_values[(s, k)], rel=1e-6) for s, values in seen.items() for k, v in values.items())
 
@@ -128,9 +129,10 @@ class Tracker:
         self.finished = finished
 
 
-def test_a_tracker_gets_a_point_once_a_checkpoint_covers_it_and_again_with_its_own_time_after_a_kill():
+def test_a_tracker_gets_a_point_once_a_checkpoint_covers_it_and_never_twice_after_a_kill(tmp_path):
+    record = tmp_path / "trackers_sent.json"
     tracker = Tracker()
-    metrics = MetricLog([tracker])
+    metrics = MetricLog([tracker], sent_record=record)
     metrics.write({"val/acc": 0.5}, step=10)
     assert tracker.points == []  # no checkpoint covers step 10 yet
     saved = metrics.state_dict()  # what the checkpoint of step 10 holds, taken before it lands
@@ -139,8 +141,12 @@ def test_a_tracker_gets_a_point_once_a_checkpoint_covers_it_and_again_with_its_o
     assert (step, values) == (10, {"val/acc": 0.5}) and saved["state"] == {"fake": {"id": "x"}}
     metrics.write({"val/acc": 0.6}, step=20)  # then killed: step 20 never reaches the tracker
     again = Tracker()
-    MetricLog([again], held=saved["held"], resume_step=10)  # resumed from the checkpoint of step 10
-    assert again.points == [(10, at, {"val/acc": 0.5})]  # the same point, at the same time: a tracker keeps one
+    MetricLog([again], held=saved["held"], resume_step=10, sent_record=record)  # resumed from step 10's checkpoint
+    assert again.points == []  # step 10 was sent (the record says so): not again
+    record.unlink()  # killed after the checkpoint of step 10 landed, before its points were sent
+    late = Tracker()
+    MetricLog([late], held=saved["held"], resume_step=10, sent_record=record)
+    assert late.points == [(10, at, {"val/acc": 0.5})]  # the resumed run sends it, with the time it was made
     stopped = Tracker()
     log = MetricLog([stopped])
     log.write({"val/acc": 0.7}, step=30)

@@ -2,6 +2,7 @@
 reported to (train.log and the loggers of `logger=[...]` on rank 0, nothing on the others), with the
 decorator that sends a method's returned metrics there."""
 import functools
+import json
 import logging
 import threading
 import time
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from trainer.atomic import write_text
 from trainer.distributed import all_reduce
 
 log = logging.getLogger("trainer")
@@ -110,17 +112,21 @@ class MetricLog:
     A logger that can rewind (TensorBoard, CSV) gets each point at once. A tracker that cannot (MLflow,
     W&B) gets a point once a durable checkpoint covers its step: the checkpoint writer calls
     `checkpointed(step)` when a file has landed. Until then the point is held, with the time it was
-    made, and every checkpoint carries the held points; a resumed run sends again those its checkpoint
-    covers (the same point, the same timestamp: MLflow keeps one; W&B keeps the first of a step), and
-    later steps come from the resumed training. So no step reaches a tracker twice or never."""
+    made, and every checkpoint carries the held points. Once sent, the newest step sent is written to
+    `sent_record`; a resumed run sends those of its checkpoint's points that the record does not cover (a
+    process killed between a checkpoint landing and its points being sent), and later steps come from
+    the resumed training. So no step reaches a tracker twice or never (W&B keeps every copy of a step)."""
 
-    def __init__(self, loggers: list[Any], held: list[list[Any]] | None = None, resume_step: int | None = None) -> None:
+    def __init__(self, loggers: list[Any], held: list[list[Any]] | None = None, resume_step: int | None = None,
+                 sent_record: Path | None = None) -> None:
         self.loggers = loggers
         self.trackers = [logger for logger in loggers if not logger.rewinds]
         self.lock = threading.Lock()  # the checkpoint writer's thread sends too
+        self.sent_record = sent_record
+        sent = read_sent_step(sent_record)
         # [step, time in ms, {metric: value}] not yet sent to the trackers
         self.held: list[list[Any]] = [list(point) for point in held or [] if resume_step is not None
-                                      and point[0] <= resume_step]
+                                      and sent < point[0] <= resume_step]
         self.failed: set[str] = set()
         self.closed = False
         if resume_step is not None:
@@ -145,6 +151,8 @@ class MetricLog:
             for point_step, at, scalars in ready:
                 for tracker in self.trackers:
                     self._call(tracker, "write", scalars, point_step, at)
+            if ready and self.sent_record is not None:
+                write_text(self.sent_record, json.dumps({"step": max(point[0] for point in ready)}))
 
     def _call(self, logger: Any, method: str, *args: Any) -> None:
         """A logger that fails (a tracking server down) is reported once and skipped; training goes on."""
@@ -187,6 +195,14 @@ class MetricLog:
             if finished and run_dir is not None:
                 self._call(logger, "artifacts", run_dir)
             self._call(logger, "close", finished)
+
+
+def read_sent_step(record: Path | None) -> float:
+    """The newest step the trackers have been sent, from its record (-1: none, or no record)."""
+    try:
+        return float(json.loads(record.read_text())["step"]) if record is not None else -1
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def _fmt(key: str, value: float) -> str:
