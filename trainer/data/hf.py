@@ -38,6 +38,8 @@ def open_splits(path: str) -> Any:
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             loaded = datasets.load_from_disk(str(folder))
         else:
+            from trainer.hub import offline_unless_reachable
+            offline_unless_reachable()  # no network: datasets' cache at once, not a minute of retries
             loaded = datasets.load_dataset(path)
     except Exception as e:  # noqa: BLE001 - not found, offline, a damaged folder: one line, exit 2
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__

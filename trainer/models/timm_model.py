@@ -20,6 +20,9 @@ def timm_model(num_classes: int, arch: str, pretrained: bool = False, in_channel
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.5)
         raise UserError(f"model.arch: '{arch}' is not a timm model; "
                         + (f"did you mean {', '.join(close)}?" if close else "see timm.list_models()"))
+    if pretrained:
+        from trainer.hub import offline_unless_reachable
+        offline_unless_reachable()  # no network: the cache at once, not a minute of retries
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels,
                                  drop_rate=drop_rate)
