@@ -18,9 +18,12 @@ A client's mistake is a 4xx with a JSON {"error"} and nothing in the log: 400 ma
 body, an undecodable image or one whose bytes are not the declared type; 408 a body slower than
 serve.body_timeout_s; 413 a body over serve.max_body_bytes or an image over serve.max_image_pixels
 (read from its header, before decoding); 415 another content type; 422 a tensor of the wrong shape,
-type or values, or more than serve.max_batch_size inputs. 503 (with Retry-After) when serve.max_queue
-inputs are waiting, when a request waited serve.request_timeout_s for the model, and for connections
-past serve.max_connections. A connection must send each request head within serve.idle_timeout_s.
+type or values, or more than serve.max_batch_size inputs. A request aiohttp cannot parse (a bad
+Content-Length, a header over 8 KiB, an unknown method) is a JSON 400 too. 503 (with Retry-After) when
+serve.max_queue inputs are waiting, when a request waited serve.request_timeout_s for the model, and for
+a connection past serve.max_connections while every open one has a request being handled (otherwise
+the oldest idle or slow connection is closed to make room). A connection idle between requests has
+serve.idle_timeout_s to start the next one, and a request head serve.head_timeout_s to arrive whole.
 
 Inputs are read on the event loop and parsed, decoded and checked in worker threads before they join a
 batch (serving/); the model runs in one more thread. SIGTERM or Ctrl-C: stop accepting connections,
@@ -59,8 +62,9 @@ class ServeSettings:
     max_body_bytes: int = 10 * 2**20
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
     max_queue: int = 1024  # inputs waiting or running; past this, 503
-    max_connections: int = 256  # open connections; past this, new ones get a 503 and are closed
-    idle_timeout_s: float = 15.0  # a connection that sends no complete request head within this is closed
+    max_connections: int = 0  # open connections (0: as many as the file limit allows); past it, idle ones go first
+    idle_timeout_s: float = 15.0  # a connection that starts no request within this after its last is closed
+    head_timeout_s: float = 5.0  # a request head that is not complete this long after its first byte: closed
     body_timeout_s: float = 30.0  # a request body that takes longer to arrive: 408
     request_timeout_s: float = 30.0  # an input that waits longer for the model: 503
     cache_size: int = 0  # an LRU of predictions keyed by the request's hash; 0: off
@@ -214,7 +218,7 @@ async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None
     from trainer.serving.connections import ConnectionGuard, QuietServerLog, fit_to_file_limit, quiet_accept_errors
     asyncio.get_running_loop().set_exception_handler(quiet_accept_errors)
     max_connections, backlog = fit_to_file_limit(settings.max_connections)
-    guard = ConnectionGuard(max_connections, settings.idle_timeout_s)
+    guard = ConnectionGuard(max_connections, settings.idle_timeout_s, settings.head_timeout_s)
     app = build_app(predictor, settings, guard)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout_s,
                            keepalive_timeout=settings.idle_timeout_s, logger=QuietServerLog())
@@ -260,13 +264,14 @@ def main(argv: list[str] | None = None) -> None:
                                ("max_body_bytes", s.max_body_bytes, s.max_body_bytes >= 1),
                                ("cache_size", s.cache_size, s.cache_size >= 0), ("topk", s.topk, s.topk >= 1),
                                ("max_image_pixels", s.max_image_pixels, s.max_image_pixels >= 1),
-                               ("max_connections", s.max_connections, s.max_connections >= 1),
+                               ("max_connections", s.max_connections, s.max_connections >= 0),
                                ("decode_threads", s.decode_threads, s.decode_threads >= 1),
                                ("max_prompt_tokens", s.max_prompt_tokens, s.max_prompt_tokens >= 0),
                                ("max_new_tokens", s.max_new_tokens, s.max_new_tokens >= 1),
                                ("max_generations", s.max_generations, s.max_generations >= 1),
                                *((key, getattr(s, key), getattr(s, key) > 0) for key in
-                                 ("idle_timeout_s", "body_timeout_s", "request_timeout_s", "drain_timeout_s")),
+                                 ("idle_timeout_s", "head_timeout_s", "body_timeout_s", "request_timeout_s",
+                                  "drain_timeout_s")),
                                ("port", s.port, 0 <= s.port <= 65535)):
             if not ok:
                 raise UserError(f"serve.{key}: out of range, got {value!r}")
