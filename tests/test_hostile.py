@@ -97,6 +97,19 @@ def test_the_decoder_answers_every_mutant_with_an_image_or_an_image_error():
         decode_image(originals()["PNG"], 32, 3, expect="JPEG")
 
 
+def test_a_png_whose_pixel_data_ends_early_is_an_error_not_zero_filled():
+    """71 bytes: an 8 x 8 greyscale header with two rows of pixel data, in a zlib stream that closes
+    properly. Pillow decodes it and fills the other six rows with zeros; it is a damaged image."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    rows = zlib.compress(b"".join(b"\x00" + bytes([200] * 8) for _ in range(2)), 9)
+    short = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0)) + chunk(b"IDAT", rows)
+             + chunk(b"IEND", b""))
+    with pytest.raises(ImageError, match="pixel data holds 18 of the 72 bytes its 8x8 header needs"):
+        decode_image(short, 8, 1)
+    assert decode_image(huge_png(64), 8, 1).shape == (1, 8, 8)  # a whole PNG still decodes
+
+
 @pytest.fixture(scope="module")
 def fuzz_folder(tmp_path_factory) -> Path:
     """An image folder whose train/ holds every mutant beside good images, and a few huge ones."""

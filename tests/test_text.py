@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, assert_same_training_state, kill_while_saving, run_trainer
 
 from trainer.checkpoint import load_checkpoint
-from trainer.data.tokenize import tokenize
+from trainer.data.corpus import tokenize
 from trainer.registry import MODELS
 from trainer.text.sampling import generate
 from trainer.text.tokenizers import ByteTokenizer, load_tokenizer
@@ -138,6 +138,31 @@ def test_generate_prints_the_prompt_and_its_continuation(lm_run):
                          module="trainer.generate")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The queen") and len(result.stdout.encode()) >= len("The queen") + 55
+
+
+def test_a_prompt_keeps_its_spaces_quoted_or_from_a_file(lm_run, tmp_path):
+    quoted = run_trainer(f"run={lm_run}", 'prompt="    The "', "max_new_tokens=5", module="trainer.generate")
+    assert quoted.returncode == 0 and quoted.stdout.startswith("    The "), quoted.stderr
+    (tmp_path / "prompt.txt").write_text("  The king\n  ")
+    from_file = run_trainer(f"run={lm_run}", f"prompt_file={tmp_path / 'prompt.txt'}", "max_new_tokens=5",
+                            module="trainer.generate")
+    assert from_file.returncode == 0 and from_file.stdout.startswith("  The king\n  "), from_file.stderr
+
+
+def test_the_predict_table_has_a_column_per_rank_the_answers_hold():
+    from trainer.predict import show_table
+    two_classes = [{"text": "good", "top_k": [{"class": "pos", "index": 0, "probability": 0.9},
+                                              {"class": "neg", "index": 1, "probability": 0.1}]}]
+    header = show_table(two_classes, 5).splitlines()[0]
+    assert "top-2" in header and "top-3" not in header
+
+
+def test_the_tokenize_command_runs_without_a_runpy_warning(tmp_path):
+    (tmp_path / "corpus.txt").write_text("Some text. " * 20)
+    result = run_trainer(str(tmp_path / "corpus.txt"), str(tmp_path / "tokens"), module="trainer.data.tokenize",
+                         fresh=True)  # a fresh interpreter: the fork server has imported the package already
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+    assert (tmp_path / "tokens" / "tokens.bin").is_file()
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):

@@ -1,7 +1,10 @@
 """`python -m trainer.generate run=<run dir> prompt="..." [max_new_tokens=200] [temperature=0.8] [top_k=200]
 [seed=0] [checkpoint=best|last] [cache=true]`: text from a finished (or running) language-model run,
 with its own tokenizer, printed as it is made (trainer/text/sampling.py). The same seed gives the same
-text."""
+text.
+
+A value on the command line loses its leading and trailing spaces unless it is quoted inside the
+argument: `'prompt="    def "'` keeps them. `prompt_file=<file>` reads the prompt from a file, as it is."""
 import logging
 import sys
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from trainer.text.sampling import generate, load_run
 class GenerateConfig:
     run: str = MISSING
     prompt: str = ""
+    prompt_file: Optional[str] = None  # read the prompt from this file, exactly (spaces, newlines), instead
     max_new_tokens: int = 200
     temperature: float = 0.8  # 0: always the most likely token
     top_k: Optional[int] = 200  # sample among the k most likely tokens (null: all)
@@ -41,6 +45,13 @@ def main(argv: list[str] | None = None) -> None:
                               ("top_k", cfg.top_k is None or cfg.top_k >= 1, "null or 1 or more")):
             if not ok:
                 raise UserError(f"{key}: must be {need}, got {getattr(cfg, key)!r}")
+        if cfg.prompt_file is not None:
+            if cfg.prompt:
+                raise UserError("prompt_file: give the prompt or a prompt_file, not both")
+            try:
+                cfg.prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"prompt_file: cannot read {cfg.prompt_file} as UTF-8 text ({e})") from None
         model, tokenizer = load_run(Path(cfg.run), cfg.checkpoint)
         ids = tokenizer.encode(cfg.prompt) or tokenizer.encode("\n")  # an empty prompt starts a new line
         if len(ids) > model.block_size:

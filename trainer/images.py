@@ -10,6 +10,7 @@ pixel count is read from the header and checked before anything is decoded, and 
 import io
 import re
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -65,7 +66,11 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int = DEFAUL
     centre-cropped. Raises ImageError (a ValueError) for anything it cannot decode, and nothing else."""
     image = open_image(data, max_pixels, limit_key, expect)
     try:
+        if image.format == "PNG":
+            check_png_rows(data)
         pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))  # the first frame; decodes
+    except ImageError:
+        raise
     except Exception as e:  # truncated or corrupt pixel data, a palette out of range...
         raise ImageError(f"{image.format} image with damaged data ({_reason(e)})") from None
     finally:
@@ -85,6 +90,7 @@ def decode_mask(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
         if image.format != "PNG" or image.mode not in ("L", "P"):
             raise ImageError(f"a mask must be a greyscale or palette PNG of class indices, got {image.format} "
                              f"mode {image.mode}")
+        check_png_rows(data)
         try:
             pixels = np.asarray(image)  # palette images give their indices
         except Exception as e:
@@ -92,6 +98,44 @@ def decode_mask(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     finally:
         image.close()
     return resize_and_crop(torch.from_numpy(pixels.copy()).unsqueeze(0), size, nearest=True)[0]
+
+
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def check_png_rows(data: bytes) -> None:
+    """ImageError when a PNG's pixel data (its IDAT chunks, inflated) is shorter than its header's size
+    needs: Pillow ends a zlib stream that closes early without a word and fills the missing rows with
+    zeros. The data is inflated in pieces and counted, never held whole."""
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        return  # Pillow has read the header; a shape this check does not know is left to it
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    depth, colour, interlaced = data[24], data[25], data[28]
+    bits = depth * PNG_CHANNELS.get(colour, 1)
+    passes = ADAM7 if interlaced else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            expected += rows * (1 + -(-columns * bits // 8))  # each row: a filter byte, then its pixels
+    inflate, found, position = zlib.decompressobj(), 0, 8
+    while position + 8 <= len(data) and found < expected:
+        length, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        if kind == b"IDAT":
+            pending = data[position + 8:position + 8 + length]
+            while pending and found < expected:
+                try:
+                    found += len(inflate.decompress(pending, 1 << 20))
+                except zlib.error as e:
+                    raise ImageError(f"PNG image with damaged data ({_reason(e)})") from None
+                pending = inflate.unconsumed_tail
+        elif kind == b"IEND":
+            break
+        position += 12 + length
+    if found < expected:
+        raise ImageError(f"PNG image with damaged data (its pixel data holds {found:,} of the {expected:,} bytes "
+                         f"its {width}x{height} header needs)")
 
 
 def resize_and_crop(image: torch.Tensor, size: int, nearest: bool = False) -> torch.Tensor:

@@ -115,8 +115,9 @@ def show_table(results: list[dict], k: int) -> str:
     # a text model's rows name their text, shortened, where image rows name the file
     names = [r["image"] if "image" in r else r.get("text", "")[:40] for r in results]
     width = max(len(name) for name in names)
-    if any("top_k" in r for r in results):  # classification: a column per rank
-        header = "  ".join(f"{f'top-{i + 1}':<22}" for i in range(k))
+    if any("top_k" in r for r in results):  # classification: a column per rank the answers have
+        ranks = min(k, max(len(r["top_k"]) for r in results if "top_k" in r))
+        header = "  ".join(f"{f'top-{i + 1}':<22}" for i in range(ranks))
     else:
         header = "answer"
     rows = [f"{'image' if any('image' in r for r in results) else 'text':<{width}}  {header}"]

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from trainer.data.arrays import DataBundle
-from trainer.data.tokenize import INDEX, TOKENS, input_files, tokenize
+from trainer.data.corpus import INDEX, TOKENS, input_files, tokenize
 from trainer.errors import UserError
 from trainer.registry import DATASETS
 
