@@ -12,6 +12,7 @@ luck, and it swamps the speed difference.
 
     python benchmarks/fast_recipe_script.py --data ../shared/data/cifar10-mini --target 0.6
 """
+
 import argparse
 import copy
 import json
@@ -32,8 +33,11 @@ def load_split(folder: Path, size: int = 32) -> tuple[torch.Tensor, torch.Tensor
     for label, name in enumerate(classes):
         for path in sorted((folder / name).iterdir()):
             image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
-            images.append(F.interpolate(image[None].float(), size=(size, size), mode="bilinear")[0].round().byte()
-                          if image.shape[-1] != size else image)
+            images.append(
+                F.interpolate(image[None].float(), size=(size, size), mode="bilinear")[0].round().byte()
+                if image.shape[-1] != size
+                else image
+            )
             labels.append(label)
     return torch.stack(images), torch.tensor(labels)
 
@@ -47,18 +51,25 @@ def batches(images, labels, batch_size, mean, std, padding, seed, epoch, train, 
         shifts = (torch.rand(n, 2, generator=generator) * (2 * padding + 1)).long().to(device)
         flips = (torch.rand(n, generator=generator) < 0.5).to(device)
     for first in range(0, n, batch_size):
-        index = order[first:first + batch_size]
+        index = order[first : first + batch_size]
         x = images[index]
         if train:
             x = F.pad(x, (padding,) * 4, mode=padding_mode)  # then a crop back to size, one per image
-            shift = shifts[first:first + batch_size]
+            shift = shifts[first : first + batch_size]
             rows = (shift[:, :1] + torch.arange(images.shape[-2], device=device))[:, None, :, None]
             cols = (shift[:, 1:] + torch.arange(images.shape[-1], device=device))[:, None, None, :]
-            x = x[torch.arange(len(index), device=device)[:, None, None, None],
-                  torch.arange(x.shape[1], device=device)[None, :, None, None], rows, cols]
-            x = torch.where(flips[first:first + batch_size, None, None, None], x.flip(-1), x)
+            x = x[
+                torch.arange(len(index), device=device)[:, None, None, None],
+                torch.arange(x.shape[1], device=device)[None, :, None, None],
+                rows,
+                cols,
+            ]
+            x = torch.where(flips[first : first + batch_size, None, None, None], x.flip(-1), x)
         # the same float arithmetic as the framework (x * (1/255) is not bit-equal to x / 255)
-        yield x.float().mul_(1 / 255).sub_(mean).div_(std).contiguous(memory_format=torch.channels_last), labels[index]
+        yield (
+            x.float().mul_(1 / 255).sub_(mean).div_(std).contiguous(memory_format=torch.channels_last),
+            labels[index],
+        )
 
 
 @torch.no_grad()
@@ -69,6 +80,7 @@ def evaluate(model, images, labels, mean, std, dtype, tta: str = "flip") -> floa
 
     def flips(x):
         return model(x) + model(x.flip(-1)) if tta != "none" else model(x)
+
     correct = torch.zeros((), device=images.device)
     for x, y in batches(images, labels, 1000, mean, std, 0, 0, 0, train=False):
         with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
@@ -80,12 +92,36 @@ def evaluate(model, images, labels, mean, std, dtype, tta: str = "flip") -> floa
     return correct.item() / len(labels)
 
 
-def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, batch_size: int, lr: float,
-          momentum: float, weight_decay: float, bias_scale: float, label_smoothing: float, warmup_epochs: float,
-          final_lr_ratio: float, ema_decay: float, ema_every: int, padding: int, mean, std, precision: str,
-          compile: bool, device: torch.device, seed: int = 0, tta: str = "flip",
-          start_lr_ratio: float = 0.0, padding_mode: str = "constant", ema_decay_power: float = 0.0,
-          lookahead: bool = False, biases_as_weights: bool = False) -> dict:
+def train(
+    data: Path,
+    *,
+    model: torch.nn.Module,
+    target: float,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    bias_scale: float,
+    label_smoothing: float,
+    warmup_epochs: float,
+    final_lr_ratio: float,
+    ema_decay: float,
+    ema_every: int,
+    padding: int,
+    mean,
+    std,
+    precision: str,
+    compile: bool,
+    device: torch.device,
+    seed: int = 0,
+    tta: str = "flip",
+    start_lr_ratio: float = 0.0,
+    padding_mode: str = "constant",
+    ema_decay_power: float = 0.0,
+    lookahead: bool = False,
+    biases_as_weights: bool = False,
+) -> dict:
     """Trains until the EMA weights reach `target` validation accuracy (or `epochs` run out). The time
     counts training and evaluation, not loading the data or compiling."""
     train_x, train_y = (t.to(device) for t in load_split(data / "train"))
@@ -102,15 +138,24 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
     else:
         norms_and_biases = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in norms_and_biases)]
-    optimizer = torch.optim.SGD([{"params": others, "lr": lr, "weight_decay": weight_decay},
-                                 {"params": norms_and_biases, "lr": lr * bias_scale, "weight_decay": 0.0}],
-                                momentum=momentum, nesterov=True)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": others, "lr": lr, "weight_decay": weight_decay},
+            {"params": norms_and_biases, "lr": lr * bias_scale, "weight_decay": 0.0},
+        ],
+        momentum=momentum,
+        nesterov=True,
+    )
     steps_per_epoch = -(-len(train_y) // batch_size)
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    def factor(step: int) -> float:  # linear warmup from start_lr_ratio, then a straight line to final_lr_ratio
+
+    def factor(
+        step: int,
+    ) -> float:  # linear warmup from start_lr_ratio, then a straight line to final_lr_ratio
         if step < warmup:
             return start_lr_ratio + (1 - start_lr_ratio) * (step + 1) / (warmup + 1)
         return 1 - (1 - final_lr_ratio) * min((step - warmup) / max(total - warmup, 1), 1)
+
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     average = copy.deepcopy(model).eval()
     step_model = torch.compile(model) if compile else model
@@ -128,7 +173,9 @@ def train(data: Path, *, model: torch.nn.Module, target: float, epochs: int, bat
         start = time.perf_counter()
         step_model.train()
         model.start_epoch(epoch - 1)  # the network's own: its whitening bias may stop training
-        for x, y in batches(train_x, train_y, batch_size, mean, std, padding, seed, epoch - 1, True, padding_mode):
+        for x, y in batches(
+            train_x, train_y, batch_size, mean, std, padding, seed, epoch - 1, True, padding_mode
+        ):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = F.cross_entropy(step_model(x), y, label_smoothing=label_smoothing)
             loss.backward()
@@ -158,12 +205,35 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     args = parser.parse_args()
     from trainer import MODELS
+
     torch.manual_seed(0)
     model = MODELS.build("fastnet", num_classes=10, widths=(32, 64, 64))
-    print(json.dumps(train(args.data, model=model, target=args.target, epochs=args.epochs, batch_size=256, lr=1.5,
-                           momentum=0.85, weight_decay=2e-6, bias_scale=64, label_smoothing=0.2, warmup_epochs=2.3,
-                           final_lr_ratio=0.07, ema_decay=0.6, ema_every=5, padding=2, mean=[0.5] * 3, std=[0.25] * 3,
-                           precision="32", compile=False, device=torch.device("cpu"))))
+    print(
+        json.dumps(
+            train(
+                args.data,
+                model=model,
+                target=args.target,
+                epochs=args.epochs,
+                batch_size=256,
+                lr=1.5,
+                momentum=0.85,
+                weight_decay=2e-6,
+                bias_scale=64,
+                label_smoothing=0.2,
+                warmup_epochs=2.3,
+                final_lr_ratio=0.07,
+                ema_decay=0.6,
+                ema_every=5,
+                padding=2,
+                mean=[0.5] * 3,
+                std=[0.25] * 3,
+                precision="32",
+                compile=False,
+                device=torch.device("cpu"),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

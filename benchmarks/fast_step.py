@@ -9,6 +9,7 @@ the most expensive operators of the eager bf16 step from torch.profiler.
 Random inputs and labels: the time of a step does not depend on the pixels. Compile warm-up is outside
 the timing (reported apart), as in the trainer.
 """
+
 import argparse
 import json
 import statistics
@@ -25,8 +26,9 @@ def make_step(compiled: bool, bf16: bool, channels_last: bool, widths: list[int]
     model = fastnet(10, widths=tuple(widths))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.85,
-                                nesterov=True)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.85, nesterov=True
+    )
     run = torch.compile(model) if compiled else model
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -35,6 +37,7 @@ def make_step(compiled: bool, bf16: bool, channels_last: bool, widths: list[int]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -48,8 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     images = torch.randn(args.batch_size, 3, 32, 32)
     labels = torch.randint(0, 10, (args.batch_size,))
-    settings = [(compiled, bf16, True) for compiled in ((False,) if args.no_compile else (False, True))
-                for bf16 in (False, True)] + [(False, True, False)]
+    settings = [
+        (compiled, bf16, True)
+        for compiled in ((False,) if args.no_compile else (False, True))
+        for bf16 in (False, True)
+    ] + [(False, True, False)]
     steps, warm_up = {}, {}
     for setting in settings:
         step = make_step(*setting, args.widths)
@@ -66,21 +72,30 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(args.steps):
                 step(x, labels)
             times[setting].append((time.perf_counter() - started) / args.steps)
-    name = {s: f"{'compiled' if s[0] else 'eager'} {'bf16' if s[1] else 'fp32'}{' channels_last' if s[2] else ''}"
-            for s in settings}
+    name = {
+        s: f"{'compiled' if s[0] else 'eager'} {'bf16' if s[1] else 'fp32'}{' channels_last' if s[2] else ''}"
+        for s in settings
+    }
     median = {s: statistics.median(t) * 1000 for s, t in times.items()}
     fastest = min(median, key=median.get)
     for s in settings:
-        print(f"{name[s]:<32} {median[s]:8.1f} ms/step  {median[s] / median[fastest]:5.2f}x the fastest"
-              f"{f'  (compile warm-up {warm_up[s]:.0f} s)' if s[0] else ''}")
+        print(
+            f"{name[s]:<32} {median[s]:8.1f} ms/step  {median[s] / median[fastest]:5.2f}x the fastest"
+            f"{f'  (compile warm-up {warm_up[s]:.0f} s)' if s[0] else ''}"
+        )
     step, x = steps[(False, True, True)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step(x, labels)
     table = profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
     print("eager bf16 channels_last, the most expensive operators of one step:\n" + table)
-    summary = {"benchmark": "fast_step", "batch_size": args.batch_size, "widths": args.widths,
-               "ms_per_step": {name[s]: median[s] for s in settings}, "fastest": name[fastest],
-               "compile_warm_up_s": {name[s]: warm_up[s] for s in settings if s[0]}}
+    summary = {
+        "benchmark": "fast_step",
+        "batch_size": args.batch_size,
+        "widths": args.widths,
+        "ms_per_step": {name[s]: median[s] for s in settings},
+        "fastest": name[fastest],
+        "compile_warm_up_s": {name[s]: warm_up[s] for s in settings if s[0]},
+    }
     print(json.dumps(summary))
     return summary
 

@@ -2,6 +2,7 @@
 builds it, minus the process), and a batch source for the hand-written and Lightning loops that does
 the data work our device-resident loader does (a permutation per epoch, uint8 images gathered and
 normalised per batch), so that only the training loops differ."""
+
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
 
     from trainer.config import register_configs, validate
+
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
@@ -28,6 +30,7 @@ def build_ours(overrides: list[str], run_dir: Path):
     """(trainer, bundle, cfg) for these overrides, built as `python -m trainer` builds them."""
     from trainer.devices import pick_device
     from trainer.setup import build_data, build_task, build_trainer
+
     cfg = compose(overrides)
     device = pick_device(cfg.trainer.device)
     bundle, loaders = build_data(cfg, device)
@@ -38,8 +41,16 @@ def build_ours(overrides: list[str], run_dir: Path):
 class DeviceBatches:
     """uint8 images and labels on the device, reshuffled every epoch, normalised batch by batch."""
 
-    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, mean: list[float], std: list[float],
-                 device: torch.device, seed: int = 0) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        mean: list[float],
+        std: list[float],
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
         self.images, self.labels, self.batch_size = images.to(device), labels.to(device), batch_size
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -51,7 +62,7 @@ class DeviceBatches:
     def __iter__(self):
         order = torch.randperm(len(self.labels), generator=self.generator).to(self.labels.device)
         for first in range(0, len(order), self.batch_size):
-            index = order[first:first + self.batch_size]
+            index = order[first : first + self.batch_size]
             yield self.images[index].float().div_(255).sub_(self.mean).div_(self.std), self.labels[index]
 
 
@@ -62,6 +73,7 @@ def in_child(function, *args):
     OpenMP's threads do not mix)."""
     import multiprocessing
     import traceback
+
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
 
@@ -77,7 +89,9 @@ def in_child(function, *args):
     try:
         status, value = receive.recv()
     except EOFError:
-        raise RuntimeError(f"the benchmark's child process died (exit code {child.join() or child.exitcode})")
+        raise RuntimeError(
+            f"the benchmark's child process died (exit code {child.join() or child.exitcode})"
+        ) from None
     child.join()
     if status == "error":
         raise RuntimeError(f"the benchmark's child process failed:\n{value}")
@@ -92,11 +106,22 @@ def synchronize(device: torch.device) -> None:
 class HandWritten:
     """The minimal loop: forward, loss, backward, step, schedule; nothing measured, nothing logged."""
 
-    def __init__(self, model: torch.nn.Module, batches: DeviceBatches, precision: str, lr: float, epochs: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batches: DeviceBatches,
+        precision: str,
+        lr: float,
+        epochs: int,
+        device: torch.device,
+    ) -> None:
         self.model, self.batches, self.device = model.to(device), batches, device
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=epochs * len(batches))
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=epochs * len(batches)
+        )
         self.dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
 

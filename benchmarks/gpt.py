@@ -19,6 +19,7 @@ corpus 16 times over, each in a fresh process, and reports the peak proportional
 process and its workers, sampled every 50 ms): windows are read from the memory-mapped tokens, so the
 larger corpus should cost no more memory.
 """
+
 import argparse
 import json
 import random
@@ -54,14 +55,23 @@ class OneFileLoop:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
         other = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                            {"params": other, "weight_decay": 0.0}], lr=LR, betas=BETAS)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": other, "weight_decay": 0.0}],
+            lr=LR,
+            betas=BETAS,
+        )
         self.generator = torch.Generator().manual_seed(0)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator)
-        x = torch.stack([torch.from_numpy(self.tokens[i:i + self.block_size].astype(np.int64)) for i in starts])
-        y = torch.stack([torch.from_numpy(self.tokens[i + 1:i + 1 + self.block_size].astype(np.int64)) for i in starts])
+        starts = torch.randint(
+            len(self.tokens) - self.block_size - 1, (self.batch_size,), generator=self.generator
+        )
+        x = torch.stack(
+            [torch.from_numpy(self.tokens[i : i + self.block_size].astype(np.int64)) for i in starts]
+        )
+        y = torch.stack(
+            [torch.from_numpy(self.tokens[i + 1 : i + 1 + self.block_size].astype(np.int64)) for i in starts]
+        )
         return x, y
 
     def run(self, steps: int) -> dict:
@@ -79,21 +89,37 @@ class OneFileLoop:
 
 
 def build(args: argparse.Namespace, corpus: Path, folder: Path, workers: int = 0):
-    overrides = ["task=language_model", "dataset=text", f"dataset.root={corpus}", f"dataset.cache={folder / 'tokens'}",
-                 f"dataset.block_size={args.block_size}", "model=gpt", f"model.n_layer={args.n_layer}",
-                 f"model.n_head={args.n_head}", f"model.n_embd={args.n_embd}", "model.dropout=0.0",
-                 "optimizer=adamw", f"optimizer.lr={LR}", f"optimizer.betas=[{BETAS[0]},{BETAS[1]}]",
-                 f"optimizer.weight_decay={WEIGHT_DECAY}", "scheduler=constant",
-                 f"trainer.gradient_clip_val={CLIP}", f"loader.batch_size={args.batch_size}",
-                 f"loader.num_workers={workers}",
-                 f"trainer.limit_train_batches={args.steps}", "trainer.progress_bar=false", "trainer.device=cpu",
-                 f"seed={args.seed}"]
+    overrides = [
+        "task=language_model",
+        "dataset=text",
+        f"dataset.root={corpus}",
+        f"dataset.cache={folder / 'tokens'}",
+        f"dataset.block_size={args.block_size}",
+        "model=gpt",
+        f"model.n_layer={args.n_layer}",
+        f"model.n_head={args.n_head}",
+        f"model.n_embd={args.n_embd}",
+        "model.dropout=0.0",
+        "optimizer=adamw",
+        f"optimizer.lr={LR}",
+        f"optimizer.betas=[{BETAS[0]},{BETAS[1]}]",
+        f"optimizer.weight_decay={WEIGHT_DECAY}",
+        "scheduler=constant",
+        f"trainer.gradient_clip_val={CLIP}",
+        f"loader.batch_size={args.batch_size}",
+        f"loader.num_workers={workers}",
+        f"trainer.limit_train_batches={args.steps}",
+        "trainer.progress_bar=false",
+        "trainer.device=cpu",
+        f"seed={args.seed}",
+    ]
     trainer, bundle, cfg = build_ours(overrides, folder / "run")
     from trainer.config import model_params
     from trainer.registry import MODELS
+
     torch.manual_seed(args.seed)
     theirs = MODELS.build("gpt", **model_params(cfg.model))
-    tokens = np.memmap(bundle.train.path, dtype=bundle.train.dtype, mode="r")[:bundle.train.stop]
+    tokens = np.memmap(bundle.train.path, dtype=bundle.train.dtype, mode="r")[: bundle.train.stop]
     return trainer, OneFileLoop(theirs, tokens, args.batch_size, args.block_size), bundle.val
 
 
@@ -103,7 +129,10 @@ def val_loss(model: torch.nn.Module, windows, batch_size: int, max_batches: int 
     model.eval()
     nats, count = 0.0, 0
     for first in range(0, min(len(windows), batch_size * max_batches), batch_size):
-        x, y = (torch.stack(t) for t in zip(*(windows[i] for i in range(first, min(first + batch_size, len(windows))))))
+        x, y = (
+            torch.stack(t)
+            for t in zip(*(windows[i] for i in range(first, min(first + batch_size, len(windows)))))
+        )
         logits = model(x)
         nats += float(F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum"))
         count += y.numel()
@@ -119,6 +148,7 @@ def ours_round(trainer, block_size: int) -> dict:
 def memory_run(args: argparse.Namespace, corpus: Path) -> dict:
     """Our loop on `corpus` with loader workers: the peak PSS while it trains."""
     import threading
+
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _, _ = build(args, corpus, Path(tmp), workers=2)
         peak, done = [memory_mb()], threading.Event()
@@ -126,6 +156,7 @@ def memory_run(args: argparse.Namespace, corpus: Path) -> dict:
         def sample() -> None:
             while not done.wait(0.05):
                 peak.append(memory_mb())
+
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         result = ours_round(trainer, args.block_size)
@@ -136,16 +167,33 @@ def memory_run(args: argparse.Namespace, corpus: Path) -> dict:
 
 def memory(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(args.corpus) if args.corpus else generated_corpus(Path(tmp) / "corpus.txt", args.corpus_bytes)
+        base = (
+            Path(args.corpus)
+            if args.corpus
+            else generated_corpus(Path(tmp) / "corpus.txt", args.corpus_bytes)
+        )
         text = base.read_text()
         big = Path(tmp) / "corpus16.txt"
         big.write_text("\n".join([text] * 16))
-        figures = [run_configuration(__file__, [*args.passed, "--memory-run", str(path)], args.same_process,
-                                     lambda path=path: memory_run(args, path)) for path in (base, big)]
+        figures = [
+            run_configuration(
+                __file__,
+                [*args.passed, "--memory-run", str(path)],
+                args.same_process,
+                lambda path=path: memory_run(args, path),
+            )
+            for path in (base, big)
+        ]
     small, large = figures
-    print(f"gpt memory: {small['peak_pss_mb']:,.0f} MB for {small['corpus_bytes']:,} bytes of text, "
-          f"{large['peak_pss_mb']:,.0f} MB for {large['corpus_bytes']:,} ({large['peak_pss_mb'] / small['peak_pss_mb']:.3f}x)")
-    result = {"benchmark": "gpt_memory", "runs": figures, "ratio": large["peak_pss_mb"] / small["peak_pss_mb"]}
+    print(
+        f"gpt memory: {small['peak_pss_mb']:,.0f} MB for {small['corpus_bytes']:,} bytes of text, "
+        f"{large['peak_pss_mb']:,.0f} MB for {large['corpus_bytes']:,} ({large['peak_pss_mb'] / small['peak_pss_mb']:.3f}x)"
+    )
+    result = {
+        "benchmark": "gpt_memory",
+        "runs": figures,
+        "ratio": large["peak_pss_mb"] / small["peak_pss_mb"],
+    }
     print(json.dumps(result))
     return result
 
@@ -174,7 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory:
         return memory(args)
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(args.corpus) if args.corpus else generated_corpus(Path(tmp) / "corpus.txt", args.corpus_bytes)
+        corpus = (
+            Path(args.corpus)
+            if args.corpus
+            else generated_corpus(Path(tmp) / "corpus.txt", args.corpus_bytes)
+        )
         trainer, loop, windows = build(args, corpus, Path(tmp))
         ours_round(trainer, args.block_size), loop.run(args.steps)  # warm-up: allocator, thread pools
         rounds = []
@@ -185,19 +237,34 @@ def main(argv: list[str] | None = None) -> dict:
                 theirs, ours = loop.run(args.steps), ours_round(trainer, args.block_size)
             ratio = (ours["tokens"] / ours["seconds"]) / (theirs["tokens"] / theirs["seconds"])
             rounds.append({"ours": ours, "one_file": theirs, "ratio": ratio})
-            print(f"round {k}: ours {ours['tokens'] / ours['seconds']:,.0f} tok/s, one-file loop "
-                  f"{theirs['tokens'] / theirs['seconds']:,.0f} tok/s, ratio {ratio:.3f}", flush=True)
+            print(
+                f"round {k}: ours {ours['tokens'] / ours['seconds']:,.0f} tok/s, one-file loop "
+                f"{theirs['tokens'] / theirs['seconds']:,.0f} tok/s, ratio {ratio:.3f}",
+                flush=True,
+            )
         # Both have taken the same number of steps from the same weights: how well each learnt.
-        losses = {"ours": val_loss(trainer.model, windows, args.batch_size),
-                  "one_file": val_loss(loop.model, windows, args.batch_size)}
+        losses = {
+            "ours": val_loss(trainer.model, windows, args.batch_size),
+            "one_file": val_loss(loop.model, windows, args.batch_size),
+        }
     ratio = statistics.median(r["ratio"] for r in rounds)
     steps = (args.rounds + 1) * args.steps
-    print(f"gpt: ours runs at {ratio:.3f}x the one-file loop's tokens/s (median of {args.rounds}; n_layer "
-          f"{args.n_layer}, n_embd {args.n_embd}, block {args.block_size}, batch {args.batch_size}, cpu)")
-    print(f"gpt: validation loss after {steps} steps each: ours {losses['ours']:.4f}, one-file loop "
-          f"{losses['one_file']:.4f} nats/token")
-    result = {**{k: v for k, v in vars(args).items() if k != "passed"}, "benchmark": "gpt", "ratio": ratio,
-              "rounds": rounds, "steps": steps, "val_loss": losses}
+    print(
+        f"gpt: ours runs at {ratio:.3f}x the one-file loop's tokens/s (median of {args.rounds}; n_layer "
+        f"{args.n_layer}, n_embd {args.n_embd}, block {args.block_size}, batch {args.batch_size}, cpu)"
+    )
+    print(
+        f"gpt: validation loss after {steps} steps each: ours {losses['ours']:.4f}, one-file loop "
+        f"{losses['one_file']:.4f} nats/token"
+    )
+    result = {
+        **{k: v for k, v in vars(args).items() if k != "passed"},
+        "benchmark": "gpt",
+        "ratio": ratio,
+        "rounds": rounds,
+        "steps": steps,
+        "val_loss": losses,
+    }
     print(json.dumps(result))
     return result
 

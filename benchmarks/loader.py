@@ -16,6 +16,7 @@ size (PSS) of the process and its workers, sampled every 100 ms, which counts pa
 with the parent once rather than once per process. Prints one line per configuration, the ratios to
 `standard`, and a JSON line.
 """
+
 import argparse
 import json
 import pickle
@@ -24,7 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-from measure import SAME_PROCESS_HELP, PeakMemory, run_configuration  # benchmarks/measure.py, beside this script
+from measure import (
+    SAME_PROCESS_HELP,
+    PeakMemory,
+    run_configuration,
+)  # benchmarks/measure.py, beside this script
 
 CONFIGS = ["standard", "ours-0w", "ours-2w", "on-device"]
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
@@ -33,9 +38,17 @@ MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 def load_folder(data: Path):
     from trainer import DATASETS
     from trainer.data.folder import count_classes
-    return DATASETS.build("imagefolder", root=str(data), num_classes=count_classes(str(data)), image_size=32,
-                          val_split=0.0 if (data / "val").is_dir() else 0.1, mean=MEAN, std=STD,
-                          augment=[{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHorizontalFlip"}])
+
+    return DATASETS.build(
+        "imagefolder",
+        root=str(data),
+        num_classes=count_classes(str(data)),
+        image_size=32,
+        val_split=0.0 if (data / "val").is_dir() else 0.1,
+        mean=MEAN,
+        std=STD,
+        augment=[{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHorizontalFlip"}],
+    )
 
 
 def write_cifar_format(bundle, root: Path) -> None:
@@ -63,15 +76,27 @@ def build(config: str, data: Path, cifar_root: Path, batch_size: int):
         from trainer.data.vision import (
             without_checksums,  # the files are ours: skip the official MD5s
         )
-        recipe = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                            T.Normalize(MEAN, STD)])
+
+        recipe = T.Compose(
+            [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]
+        )
         dataset = without_checksums(datasets.CIFAR10)(str(cifar_root), train=True, transform=recipe)
         return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=2), None
     from trainer.data import build_loaders
+
     bundle = load_folder(data)
-    loaders = build_loaders(bundle, batch_size=batch_size, num_workers=2 if config == "ours-2w" else 0,
-                            pin_memory=False, prefetch_factor=2, persistent_workers=True, shuffle=True,
-                            drop_last=False, seed=0, on_device=torch.device("cpu") if config == "on-device" else None)
+    loaders = build_loaders(
+        bundle,
+        batch_size=batch_size,
+        num_workers=2 if config == "ours-2w" else 0,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=True,
+        shuffle=True,
+        drop_last=False,
+        seed=0,
+        on_device=torch.device("cpu") if config == "on-device" else None,
+    )
     return loaders.train, loaders.sampler
 
 
@@ -85,8 +110,13 @@ def run_one(config: str, data: Path, cifar_root: Path, epochs: int, batch_size: 
         for batch, _ in loader:
             images += len(batch)
     seconds = time.perf_counter() - start
-    return {"config": config, "images": images, "seconds": seconds, "images_per_sec": images / seconds,
-            "peak_pss_mb": memory.stop()}
+    return {
+        "config": config,
+        "images": images,
+        "seconds": seconds,
+        "images_per_sec": images / seconds,
+        "peak_pss_mb": memory.stop(),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,17 +135,38 @@ def main(argv: list[str] | None = None) -> dict:
         write_cifar_format(load_folder(args.data), Path(tmp))
         results = {}
         for config in CONFIGS:
-            child = ["--data", str(args.data), "--one", config, "--cifar-root", tmp, "--epochs", str(args.epochs),
-                     "--batch-size", str(args.batch_size)]
-            results[config] = run_configuration(__file__, child, args.same_process, lambda: run_one(
-                config, args.data, Path(tmp), args.epochs, args.batch_size))
+            child = [
+                "--data",
+                str(args.data),
+                "--one",
+                config,
+                "--cifar-root",
+                tmp,
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                str(args.batch_size),
+            ]
+            results[config] = run_configuration(
+                __file__,
+                child,
+                args.same_process,
+                lambda config=config: run_one(config, args.data, Path(tmp), args.epochs, args.batch_size),
+            )
     base = results["standard"]["images_per_sec"]
     for config, r in results.items():
         r["ratio_to_standard"] = r["images_per_sec"] / base
-        print(f"{config:<10} {r['images_per_sec']:>9,.0f} img/s  {r['ratio_to_standard']:>5.2f}x standard  "
-              f"peak memory {r['peak_pss_mb']:,.0f} MB (PSS, workers included)")
-    summary = {"benchmark": "loader", "data": str(args.data), "epochs": args.epochs, "batch_size": args.batch_size,
-               "results": results}
+        print(
+            f"{config:<10} {r['images_per_sec']:>9,.0f} img/s  {r['ratio_to_standard']:>5.2f}x standard  "
+            f"peak memory {r['peak_pss_mb']:,.0f} MB (PSS, workers included)"
+        )
+    summary = {
+        "benchmark": "loader",
+        "data": str(args.data),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "results": results,
+    }
     print(json.dumps(summary))
     return summary
 

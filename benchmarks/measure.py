@@ -1,4 +1,5 @@
 """Memory measurement shared by the benchmarks (they run as scripts: `python benchmarks/<name>.py`)."""
+
 import json
 import os
 import subprocess
@@ -8,8 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-SAME_PROCESS_HELP = ("run every configuration in this process (the test suite's tiny mode: it checks what is "
-                     "measured and saves an interpreter start per configuration; memory figures then overlap)")
+SAME_PROCESS_HELP = (
+    "run every configuration in this process (the test suite's tiny mode: it checks what is "
+    "measured and saves an interpreter start per configuration; memory figures then overlap)"
+)
 
 
 def run_configuration(script: str, args: list[str], same_process: bool, run: Callable[[], dict]) -> dict:
@@ -44,7 +47,11 @@ class PeakMemory:
     `peak_anonymous` the highest anonymous memory of the main process."""
 
     def __init__(self) -> None:
-        self.peak, self.peak_anonymous, self.running = memory_mb(), memory_mb("Anonymous", workers=False), True
+        self.peak, self.peak_anonymous, self.running = (
+            memory_mb(),
+            memory_mb("Anonymous", workers=False),
+            True,
+        )
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 

@@ -20,6 +20,7 @@ per step is its own cost; the difference is our loop's overhead per step, and th
 for the real model (its hand-written step time over that plus the overhead) is reported beside the
 measured one.
 """
+
 import argparse
 import json
 import statistics
@@ -31,27 +32,55 @@ from frameworks import DeviceBatches, HandWritten, build_ours
 LR = 0.05
 
 
-NEAR_ZERO_MODEL = ["model=mlp", "model.hidden=[1]", "dataset.image_size=4", "dataset.in_channels=1",
-                   "dataset.mean=[0.5]", "dataset.std=[0.25]"]
+NEAR_ZERO_MODEL = [
+    "model=mlp",
+    "model.hidden=[1]",
+    "dataset.image_size=4",
+    "dataset.in_channels=1",
+    "dataset.mean=[0.5]",
+    "dataset.std=[0.25]",
+]
 
 
 def overrides(args: argparse.Namespace, near_zero: bool = False) -> list[str]:
     if near_zero:
         return [*overrides(argparse.Namespace(**{**vars(args), "model": "mlp"})), *NEAR_ZERO_MODEL]
-    return [f"model={args.model}", *([f"model.width={args.width}"] if args.model in ("cnn", "resnet") else []),
-            "dataset=synthetic", f"dataset.train_size={args.images}", "dataset.test_size=256", "dataset.val_split=0",
-            "dataset.augment=[]", f"loader.batch_size={args.batch_size}", "loader.on_device=true",
-            f"trainer.max_epochs={args.rounds + 1}", f"trainer.precision={args.precision}",
-            f"trainer.device={args.device}", "trainer.progress_bar=false", f"optimizer.lr={LR}", "scheduler=cosine",
-            "scheduler.warmup_epochs=0", "export.formats=[]", f"seed={args.seed}"]
+    return [
+        f"model={args.model}",
+        *([f"model.width={args.width}"] if args.model in ("cnn", "resnet") else []),
+        "dataset=synthetic",
+        f"dataset.train_size={args.images}",
+        "dataset.test_size=256",
+        "dataset.val_split=0",
+        "dataset.augment=[]",
+        f"loader.batch_size={args.batch_size}",
+        "loader.on_device=true",
+        f"trainer.max_epochs={args.rounds + 1}",
+        f"trainer.precision={args.precision}",
+        f"trainer.device={args.device}",
+        "trainer.progress_bar=false",
+        f"optimizer.lr={LR}",
+        "scheduler=cosine",
+        "scheduler.warmup_epochs=0",
+        "export.formats=[]",
+        f"seed={args.seed}",
+    ]
 
 
 def build_both(args: argparse.Namespace, run_dir: Path, near_zero: bool = False):
     """Our Trainer and the hand-written loop, with the same network and initial weights."""
     from trainer.setup import build_model
+
     trainer, bundle, cfg = build_ours(overrides(args, near_zero), run_dir)
-    batches = DeviceBatches(bundle.train.all_images(), bundle.train.labels[bundle.train.indices], args.batch_size,
-                            bundle.mean, bundle.std, trainer.device, seed=args.seed)
+    batches = DeviceBatches(
+        bundle.train.all_images(),
+        bundle.train.labels[bundle.train.indices],
+        args.batch_size,
+        bundle.mean,
+        bundle.std,
+        trainer.device,
+        seed=args.seed,
+    )
     hand = HandWritten(build_model(cfg), batches, args.precision, LR, args.rounds + 1, trainer.device)
     return trainer, hand, cfg
 
@@ -73,8 +102,11 @@ def paired_rounds(trainer, hand, cfg, rounds: int, show: bool) -> list[dict]:
         ratio = (ours["images"] / ours["seconds"]) / (theirs["images"] / theirs["seconds"])
         results.append({"ours": ours, "hand_written": theirs, "ratio": ratio})
         if show:
-            print(f"round {k}: ours {ours['images'] / ours['seconds']:,.0f} img/s, hand-written "
-                  f"{theirs['images'] / theirs['seconds']:,.0f} img/s, ratio {ratio:.3f}", flush=True)
+            print(
+                f"round {k}: ours {ours['images'] / ours['seconds']:,.0f} img/s, hand-written "
+                f"{theirs['images'] / theirs['seconds']:,.0f} img/s, ratio {ratio:.3f}",
+                flush=True,
+            )
     return results
 
 
@@ -100,21 +132,39 @@ def main(argv: list[str] | None = None) -> dict:
     args = loop_arguments(__doc__.splitlines()[0]).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rounds = paired_rounds(*build_both(args, Path(tmp) / "model"), args.rounds, show=True)
-        near_zero = paired_rounds(*build_both(args, Path(tmp) / "near-zero", near_zero=True), args.rounds, show=False)
+        near_zero = paired_rounds(
+            *build_both(args, Path(tmp) / "near-zero", near_zero=True), args.rounds, show=False
+        )
     ratio = statistics.median(r["ratio"] for r in rounds)
     hand_step = step_seconds(rounds, "hand_written", args.batch_size)
-    overhead = (step_seconds(near_zero, "ours", args.batch_size)
-                - step_seconds(near_zero, "hand_written", args.batch_size))
+    overhead = step_seconds(near_zero, "ours", args.batch_size) - step_seconds(
+        near_zero, "hand_written", args.batch_size
+    )
     implied = hand_step / (hand_step + max(overhead, 0.0))
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and __import__("torch").cuda.is_available()) \
+    device = (
+        "cuda"
+        if args.device == "cuda" or (args.device == "auto" and __import__("torch").cuda.is_available())
         else "cpu"
-    print(f"overhead: our loop runs at {ratio:.3f}x the hand-written loop's images/s (median of {args.rounds}; "
-          f"{args.model}, batch {args.batch_size}, precision {args.precision}, {device}); its own cost is "
-          f"{overhead * 1e6:,.0f} us a step, which for this model's {hand_step * 1e3:,.1f} ms step is {implied:.3f}x")
-    summary = {"benchmark": "overhead", "device": device, "model": args.model, "batch_size": args.batch_size,
-               "precision": args.precision, "images": args.images, "ratio": ratio, "loop_overhead_s": overhead,
-               "hand_written_step_s": hand_step, "implied_ratio": implied, "rounds": rounds,
-               "near_zero_rounds": near_zero}
+    )
+    print(
+        f"overhead: our loop runs at {ratio:.3f}x the hand-written loop's images/s (median of {args.rounds}; "
+        f"{args.model}, batch {args.batch_size}, precision {args.precision}, {device}); its own cost is "
+        f"{overhead * 1e6:,.0f} us a step, which for this model's {hand_step * 1e3:,.1f} ms step is {implied:.3f}x"
+    )
+    summary = {
+        "benchmark": "overhead",
+        "device": device,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "images": args.images,
+        "ratio": ratio,
+        "loop_overhead_s": overhead,
+        "hand_written_step_s": hand_step,
+        "implied_ratio": implied,
+        "rounds": rounds,
+        "near_zero_rounds": near_zero,
+    }
     print(json.dumps(summary))
     return summary
 

@@ -17,6 +17,7 @@ What the record does, and this file with it:
 
     python benchmarks/record_recipe.py --data ../shared/data/cifar10-mini --epochs 9.9
 """
+
 import argparse
 import copy
 import json
@@ -48,8 +49,15 @@ def batch_norm(width: int) -> nn.BatchNorm2d:
 
 
 def block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), batch_norm(cout), nn.GELU(),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), batch_norm(cout), nn.GELU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.MaxPool2d(2),
+        batch_norm(cout),
+        nn.GELU(),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        batch_norm(cout),
+        nn.GELU(),
+    )
 
 
 class Net(nn.Module):
@@ -57,11 +65,13 @@ class Net(nn.Module):
         super().__init__()
         self.whiten = nn.Conv2d(3, 24, 2, bias=True)
         self.whiten.weight.requires_grad_(False)
-        self.blocks = nn.Sequential(block(24, widths[0]), block(widths[0], widths[1]), block(widths[1], widths[2]))
+        self.blocks = nn.Sequential(
+            block(24, widths[0]), block(widths[0], widths[1]), block(widths[1], widths[2])
+        )
         self.head = nn.Linear(widths[2], 10, bias=False)
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
-                nn.init.dirac_(m.weight.data[:m.in_channels])
+                nn.init.dirac_(m.weight.data[: m.in_channels])
 
     @torch.no_grad()
     def whiten_from(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -78,7 +88,9 @@ class Net(nn.Module):
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random flips and translations by up to `pad` pixels (reflect padding), on the whole batch."""
     n, _, h, w = images.shape
-    flipped = torch.where((torch.rand(n, generator=generator) < 0.5)[:, None, None, None], images.flip(-1), images)
+    flipped = torch.where(
+        (torch.rand(n, generator=generator) < 0.5)[:, None, None, None], images.flip(-1), images
+    )
     padded = F.pad(flipped, (pad,) * 4, mode="reflect")
     dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator) for _ in range(2))
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, 3, h, w + 2 * pad)
@@ -90,12 +102,19 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> t
 def tta_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     def flips(v):
         return (model(v) + model(v.flip(-1))) / 2
+
     padded = F.pad(x, (1,) * 4, mode="reflect")
     return flips(x) / 2 + (flips(padded[..., :32, :32]) + flips(padded[..., 2:, 2:])) / 4
 
 
-def train(data: Path, epochs: float = 9.9, seed: int = 0, batch_size: int = 1024, widths=(64, 256, 256),
-          bf16: bool = True) -> dict:
+def train(
+    data: Path,
+    epochs: float = 9.9,
+    seed: int = 0,
+    batch_size: int = 1024,
+    widths=(64, 256, 256),
+    bf16: bool = True,
+) -> dict:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y = load_split(data / "train")
@@ -107,10 +126,20 @@ def train(data: Path, epochs: float = 9.9, seed: int = 0, batch_size: int = 1024
     kilostep = 1024 * (1 + 1 / (1 - 0.85))  # the rate and the decay are per 1,024 examples of a summed loss
     lr, wd = 11.5 / kilostep, 0.0153 * batch_size / kilostep
     norm_biases = [p for n, p in model.named_parameters() if "blocks" in n and p.ndim < 2 and p.requires_grad]
-    others = [p for n, p in model.named_parameters() if p.requires_grad and all(p is not q for q in norm_biases)]
-    optimizer = torch.optim.SGD([{"params": norm_biases, "lr": lr * 64, "weight_decay": wd / (lr * 64)},
-                                 {"params": others, "lr": lr, "weight_decay": wd / lr}], momentum=0.85, nesterov=True)
-    for group in optimizer.param_groups:  # decoupled: the step's decay is lr * weight_decay, fixed per example
+    others = [
+        p for n, p in model.named_parameters() if p.requires_grad and all(p is not q for q in norm_biases)
+    ]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": norm_biases, "lr": lr * 64, "weight_decay": wd / (lr * 64)},
+            {"params": others, "lr": lr, "weight_decay": wd / lr},
+        ],
+        momentum=0.85,
+        nesterov=True,
+    )
+    for (
+        group
+    ) in optimizer.param_groups:  # decoupled: the step's decay is lr * weight_decay, fixed per example
         group["initial"] = group["lr"]
     schedule = np.interp(np.arange(total + 1), [0, int(0.23 * total), total], [0.2, 1.0, 0.07])
     average, step, started = copy.deepcopy(model), 0, time.perf_counter()
@@ -124,7 +153,7 @@ def train(data: Path, epochs: float = 9.9, seed: int = 0, batch_size: int = 1024
         for first in range(0, len(order), batch_size):
             if step >= total:
                 break
-            batch = order[first:first + batch_size]
+            batch = order[first : first + batch_size]
             x = augment(train_x[batch], generator).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(model(x), train_y[batch], label_smoothing=0.2, reduction="sum")
@@ -136,7 +165,9 @@ def train(data: Path, epochs: float = 9.9, seed: int = 0, batch_size: int = 1024
             step += 1
             # lookahead every 5 steps: the average moves towards the model, the model goes on from the
             # average; after the last step the model takes the average (the record's final decay of 1)
-            alphas = ([0.95 ** 5 * (step / total) ** 3] if step % 5 == 0 else []) + ([1.0] if step == total else [])
+            alphas = ([0.95**5 * (step / total) ** 3] if step % 5 == 0 else []) + (
+                [1.0] if step == total else []
+            )
             for alpha in alphas:
                 with torch.no_grad():
                     for a, m in zip(average.state_dict().values(), model.state_dict().values()):
@@ -149,10 +180,16 @@ def train(data: Path, epochs: float = 9.9, seed: int = 0, batch_size: int = 1024
     correct = 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for first in range(0, len(val_x), 2000):
-            x = val_x[first:first + 2000].contiguous(memory_format=torch.channels_last)
-            correct += int((tta_logits(model, x).argmax(1) == val_y[first:first + 2000]).sum())
-    return {"val_acc": correct / len(val_x), "epochs": epochs, "steps": total, "train_seconds": train_seconds,
-            "eval_seconds": time.perf_counter() - eval_started, "seconds": time.perf_counter() - started}
+            x = val_x[first : first + 2000].contiguous(memory_format=torch.channels_last)
+            correct += int((tta_logits(model, x).argmax(1) == val_y[first : first + 2000]).sum())
+    return {
+        "val_acc": correct / len(val_x),
+        "epochs": epochs,
+        "steps": total,
+        "train_seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - eval_started,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,6 +6,7 @@ latency, and a JSON line. Needs the `serve` extra.
     python benchmarks/slow_clients.py                               # trains a small model first (~30 s)
     python benchmarks/slow_clients.py --run outputs/2026-11-25/10-00-00 --slow 1000 --concurrent 300
 """
+
 import argparse
 import asyncio
 import json
@@ -25,8 +26,10 @@ HALF_HEAD = b"POST /v1/predict HTTP/1.1\r\nHost: bench\r\nContent-Type: image/"
 
 
 def request(body: bytes) -> bytes:
-    return (b"POST /v1/predict HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: image/png\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"POST /v1/predict HTTP/1.1\r\nHost: bench\r\nConnection: close\r\nContent-Type: image/png\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
 
 async def one_request(port: int, body: bytes) -> tuple[int, float]:
@@ -37,15 +40,20 @@ async def one_request(port: int, body: bytes) -> tuple[int, float]:
         writer.write(request(body))
         answer = await asyncio.wait_for(reader.read(), 60)
         writer.close()
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return 0, time.perf_counter() - started
     status = int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else 0
     return status, time.perf_counter() - started
 
 
 def start_server(run: Path) -> tuple[subprocess.Popen, int]:
-    server = subprocess.Popen([sys.executable, "-m", "trainer.serve", f"run={run}", "serve.port=0"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "trainer.serve", f"run={run}", "serve.port=0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = server.stdout.readline()
     if not line.startswith("serving"):
         server.kill()
@@ -70,6 +78,7 @@ def measure(run: Path, slow: int, concurrent: int) -> dict:
 
         async def together() -> list[tuple[int, float]]:
             return await asyncio.gather(*(one_request(port, body) for _ in range(concurrent)))
+
         answers = asyncio.run(together())
         for client in held:
             client.close()
@@ -80,9 +89,16 @@ def measure(run: Path, slow: int, concurrent: int) -> dict:
     statuses: dict[str, int] = {}
     for status, _ in answers:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
-    return {"benchmark": "slow_clients", "slow_clients": slow, "valid_status": valid_status,
-            "valid_latency_s": valid_seconds, "concurrent": concurrent, "statuses": statuses,
-            "p50_s": statistics.median(latencies), "p99_s": latencies[max(0, int(0.99 * len(latencies)) - 1)]}
+    return {
+        "benchmark": "slow_clients",
+        "slow_clients": slow,
+        "valid_status": valid_status,
+        "valid_latency_s": valid_seconds,
+        "concurrent": concurrent,
+        "statuses": statuses,
+        "p50_s": statistics.median(latencies),
+        "p99_s": latencies[max(0, int(0.99 * len(latencies)) - 1)],
+    }
 
 
 def main() -> None:
@@ -94,10 +110,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         run = args.run or train_small_run(Path(folder), width=16, images=512)
         result = measure(run, args.slow, args.concurrent)
-    print(f"with {result['slow_clients']} slow clients connected: a valid request got "
-          f"{result['valid_status']} in {result['valid_latency_s'] * 1000:.0f} ms; {result['concurrent']} concurrent "
-          f"valid requests: {result['statuses']}, p50 {result['p50_s'] * 1000:.0f} ms, p99 "
-          f"{result['p99_s'] * 1000:.0f} ms")
+    print(
+        f"with {result['slow_clients']} slow clients connected: a valid request got "
+        f"{result['valid_status']} in {result['valid_latency_s'] * 1000:.0f} ms; {result['concurrent']} concurrent "
+        f"valid requests: {result['statuses']}, p50 {result['p50_s'] * 1000:.0f} ms, p99 "
+        f"{result['p99_s'] * 1000:.0f} ms"
+    )
     print(json.dumps(result))
 
 

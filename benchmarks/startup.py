@@ -8,6 +8,7 @@ Commands: `python -m trainer --help`, `python -m trainer --cfg job model=cnn`, a
 (`trainer.max_epochs=0`, found by our validation after composition), and `python -m trainer.predict`
 with no arguments (its one-line usage error). Prints a table and a JSON line with medians and ratios.
 """
+
 import argparse
 import json
 import statistics

@@ -15,6 +15,7 @@ apart. The first epoch of each is a warm-up and not recorded. As in overhead.py,
 near-zero model measures each framework's own cost per step, which is where the difference comes
 from; the hand-written loop of overhead.py is the zero point.
 """
+
 import argparse
 import json
 import statistics
@@ -45,9 +46,12 @@ def lightning_module(model: torch.nn.Module, steps: int):
             return loss
 
         def configure_optimizers(self):
-            optimizer = torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4
+            )
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
     return Classifier()
 
 
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace, run_dir: Path, near_zero: bool) -> list[dict]:
     import lightning as L
 
     from trainer.setup import build_model
+
     trainer, hand, cfg = build_both(args, run_dir / "ours", near_zero)
     batches: DeviceBatches = hand.batches
     results: list[dict] = []
@@ -71,9 +76,18 @@ def run(args: argparse.Namespace, run_dir: Path, near_zero: bool) -> list[dict]:
             results.append({"lightning": theirs, "ours": ours_epoch(trainer), "hand_written": hand.epoch()})
 
     precision = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}[args.precision]
-    lt = L.Trainer(max_epochs=args.rounds + 1, accelerator=trainer.device.type, devices=1, precision=precision,
-                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run_dir / "lightning"),
-                   limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Interleave()])
+    lt = L.Trainer(
+        max_epochs=args.rounds + 1,
+        accelerator=trainer.device.type,
+        devices=1,
+        precision=precision,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir / "lightning"),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Interleave()],
+    )
     lt.fit(lightning_module(build_model(cfg), (args.rounds + 1) * len(batches)), train_dataloaders=batches)
     return results[1:]  # the first epoch of each is a warm-up
 
@@ -93,19 +107,34 @@ def main(argv: list[str] | None = None) -> dict:
         near_zero = run(args, Path(tmp) / "near-zero", near_zero=True)
     for k, r in enumerate(rounds, start=1):
         r["ratio"] = rate(r["ours"]) / rate(r["lightning"])
-        print(f"round {k}: ours {rate(r['ours']):,.0f} img/s, Lightning {rate(r['lightning']):,.0f} img/s, "
-              f"ratio {r['ratio']:.3f}")
+        print(
+            f"round {k}: ours {rate(r['ours']):,.0f} img/s, Lightning {rate(r['lightning']):,.0f} img/s, "
+            f"ratio {r['ratio']:.3f}"
+        )
     ratio = statistics.median(r["ratio"] for r in rounds)
-    cost = {side: 1e6 * step_seconds(near_zero, side, args.batch_size)  # µs a step
-            for side in ("ours", "lightning", "hand_written")}
+    cost = {
+        side: 1e6 * step_seconds(near_zero, side, args.batch_size)  # µs a step
+        for side in ("ours", "lightning", "hand_written")
+    }
     own = {side: cost[side] - cost["hand_written"] for side in ("ours", "lightning")}
     device = "cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "cpu"
-    print(f"vs Lightning: ours runs at {ratio:.3f}x Lightning's images/s (median of {args.rounds}; {args.model}, "
-          f"batch {args.batch_size}, precision {args.precision}, {device}). Each framework's own cost per step, "
-          f"beyond a hand-written loop: ours {own['ours']:,.0f} us, Lightning {own['lightning']:,.0f} us")
-    summary = {"benchmark": "vs_lightning", "device": device, "model": args.model, "batch_size": args.batch_size,
-               "precision": args.precision, "ratio": ratio, "step_overhead_us": own, "rounds": rounds,
-               "near_zero_rounds": near_zero, "lightning_version": lightning.__version__}
+    print(
+        f"vs Lightning: ours runs at {ratio:.3f}x Lightning's images/s (median of {args.rounds}; {args.model}, "
+        f"batch {args.batch_size}, precision {args.precision}, {device}). Each framework's own cost per step, "
+        f"beyond a hand-written loop: ours {own['ours']:,.0f} us, Lightning {own['lightning']:,.0f} us"
+    )
+    summary = {
+        "benchmark": "vs_lightning",
+        "device": device,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "ratio": ratio,
+        "step_overhead_us": own,
+        "rounds": rounds,
+        "near_zero_rounds": near_zero,
+        "lightning_version": lightning.__version__,
+    }
     print(json.dumps(summary))
     return summary
 

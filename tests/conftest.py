@@ -1,5 +1,6 @@
 """Shared helpers: run the real entry point, compose the real config, write datasets in their real
 on-disk formats. Nothing here reads outside the repository or the test's temporary folder."""
+
 import os
 import pickle
 import signal
@@ -27,15 +28,30 @@ TINY_DATA = ["dataset=synthetic", "dataset.train_size=1024", "dataset.test_size=
 TINY_MODEL = ["model=cnn", "model.width=16"]
 # No export unless a test looks at it (test_e2e's contract, predict, serve): tracing for torch.export is
 # a second of CPU per run, more than the tiny run's training.
-TINY_RUN = ["loader.batch_size=32", "loader.num_workers=0", "trainer.max_epochs=2", "trainer.progress_bar=false",
-            "export.formats=[]"]
+TINY_RUN = [
+    "loader.batch_size=32",
+    "loader.num_workers=0",
+    "trainer.max_epochs=2",
+    "trainer.progress_bar=false",
+    "export.formats=[]",
+]
 TINY = TINY_DATA + TINY_MODEL + TINY_RUN
 
 
 # The files that take longest go first: `--dist loadfile` hands whole files to the workers in collection
 # order, and a long file handed out last leaves the other worker idle while it runs (~15 s of the suite).
-LONGEST_FIRST = ["test_distributed.py", "test_sweeps.py", "test_tasks.py", "test_resume.py", "test_benchmarks.py",
-                 "test_streaming.py", "test_finetune.py", "test_text.py", "test_features.py", "test_speed.py"]
+LONGEST_FIRST = [
+    "test_distributed.py",
+    "test_sweeps.py",
+    "test_tasks.py",
+    "test_resume.py",
+    "test_benchmarks.py",
+    "test_streaming.py",
+    "test_finetune.py",
+    "test_text.py",
+    "test_features.py",
+    "test_speed.py",
+]
 
 
 def pytest_collection_modifyitems(items: list) -> None:
@@ -43,22 +59,42 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order is kept
 
 
-def run_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, timeout: int = 300,
-                env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+def run_trainer(
+    *args: str,
+    module: str = "trainer",
+    cwd: Path | None = None,
+    timeout: int = 300,
+    env: dict | None = None,
+    fresh: bool = False,
+) -> subprocess.CompletedProcess:
     """`python -m <module> args...` in its own process, as a person would type it: forked from this
     worker's fork server (forkserver.py: the imports are done once), or with `fresh`, a new interpreter."""
     if fresh:
-        return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, **(env or {})})
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd or ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
     return forkrun.run(module, *args, cwd=cwd or ROOT, env=env, timeout=timeout)
 
 
-def start_trainer(*args: str, module: str = "trainer", cwd: Path | None = None, env: dict | None = None,
-                  new_session: bool = False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) -> forkrun.Forked:
+def start_trainer(
+    *args: str,
+    module: str = "trainer",
+    cwd: Path | None = None,
+    env: dict | None = None,
+    new_session: bool = False,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+) -> forkrun.Forked:
     """Like subprocess.Popen of `python -m <module> args...`, forked from the fork server: for tests
     that signal or kill the run while it works."""
-    return forkrun.launch(module, *args, cwd=cwd or ROOT, env=env, new_session=new_session, stdout=stdout,
-                          stderr=stderr)
+    return forkrun.launch(
+        module, *args, cwd=cwd or ROOT, env=env, new_session=new_session, stdout=stdout, stderr=stderr
+    )
 
 
 def process_tree(pid: int) -> list[int]:
@@ -92,6 +128,7 @@ def refused_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     refused before training (Hydra composes for real; only the interpreter start is skipped, ~8 s of
     imports on two cores): its exit code and stderr."""
     from trainer.__main__ import main
+
     monkeypatch.setattr(sys, "argv", ["trainer", *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -100,9 +137,12 @@ def refused_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 def compose_config(*overrides: str, return_hydra_config: bool = False):
     from trainer.config import register_configs
+
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+        return compose(
+            config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config
+        )
 
 
 @pytest.fixture
@@ -124,8 +164,23 @@ def write_cifar10(root: Path, per_batch: int = 20) -> Path:
         with open(folder / name, "wb") as f:
             pickle.dump({"data": data, "labels": labels}, f)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                     "ship", "truck"]}, f)
+        pickle.dump(
+            {
+                "label_names": [
+                    "airplane",
+                    "automobile",
+                    "bird",
+                    "cat",
+                    "deer",
+                    "dog",
+                    "frog",
+                    "horse",
+                    "ship",
+                    "truck",
+                ]
+            },
+            f,
+        )
     return root
 
 
@@ -146,15 +201,19 @@ def write_mnist(root: Path, folder_name: str = "MNIST", n: int = 40) -> Path:
     raw.mkdir(parents=True)
     for i, prefix in enumerate(["train", "t10k"]):
         images, labels = _images(n, (28, 28), i)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes()
+        )
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + bytes(labels))
     return root
 
 
-def write_imagefolder(root: Path, classes=("cat", "dog", "frog"), per_class: int = 6,
-                      splits=("train", "val"), size=(40, 30)) -> Path:
+def write_imagefolder(
+    root: Path, classes=("cat", "dog", "frog"), per_class: int = 6, splits=("train", "val"), size=(40, 30)
+) -> Path:
     """Images of three kinds of file, of a size other than the training size, one colour per class."""
     from PIL import Image
+
     rng = np.random.default_rng(0)
     formats = [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")]
     for split in splits:
@@ -174,17 +233,27 @@ def write_hf_dataset(image_folder: Path, out: Path, num_shards: int = 1) -> Path
     file bytes in an Image column, the class folders' names in a ClassLabel, rows in the image folder's
     order; `val` becomes the "validation" split, as the hub names it."""
     import datasets
+
     classes = sorted(p.name for p in (image_folder / "train").iterdir())
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
     splits = {}
     for split in sorted(p.name for p in image_folder.iterdir()):
-        rows = [(path, label) for label, name in enumerate(classes) if (image_folder / split / name).is_dir()
-                for path in sorted((image_folder / split / name).iterdir())]
+        rows = [
+            (path, label)
+            for label, name in enumerate(classes)
+            if (image_folder / split / name).is_dir()
+            for path in sorted((image_folder / split / name).iterdir())
+        ]
         splits["validation" if split == "val" else split] = datasets.Dataset.from_dict(
-            {"image": [{"bytes": path.read_bytes(), "path": None} for path, _ in rows],
-             "label": [label for _, label in rows]}, features=features)
-    datasets.DatasetDict(splits).save_to_disk(str(out), num_shards={name: min(num_shards, len(split))
-                                                                       for name, split in splits.items()})
+            {
+                "image": [{"bytes": path.read_bytes(), "path": None} for path, _ in rows],
+                "label": [label for _, label in rows],
+            },
+            features=features,
+        )
+    datasets.DatasetDict(splits).save_to_disk(
+        str(out), num_shards={name: min(num_shards, len(split)) for name, split in splits.items()}
+    )
     return out
 
 
@@ -206,13 +275,17 @@ TIMING = {"train_time_s", "images_trained", "images_per_sec", "epoch_time_s"}
 
 def comparable(progress: dict) -> dict:
     kept = {key: value for key, value in progress.items() if key not in TIMING}
-    return {**kept, "metrics": {key: value for key, value in progress["metrics"].items() if key not in TIMING}}
+    return {
+        **kept,
+        "metrics": {key: value for key, value in progress["metrics"].items() if key not in TIMING},
+    }
 
 
 def assert_same_training_state(a: Path, b: Path) -> None:
     import torch
 
     from trainer.checkpoint import load_checkpoint
+
     sa, sb = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (a, b))
     assert comparable(sa["progress"]) == comparable(sb["progress"])
     for part in ("model", "ema"):
@@ -226,14 +299,21 @@ def assert_same_training_state(a: Path, b: Path) -> None:
     assert sa.get("task") == sb.get("task")  # e.g. a regression's target statistics
 
 
-def kill_while_saving(run_dir: Path, args: list[str], step: int, *, launcher: list[str] | None = None) -> None:
+def kill_while_saving(
+    run_dir: Path, args: list[str], step: int, *, launcher: list[str] | None = None
+) -> None:
     """Starts a run and SIGKILLs it (every process of it) while it writes the checkpoint of `step`."""
     marker = run_dir.parent / f"paused-{run_dir.name}"
     pause = {"TRAINER_TEST_PAUSE_IN_SAVE": f"{step}:{marker}"}
     if launcher:  # torchrun: a true subprocess
-        process = subprocess.Popen([*launcher, "trainer", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, **pause})
+        process = subprocess.Popen(
+            [*launcher, "trainer", *args, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **pause},
+        )
     else:
         process = start_trainer(*args, f"hydra.run.dir={run_dir}", env=pause)
     deadline = time.time() + 180

@@ -2,6 +2,7 @@
 ending in .py, `python <script> args...`) as a child of this
 pytest worker's fork server and returns a Popen-like handle (pid, poll, wait, communicate,
 send_signal, kill, stdout/stderr pipes). One fork server per pytest worker, started on first use."""
+
 import json
 import os
 import signal
@@ -19,8 +20,12 @@ HERE = Path(__file__).resolve().parent
 class ForkServer:
     def __init__(self) -> None:
         self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = subprocess.Popen([sys.executable, str(HERE / "forkserver.py"), str(theirs.fileno())],
-                                        pass_fds=[theirs.fileno()], cwd=HERE.parent, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "forkserver.py"), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            cwd=HERE.parent,
+            stdin=subprocess.DEVNULL,
+        )
         theirs.close()
         assert json.loads(self.socket.recv(1024)) == {"ready": True}
         self.changed = threading.Condition()
@@ -39,12 +44,28 @@ class ForkServer:
                     self.pids[answer["id"]] = answer["pid"]
                 self.changed.notify_all()
 
-    def spawn(self, module: str, argv: list[str], cwd: Path, env: dict[str, str], new_session: bool,
-              stdout_fd: int, stderr_fd: int, max_files: int | None = None) -> int:
+    def spawn(
+        self,
+        module: str,
+        argv: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        new_session: bool,
+        stdout_fd: int,
+        stderr_fd: int,
+        max_files: int | None = None,
+    ) -> int:
         with self.changed:
             request_id = self.next_id = self.next_id + 1
-        request = {"id": request_id, "module": module, "argv": argv, "cwd": str(cwd), "env": env,
-                   "new_session": new_session, "max_files": max_files}
+        request = {
+            "id": request_id,
+            "module": module,
+            "argv": argv,
+            "cwd": str(cwd),
+            "env": env,
+            "new_session": new_session,
+            "max_files": max_files,
+        }
         socket.send_fds(self.socket, [json.dumps(request).encode()], [stdout_fd, stderr_fd])
         with self.changed:
             self.changed.wait_for(lambda: request_id in self.pids, timeout=60)
@@ -69,8 +90,18 @@ def server() -> ForkServer:
 class Forked:
     """What subprocess.Popen offers that the tests use, for a child of the fork server."""
 
-    def __init__(self, module: str, argv: list[str], *, cwd: Path, env: dict[str, str], new_session: bool,
-                 stdout: Any, stderr: Any, max_files: int | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        argv: list[str],
+        *,
+        cwd: Path,
+        env: dict[str, str],
+        new_session: bool,
+        stdout: Any,
+        stderr: Any,
+        max_files: int | None = None,
+    ) -> None:
         self.args = [sys.executable, "-m", module, *argv]
         self.returncode: int | None = None
         ends = [self._end(kind) for kind in (stdout, stderr)]
@@ -102,8 +133,11 @@ class Forked:
 
     def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
         output: dict[str, str] = {}
-        readers = [threading.Thread(target=lambda n=name, f=f: output.__setitem__(n, f.read()), daemon=True)
-                   for name, f in (("out", self.stdout), ("err", self.stderr)) if f is not None]
+        readers = [
+            threading.Thread(target=lambda n=name, f=f: output.__setitem__(n, f.read()), daemon=True)
+            for name, f in (("out", self.stdout), ("err", self.stderr))
+            if f is not None
+        ]
         deadline = None if timeout is None else time.monotonic() + timeout
         for reader in readers:
             reader.start()
@@ -128,15 +162,32 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def launch(module: str, *argv: str, cwd: Path, env: dict[str, str] | None = None, new_session: bool = False,
-           stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE, max_files: int | None = None) -> Forked:
+def launch(
+    module: str,
+    *argv: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.PIPE,
+    max_files: int | None = None,
+) -> Forked:
     """`max_files`: the child's limit of open file descriptors (RLIMIT_NOFILE), as a preexec_fn would set it."""
-    return Forked(module, list(argv), cwd=cwd, env={**os.environ, **(env or {})}, new_session=new_session,
-                  stdout=stdout, stderr=stderr, max_files=max_files)
+    return Forked(
+        module,
+        list(argv),
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        new_session=new_session,
+        stdout=stdout,
+        stderr=stderr,
+        max_files=max_files,
+    )
 
 
-def run(module: str, *argv: str, cwd: Path, env: dict[str, str] | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess:
+def run(
+    module: str, *argv: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     child = launch(module, *argv, cwd=cwd, env=env)
     try:
         out, err = child.communicate(timeout=timeout)

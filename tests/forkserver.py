@@ -16,6 +16,7 @@ environment and whether to start a new session, with the child's stdout and stde
 (SCM_RIGHTS), and optionally a limit of open files; the server answers {"id", "pid"} when it has forked, and {"pid", "status"} (the raw wait
 status) when that child has ended.
 """
+
 import atexit
 import json
 import os
@@ -36,6 +37,7 @@ def preload() -> None:
     import trainer.evaluate  # noqa: F401
     import trainer.predict  # noqa: F401
     import trainer.serve  # noqa: F401
+
     try:
         import aiohttp  # noqa: F401
     except ImportError:
@@ -48,6 +50,7 @@ def run_child(request: dict, fds: list[int]) -> None:
         os.setsid()
     if request.get("max_files"):
         import resource
+
         resource.setrlimit(resource.RLIMIT_NOFILE, (request["max_files"], request["max_files"]))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

@@ -5,6 +5,7 @@ would only repeat the script's own division. The loader and
 streaming benchmarks run their configurations in one process here (--same-process: an interpreter
 start is ~8 s on two cores); the memory benchmark keeps a child process per configuration, as they
 all do when run for figures."""
+
 import json
 import subprocess
 
@@ -26,14 +27,18 @@ def test_checkpoint_benchmark_measures_both_sides():
     data = json.loads(line)
     assert "durable after" in summary and "training blocked" in summary
     assert data["benchmark"] == "checkpoint" and data["rounds"] == 2
-    assert abs(data["bytes_ours"] - data["bytes_plain"]) < 0.01 * data["bytes_plain"]  # the same state, format
+    assert (
+        abs(data["bytes_ours"] - data["bytes_plain"]) < 0.01 * data["bytes_plain"]
+    )  # the same state, format
 
 
 def test_loader_benchmark_feeds_every_configuration_the_same_images(tmp_path):
     from conftest import write_imagefolder
+
     write_imagefolder(tmp_path / "images", per_class=8, size=(32, 32))
-    result = run_benchmark("loader", "--data", str(tmp_path / "images"), "--epochs", "1", "--batch-size", "8",
-                           "--same-process")
+    result = run_benchmark(
+        "loader", "--data", str(tmp_path / "images"), "--epochs", "1", "--batch-size", "8", "--same-process"
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     runs = data["results"]
@@ -52,18 +57,37 @@ def test_memory_benchmark_reads_every_image_in_each_configuration():
 
 
 def test_streaming_benchmark_reads_every_image_at_every_size():
-    result = run_benchmark("streaming", "--sizes", "60", "120", "--image-size", "16", "--shuffle-buffer", "20",
-                           "--batch-size", "16", "--workers", "1", "--same-process")
+    result = run_benchmark(
+        "streaming",
+        "--sizes",
+        "60",
+        "120",
+        "--image-size",
+        "16",
+        "--shuffle-buffer",
+        "20",
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+        "--same-process",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert [(r["config"], r["size"]) for r in data["runs"]] == [
-        ("streaming", 60), ("in-memory", 60), ("streaming", 120), ("in-memory", 120)]
+        ("streaming", 60),
+        ("in-memory", 60),
+        ("streaming", 120),
+        ("in-memory", 120),
+    ]
     assert all(r["images"] == r["size"] and r["peak_pss_mb"] > 0 for r in data["runs"])
     assert all(r["peak_pss_mb"] > 100 for r in data["runs"])
 
 
 def test_overhead_benchmark_pairs_both_loops_on_the_same_work():
-    result = run_benchmark("overhead", "--images", "256", "--batch-size", "64", "--rounds", "2", "--width", "8")
+    result = run_benchmark(
+        "overhead", "--images", "256", "--batch-size", "64", "--rounds", "2", "--width", "8"
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["benchmark"] == "overhead" and len(data["rounds"]) == 2 == len(data["near_zero_rounds"])
@@ -73,7 +97,9 @@ def test_overhead_benchmark_pairs_both_loops_on_the_same_work():
 
 def test_lightning_benchmark_runs_the_same_epochs_through_both(tmp_path):
     pytest.importorskip("lightning", reason="the bench extra (PyTorch Lightning) is not installed")
-    result = run_benchmark("vs_lightning", "--images", "256", "--batch-size", "64", "--rounds", "2", "--width", "8")
+    result = run_benchmark(
+        "vs_lightning", "--images", "256", "--batch-size", "64", "--rounds", "2", "--width", "8"
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(data["rounds"]) == 2
@@ -84,31 +110,53 @@ def test_lightning_benchmark_runs_the_same_epochs_through_both(tmp_path):
 
 def test_fast_recipe_benchmark_trains_both_identically(tmp_path):
     from conftest import write_imagefolder
+
     write_imagefolder(tmp_path / "images", per_class=16, size=(32, 32))
-    result = run_benchmark("fast_recipe", "--data", str(tmp_path / "images"), "--target", "0.0", "--epochs", "2",
-                           "--seeds", "0")
+    result = run_benchmark(
+        "fast_recipe", "--data", str(tmp_path / "images"), "--target", "0.0", "--epochs", "2", "--seeds", "0"
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     run = data["runs"][0]
-    assert run["ours"]["reached"] and run["script"]["reached"] and run["ours"]["epochs"] == run["script"]["epochs"] == 1
-    assert run["ours"]["val_acc"] == run["script"]["val_acc"]  # the same batches, the same steps: the same model
+    assert (
+        run["ours"]["reached"]
+        and run["script"]["reached"]
+        and run["ours"]["epochs"] == run["script"]["epochs"] == 1
+    )
+    assert (
+        run["ours"]["val_acc"] == run["script"]["val_acc"]
+    )  # the same batches, the same steps: the same model
 
 
 def test_record_benchmark_trains_both_recipes_for_the_same_epochs(tmp_path):
     from conftest import write_imagefolder
+
     write_imagefolder(tmp_path / "images", per_class=16, size=(32, 32))
     result = run_benchmark("vs_record", "--data", str(tmp_path / "images"), "--epochs", "2", "--seeds", "0")
     assert result.returncode == 0, result.stderr
     run = json.loads(result.stdout.strip().splitlines()[-1])["runs"][0]
-    assert run["ours"]["epochs"] == 2 and run["record"]["steps"] == 2  # 48 images: one batch of 1,024 an epoch
+    assert (
+        run["ours"]["epochs"] == 2 and run["record"]["steps"] == 2
+    )  # 48 images: one batch of 1,024 an epoch
     for side in ("ours", "record"):  # an accuracy over the 48 validation images, each side's own
         assert run[side]["val_acc"] * 48 == pytest.approx(round(run[side]["val_acc"] * 48))
 
 
 def test_serve_benchmark_sends_every_request_to_both_servers():
     pytest.importorskip("aiohttp", reason="the serve extra is not installed")
-    result = run_benchmark("serve", "--requests", "60", "--clients", "6", "--max-batch-size", "8", "--width", "8",
-                           "--train-images", "256")
+    result = run_benchmark(
+        "serve",
+        "--requests",
+        "60",
+        "--clients",
+        "6",
+        "--max-batch-size",
+        "8",
+        "--width",
+        "8",
+        "--train-images",
+        "256",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     batched, single = data["results"]["micro-batching"], data["results"]["one at a time"]
@@ -119,8 +167,25 @@ def test_serve_benchmark_sends_every_request_to_both_servers():
 
 
 def test_gpt_benchmark_trains_the_same_tokens_on_both_sides():
-    result = run_benchmark("gpt", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
-                           "--batch-size", "4", "--steps", "3", "--rounds", "2", "--corpus-bytes", "5000")
+    result = run_benchmark(
+        "gpt",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--rounds",
+        "2",
+        "--corpus-bytes",
+        "5000",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["benchmark"] == "gpt" and len(data["rounds"]) == 2
@@ -129,14 +194,36 @@ def test_gpt_benchmark_trains_the_same_tokens_on_both_sides():
     # 9 steps each from the same weights on the same data: both learnt, and alike (the losses differ
     # only by which random windows each drew), both below a uniform guess over 256 bytes (5.55 nats)
     losses = data["val_loss"]
-    assert data["steps"] == 9 and max(losses.values()) < 5.4 and abs(losses["ours"] - losses["one_file"]) < 0.3
+    assert (
+        data["steps"] == 9 and max(losses.values()) < 5.4 and abs(losses["ours"] - losses["one_file"]) < 0.3
+    )
 
 
 def test_gpt_memory_benchmark_trains_on_both_corpora():
-    result = run_benchmark("gpt", "--memory", "--same-process", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-                           "--block-size", "16", "--batch-size", "4", "--steps", "3", "--corpus-bytes", "5000")
+    result = run_benchmark(
+        "gpt",
+        "--memory",
+        "--same-process",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "16",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--corpus-bytes",
+        "5000",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout.strip().splitlines()[-1])
     small, large = data["runs"]
-    assert large["corpus_bytes"] > 15 * small["corpus_bytes"] and small["tokens"] == large["tokens"] == 3 * 4 * 16
+    assert (
+        large["corpus_bytes"] > 15 * small["corpus_bytes"]
+        and small["tokens"] == large["tokens"] == 3 * 4 * 16
+    )
     assert small["peak_pss_mb"] > 100  # a live torch process with its loader workers

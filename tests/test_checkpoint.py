@@ -80,7 +80,11 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     expected = (torch.rand(3), np.random.rand(3), random.random())
     set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random())
-    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+    assert (
+        torch.equal(expected[0], again[0])
+        and np.array_equal(expected[1], again[1])
+        and expected[2] == again[2]
+    )
 
 
 def _progress(step):
@@ -89,6 +93,7 @@ def _progress(step):
 
 def test_history_keeps_the_newest_and_prunes_only_after_saving(tmp_path):
     from trainer.checkpoint import keep_history
+
     for step in (10, 20, 30):
         last = save_checkpoint(_progress(step), tmp_path / "last.pt")
         keep_history(last, step, keep=2)
@@ -101,6 +106,7 @@ def test_history_keeps_the_newest_and_prunes_only_after_saving(tmp_path):
 
 def test_newest_valid_falls_back_past_damaged_files(tmp_path, caplog):
     from trainer.checkpoint import keep_history, newest_valid
+
     for step in (10, 20):
         keep_history(save_checkpoint(_progress(step), tmp_path / "last.pt"), step, keep=3)
     (tmp_path / "last.pt").unlink()
@@ -117,6 +123,7 @@ def test_newest_valid_falls_back_past_damaged_files(tmp_path, caplog):
 
 def test_stale_temporaries_are_removed(tmp_path):
     from trainer.checkpoint import remove_stale_temporaries
+
     (tmp_path / ".last.pt.123.tmp").write_bytes(b"half")
     save_checkpoint(_progress(1), tmp_path / "last.pt")
     remove_stale_temporaries(tmp_path)
@@ -125,6 +132,7 @@ def test_stale_temporaries_are_removed(tmp_path):
 
 def test_a_full_disk_is_a_clear_error_and_the_old_checkpoint_survives(tmp_path, monkeypatch):
     import errno
+
     save_checkpoint(_progress(1), tmp_path / "last.pt")
 
     def disk_full(obj, f, *args, **kwargs):
@@ -132,7 +140,9 @@ def test_a_full_disk_is_a_clear_error_and_the_old_checkpoint_survives(tmp_path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("trainer.checkpoint.torch.save", disk_full)
-    with pytest.raises(UserError, match=r"last\.pt: could not write the checkpoint \(No space left on device\)"):
+    with pytest.raises(
+        UserError, match=r"last\.pt: could not write the checkpoint \(No space left on device\)"
+    ):
         save_checkpoint(_progress(2), tmp_path / "last.pt")
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "last.pt")["progress"]["step"] == 1
@@ -141,6 +151,7 @@ def test_a_full_disk_is_a_clear_error_and_the_old_checkpoint_survives(tmp_path, 
 
 def test_background_writer_snapshots_the_state_and_reports_errors(tmp_path):
     from trainer.checkpoint import CheckpointWriter
+
     weights = torch.zeros(4)
     writer = CheckpointWriter(tmp_path, keep_last=1)
     writer.save({"model": {"w": weights}, "progress": {"step": 1}}, step=1, last=True, best=True)
@@ -153,6 +164,7 @@ def test_background_writer_snapshots_the_state_and_reports_errors(tmp_path):
         raise OSError(28, "No space left on device")
 
     import trainer.checkpoint
+
     original, trainer.checkpoint.torch.save = trainer.checkpoint.torch.save, disk_full
     try:
         writer.save({"model": {"w": weights}, "progress": {"step": 2}}, step=2, last=True, best=False)

@@ -27,9 +27,13 @@ def test_val_split_is_disjoint_fixed_and_unaugmented():
     bundle = _synthetic(val_split=0.25, augment=[{"name": "RandomHorizontalFlip", "p": 1.0}])
     train_idx, val_idx = set(bundle.train.indices.tolist()), set(bundle.val.indices.tolist())
     assert len(val_idx) == 50 and not train_idx & val_idx
-    assert val_idx == set(_synthetic(val_split=0.25, seed=7).val.indices.tolist())  # same images whatever the run
+    assert val_idx == set(
+        _synthetic(val_split=0.25, seed=7).val.indices.tolist()
+    )  # same images whatever the run
     i = bundle.val.indices[0]
-    assert torch.equal(bundle.val[0][0], bundle.test.transform(bundle.val.images[i]))  # eval transform: no flip
+    assert torch.equal(
+        bundle.val[0][0], bundle.test.transform(bundle.val.images[i])
+    )  # eval transform: no flip
     j = bundle.train.indices[0]
     assert torch.equal(bundle.train[0][0], bundle.test.transform(bundle.train.images[j]).flip(-1))
 
@@ -42,14 +46,25 @@ def test_unknown_augmentation_and_wrong_stats_are_user_errors():
 
 
 def _batches(bundle, workers, epoch=0, seed=3):
-    loaders = build_loaders(bundle, batch_size=16, num_workers=workers, pin_memory=False, prefetch_factor=2,
-                            persistent_workers=False, shuffle=True, drop_last=False, seed=seed)
+    loaders = build_loaders(
+        bundle,
+        batch_size=16,
+        num_workers=workers,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=False,
+        shuffle=True,
+        drop_last=False,
+        seed=seed,
+    )
     loaders.sampler.set_epoch(epoch)
     return [b for b in loaders.train]
 
 
 def test_same_seed_same_batches_whatever_the_worker_count():
-    bundle = _synthetic(augment=[{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHorizontalFlip"}])
+    bundle = _synthetic(
+        augment=[{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHorizontalFlip"}]
+    )
     zero, two = _batches(bundle, 0), _batches(bundle, 2)
     assert len(zero) == len(two) == 12
     for (xa, ya), (xb, yb) in zip(zero, two):
@@ -60,8 +75,17 @@ def test_same_seed_same_batches_whatever_the_worker_count():
 
 def test_sampler_restarts_mid_epoch_at_the_same_position():
     bundle = _synthetic()
-    loaders = build_loaders(bundle, batch_size=16, num_workers=0, pin_memory=False, prefetch_factor=2,
-                            persistent_workers=False, shuffle=True, drop_last=False, seed=3)
+    loaders = build_loaders(
+        bundle,
+        batch_size=16,
+        num_workers=0,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=False,
+        shuffle=True,
+        drop_last=False,
+        seed=3,
+    )
     loaders.sampler.set_epoch(2)
     full = list(loaders.train)
     loaders.sampler.set_epoch(2, start=5)
@@ -70,18 +94,30 @@ def test_sampler_restarts_mid_epoch_at_the_same_position():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(full[5:], rest))
 
 
-@pytest.mark.parametrize("name,writer,channels,classes", [
-    ("cifar10", write_cifar10, 3, 10),
-    ("cifar100", write_cifar100, 3, 100),
-    ("mnist", lambda root: write_mnist(root, "MNIST"), 1, 10),
-    ("fashion_mnist", lambda root: write_mnist(root, "FashionMNIST"), 1, 10),
-])
+@pytest.mark.parametrize(
+    "name,writer,channels,classes",
+    [
+        ("cifar10", write_cifar10, 3, 10),
+        ("cifar100", write_cifar100, 3, 100),
+        ("mnist", lambda root: write_mnist(root, "MNIST"), 1, 10),
+        ("fashion_mnist", lambda root: write_mnist(root, "FashionMNIST"), 1, 10),
+    ],
+)
 def test_torchvision_datasets_read_their_real_on_disk_format(tmp_path, name, writer, channels, classes):
     writer(tmp_path)
     size = 32 if channels == 3 else 28
-    bundle = DATASETS.build(name, root=str(tmp_path), download=False, verify_checksum=False, num_classes=classes,
-                            in_channels=channels, image_size=size, mean=[0.5] * channels, std=[0.25] * channels,
-                            augment=[{"name": "RandomHorizontalFlip"}])
+    bundle = DATASETS.build(
+        name,
+        root=str(tmp_path),
+        download=False,
+        verify_checksum=False,
+        num_classes=classes,
+        in_channels=channels,
+        image_size=size,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        augment=[{"name": "RandomHorizontalFlip"}],
+    )
     image, label = bundle.train[0]
     assert image.shape == (channels, size, size) and 0 <= label < classes
     assert len(bundle.classes) == classes and len(bundle.test) > 0
@@ -90,21 +126,44 @@ def test_torchvision_datasets_read_their_real_on_disk_format(tmp_path, name, wri
 def test_cifar_checksums_catch_corrupt_files(tmp_path):
     write_cifar10(tmp_path)  # not the real bytes, so the real MD5 check must reject them
     with pytest.raises(UserError, match=r"dataset=cifar10: no valid data under .*dataset\.download=true"):
-        DATASETS.build("cifar10", root=str(tmp_path), download=False, num_classes=10, in_channels=3, image_size=32,
-                       **STATS)
+        DATASETS.build(
+            "cifar10",
+            root=str(tmp_path),
+            download=False,
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            **STATS,
+        )
 
 
 def test_missing_data_says_what_to_put_where(tmp_path):
     with pytest.raises(UserError, match=r"MNIST/raw/"):
-        DATASETS.build("mnist", root=str(tmp_path), download=False, num_classes=10, in_channels=1, image_size=28,
-                       mean=[0.5], std=[0.25])
+        DATASETS.build(
+            "mnist",
+            root=str(tmp_path),
+            download=False,
+            num_classes=10,
+            in_channels=1,
+            image_size=28,
+            mean=[0.5],
+            std=[0.25],
+        )
 
 
 def test_class_count_mismatch_is_reported(tmp_path):
     write_cifar10(tmp_path)
     with pytest.raises(UserError, match=r"dataset\.num_classes: cifar10 has 10"):
-        DATASETS.build("cifar10", root=str(tmp_path), download=False, verify_checksum=False, num_classes=12,
-                       in_channels=3, image_size=32, **STATS)
+        DATASETS.build(
+            "cifar10",
+            root=str(tmp_path),
+            download=False,
+            verify_checksum=False,
+            num_classes=12,
+            in_channels=3,
+            image_size=32,
+            **STATS,
+        )
 
 
 def test_retry_backs_off_then_succeeds_or_gives_up(monkeypatch):
@@ -133,12 +192,14 @@ def test_retry_backs_off_then_succeeds_or_gives_up(monkeypatch):
 # ---- imagefolder ---------------------------------------------------------------------------------
 def _folder(root, **kw):
     from trainer.data.folder import count_classes
+
     params = {"root": str(root), "num_classes": count_classes(str(root)), "image_size": 16, **kw}
     return DATASETS.build("imagefolder", **params)
 
 
 def test_imagefolder_reads_png_jpeg_and_webp_resized_and_labelled(tmp_path):
     from conftest import write_imagefolder
+
     write_imagefolder(tmp_path)
     bundle = _folder(tmp_path)
     assert bundle.classes == ["cat", "dog", "frog"] and len(bundle.train) == 18 and len(bundle.val) == 18
@@ -152,6 +213,7 @@ def test_imagefolder_reads_png_jpeg_and_webp_resized_and_labelled(tmp_path):
 
 def test_imagefolder_val_split_test_folder_and_errors(tmp_path):
     from conftest import write_imagefolder
+
     write_imagefolder(tmp_path, splits=("train", "test"))
     with pytest.raises(UserError, match="has no val/ folder; hold out part of train"):
         _folder(tmp_path)
@@ -163,16 +225,22 @@ def test_imagefolder_val_split_test_folder_and_errors(tmp_path):
 
 def test_imagefolder_skips_or_refuses_unreadable_images(tmp_path, caplog):
     from conftest import write_imagefolder
+
     write_imagefolder(tmp_path)
     (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     bundle = _folder(tmp_path)
-    assert len(bundle.train) == 18 and "skipped 1 unreadable image(s)" in caplog.text and "broken.jpg" in caplog.text
+    assert (
+        len(bundle.train) == 18
+        and "skipped 1 unreadable image(s)" in caplog.text
+        and "broken.jpg" in caplog.text
+    )
     with pytest.raises(UserError, match=r"cannot decode .*broken\.jpg.*dataset\.on_error=skip"):
         _folder(tmp_path, on_error="error")
 
 
 def test_imagefolder_class_count_resolver_and_missing_root(tmp_path):
     from conftest import compose_config, write_imagefolder
+
     write_imagefolder(tmp_path)
     cfg = compose_config("dataset=imagefolder", f"dataset.root={tmp_path}", "model=cnn")
     assert cfg.dataset.num_classes == 3 and cfg.model.num_classes == 3
@@ -188,6 +256,7 @@ def _npy(root, **kw):
 def test_numpy_dataset_is_memory_mapped_and_reads_per_sample(tmp_path):
     import numpy as np
     from conftest import write_npy
+
     write_npy(tmp_path)
     bundle = _npy(tmp_path)
     assert isinstance(bundle.train.images.base, np.memmap)  # a view of the mapped file, not a copy
@@ -195,17 +264,36 @@ def test_numpy_dataset_is_memory_mapped_and_reads_per_sample(tmp_path):
     image, label = bundle.train[5]
     expected = bundle.test.transform(torch.from_numpy(source[5].transpose(2, 0, 1).copy()))
     assert torch.equal(image, expected) and label == int(np.load(tmp_path / "train_labels.npy")[5])
-    loaders = build_loaders(bundle, batch_size=8, num_workers=2, pin_memory=False, prefetch_factor=2,
-                            persistent_workers=False, shuffle=True, drop_last=False, seed=0)
+    loaders = build_loaders(
+        bundle,
+        batch_size=8,
+        num_workers=2,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=False,
+        shuffle=True,
+        drop_last=False,
+        seed=0,
+    )
     assert sum(len(y) for _, y in loaders.train) == 40
-    on_device = build_loaders(bundle, batch_size=8, num_workers=0, pin_memory=False, prefetch_factor=2,
-                              persistent_workers=False, shuffle=False, drop_last=False, seed=0,
-                              on_device=torch.device("cpu"))
+    on_device = build_loaders(
+        bundle,
+        batch_size=8,
+        num_workers=0,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=False,
+        shuffle=False,
+        drop_last=False,
+        seed=0,
+        on_device=torch.device("cpu"),
+    )
     assert next(iter(on_device.test))[0].shape == (8, 3, 32, 32)
 
 
 def test_numpy_dataset_nchw_and_errors(tmp_path):
     from conftest import write_npy
+
     write_npy(tmp_path / "nchw", layout="NCHW")
     assert _npy(tmp_path / "nchw", layout="NCHW").train[0][0].shape == (3, 32, 32)
     with pytest.raises(UserError, match=r"test_images\.npy is missing"):
@@ -217,9 +305,19 @@ def test_numpy_dataset_nchw_and_errors(tmp_path):
 
 
 def _loader_batches(bundle, batch_size, rank=0, world_size=1, workers=0):
-    loaders = build_loaders(bundle, batch_size=batch_size, num_workers=workers, pin_memory=False, prefetch_factor=2,
-                            persistent_workers=False, shuffle=True, drop_last=False, seed=1, rank=rank,
-                            world_size=world_size)
+    loaders = build_loaders(
+        bundle,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=False,
+        shuffle=True,
+        drop_last=False,
+        seed=1,
+        rank=rank,
+        world_size=world_size,
+    )
     loaders.sampler.set_epoch(0)
     return list(loaders.train)
 
@@ -237,4 +335,7 @@ def test_two_ranks_split_each_global_batch_and_see_every_image_once():
 
 def test_a_last_batch_of_one_image_joins_the_batch_before():
     """BatchNorm cannot train on one image: 33 images in batches of 16 make 16 + 17, not 16 + 16 + 1."""
-    assert [len(labels) for _, labels in _loader_batches(_synthetic(train_size=33, val_split=0.0), 16)] == [16, 17]
+    assert [len(labels) for _, labels in _loader_batches(_synthetic(train_size=33, val_split=0.0), 16)] == [
+        16,
+        17,
+    ]

@@ -1,4 +1,5 @@
 """loader.on_device: batched augmentation that matches the per-sample pipeline, deterministic, resumable."""
+
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -12,24 +13,39 @@ AUGMENT = [{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHor
 
 
 def _device_batches(bundle, seed=3, shuffle=True, batch_size=16):
-    return DeviceBatches(bundle.train, batch_size=batch_size, device=torch.device("cpu"), seed=seed,
-                         shuffle=shuffle, drop_last=False)
+    return DeviceBatches(
+        bundle.train,
+        batch_size=batch_size,
+        device=torch.device("cpu"),
+        seed=seed,
+        shuffle=shuffle,
+        drop_last=False,
+    )
 
 
 @pytest.mark.parametrize("mode", ["constant", "edge", "reflect", "symmetric"])
 def test_every_output_is_a_crop_or_flip_of_its_own_image(mode):
     crop = {"name": "RandomCrop", "size": 32, "padding": 4, "padding_mode": mode}
-    bundle = DATASETS.build("synthetic", train_size=48, test_size=8, val_split=0.0,
-                            augment=[crop, {"name": "RandomHorizontalFlip"}])
+    bundle = DATASETS.build(
+        "synthetic",
+        train_size=48,
+        test_size=8,
+        val_split=0.0,
+        augment=[crop, {"name": "RandomHorizontalFlip"}],
+    )
     batches = _device_batches(bundle, shuffle=False)
     normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(bundle.mean, bundle.std)])
     images, labels = next(iter(batches))
     flips = 0
     for i in range(len(images)):
         source = v2.functional.pad(bundle.train.images[i], [4, 4, 4, 4], padding_mode=mode)
-        candidates = [source[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
-        matches = [k for k, c in enumerate(candidates) for flip in (False, True)
-                   if torch.equal(normalise(c.flip(-1) if flip else c), images[i])]
+        candidates = [source[:, y : y + 32, x : x + 32] for y in range(9) for x in range(9)]
+        matches = [
+            k
+            for k, c in enumerate(candidates)
+            for flip in (False, True)
+            if torch.equal(normalise(c.flip(-1) if flip else c), images[i])
+        ]
         assert matches, f"sample {i} is not a crop of its image"
         flips += not any(torch.equal(normalise(candidates[k]), images[i]) for k in matches)
     assert 0 < flips < len(images)  # some flipped, some not
@@ -61,16 +77,28 @@ def test_a_mid_epoch_start_continues_the_same_order():
 
 
 def test_unbatched_augmentation_is_refused():
-    bundle = DATASETS.build("synthetic", train_size=20, test_size=8,
-                            augment=[{"name": "ColorJitter", "brightness": 0.5}])
+    bundle = DATASETS.build(
+        "synthetic", train_size=20, test_size=8, augment=[{"name": "ColorJitter", "brightness": 0.5}]
+    )
     with pytest.raises(UserError, match="loader.on_device: dataset.augment step ColorJitter"):
-        build_loaders(bundle, batch_size=8, num_workers=0, pin_memory=False, prefetch_factor=2,
-                      persistent_workers=False, shuffle=True, drop_last=False, seed=0, on_device=torch.device("cpu"))
+        build_loaders(
+            bundle,
+            batch_size=8,
+            num_workers=0,
+            pin_memory=False,
+            prefetch_factor=2,
+            persistent_workers=False,
+            shuffle=True,
+            drop_last=False,
+            seed=0,
+            on_device=torch.device("cpu"),
+        )
 
 
 def test_cutout_blanks_a_square_per_image_on_both_paths():
-    bundle = DATASETS.build("synthetic", train_size=64, test_size=8, val_split=0.0,
-                            augment=[{"name": "Cutout", "size": 8}])
+    bundle = DATASETS.build(
+        "synthetic", train_size=64, test_size=8, val_split=0.0, augment=[{"name": "Cutout", "size": 8}]
+    )
     per_sample = torch.stack([bundle.train[i][0] for i in range(32)])
     blanked = (per_sample == 0).all(1).flatten(1).sum(1)  # pixels set to the mean colour, in every channel
     assert blanked.max() == 64 and blanked.min() >= 16  # 8x8; a centre near a corner clips it to 4x4 at least

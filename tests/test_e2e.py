@@ -1,4 +1,5 @@
 """End to end through `python -m trainer` in a subprocess, on tiny synthetic data."""
+
 import json
 from pathlib import Path
 
@@ -13,21 +14,40 @@ from trainer.checkpoint import load_checkpoint
 def golden(tmp_path_factory) -> Path:
     """One complete default run, read by several tests."""
     run_dir = tmp_path_factory.mktemp("golden") / "run"
-    as_typed = [arg for arg in TINY if not arg.startswith("export.")]  # the default exports: the whole contract
+    as_typed = [
+        arg for arg in TINY if not arg.startswith("export.")
+    ]  # the default exports: the whole contract
     result = run_trainer(*as_typed, f"hydra.run.dir={run_dir}", fresh=True)  # a new interpreter, as typed
     assert result.returncode == 0, result.stderr
     return run_dir
 
 
 def test_run_dir_holds_the_whole_contract(golden):
-    for name in [".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "checkpoints/last.pt",
-                 "checkpoints/best.pt", "export/model.torchscript.pt", "export/model.pt2", "export/manifest.json",
-                 "metrics.json"]:
+    for name in [
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "train.log",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "export/model.torchscript.pt",
+        "export/model.pt2",
+        "export/manifest.json",
+        "metrics.json",
+    ]:
         assert (golden / name).is_file(), name
     assert list((golden / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((golden / "metrics.json").read_text())
-    for key in ["train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "epochs", "steps", "images_per_sec",
-                "wall_time_s"]:
+    for key in [
+        "train/loss",
+        "val/loss",
+        "val/acc",
+        "test/loss",
+        "test/acc",
+        "epochs",
+        "steps",
+        "images_per_sec",
+        "wall_time_s",
+    ]:
         assert isinstance(metrics[key], (int, float)), key
     assert metrics["epochs"] == 2 and metrics["steps"] == 2 * 29  # 922 train images / 32 per batch
     log = (golden / "train.log").read_text()
@@ -52,9 +72,14 @@ def test_exports_reload_and_match_the_eager_model(golden):
     import warnings
 
     from trainer import MODELS
+
     manifest = json.loads((golden / "export" / "manifest.json").read_text())
     assert manifest["classes"] == [f"class_{i}" for i in range(10)]
-    assert manifest["input"]["shape"] == [-1, 3, 32, 32] and manifest["normalization"]["mean"] == [0.5, 0.5, 0.5]
+    assert manifest["input"]["shape"] == [-1, 3, 32, 32] and manifest["normalization"]["mean"] == [
+        0.5,
+        0.5,
+        0.5,
+    ]
     assert all(r["parity"] and r["max_abs_diff"] <= 1e-4 for r in manifest["formats"].values())
     model = MODELS.build("cnn", num_classes=10, width=16).eval()
     model.load_state_dict(load_checkpoint(golden / "checkpoints" / "best.pt")["model"])
@@ -69,6 +94,7 @@ def test_exports_reload_and_match_the_eager_model(golden):
 
 def test_tensorboard_has_curves_images_and_hparams(golden):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(golden / "tensorboard")).Reload()
     tags = events.Tags()
     for tag in ["train/loss", "train/acc", "val/loss", "val/acc", "lr", "images_per_sec", "epoch_time_s"]:
@@ -82,7 +108,9 @@ def test_evaluate_reproduces_the_runs_test_metrics(golden):
     assert result.returncode == 0, result.stderr
     reported = json.loads(result.stdout.strip().splitlines()[-1])
     metrics = json.loads((golden / "metrics.json").read_text())
-    assert reported["test/acc"] == metrics["test/acc"] and reported["test/loss"] == pytest.approx(metrics["test/loss"])
+    assert reported["test/acc"] == metrics["test/acc"] and reported["test/loss"] == pytest.approx(
+        metrics["test/loss"]
+    )
     last = run_trainer(f"run={golden}", "checkpoint=last", module="trainer.evaluate")
     assert last.returncode == 0 and json.loads(last.stdout.strip().splitlines()[-1])["checkpoint"] == "last"
 
@@ -94,8 +122,15 @@ def test_hydra_entry_returns_the_monitored_metric(tmp_path):
     from omegaconf import open_dict
 
     from trainer.__main__ import run
-    cfg = compose_config(*TINY, "trainer.max_epochs=1", "export.formats=[]", "checkpoint.monitor=val/loss",
-                         "checkpoint.mode=min", return_hydra_config=True)
+
+    cfg = compose_config(
+        *TINY,
+        "trainer.max_epochs=1",
+        "export.formats=[]",
+        "checkpoint.monitor=val/loss",
+        "checkpoint.mode=min",
+        return_hydra_config=True,
+    )
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
         HydraConfig.instance().set_config(cfg)

@@ -1,5 +1,6 @@
 """Features end to end: user models via `imports`, multirun, debug profiles, the step-level knobs,
 precision, real dataset formats, and partial export failure."""
+
 import json
 import shutil
 import subprocess
@@ -25,14 +26,19 @@ def _user_project(tmp_path, name, body):
     (tmp_path / f"{name}_models.py").write_text(USER_MODULE.format(name=name, body=body))
     (tmp_path / "conf" / "model").mkdir(parents=True)
     (tmp_path / "conf" / "model" / f"{name}.yaml").write_text(
-        f"name: {name}\nhidden: 24\nnum_classes: ${{dataset.num_classes}}\nin_channels: ${{dataset.in_channels}}\n")
+        f"name: {name}\nhidden: 24\nnum_classes: ${{dataset.num_classes}}\nin_channels: ${{dataset.in_channels}}\n"
+    )
     return [f"imports=[{name}_models]", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"model={name}"]
 
 
 def test_a_users_own_model_trains_without_editing_the_package(tmp_path):
-    args = _user_project(tmp_path, "mynet", "torch.nn.Sequential(torch.nn.Conv2d(in_channels, hidden, 3), "
-                                            "torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), "
-                                            "torch.nn.Linear(hidden, num_classes))")
+    args = _user_project(
+        tmp_path,
+        "mynet",
+        "torch.nn.Sequential(torch.nn.Conv2d(in_channels, hidden, 3), "
+        "torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), "
+        "torch.nn.Linear(hidden, num_classes))",
+    )
     run_dir = tmp_path / "run"
     # run from the user's folder, as they would
     result = run_trainer(*TINY_DATA, *TINY_RUN, *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -40,7 +46,9 @@ def test_a_users_own_model_trains_without_editing_the_package(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/acc"] > 0.2  # it learned something (chance 0.1)
     assert load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"]["0.weight"].shape[0] == 24
-    resumed = run_trainer(f"resume={run_dir}", "trainer.max_epochs=3", cwd=tmp_path)  # the searchpath is replayed
+    resumed = run_trainer(
+        f"resume={run_dir}", "trainer.max_epochs=3", cwd=tmp_path
+    )  # the searchpath is replayed
     assert resumed.returncode == 0, resumed.stderr
 
 
@@ -59,8 +67,15 @@ def test_one_failing_export_format_keeps_the_others(tmp_path):
     args = _user_project(tmp_path, "gated", body)
     (tmp_path / "gated_models.py").write_text(module)
     run_dir = tmp_path / "run"
-    result = run_trainer(*TINY_DATA, *TINY_RUN, *args, "trainer.max_epochs=1", "export.formats=[torchscript,torch_export]",
-                         f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_trainer(
+        *TINY_DATA,
+        *TINY_RUN,
+        *args,
+        "trainer.max_epochs=1",
+        "export.formats=[torchscript,torch_export]",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 1 and "export: torch_export failed" in result.stderr
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["formats"]["torchscript"]["parity"] is True
@@ -70,8 +85,16 @@ def test_one_failing_export_format_keeps_the_others(tmp_path):
 
 def test_multirun_gives_one_run_dir_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_trainer("-m", *TINY_DATA, *TINY_RUN, "trainer.max_epochs=1", "export.formats=[]",
-                         "optimizer.lr=0.1,0.01", "model=cnn,mlp", f"hydra.sweep.dir={sweep}")
+    result = run_trainer(
+        "-m",
+        *TINY_DATA,
+        *TINY_RUN,
+        "trainer.max_epochs=1",
+        "export.formats=[]",
+        "optimizer.lr=0.1,0.01",
+        "model=cnn,mlp",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert result.returncode == 0, result.stderr
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
@@ -85,20 +108,35 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path):
 
 def test_debug_overfit_drives_the_training_loss_near_zero(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_trainer("debug=overfit", "dataset=synthetic", "model=cnn", "model.width=16", "export.formats=[]",
-                         f"hydra.run.dir={run_dir}")
+    result = run_trainer(
+        "debug=overfit",
+        "dataset=synthetic",
+        "model=cnn",
+        "model.width=16",
+        "export.formats=[]",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["train/loss"] < 0.02
 
 
 def test_max_steps_accumulation_clipping_and_bf16(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_trainer(*TINY, "trainer.max_steps=7", "trainer.accumulate_grad_batches=3",
-                         "trainer.gradient_clip_val=1.0", "trainer.precision=bf16", "trainer.limit_val_batches=2",
-                         "export.formats=[torchscript]", f"hydra.run.dir={run_dir}")
+    result = run_trainer(
+        *TINY,
+        "trainer.max_steps=7",
+        "trainer.accumulate_grad_batches=3",
+        "trainer.gradient_clip_val=1.0",
+        "trainer.precision=bf16",
+        "trainer.limit_val_batches=2",
+        "export.formats=[torchscript]",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["steps"] == 7 and metrics["epochs"] == 1  # 29 batches / 3 = 10 steps an epoch; stopped at 7
+    assert (
+        metrics["steps"] == 7 and metrics["epochs"] == 1
+    )  # 29 batches / 3 = 10 steps an epoch; stopped at 7
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["progress"]["images_trained"] == 21 * 32  # 7 steps of 3 batches
     assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
@@ -107,9 +145,16 @@ def test_max_steps_accumulation_clipping_and_bf16(tmp_path):
 def test_debug_fast_is_one_short_epoch_on_cifar10_in_its_on_disk_format(tmp_path):
     write_cifar10(tmp_path / "data", per_batch=40)  # 200 training images: more than debug=fast's 5 batches
     run_dir = tmp_path / "run"
-    result = run_trainer("debug=fast", "model=cnn", "dataset=cifar10", f"dataset.root={tmp_path / 'data'}",
-                         "dataset.download=false", "dataset.verify_checksum=false", "export.formats=[]",
-                         f"hydra.run.dir={run_dir}")
+    result = run_trainer(
+        "debug=fast",
+        "model=cnn",
+        "dataset=cifar10",
+        f"dataset.root={tmp_path / 'data'}",
+        "dataset.download=false",
+        "dataset.verify_checksum=false",
+        "export.formats=[]",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((run_dir / "export" / "manifest.json").read_text())["classes"][0] == "airplane"
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -123,20 +168,35 @@ def test_console_script_is_declared_and_answers(tmp_path):
     script = shutil.which("trainer")
     if script is None:
         pytest.skip("the console script is not on PATH (pip install -e . puts it there)")
-    shown = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)  # a fresh interpreter
+    shown = subprocess.run(
+        [script, "--help"], capture_output=True, text=True, timeout=120
+    )  # a fresh interpreter
     assert shown.returncode == 0 and "usage: python -m trainer" in shown.stdout
     assert "model           cnn, fastnet, gpt, mlp, resnet, text_encoder, timm, torchvision" in shown.stdout
-    refused = subprocess.run([script, "trainer.max_epochs=0", f"hydra.run.dir={tmp_path}"], capture_output=True,
-                             text=True, timeout=120)
-    assert refused.returncode == 2 and refused.stderr == "error: trainer.max_epochs: must be 1 or more, got 0\n"
+    refused = subprocess.run(
+        [script, "trainer.max_epochs=0", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        refused.returncode == 2 and refused.stderr == "error: trainer.max_epochs: must be 1 or more, got 0\n"
+    )
 
 
 def test_imagefolder_end_to_end(tmp_path):
     from conftest import write_imagefolder
+
     write_imagefolder(tmp_path / "images", per_class=12)
     run_dir = tmp_path / "run"
-    result = run_trainer("debug=fast", "model=cnn", "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}",
-                         "export.formats=[torchscript]", f"hydra.run.dir={run_dir}")
+    result = run_trainer(
+        "debug=fast",
+        "model=cnn",
+        "dataset=imagefolder",
+        f"dataset.root={tmp_path / 'images'}",
+        "export.formats=[torchscript]",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "frog"] and manifest["input"]["shape"] == [-1, 3, 32, 32]
@@ -152,8 +212,14 @@ def test_on_device_loader_trains_end_to_end(tmp_path):
 
 def test_mixup_cutmix_and_label_smoothing_train(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_trainer(*TINY, "task.mixup_alpha=0.2", "task.cutmix_alpha=1.0", "task.label_smoothing=0.1",
-                         "export.formats=[]", f"hydra.run.dir={run_dir}")
+    result = run_trainer(
+        *TINY,
+        "task.mixup_alpha=0.2",
+        "task.cutmix_alpha=1.0",
+        "task.label_smoothing=0.1",
+        "export.formats=[]",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/acc"] > 0.6  # still learns; train/acc, on mixed images, is lower by design

@@ -1,6 +1,7 @@
 """dataset=hf: a Hugging Face `datasets` dataset trains like the image folder it was made from; its
 class names come from its features; bad columns, splits and paths are one-line errors. (Streaming
 over its Arrow files is tested with the other shard formats in test_streaming.py.)"""
+
 import json
 
 import pytest
@@ -11,35 +12,56 @@ from trainer.checkpoint import load_checkpoint
 
 datasets = pytest.importorskip("datasets")
 
-RUN = [*TINY_MODEL, "loader.batch_size=8", "loader.num_workers=0", "trainer.max_epochs=2", "export.formats=[]",
-       "trainer.progress_bar=false", "dataset.image_size=16"]
+RUN = [
+    *TINY_MODEL,
+    "loader.batch_size=8",
+    "loader.num_workers=0",
+    "trainer.max_epochs=2",
+    "export.formats=[]",
+    "trainer.progress_bar=false",
+    "dataset.image_size=16",
+]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    images = write_imagefolder(root / "images", classes=("ant", "bee", "cow"), per_class=8,
-                               splits=("train", "val", "test"))
+    images = write_imagefolder(
+        root / "images", classes=("ant", "bee", "cow"), per_class=8, splits=("train", "val", "test")
+    )
     return images, write_hf_dataset(images, root / "saved", num_shards=2)
 
 
 def test_a_saved_dataset_trains_exactly_like_the_image_folder_it_was_made_from(folders, tmp_path):
     images, saved = folders
     runs = {name: tmp_path / name for name in ("folder", "hf")}
-    for name, data in (("folder", ["dataset=imagefolder", f"dataset.root={images}"]),
-                       ("hf", ["dataset=hf", f"dataset.path={saved}"])):
+    for name, data in (
+        ("folder", ["dataset=imagefolder", f"dataset.root={images}"]),
+        ("hf", ["dataset=hf", f"dataset.path={saved}"]),
+    ):
         result = run_trainer(*data, *RUN, f"hydra.run.dir={runs[name]}")
         assert result.returncode == 0, result.stderr
     a, b = (load_checkpoint(runs[name] / "checkpoints" / "last.pt") for name in ("folder", "hf"))
-    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["model"].keys() == b["model"].keys() and all(
+        torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
+    )
     metrics = [json.loads((runs[name] / "metrics.json").read_text()) for name in ("folder", "hf")]
-    assert metrics[0]["test/acc"] == metrics[1]["test/acc"] and metrics[0]["val/loss"] == metrics[1]["val/loss"]
+    assert (
+        metrics[0]["test/acc"] == metrics[1]["test/acc"] and metrics[0]["val/loss"] == metrics[1]["val/loss"]
+    )
     log = (runs["hf"] / "train.log").read_text()
     assert "train = train (24 rows), val = validation (24 rows), test = test (24 rows)" in log
     assert b["config"]["dataset"]["num_classes"] == 3  # counted from the ClassLabel when the config resolved
     streamed = tmp_path / "streamed"  # the Arrow files read lazily by two loader workers
-    result = run_trainer("dataset=hf", f"dataset.path={saved}", "dataset.streaming=true", *RUN, "loader.num_workers=2",
-                         "export.formats=[torchscript]", f"hydra.run.dir={streamed}")
+    result = run_trainer(
+        "dataset=hf",
+        f"dataset.path={saved}",
+        "dataset.streaming=true",
+        *RUN,
+        "loader.num_workers=2",
+        "export.formats=[torchscript]",
+        f"hydra.run.dir={streamed}",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((streamed / "metrics.json").read_text())["steps"] == 2 * 3  # 24 rows, batches of 8
     assert json.loads((streamed / "export" / "manifest.json").read_text())["classes"] == ["ant", "bee", "cow"]
@@ -47,25 +69,35 @@ def test_a_saved_dataset_trains_exactly_like_the_image_folder_it_was_made_from(f
 
 def test_class_names_come_from_the_features_or_the_label_values(tmp_path):
     from trainer.data.hf import class_names
-    png = (write_imagefolder(tmp_path / "images", per_class=1, splits=("train",)) / "train" / "cat" / "0.png").read_bytes()
+
+    png = (
+        write_imagefolder(tmp_path / "images", per_class=1, splits=("train",)) / "train" / "cat" / "0.png"
+    ).read_bytes()
     image = {"bytes": png, "path": None}
-    named = datasets.Dataset.from_dict({"img": [image] * 3, "kind": ["zebra", "ant", "zebra"]},
-                                       features=datasets.Features({"img": datasets.Image(), "kind": datasets.Value("string")}))
+    named = datasets.Dataset.from_dict(
+        {"img": [image] * 3, "kind": ["zebra", "ant", "zebra"]},
+        features=datasets.Features({"img": datasets.Image(), "kind": datasets.Value("string")}),
+    )
     named.save_to_disk(str(tmp_path / "named"))
     assert class_names(str(tmp_path / "named"), "kind", "train") == ["ant", "zebra"]
-    indexed = datasets.Dataset.from_dict({"img": [image] * 2, "y": [0, 4]},
-                                         features=datasets.Features({"img": datasets.Image(), "y": datasets.Value("int64")}))
+    indexed = datasets.Dataset.from_dict(
+        {"img": [image] * 2, "y": [0, 4]},
+        features=datasets.Features({"img": datasets.Image(), "y": datasets.Value("int64")}),
+    )
     indexed.save_to_disk(str(tmp_path / "indexed"))
     assert class_names(str(tmp_path / "indexed"), "y", "train") == ["0", "1", "2", "3", "4"]
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("dataset.image_column=picture", "dataset.image_column: 'picture' is not a column of"),
-    ("dataset.label_column=kind", "dataset.label_column: 'kind' is not a column of"),
-    ("dataset.split_train=training", "dataset.split_train: 'training' is not a split of"),
-    ("dataset.split_val=dev", "dataset.split_val: 'dev' is not a split of"),
-    ("dataset.image_column=label", "dataset.image_column: 'label' holds ClassLabel"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("dataset.image_column=picture", "dataset.image_column: 'picture' is not a column of"),
+        ("dataset.label_column=kind", "dataset.label_column: 'kind' is not a column of"),
+        ("dataset.split_train=training", "dataset.split_train: 'training' is not a split of"),
+        ("dataset.split_val=dev", "dataset.split_val: 'dev' is not a split of"),
+        ("dataset.image_column=label", "dataset.image_column: 'label' holds ClassLabel"),
+    ],
+)
 def test_a_wrong_column_or_split_is_one_line(folders, monkeypatch, capsys, override, needle):
     _, saved = folders
     code, err = refused_in_process(monkeypatch, capsys, "dataset=hf", f"dataset.path={saved}", override, *RUN)
@@ -77,7 +109,9 @@ def test_an_unknown_path_offline_names_the_cache_to_fill(monkeypatch, capsys, tm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    code, err = refused_in_process(monkeypatch, capsys, "dataset=hf", "dataset.path=someone/no-such-dataset", *RUN)
+    code, err = refused_in_process(
+        monkeypatch, capsys, "dataset=hf", "dataset.path=someone/no-such-dataset", *RUN
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "dataset.path: cannot load 'someone/no-such-dataset'" in err and str(tmp_path / "cache") in err
 
@@ -88,9 +122,12 @@ def test_a_damaged_arrow_file_is_one_line_naming_it(folders, tmp_path):
 
     from trainer import DATASETS
     from trainer.errors import UserError
+
     _, saved = folders
     copy = shutil.copytree(saved, tmp_path / "copy")
     arrow = sorted((copy / "train").glob("*.arrow"))[0]
     arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
-    with pytest.raises(UserError, match=f"dataset.path: cannot load the folder {copy} \\(OSError: .*; write it again"):
+    with pytest.raises(
+        UserError, match=f"dataset.path: cannot load the folder {copy} \\(OSError: .*; write it again"
+    ):
         DATASETS.build("hf", path=str(copy), num_classes=3, streaming=True, image_size=16)

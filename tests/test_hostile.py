@@ -3,6 +3,7 @@ path that decodes images (the decoder, predict, serve, the image-folder and stre
 files that declare huge images, and the HTTP requests a careless or malicious client sends. Nothing
 may crash or hang the process, a client's mistake is a 4xx with a JSON error, the server's log holds
 no traceback and none of the client's bytes, and memory stays within the pixel limit."""
+
 import asyncio
 import io
 import json
@@ -57,16 +58,28 @@ def mutants(data: bytes, n: int, seed: int) -> list[bytes]:
 def huge_png(side: int = 12000) -> bytes:
     """A valid greyscale PNG of side x side zero pixels: ~150 KB on disk, side² bytes decoded."""
     raw = zlib.compress(b"\x00" * (side + 1) * side, 9)  # each row: filter byte 0, then the pixels
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
 
 
 def huge_gif() -> bytes:
     """35 bytes: a 65535 x 65535 canvas (12 GiB as RGB) holding one 1 x 1 frame."""
-    return (b"GIF89a" + struct.pack("<HHBBB", 65535, 65535, 0, 0, 0)
-            + b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00" + b"\x3b")
+    return (
+        b"GIF89a"
+        + struct.pack("<HHBBB", 65535, 65535, 0, 0, 0)
+        + b"\x2c"
+        + struct.pack("<HHHHB", 0, 0, 1, 1, 0)
+        + b"\x02\x02\x44\x01\x00"
+        + b"\x3b"
+    )
 
 
 def animated_gif() -> bytes:
@@ -76,7 +89,9 @@ def animated_gif() -> bytes:
     return buffer.getvalue()
 
 
-FUZZ = [(fmt, i, data) for fmt, original in originals().items() for i, data in enumerate(mutants(original, 60, 1))]
+FUZZ = [
+    (fmt, i, data) for fmt, original in originals().items() for i, data in enumerate(mutants(original, 60, 1))
+]
 
 
 def test_the_decoder_answers_every_mutant_with_an_image_or_an_image_error():
@@ -100,11 +115,17 @@ def test_the_decoder_answers_every_mutant_with_an_image_or_an_image_error():
 def test_a_png_whose_pixel_data_ends_early_is_an_error_not_zero_filled():
     """71 bytes: an 8 x 8 greyscale header with two rows of pixel data, in a zlib stream that closes
     properly. Pillow decodes it and fills the other six rows with zeros; it is a damaged image."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     rows = zlib.compress(b"".join(b"\x00" + bytes([200] * 8) for _ in range(2)), 9)
-    short = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0)) + chunk(b"IDAT", rows)
-             + chunk(b"IEND", b""))
+    short = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", rows)
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(ImageError, match="pixel data holds 18 of the 72 bytes its 8x8 header needs"):
         decode_image(short, 8, 1)
     assert decode_image(huge_png(64), 8, 1).shape == (1, 8, 8)  # a whole PNG still decodes
@@ -139,10 +160,24 @@ def _decodes(data: bytes) -> bool:
 
 def test_the_streaming_loader_skips_every_bad_sample_in_its_workers(fuzz_folder, tmp_path):
     write_shards(fuzz_folder, tmp_path / "shards", shard_size=64)
-    bundle = DATASETS.build("streaming", root=str(tmp_path / "shards"), num_classes=3, shuffle_buffer=32,
-                            max_image_pixels=1_000_000)
-    loaders = build_loaders(bundle, batch_size=16, num_workers=2, pin_memory=False, prefetch_factor=2,
-                            persistent_workers=False, shuffle=True, drop_last=False, seed=0)
+    bundle = DATASETS.build(
+        "streaming",
+        root=str(tmp_path / "shards"),
+        num_classes=3,
+        shuffle_buffer=32,
+        max_image_pixels=1_000_000,
+    )
+    loaders = build_loaders(
+        bundle,
+        batch_size=16,
+        num_workers=2,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=False,
+        shuffle=True,
+        drop_last=False,
+        seed=0,
+    )
     loaders.sampler.set_epoch(0)
     seen = sum(len(labels) for _, labels in loaders.train)
     assert seen == 18 + sum(1 for _, _, data in FUZZ if _decodes(data))
@@ -151,12 +186,21 @@ def test_the_streaming_loader_skips_every_bad_sample_in_its_workers(fuzz_folder,
 def test_predict_gives_error_rows_not_a_crash(fuzz_folder, served_run):
     """The command itself, over a folder of mutants: a row for each file, exit 2 and a count (it
     exited 139, killed by SIGSEGV, before)."""
-    result = run_trainer(f"run={served_run}", f"inputs=[{fuzz_folder / 'train'}]", "output=jsonl",
-                         "max_image_pixels=1000000", module="trainer.predict")
+    result = run_trainer(
+        f"run={served_run}",
+        f"inputs=[{fuzz_folder / 'train'}]",
+        "output=jsonl",
+        "max_image_pixels=1000000",
+        module="trainer.predict",
+    )
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     errors = [r for r in rows if "error" in r]
-    assert result.returncode == 2 and f"{len(errors)} of {len(rows)} images could not be read" in result.stderr
-    assert len(rows) == len(FUZZ) + 18 + 2 and len(errors) == len(FUZZ) + 2 - sum(_decodes(d) for _, _, d in FUZZ)
+    assert (
+        result.returncode == 2 and f"{len(errors)} of {len(rows)} images could not be read" in result.stderr
+    )
+    assert len(rows) == len(FUZZ) + 18 + 2 and len(errors) == len(FUZZ) + 2 - sum(
+        _decodes(d) for _, _, d in FUZZ
+    )
     assert any("over max_image_pixels=1,000,000" in r["error"] for r in errors)
 
 
@@ -165,9 +209,17 @@ def test_predict_gives_error_rows_not_a_crash(fuzz_folder, served_run):
 def served_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hostile")
     write_imagefolder(root / "images", per_class=4)
-    result = run_trainer("dataset=imagefolder", f"dataset.root={root / 'images'}", "model=cnn", "model.width=8",
-                         *TINY_RUN, "trainer.max_epochs=1", "loader.batch_size=8", "export.formats=[torch_export]",
-                         f"hydra.run.dir={root / 'run'}")
+    result = run_trainer(
+        "dataset=imagefolder",
+        f"dataset.root={root / 'images'}",
+        "model=cnn",
+        "model.width=8",
+        *TINY_RUN,
+        "trainer.max_epochs=1",
+        "loader.batch_size=8",
+        "export.formats=[torch_export]",
+        f"hydra.run.dir={root / 'run'}",
+    )
     assert result.returncode == 0, result.stderr
     return root / "run"
 
@@ -176,7 +228,9 @@ def served_run(tmp_path_factory) -> Path:
 def hostile_server(run: Path, *settings: str, max_files: int | None = None):
     """The server in its own process, forked from the fork server (with at most `max_files` file
     descriptors); yields (process, port)."""
-    process = forkrun.launch("trainer.serve", f"run={run}", "serve.port=0", *settings, cwd=ROOT, max_files=max_files)
+    process = forkrun.launch(
+        "trainer.serve", f"run={run}", "serve.port=0", *settings, cwd=ROOT, max_files=max_files
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("serving"), line + process.stderr.read()
@@ -200,15 +254,23 @@ def exchange(port: int, request: bytes, timeout: float = 10) -> tuple[int, bytes
                 length = re.search(rb"(?i)content-length: (\d+)", head)
                 if length and len(body) >= int(length.group(1)):
                     break
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
     match = re.match(rb"HTTP/1\.[01] (\d{3})", answer)
     return (int(match.group(1)) if match else 0), answer.partition(b"\r\n\r\n")[2]
 
 
 def post(body: bytes, content_type: str, headers: bytes = b"") -> bytes:
-    return (b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: " + content_type.encode()
-            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n" + headers + b"\r\n" + body)
+    return (
+        b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: "
+        + content_type.encode()
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n"
+        + headers
+        + b"\r\n"
+        + body
+    )
 
 
 def form(*parts: bytes, boundary: str = "b0undary", close: bool = True) -> bytes:
@@ -217,8 +279,10 @@ def form(*parts: bytes, boundary: str = "b0undary", close: bool = True) -> bytes
 
 
 def file_part(data: bytes, name: str = "image", filename: str = "a.png", kind: str = "image/png") -> bytes:
-    return (f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\nContent-Type: {kind}\r\n\r\n'
-            .encode() + data)
+    return (
+        f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\nContent-Type: {kind}\r\n\r\n'.encode()
+        + data
+    )
 
 
 PNG = originals()["PNG"]
@@ -226,39 +290,95 @@ MULTIPART = "multipart/form-data; boundary=b0undary"
 HOSTILE = [  # (what, request, expected status, a phrase of the error)
     ("empty body", post(b"", "image/png"), 400, "empty"),
     ("empty JSON", post(b"", "application/json"), 400, "empty"),
-    ("JSON nested 10,000 deep", post(b'{"inputs": ' + b"[" * 10000 + b"]" * 10000 + b"}", "application/json"),
-     400, "nested too deeply"),
-    ("an integer of 400 digits", post(b'{"inputs": [[[' + b"9" * 400 + b"]]]}", "application/json"), 422,
-     "float32"),
-    ("an integer of 5,000 digits", post(b'{"inputs": [' + b"9" * 5000 + b"]}", "application/json"), 400,
-     "malformed JSON"),
+    (
+        "JSON nested 10,000 deep",
+        post(b'{"inputs": ' + b"[" * 10000 + b"]" * 10000 + b"}", "application/json"),
+        400,
+        "nested too deeply",
+    ),
+    (
+        "an integer of 400 digits",
+        post(b'{"inputs": [[[' + b"9" * 400 + b"]]]}", "application/json"),
+        422,
+        "float32",
+    ),
+    (
+        "an integer of 5,000 digits",
+        post(b'{"inputs": [' + b"9" * 5000 + b"]}", "application/json"),
+        400,
+        "malformed JSON",
+    ),
     ("multipart, an empty file", post(form(file_part(b"")), MULTIPART), 400, "is empty"),
-    ("multipart, a part without a name", post(form(b"Content-Type: image/png\r\n\r\n" + PNG), MULTIPART), 200, None),
+    (
+        "multipart, a part without a name",
+        post(form(b"Content-Type: image/png\r\n\r\n" + PNG), MULTIPART),
+        200,
+        None,
+    ),
     ("multipart, no boundary", post(MARKER, "multipart/form-data"), 400, "malformed multipart"),
-    ("multipart, no closing boundary", post(form(file_part(PNG), close=False), MULTIPART), 400, "malformed multipart"),
-    ("multipart, 1,001 parts", post(form(*[file_part(b"x", name=f"f{i}") for i in range(1001)]), MULTIPART), 422,
-     "serve.max_batch_size=16"),
-    ("multipart, a deflated part", post(form(b"Content-Encoding: deflate\r\n" + file_part(zlib.compress(PNG))),
-                                        MULTIPART), 415, "encoded form parts"),
-    ("claims gzip, is not", post(MARKER, "image/png", b"Content-Encoding: gzip\r\n"), 400, "could not be read"),
+    (
+        "multipart, no closing boundary",
+        post(form(file_part(PNG), close=False), MULTIPART),
+        400,
+        "malformed multipart",
+    ),
+    (
+        "multipart, 1,001 parts",
+        post(form(*[file_part(b"x", name=f"f{i}") for i in range(1001)]), MULTIPART),
+        422,
+        "serve.max_batch_size=16",
+    ),
+    (
+        "multipart, a deflated part",
+        post(form(b"Content-Encoding: deflate\r\n" + file_part(zlib.compress(PNG))), MULTIPART),
+        415,
+        "encoded form parts",
+    ),
+    (
+        "claims gzip, is not",
+        post(MARKER, "image/png", b"Content-Encoding: gzip\r\n"),
+        400,
+        "could not be read",
+    ),
     ("a GIF declared as PNG", post(originals()["GIF"], "image/png"), 400, "not PNG as declared"),
     ("a GIF declared as GIF", post(originals()["GIF"], "image/gif"), 200, None),
     ("an animated GIF", post(animated_gif(), "image/gif"), 200, None),
     ("a 12000 x 12000 PNG", post(huge_png(), "image/png"), 413, "serve.max_image_pixels"),
     ("a 35-byte GIF of 65535 x 65535", post(huge_gif(), "image/gif"), 413, "serve.max_image_pixels"),
     ("a body over the limit", post(b"\x00" * 2_100_000, "image/png"), 413, "serve.max_body_bytes=2,000,000"),
-    ("Expect: 100-continue over the limit",
-     b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 99999999\r\n"
-     b"Expect: 100-continue\r\n\r\n", 413, "serve.max_body_bytes"),
+    (
+        "Expect: 100-continue over the limit",
+        b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 99999999\r\n"
+        b"Expect: 100-continue\r\n\r\n",
+        413,
+        "serve.max_body_bytes",
+    ),
     ("text/plain", post(MARKER, "text/plain"), 415, "content type"),
     ("a tensor of the wrong shape", post(b'{"inputs": [[1.0, 2.0]]}', "application/json"), 422, "shape"),
-    ("a NaN tensor", post(json.dumps({"inputs": [[[float("nan")] * 32] * 32] * 3}).encode(), "application/json"),
-     422, "finite"),
-    ("a request line of garbage", b"GARBAGE \x01" + MARKER + b" HTTP/9\r\n\r\n", 400, "malformed HTTP request"),
-    ("a header line of 100 KB", b"GET /healthz HTTP/1.1\r\nX-Big: " + MARKER * 6000 + b"\r\n\r\n", 400,
-     "malformed HTTP request (LineTooLong)"),
-    ("a bad Content-Length", b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: ten\r\n\r\n", 400,
-     "malformed HTTP request"),
+    (
+        "a NaN tensor",
+        post(json.dumps({"inputs": [[[float("nan")] * 32] * 32] * 3}).encode(), "application/json"),
+        422,
+        "finite",
+    ),
+    (
+        "a request line of garbage",
+        b"GARBAGE \x01" + MARKER + b" HTTP/9\r\n\r\n",
+        400,
+        "malformed HTTP request",
+    ),
+    (
+        "a header line of 100 KB",
+        b"GET /healthz HTTP/1.1\r\nX-Big: " + MARKER * 6000 + b"\r\n\r\n",
+        400,
+        "malformed HTTP request (LineTooLong)",
+    ),
+    (
+        "a bad Content-Length",
+        b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: ten\r\n\r\n",
+        400,
+        "malformed HTTP request",
+    ),
     ("an unknown method", b"BREW /healthz HTTP/1.1\r\nHost: t\r\n\r\n", 400, "malformed HTTP request"),
     ("an unknown path", b"GET /admin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 404, "Not Found"),
 ]
@@ -266,9 +386,16 @@ HOSTILE = [  # (what, request, expected status, a phrase of the error)
 
 @pytest.fixture(scope="module")
 def hostile(served_run):
-    with hostile_server(served_run, "serve.max_body_bytes=2000000", "serve.max_batch_size=16",
-                        "serve.max_image_pixels=4000000", "serve.idle_timeout_s=1", "serve.head_timeout_s=1",
-                        "serve.body_timeout_s=2", "serve.max_connections=64") as (process, port):
+    with hostile_server(
+        served_run,
+        "serve.max_body_bytes=2000000",
+        "serve.max_batch_size=16",
+        "serve.max_image_pixels=4000000",
+        "serve.idle_timeout_s=1",
+        "serve.head_timeout_s=1",
+        "serve.body_timeout_s=2",
+        "serve.max_connections=64",
+    ) as (process, port):
         yield process, port
 
 
@@ -329,7 +456,7 @@ def test_connections_idle_slow_or_too_many_are_closed_cleanly(hostile):
             break
         time.sleep(0.2)
     assert closed and time.monotonic() - start < 4  # serve.head_timeout_s=1
-    status, body = exchange(port, post(PNG, "image/png")[:-len(PNG) + 10])  # a body that never finishes
+    status, body = exchange(port, post(PNG, "image/png")[: -len(PNG) + 10])  # a body that never finishes
     assert status == 408 and "serve.body_timeout_s" in json.loads(body)["error"]
     assert exchange(port, post(PNG, "image/png"))[0] == 200 and process.poll() is None
 
@@ -352,14 +479,18 @@ def test_a_flood_of_connections_cannot_run_the_server_out_of_file_descriptors(se
     queue is full when it continues): asyncio accepts a backlog's worth of sockets per turn of its loop
     before any can be refused, so the server fits serve.max_connections and its backlog to `ulimit -n`
     (with a warning) instead of failing accept() with a traceback per socket."""
-    with hostile_server(served_run, "serve.max_connections=64", "serve.idle_timeout_s=1",
-                        max_files=120) as (process, port):
+    with hostile_server(served_run, "serve.max_connections=64", "serve.idle_timeout_s=1", max_files=120) as (
+        process,
+        port,
+    ):
         clients: list[socket.socket] = []
+
         def connect() -> None:
             try:
                 clients.append(socket.create_connection(("127.0.0.1", port), timeout=3))
             except OSError:  # not taken within the timeout: the listen queue is small on purpose
                 pass
+
         threads = [threading.Thread(target=connect) for _ in range(150)]
         process.send_signal(signal.SIGSTOP)
         for thread in threads:
@@ -374,7 +505,9 @@ def test_a_flood_of_connections_cannot_run_the_server_out_of_file_descriptors(se
         assert exchange(port, post(PNG, "image/png"))[0] == 200
         process.send_signal(15)
         _, log = process.communicate(timeout=60)
-    assert process.returncode == 0 and "Traceback" not in log and "out of system resource" not in log, log[-2000:]
+    assert process.returncode == 0 and "Traceback" not in log and "out of system resource" not in log, log[
+        -2000:
+    ]
     assert "serve.max_connections=64 lowered to" in log and "(ulimit -n)" in log
 
 
@@ -385,20 +518,26 @@ def test_a_failing_batch_fails_its_own_requests_only_and_health_follows_the_batc
 
     from trainer.inference import Predictor
     from trainer.serve import ServeSettings, build_app
+
     predictor = Predictor(served_run)
     real, calls = predictor.outputs, []
+
     def flaky(batch: torch.Tensor) -> torch.Tensor:
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("the device fell over")
         return real(batch)
+
     predictor.outputs = flaky
+
     async def check():
         app = build_app(predictor, ServeSettings(max_wait_ms=200))
         async with TestClient(TestServer(app)) as client:
+
             async def send():
                 response = await client.post("/v1/predict", data=PNG, headers={"Content-Type": "image/png"})
                 return response.status, await response.json()
+
             first = await asyncio.gather(send(), send())  # one batch: both fail together
             assert [s for s, _ in first] == [500, 500] and "failed" in first[0][1]["error"]
             assert (await send())[0] == 200 and calls == [2, 1]  # the batcher lives on
@@ -407,14 +546,24 @@ def test_a_failing_batch_fails_its_own_requests_only_and_health_follows_the_batc
             health = await client.get("/healthz")
             assert health.status == 503 and "not running" in (await health.json())["status"]
             assert (await send())[0] == 503
+
     asyncio.run(check())
 
 
 def test_slow_clients_do_not_lock_valid_ones_out(served_run):
     """The server's defaults, 1,000 connections each holding half a request head: a valid request is
     answered, and so are 300 valid requests sent at once (benchmarks/slow_clients.py measures it)."""
-    result = forkrun.run("benchmarks/slow_clients.py", "--run", str(served_run), "--slow", "1000",
-                         "--concurrent", "300", cwd=ROOT, timeout=300)
+    result = forkrun.run(
+        "benchmarks/slow_clients.py",
+        "--run",
+        str(served_run),
+        "--slow",
+        "1000",
+        "--concurrent",
+        "300",
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["valid_status"] == 200 and data["statuses"] == {"200": 300}, data

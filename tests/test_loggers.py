@@ -2,6 +2,7 @@
 run stopped mid-epoch and resumed is one run in each tracker, each step once; each tracker's own client
 reads it back (MLflow's MlflowClient over its SQLite store; W&B's offline .wandb files, whose records
 are W&B's own protobuf messages)."""
+
 import json
 import signal
 import time
@@ -13,14 +14,24 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from trainer.metrics import MetricLog
 
-ARGS = ["dataset=synthetic", "dataset.train_size=640", "dataset.test_size=64", *TINY_MODEL, "loader.batch_size=32",
-        "loader.num_workers=0", "trainer.max_epochs=3", "trainer.progress_bar=false", "export.formats=[]"]
+ARGS = [
+    "dataset=synthetic",
+    "dataset.train_size=640",
+    "dataset.test_size=64",
+    *TINY_MODEL,
+    "loader.batch_size=32",
+    "loader.num_workers=0",
+    "trainer.max_epochs=3",
+    "trainer.progress_bar=false",
+    "export.formats=[]",
+]
 
 
 def wandb_records(path: Path):
     """The records of a .wandb file: W&B's header, then LevelDB-style log blocks of 32 KiB whose pieces
     (7-byte headers: checksum, length, type) join into protobuf Record messages."""
     from wandb.proto.wandb_internal_pb2 import Record
+
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     position, pieces = 7, b""
@@ -29,8 +40,8 @@ def wandb_records(path: Path):
         if room < 7:  # a block's tail too short for a header is padding
             position += room
             continue
-        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
-        pieces += data[position + 7:position + 7 + length]
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        pieces += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
             record = Record()
@@ -49,9 +60,13 @@ def wandb_history(run_dir: Path) -> tuple[set[str], list[list[tuple[int, dict]]]
             if kind == "run":
                 ids.add(record.run.run_id)
             elif kind == "history":
-                values = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                          for item in record.history.item}
-                rows.append((record.history.step.num, {k: v for k, v in values.items() if not k.startswith("_")}))
+                values = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+                rows.append(
+                    (record.history.step.num, {k: v for k, v in values.items() if not k.startswith("_")})
+                )
         files.append(rows)
     return ids, files
 
@@ -60,9 +75,14 @@ def test_every_logger_gets_every_step_once_across_a_stop_and_resume(tmp_path):
     pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     run_dir, database = tmp_path / "run", tmp_path / "mlflow.db"
-    args = [*ARGS, "logger=[tensorboard,csv,mlflow,wandb]", f"logger.mlflow.tracking_uri=sqlite:///{database}",
-            "logger.mlflow.artifacts=true", f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}",
-            f"hydra.run.dir={run_dir}"]
+    args = [
+        *ARGS,
+        "logger=[tensorboard,csv,mlflow,wandb]",
+        f"logger.mlflow.tracking_uri=sqlite:///{database}",
+        "logger.mlflow.artifacts=true",
+        f"logger.mlflow.artifact_location={tmp_path / 'artifacts'}",
+        f"hydra.run.dir={run_dir}",
+    ]
     process = start_trainer(*args)
     log = run_dir / "train.log"
     while not (log.is_file() and "epoch 1 |" in log.read_text()):
@@ -77,7 +97,9 @@ def test_every_logger_gets_every_step_once_across_a_stop_and_resume(tmp_path):
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     header, table = rows[0].split(","), [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
     assert [int(r["step"]) for r in table] == [18, 36, 54] and "val/acc" in header and "test/acc" in header
-    csv_values = {(int(r["step"]), k): float(v) for r in table for k, v in r.items() if k != "step" and v != ""}
+    csv_values = {
+        (int(r["step"]), k): float(v) for r in table for k, v in r.items() if k != "step" and v != ""
+    }
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     for key in ("train/loss", "val/acc", "lr"):
@@ -86,6 +108,7 @@ def test_every_logger_gets_every_step_once_across_a_stop_and_resume(tmp_path):
         assert all(v == pytest.approx(csv_values[(s, key)], rel=1e-6) for s, v in points)
 
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=f"sqlite:///{database}")
     runs = client.search_runs([client.get_experiment_by_name("trainer").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed run continued the same one
@@ -107,10 +130,16 @@ def test_every_logger_gets_every_step_once_across_a_stop_and_resume(tmp_path):
         assert steps == sorted(set(steps))  # each file's steps increase, as W&B requires
     seen: dict[int, dict] = {}
     for step, values in (row for rows_of_file in files for row in rows_of_file):
-        assert step not in seen, step  # W&B keeps every copy of a step: the resumed run must not send it again
+        assert step not in seen, (
+            step
+        )  # W&B keeps every copy of a step: the resumed run must not send it again
         seen[step] = values
     assert sorted(seen) == [18, 36, 54]
-    assert all(v == pytest.approx(csv_values[(s, k)], rel=1e-6) for s, values in seen.items() for k, v in values.items())
+    assert all(
+        v == pytest.approx(csv_values[(s, k)], rel=1e-6)
+        for s, values in seen.items()
+        for k, v in values.items()
+    )
 
 
 class Tracker:
@@ -137,11 +166,13 @@ def test_a_tracker_gets_a_point_once_a_checkpoint_covers_it_and_never_twice_afte
     assert tracker.points == []  # no checkpoint covers step 10 yet
     saved = metrics.state_dict()  # what the checkpoint of step 10 holds, taken before it lands
     metrics.checkpointed(10)
-    (step, at, values), = tracker.points
+    ((step, at, values),) = tracker.points
     assert (step, values) == (10, {"val/acc": 0.5}) and saved["state"] == {"fake": {"id": "x"}}
     metrics.write({"val/acc": 0.6}, step=20)  # then killed: step 20 never reaches the tracker
     again = Tracker()
-    MetricLog([again], held=saved["held"], resume_step=10, sent_record=record)  # resumed from step 10's checkpoint
+    MetricLog(
+        [again], held=saved["held"], resume_step=10, sent_record=record
+    )  # resumed from step 10's checkpoint
     assert again.points == []  # step 10 was sent (the record says so): not again
     record.unlink()  # killed after the checkpoint of step 10 landed, before its points were sent
     late = Tracker()
@@ -156,10 +187,15 @@ def test_a_tracker_gets_a_point_once_a_checkpoint_covers_it_and_never_twice_afte
 
 def test_a_tracker_that_is_not_installed_or_unknown_is_one_line(monkeypatch, capsys):
     import importlib.util
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
     code, err = refused_in_process(monkeypatch, capsys, "logger=[tensorboard,mlflow]", "trainer.max_epochs=1")
-    assert code == 2 and 'logger=mlflow: needs mlflow, which is not installed: pip install -e ".[mlflow]"' in err
+    assert (
+        code == 2 and 'logger=mlflow: needs mlflow, which is not installed: pip install -e ".[mlflow]"' in err
+    )
     code, err = refused_in_process(monkeypatch, capsys, "logger=[tensorboard,neptune]")
     assert code == 2 and "logger=neptune: no such option; choose from csv, mlflow, tensorboard, wandb" in err
     code, err = refused_in_process(monkeypatch, capsys, "+logger.csv.colour=red")
@@ -168,6 +204,7 @@ def test_a_tracker_that_is_not_installed_or_unknown_is_one_line(monkeypatch, cap
 
 def test_the_csv_drops_what_a_killed_run_wrote_after_its_checkpoint(tmp_path):
     from trainer.loggers.csv_file import CSVFile
+
     first = CSVFile(tmp_path, None, {}, {})
     first.write({"val/acc": 0.5}, 10)
     first.write({"val/acc": 0.6, "lr": 0.1}, 20)  # then killed; the newest checkpoint is step 10's

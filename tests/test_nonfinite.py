@@ -1,4 +1,5 @@
 """A NaN or Inf loss stops the run (naming the step) or skips the batch, and never reaches a checkpoint."""
+
 import hashlib
 import json
 from pathlib import Path
@@ -39,9 +40,16 @@ def _flaky_project(tmp_path: Path) -> list[str]:
     (tmp_path / "flaky_models.py").write_text(FLAKY_MODEL)
     (tmp_path / "conf" / "model").mkdir(parents=True)
     (tmp_path / "conf" / "model" / "flaky.yaml").write_text(
-        "name: flaky\nnum_classes: ${dataset.num_classes}\nin_channels: ${dataset.in_channels}\n")
-    return [*TINY_DATA, *TINY_RUN, "imports=[flaky_models]", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-            "model=flaky", "export.formats=[]"]
+        "name: flaky\nnum_classes: ${dataset.num_classes}\nin_channels: ${dataset.in_channels}\n"
+    )
+    return [
+        *TINY_DATA,
+        *TINY_RUN,
+        "imports=[flaky_models]",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        "model=flaky",
+        "export.formats=[]",
+    ]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -51,8 +59,9 @@ def _digest(folder: Path) -> dict[str, str]:
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     args = _flaky_project(tmp_path)
     run_dir = tmp_path / "run"
-    first = run_trainer(*args, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                        env={"NAN_EVERY": "1000"})
+    first = run_trainer(
+        *args, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"NAN_EVERY": "1000"}
+    )
     assert first.returncode == 0, first.stderr
     before = _digest(run_dir / "checkpoints")
     # the resumed model counts its calls from 0: the 7th training batch after the resume is NaN
@@ -65,12 +74,22 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_skip_batch_skips_and_counts_then_stops_past_the_limit(tmp_path):
     args = _flaky_project(tmp_path)
     run_dir = tmp_path / "run"
-    ok = run_trainer(*args, "trainer.on_nonfinite=skip_batch", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
-                     cwd=tmp_path)
+    ok = run_trainer(
+        *args,
+        "trainer.on_nonfinite=skip_batch",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert ok.returncode == 0, ok.stderr
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["progress"]["skipped_batches"] == 29 // 7
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert all(v == v for v in (metrics["train/loss"], metrics["val/loss"]))  # finite, no NaN leaked in
-    too_many = run_trainer(*args, "trainer.on_nonfinite=skip_batch", "trainer.max_skipped_batches=2",
-                           f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+    too_many = run_trainer(
+        *args,
+        "trainer.on_nonfinite=skip_batch",
+        "trainer.max_skipped_batches=2",
+        f"hydra.run.dir={tmp_path / 'run2'}",
+        cwd=tmp_path,
+    )
     assert too_many.returncode == 2 and "trainer.max_skipped_batches: 3 batches" in too_many.stderr

@@ -77,6 +77,7 @@ def test_batch_mix_builds_mixup_cutmix_or_nothing():
         built = Classification(mixup_alpha=mixup, cutmix_alpha=cutmix)
         built.bind(DataInfo(target="class", classes=[str(i) for i in range(10)]))
         return built
+
     images, labels = torch.rand(8, 3, 32, 32), torch.arange(8)
     assert task(0.0, 0.0).mix((images, labels)) == (images, labels)
     for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
@@ -92,6 +93,7 @@ def test_batch_mix_builds_mixup_cutmix_or_nothing():
 
 def test_head_lr_scale_puts_the_last_linear_layer_apart_and_leaves_the_groups_alone_at_1():
     from trainer.optim import param_groups
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
     plain = param_groups(model, 0.1, False, lr=0.5)
@@ -107,9 +109,15 @@ def test_head_lr_scale_puts_the_last_linear_layer_apart_and_leaves_the_groups_al
 
 def test_layer_decay_scales_each_block_below_the_head_and_keeps_the_weight_decay_split():
     from trainer.optim import param_groups
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
     groups = param_groups(model, 0.1, False, lr=1.0, layer_decay=0.5)
     rates = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert [rates[id(p)][0] for p in model.parameters()] == [0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
@@ -124,7 +132,9 @@ def test_layer_decay_scales_each_block_below_the_head_and_keeps_the_weight_decay
 def test_layer_decay_on_a_timm_model_follows_timms_own_grouping():
     timm = pytest.importorskip("timm")
     from timm.models import group_parameters
+
     from trainer.optim import param_groups
+
     model = timm.create_model("resnet18", num_classes=3)
     groups = param_groups(model, 0.0, False, lr=1.0, layer_decay=0.8)
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
@@ -132,4 +142,9 @@ def test_layer_decay_on_a_timm_model_follows_timms_own_grouping():
     deepest = max(layers.values())
     for name, p in model.named_parameters():
         assert rate[id(p)] == pytest.approx(0.8 ** (deepest - layers[name]))
-    assert rate[id(model.conv1.weight)] < rate[id(model.layer4[1].conv2.weight)] < rate[id(model.fc.weight)] == 1.0
+    assert (
+        rate[id(model.conv1.weight)]
+        < rate[id(model.layer4[1].conv2.weight)]
+        < rate[id(model.fc.weight)]
+        == 1.0
+    )

@@ -29,7 +29,9 @@ def test_duplicate_name_is_an_error():
 def test_unknown_name_lists_the_choices_and_the_group():
     with pytest.raises(UserError) as e:
         MODELS.build("resnte", num_classes=10)
-    assert "cnn, fastnet, gpt, mlp, resnet, text_encoder, timm, torchvision, tvseg, unet" in str(e.value) and "model=" in str(e.value)
+    assert "cnn, fastnet, gpt, mlp, resnet, text_encoder, timm, torchvision, tvseg, unet" in str(
+        e.value
+    ) and "model=" in str(e.value)
 
 
 def test_check_names_unknown_missing_and_mistyped_parameters():

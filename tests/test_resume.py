@@ -1,4 +1,5 @@
 """Kill a run at any instant, resume it, and get the weights of a run that was never interrupted."""
+
 import json
 import logging
 import os
@@ -40,8 +41,9 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def _start(run_dir: Path, *extra: str, env: dict | None = None):
     """The run in a process group of its own, as under a shell, Slurm or systemd."""
-    return start_trainer(*RESUMABLE, "trainer.max_epochs=4", *extra, f"hydra.run.dir={run_dir}", env=env,
-                         new_session=True)
+    return start_trainer(
+        *RESUMABLE, "trainer.max_epochs=4", *extra, f"hydra.run.dir={run_dir}", env=env, new_session=True
+    )
 
 
 def _send(proc, signum: int, group: bool) -> None:
@@ -71,13 +73,17 @@ def test_extending_a_finished_run_equals_training_longer(tmp_path, uninterrupted
     resumed = run_trainer(f"resume={run_dir / 'checkpoints' / 'last.pt'}", "trainer.max_epochs=4")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_state(run_dir, uninterrupted)
-    assert "trainer.max_epochs=4" in (run_dir / ".hydra" / "overrides.yaml").read_text()  # same dir, config updated
+    assert (
+        "trainer.max_epochs=4" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    )  # same dir, config updated
     assert "resumed" in (run_dir / "train.log").read_text()
     steps = [e.step for e in EventAccumulator(str(run_dir / "tensorboard")).Reload().Scalars("val/acc")]
     assert steps == sorted(set(steps)) and len(steps) == 4  # continued, no duplicate points
 
 
-@pytest.mark.parametrize("signum,code,workers,group", [(signal.SIGTERM, 143, 2, True), (signal.SIGINT, 130, 0, False)])
+@pytest.mark.parametrize(
+    "signum,code,workers,group", [(signal.SIGTERM, 143, 2, True), (signal.SIGINT, 130, 0, False)]
+)
 def test_a_signal_saves_mid_epoch_and_resume_is_exact(tmp_path, uninterrupted, signum, code, workers, group):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, f"loader.num_workers={workers}")
@@ -163,13 +169,22 @@ def test_resume_auto_starts_fresh_continues_and_survives_no_valid_checkpoint(tmp
 def test_changed_hyperparameters_are_applied_and_said(uninterrupted, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     assert run_trainer(*RESUMABLE, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}").returncode == 0
-    resumed = run_trainer(f"resume={run_dir}", "trainer.max_epochs=2", "optimizer.lr=0.05",
-                          "optimizer.weight_decay=0.001", "scheduler.gamma=0.5", "checkpoint.reset_scheduler=true")
+    resumed = run_trainer(
+        f"resume={run_dir}",
+        "trainer.max_epochs=2",
+        "optimizer.lr=0.05",
+        "optimizer.weight_decay=0.001",
+        "scheduler.gamma=0.5",
+        "checkpoint.reset_scheduler=true",
+    )
     assert resumed.returncode == 0, resumed.stderr
     log = (run_dir / "train.log").read_text()
-    for line in ["optimizer.lr changed on resume: 0.1 -> 0.05 (applied)",
-                 "optimizer.weight_decay changed on resume: 0.0005 -> 0.001 (applied)",
-                 "scheduler.gamma changed on resume: 0.1 -> 0.5 (applied)", "schedule restarts at step 29"]:
+    for line in [
+        "optimizer.lr changed on resume: 0.1 -> 0.05 (applied)",
+        "optimizer.weight_decay changed on resume: 0.0005 -> 0.001 (applied)",
+        "scheduler.gamma changed on resume: 0.1 -> 0.5 (applied)",
+        "schedule restarts at step 29",
+    ]:
         assert line in log, line
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["progress"]["schedule_start"] == 29
@@ -178,8 +193,9 @@ def test_changed_hyperparameters_are_applied_and_said(uninterrupted, tmp_path, m
     # another optimizer: refused, unless its state is to start fresh
     code, err = refused_in_process(monkeypatch, capsys, f"resume={run_dir}", "optimizer=adam")
     assert code == 2 and "checkpoint.reset_optimizer=true" in err
-    fresh = run_trainer(f"resume={run_dir}", "optimizer=adam", "checkpoint.reset_optimizer=true",
-                        "trainer.max_epochs=3")
+    fresh = run_trainer(
+        f"resume={run_dir}", "optimizer=adam", "checkpoint.reset_optimizer=true", "trainer.max_epochs=3"
+    )
     assert fresh.returncode == 0, fresh.stderr
     assert "optimizer state (momentum, moments) starts fresh" in (run_dir / "train.log").read_text()
     adam_state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["optimizer"]["state"]
@@ -192,7 +208,9 @@ def test_resume_refuses_another_model_and_a_damaged_file(uninterrupted, tmp_path
     copy = tmp_path / "copy.pt"
     data = (uninterrupted / "checkpoints" / "last.pt").read_bytes()
     copy.write_bytes(data[: len(data) - 100])
-    code, err = refused_in_process(monkeypatch, capsys, *TINY, f"resume={copy}", f"hydra.run.dir={tmp_path / 'run'}")
+    code, err = refused_in_process(
+        monkeypatch, capsys, *TINY, f"resume={copy}", f"hydra.run.dir={tmp_path / 'run'}"
+    )
     assert code == 2 and err.count("\n") == 1 and "copy.pt: truncated" in err
 
 

@@ -1,5 +1,6 @@
 """The speed features: mixed precision, channels_last, torch.compile (warmed up outside the timing),
 EMA, flip TTA, the fast recipe, profiling and the per-phase timing table."""
+
 import json
 import math
 import resource
@@ -23,8 +24,14 @@ def _metrics(run_dir: Path) -> dict:
 
 
 def test_bf16_channels_last_ema_and_tta_train_and_export(tmp_path):
-    result = run_trainer(*SMALL, "trainer.precision=bf16", "trainer.channels_last=true", "trainer.ema_decay=0.5",
-                         "task.tta=flip", f"hydra.run.dir={tmp_path}")
+    result = run_trainer(
+        *SMALL,
+        "trainer.precision=bf16",
+        "trainer.channels_last=true",
+        "trainer.ema_decay=0.5",
+        "task.tta=flip",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr
     metrics = _metrics(tmp_path)
     assert all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "test/loss"))
@@ -33,7 +40,11 @@ def test_bf16_channels_last_ema_and_tta_train_and_export(tmp_path):
     assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
-    assert manifest["ema"] is True and manifest["tta"] == "flip" and manifest["formats"]["torch_export"]["parity"]
+    assert (
+        manifest["ema"] is True
+        and manifest["tta"] == "flip"
+        and manifest["formats"]["torch_export"]["parity"]
+    )
     # evaluate reproduces the run's test metrics: the EMA weights, under flip TTA
     evaluated = run_trainer(f"run={tmp_path}", module="trainer.evaluate")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -56,15 +67,23 @@ def test_compile_warms_up_outside_the_timing_and_saves_plain_weights(tmp_path):
     reason = _cannot_compile()  # checked here, not at collection: it compiles
     if reason:
         pytest.skip(reason)
-    result = run_trainer(*TINY_DATA, *TINY_RUN, "model=mlp", "model.hidden=[64]", "dataset.train_size=256",
-                         "trainer.compile=true",
-                         "export.formats=[torch_export]", f"hydra.run.dir={tmp_path}", timeout=600)
+    result = run_trainer(
+        *TINY_DATA,
+        *TINY_RUN,
+        "model=mlp",
+        "model.hidden=[64]",
+        "dataset.train_size=256",
+        "trainer.compile=true",
+        "export.formats=[torch_export]",
+        f"hydra.run.dir={tmp_path}",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert not any(k.startswith("_orig_mod.") for k in state["model"])
     assert _metrics(tmp_path)["val/acc"] > 0.3
     log = (tmp_path / "train.log").read_text()
-    table = log[log.index("time per phase"):]
+    table = log[log.index("time per phase") :]
     warm_up = float(table.split("compile warm-up")[1].split()[0])
     train = float(table.split("\ntrain ")[1].split()[0])
     assert warm_up > train  # compiling is slow; had it landed inside the first epoch, images/s would show it
@@ -81,21 +100,36 @@ def test_compile_warm_up_covers_the_parameters_that_train_later(tmp_path):
     from torch._dynamo.utils import counters
 
     from trainer.setup import build_data, build_task, build_trainer
-    cfg = compose(*TINY_DATA, *TINY_RUN, "model=mlp", "model.hidden=[32]", "dataset.train_size=96",
-                  "loader.batch_size=32", "model.freeze=[1.*]", "trainer.unfreeze_at_epoch=2",
-                  "trainer.compile=true", "logger=csv")
+
+    cfg = compose(
+        *TINY_DATA,
+        *TINY_RUN,
+        "model=mlp",
+        "model.hidden=[32]",
+        "dataset.train_size=96",
+        "loader.batch_size=32",
+        "model.freeze=[1.*]",
+        "trainer.unfreeze_at_epoch=2",
+        "trainer.compile=true",
+        "logger=csv",
+    )
     device = torch.device("cpu")
     bundle, loaders = build_data(cfg, device)
     trainer = build_trainer(cfg, tmp_path, device, loaders, None, build_task(cfg, bundle))
     trainer.warm_up()
     compiled = sum(counters["stats"].values()), dict(counters["frames"])
     trainer.fit()
-    assert (sum(counters["stats"].values()), dict(counters["frames"])) == compiled  # nothing compiled while training
+    assert (
+        sum(counters["stats"].values()),
+        dict(counters["frames"]),
+    ) == compiled  # nothing compiled while training
     assert trainer.progress.epoch == 2
 
 
 @pytest.mark.parametrize("case", ["whiten_bias_epochs", "unfreeze_at_epoch"])
-def test_several_processes_refuse_what_would_change_the_trained_parameters_mid_run(tmp_path, monkeypatch, case):
+def test_several_processes_refuse_what_would_change_the_trained_parameters_mid_run(
+    tmp_path, monkeypatch, case
+):
     """DDP registers the parameters that need gradients when it wraps the model; one that stops (or
     starts) needing them later is silently left out of the all-reduce (measured with torchrun), so a
     run with several processes is refused before it starts."""
@@ -104,9 +138,16 @@ def test_several_processes_refuse_what_would_change_the_trained_parameters_mid_r
     from trainer import distributed
     from trainer.errors import UserError
     from trainer.setup import build_data, build_task, build_trainer
-    overrides = {"whiten_bias_epochs": ["model=fastnet", "model.widths=[8,8,8]", "model.whiten_bias_epochs=1"],
-                 "unfreeze_at_epoch": ["model=mlp", "model.hidden=[16]", "model.freeze=[1.*]",
-                                       "trainer.unfreeze_at_epoch=2"]}[case]
+
+    overrides = {
+        "whiten_bias_epochs": ["model=fastnet", "model.widths=[8,8,8]", "model.whiten_bias_epochs=1"],
+        "unfreeze_at_epoch": [
+            "model=mlp",
+            "model.hidden=[16]",
+            "model.freeze=[1.*]",
+            "trainer.unfreeze_at_epoch=2",
+        ],
+    }[case]
     cfg = compose(*TINY_DATA, *TINY_RUN, "dataset.train_size=64", *overrides)
     device = torch.device("cpu")
     bundle, loaders = build_data(cfg, device)
@@ -119,21 +160,31 @@ def test_warm_up_restores_weights_statistics_and_random_state(tmp_path):
     from conftest import compose_config as compose
 
     from trainer.setup import build_data, build_task, build_trainer
+
     cfg = compose(*TINY, "model.dropout=0.5")
     device = torch.device("cpu")
     bundle, loaders = build_data(cfg, device)
     trainer = build_trainer(cfg, tmp_path, device, loaders, None, build_task(cfg, bundle))
     before, rng = {k: v.clone() for k, v in trainer.model.state_dict().items()}, torch.get_rng_state()
     trainer.warm_up()  # eager here: the same steps compiling would run
-    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # incl. BN statistics
+    assert all(
+        torch.equal(before[k], v) for k, v in trainer.model.state_dict().items()
+    )  # incl. BN statistics
     assert torch.equal(rng, torch.get_rng_state())
     assert all(p.grad is None for p in trainer.model.parameters())
     assert "forward+backward" not in trainer.timer.seconds  # the warm-up is not training time
 
 
 def test_stop_at_ends_training_and_profile_writes_a_trace_beside_the_tensorboard_events(tmp_path):
-    result = run_trainer(*TINY, "trainer.max_epochs=10", "trainer.stop_at=0.5", "trainer.profile=true",
-                         "trainer.profile_steps=2", "export.formats=[]", f"hydra.run.dir={tmp_path}")
+    result = run_trainer(
+        *TINY,
+        "trainer.max_epochs=10",
+        "trainer.stop_at=0.5",
+        "trainer.profile=true",
+        "trainer.profile_steps=2",
+        "export.formats=[]",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr
     metrics = _metrics(tmp_path)
     assert metrics["epochs"] < 10 and metrics["val/acc"] >= 0.5
@@ -150,14 +201,26 @@ def test_fast_recipe_composes_and_trains_shrunk(tmp_path):
     assert not cfg.trainer.val_tta  # validation in one pass; the test (and the export) under the TTA
     assert cfg.loader.batch_size == 1024 and cfg.trainer.ema_decay > 0 and cfg.trainer.ema_lookahead
     assert cfg.trainer.keep_cpu_memory and cfg.model.whiten_bias_epochs == 3
-    assert cfg.trainer.compile == torch.cuda.is_available()  # compiled on a GPU, eager on a CPU (faster there)
+    assert (
+        cfg.trainer.compile == torch.cuda.is_available()
+    )  # compiled on a GPU, eager on a CPU (faster there)
     assert compose_config("experiment=cifar10_fast", "trainer.device=cpu").trainer.compile is False
     assert compose_config("experiment=cifar10_fast", "trainer.device=cuda:1").trainer.compile is True
-    result = run_trainer("experiment=cifar10_fast", "dataset=synthetic", "dataset.train_size=768",
-                         "dataset.test_size=128", "model.widths=[16,32,32]", "loader.batch_size=64",
-                         "optimizer.lr=0.4",  # shrunk with the batch: at 1.5 a batch of 64 goes astray
-                         "trainer.precision=32", "trainer.compile=false", "trainer.max_epochs=3",
-                         "trainer.progress_bar=false", "export.formats=[torch_export]", f"hydra.run.dir={tmp_path}")
+    result = run_trainer(
+        "experiment=cifar10_fast",
+        "dataset=synthetic",
+        "dataset.train_size=768",
+        "dataset.test_size=128",
+        "model.widths=[16,32,32]",
+        "loader.batch_size=64",
+        "optimizer.lr=0.4",  # shrunk with the batch: at 1.5 a batch of 64 goes astray
+        "trainer.precision=32",
+        "trainer.compile=false",
+        "trainer.max_epochs=3",
+        "trainer.progress_bar=false",
+        "export.formats=[torch_export]",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr
     assert _metrics(tmp_path)["val/acc"] > 0.5
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
@@ -189,7 +252,7 @@ def test_weight_average_is_an_exponential_moving_average():
 def test_weight_average_decay_grows_with_its_power_and_lookahead_moves_the_model():
     model = torch.nn.Linear(3, 2)
     average = WeightAverage(model, decay=0.8, every=1, power=3, total_steps=10, lookahead=True)
-    assert [average.decay_at(s) for s in (0, 5, 10)] == [0.0, 0.8 * 0.5 ** 3, 0.8]
+    assert [average.decay_at(s) for s in (0, 5, 10)] == [0.0, 0.8 * 0.5**3, 0.8]
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(4.0)
@@ -224,10 +287,23 @@ def test_the_records_recipe_keys_resume_exactly_and_freeze_the_whitening_bias(tm
     killed in the third epoch and resumed, the run ends as the one never interrupted; the bias stays
     as it was after epoch 1, and after the last update the model is the average."""
     from conftest import assert_same_training_state, kill_while_saving
-    args = ["experiment=cifar10_fast", "dataset=synthetic", "dataset.train_size=256", "dataset.test_size=64",
-            "model.widths=[8,16,16]", "model.whiten_bias_epochs=1", "loader.batch_size=64", "trainer.precision=32",
-            "trainer.device=cpu", "trainer.max_epochs=3", "trainer.ema_every=2", "checkpoint.every_n_steps=4",
-            "trainer.progress_bar=false", "export.formats=[]"]
+
+    args = [
+        "experiment=cifar10_fast",
+        "dataset=synthetic",
+        "dataset.train_size=256",
+        "dataset.test_size=64",
+        "model.widths=[8,16,16]",
+        "model.whiten_bias_epochs=1",
+        "loader.batch_size=64",
+        "trainer.precision=32",
+        "trainer.device=cpu",
+        "trainer.max_epochs=3",
+        "trainer.ema_every=2",
+        "checkpoint.every_n_steps=4",
+        "trainer.progress_bar=false",
+        "export.formats=[]",
+    ]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_trainer(*args, f"hydra.run.dir={straight}").returncode == 0
     kill_while_saving(killed, args, 8)
@@ -238,18 +314,21 @@ def test_the_records_recipe_keys_resume_exactly_and_freeze_the_whitening_bias(tm
     assert_same_training_state(straight, killed)
     final = load_checkpoint(straight / "checkpoints" / "last.pt")
     assert torch.equal(final["model"]["0.conv.bias"], after_epoch_1["model"]["0.conv.bias"])
-    assert not torch.equal(final["model"]["2.4.weight"], after_epoch_1["model"]["2.4.weight"])  # the rest trained
+    assert not torch.equal(
+        final["model"]["2.4.weight"], after_epoch_1["model"]["2.4.weight"]
+    )  # the rest trained
     assert all(torch.equal(t, final["ema"][k]) for k, t in final["model"].items() if t.is_floating_point())
 
 
 def _page_faults_of_a_settled_heap() -> int:
-    source = torch.empty(16 * 2 ** 20).fill_(1)
+    source = torch.empty(16 * 2**20).fill_(1)
 
     def step():  # as a training step makes and drops its activations: blocks of 64 and 32 MiB
         a = source * 2
         b = a + 1
-        c = b[: 8 * 2 ** 20] * 3
+        c = b[: 8 * 2**20] * 3
         del a, b, c
+
     for _ in range(3):  # the heap settles
         step()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -262,6 +341,7 @@ def test_keep_cpu_memory_stops_freed_tensors_faulting_in_again():
     import os
 
     from trainer.speed import keep_freed_memory
+
     read, write = os.pipe()
     child = os.fork()  # the allocator setting is the whole process's: a child of this worker takes it
     if child == 0:
@@ -296,6 +376,7 @@ def test_flip_translate_averages_flips_and_one_pixel_shifts_and_exports(tmp_path
 
     from trainer.export import export_model
     from trainer.tasks.base import FlipTranslateAverage
+
     torch.manual_seed(0)
     model = MODELS.build("cnn", num_classes=10, width=8).eval()
     x = torch.randn(4, 3, 32, 32)
@@ -305,8 +386,9 @@ def test_flip_translate_averages_flips_and_one_pixel_shifts_and_exports(tmp_path
     with torch.no_grad():
         expected = flips(x) / 2 + flips(padded[..., :32, :32]) / 4 + flips(padded[..., 2:, 2:]) / 4
         assert torch.allclose(tta(x), expected, atol=1e-6) and not torch.allclose(tta(x), flips(x), atol=1e-4)
-    manifest = export_model(tta, x, tmp_path, ["torchscript", "torch_export"], tolerance=1e-4, max_batch=64,
-                            metadata={})
+    manifest = export_model(
+        tta, x, tmp_path, ["torchscript", "torch_export"], tolerance=1e-4, max_batch=64, metadata={}
+    )
     assert all(manifest["formats"][f]["parity"] for f in ("torchscript", "torch_export")), manifest
 
 
@@ -325,8 +407,14 @@ def test_linear_schedule_and_the_norm_and_bias_learning_rate():
     model = MODELS.build("cnn", num_classes=10, width=8)
     optimizer = OPTIMIZERS.build("sgd", model=model, lr=0.5, norm_and_bias_lr_scale=4.0)
     assert [g["lr"] for g in optimizer.param_groups] == [0.5, 2.0]
-    schedule = SCHEDULERS.build("linear", optimizer=optimizer, total_steps=10, steps_per_epoch=5, warmup_epochs=0.4,
-                                final_lr_ratio=0.1)
+    schedule = SCHEDULERS.build(
+        "linear",
+        optimizer=optimizer,
+        total_steps=10,
+        steps_per_epoch=5,
+        warmup_epochs=0.4,
+        final_lr_ratio=0.1,
+    )
     factors = []
     for _ in range(10):
         factors.append(optimizer.param_groups[0]["lr"] / 0.5)
@@ -338,14 +426,17 @@ def test_linear_schedule_and_the_norm_and_bias_learning_rate():
 
 
 def test_biases_as_weights_leaves_the_faster_rate_to_the_norm_layers():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                                torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
     conv, norm, head = model[0], model[1], model[3]
 
     def groups(**options):
-        optimizer = OPTIMIZERS.build("sgd", model=model, lr=0.5, weight_decay=0.01, norm_and_bias_lr_scale=64.0,
-                                     **options)
+        optimizer = OPTIMIZERS.build(
+            "sgd", model=model, lr=0.5, weight_decay=0.01, norm_and_bias_lr_scale=64.0, **options
+        )
         return {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+
     plain = groups()
     assert plain[id(conv.bias)] == plain[id(head.bias)] == plain[id(norm.bias)] == (32.0, 0.0)
     record = groups(biases_as_weights=True)
@@ -362,12 +453,22 @@ def test_validation_every_n_epochs_and_without_tta_while_the_test_keeps_it(tmp_p
 
     import trainer.loop
     from trainer.setup import build_data, build_task, build_trainer
-    cfg = compose(*TINY, "trainer.max_epochs=3", "trainer.val_every_n_epochs=2", "trainer.val_tta=false",
-                  "task.tta=flip", "logger=[csv]")
+
+    cfg = compose(
+        *TINY,
+        "trainer.max_epochs=3",
+        "trainer.val_every_n_epochs=2",
+        "trainer.val_tta=false",
+        "task.tta=flip",
+        "logger=[csv]",
+    )
     evaluated = []
     original = trainer.loop.evaluate_model
-    monkeypatch.setattr(trainer.loop, "evaluate_model", lambda model, *a, **k: evaluated.append(type(model).__name__)
-                        or original(model, *a, **k))
+    monkeypatch.setattr(
+        trainer.loop,
+        "evaluate_model",
+        lambda model, *a, **k: evaluated.append(type(model).__name__) or original(model, *a, **k),
+    )
     device = torch.device("cpu")
     bundle, loaders = build_data(cfg, device)
     fitted = build_trainer(cfg, tmp_path, device, loaders, None, build_task(cfg, bundle))

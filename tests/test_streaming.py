@@ -1,5 +1,6 @@
 """The streaming dataset: shards written by the shard tool, read lazily, split over workers and ranks
 with every sample exactly once per epoch, resumable at any batch."""
+
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ N_TRAIN = 45  # not a multiple of anything used below: partial batches, uneven s
 def write_numbered_images(root: Path, n: int, split: str = "train") -> None:
     """PNG images (lossless) whose first two pixels spell the image's number: identity survives decoding."""
     from PIL import Image
+
     for i in range(n):
         folder = root / split / f"c{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -63,10 +65,22 @@ def _bundle(root: Path, **kw):
     return DATASETS.build("streaming", root=str(root), **common)
 
 
-def _epoch(bundle, *, workers=0, rank=0, world=1, epoch=0, start=0, batch=4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    loaders = build_loaders(bundle, batch_size=batch, num_workers=workers, pin_memory=False, prefetch_factor=2,
-                            persistent_workers=False, shuffle=True, drop_last=False, seed=5, rank=rank,
-                            world_size=world)
+def _epoch(
+    bundle, *, workers=0, rank=0, world=1, epoch=0, start=0, batch=4
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loaders = build_loaders(
+        bundle,
+        batch_size=batch,
+        num_workers=workers,
+        pin_memory=False,
+        prefetch_factor=2,
+        persistent_workers=False,
+        shuffle=True,
+        drop_last=False,
+        seed=5,
+        rank=rank,
+        world_size=world,
+    )
     loaders.sampler.set_epoch(epoch, start)
     batches = list(loaders.train)
     assert len(batches) == len(loaders.train)
@@ -134,9 +148,12 @@ def test_a_configured_epoch_length_walks_on_through_the_stream(shards):
 def test_only_a_workers_own_samples_are_read(shards, monkeypatch):
     """Skipped samples cost a tar header or a line, never their bytes."""
     import trainer.data.streaming as streaming
+
     reads = []
     original = streaming.StreamBatches._read
-    monkeypatch.setattr(streaming.StreamBatches, "_read", lambda self, read: reads.append(1) or original(self, read))
+    monkeypatch.setattr(
+        streaming.StreamBatches, "_read", lambda self, read: reads.append(1) or original(self, read)
+    )
     batches = _epoch(_bundle(shards), rank=1, world=2, batch=2)
     assert len(reads) == sum(len(y) for _, y in batches) == N_TRAIN // 2
 
@@ -154,11 +171,21 @@ def test_corrupt_samples_are_skipped_or_refused(tmp_path):
         _epoch(strict, workers=1)
     assert _unwrap_worker_error(str(in_worker.value)).startswith("dataset.on_error=error: unreadable sample")
     assert "Traceback" in str(in_worker.value)
-    result = run_trainer("dataset=streaming", f"dataset.root={tmp_path / 'out'}", "dataset.on_error=error",
-                         *TINY_MODEL, "trainer.max_epochs=1", "loader.num_workers=1", "loader.batch_size=4",
-                         f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        result.stderr.strip().splitlines()[-1]] and "dataset.on_error=error" in result.stderr
+    result = run_trainer(
+        "dataset=streaming",
+        f"dataset.root={tmp_path / 'out'}",
+        "dataset.on_error=error",
+        *TINY_MODEL,
+        "trainer.max_epochs=1",
+        "loader.num_workers=1",
+        "loader.batch_size=4",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert (
+        result.returncode == 2
+        and result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+        and "dataset.on_error=error" in result.stderr
+    )
 
 
 def test_missing_or_wrong_shards_are_user_errors(tmp_path):
@@ -189,9 +216,20 @@ def test_train_on_shards_and_resume_mid_epoch_exactly(tmp_path):
     its two shard-reading workers run (the workers ignore it; the main process saves, exits 143)."""
     write_imagefolder(tmp_path / "images", per_class=30, size=(36, 36))
     write_shards(tmp_path / "images", tmp_path / "shards", shard_size=16)
-    args = ["dataset=streaming", f"dataset.root={tmp_path / 'shards'}", "dataset.shuffle_buffer=20", *TINY_MODEL,
-            "loader.batch_size=8", "loader.num_workers=2", "trainer.max_epochs=2", "trainer.progress_bar=false",
-            "checkpoint.every_n_steps=4", "checkpoint.keep_last=10", "export.formats=[]", "scheduler=step"]
+    args = [
+        "dataset=streaming",
+        f"dataset.root={tmp_path / 'shards'}",
+        "dataset.shuffle_buffer=20",
+        *TINY_MODEL,
+        "loader.batch_size=8",
+        "loader.num_workers=2",
+        "trainer.max_epochs=2",
+        "trainer.progress_bar=false",
+        "checkpoint.every_n_steps=4",
+        "checkpoint.keep_last=10",
+        "export.formats=[]",
+        "scheduler=step",
+    ]
     straight = tmp_path / "straight"
     result = run_trainer(*args, f"hydra.run.dir={straight}")
     assert result.returncode == 0, result.stderr

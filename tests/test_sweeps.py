@@ -1,5 +1,6 @@
 """Sweeps: a summary of every job (table and chart), failures recorded without stopping the sweep,
 the same command resuming an interrupted sweep, Optuna, parallel local jobs, and submitit's requeue."""
+
 import csv
 import json
 import os
@@ -12,8 +13,16 @@ from conftest import TINY_DATA, TINY_MODEL, run_trainer, start_trainer
 
 from trainer.sweep import collect, swept_parameter, varying_keys
 
-QUICK = [*TINY_DATA, *TINY_MODEL, "dataset.train_size=256", "loader.batch_size=32", "loader.num_workers=0",
-         "trainer.max_epochs=1", "trainer.progress_bar=false", "export.formats=[]"]
+QUICK = [
+    *TINY_DATA,
+    *TINY_MODEL,
+    "dataset.train_size=256",
+    "loader.batch_size=32",
+    "loader.num_workers=0",
+    "trainer.max_epochs=1",
+    "trainer.progress_bar=false",
+    "export.formats=[]",
+]
 
 
 def _rows(sweep_dir: Path) -> list[dict]:
@@ -22,8 +31,9 @@ def _rows(sweep_dir: Path) -> list[dict]:
 
 
 def test_a_failing_job_is_recorded_and_the_others_run(tmp_path):
-    result = run_trainer("-m", *QUICK, "optimizer.lr=0.05,0.1", "trainer.precision=32,16",
-                         f"hydra.sweep.dir={tmp_path}")
+    result = run_trainer(
+        "-m", *QUICK, "optimizer.lr=0.05,0.1", "trainer.precision=32,16", f"hydra.sweep.dir={tmp_path}"
+    )
     assert result.returncode == 1, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "2 of 4 jobs did not finish" in error_lines[0]
@@ -38,21 +48,34 @@ def test_a_failing_job_is_recorded_and_the_others_run(tmp_path):
 
 
 def _sweep(sweep_dir: Path, *extra: str):
-    return start_trainer("-m", *QUICK, "dataset.train_size=1024", "model.width=8", "trainer.max_epochs=2",
-                         "checkpoint.every_n_steps=5", "optimizer.lr=0.05,0.1,0.2", *extra,
-                         f"hydra.sweep.dir={sweep_dir}")
+    return start_trainer(
+        "-m",
+        *QUICK,
+        "dataset.train_size=1024",
+        "model.width=8",
+        "trainer.max_epochs=2",
+        "checkpoint.every_n_steps=5",
+        "optimizer.lr=0.05,0.1,0.2",
+        *extra,
+        f"hydra.sweep.dir={sweep_dir}",
+    )
 
 
 def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     first = _sweep(tmp_path)
     deadline = time.time() + 120
-    while not ((tmp_path / "1" / "train.log").is_file() and "epoch 1 |" in (tmp_path / "1" / "train.log").read_text()):
+    while not (
+        (tmp_path / "1" / "train.log").is_file() and "epoch 1 |" in (tmp_path / "1" / "train.log").read_text()
+    ):
         assert time.time() < deadline and first.poll() is None, "the second job never trained an epoch"
         time.sleep(0.05)
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 143, stderr
-    assert [r["status"] for r in _rows(tmp_path)] == ["done", "interrupted"]  # a partial sweep has its summary
+    assert [r["status"] for r in _rows(tmp_path)] == [
+        "done",
+        "interrupted",
+    ]  # a partial sweep has its summary
     second = _sweep(tmp_path)
     _, stderr = second.communicate(timeout=300)
     assert second.returncode == 0, stderr
@@ -87,8 +110,15 @@ def test_optuna_search_continues_where_it_stopped(tmp_path):
 
 def test_joblib_runs_jobs_in_parallel_with_capped_threads(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the sweep extra is not installed")
-    result = run_trainer("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.threads=1", *QUICK,
-                         "optimizer.lr=0.05,0.1", f"hydra.sweep.dir={tmp_path}")
+    result = run_trainer(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "trainer.threads=1",
+        *QUICK,
+        "optimizer.lr=0.05,0.1",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert result.returncode == 0, result.stderr
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     assert [r["status"] for r in _rows(tmp_path)] == ["done", "done"]
@@ -98,9 +128,17 @@ def test_submitit_requeues_a_signalled_job_which_resumes(tmp_path):
     """What Slurm does before a time limit: submitit sends SIGUSR2 (submitit_local does too, 30 s before
     its timeout; here it is sent at once). The job saves, submitit requeues it, the new run resumes."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the sweep extra is not installed")
-    sweep = start_trainer("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", *QUICK,
-                          "dataset.train_size=2048", "model.width=8", "trainer.max_epochs=3",
-                          "checkpoint.every_n_steps=10", f"hydra.sweep.dir={tmp_path}")
+    sweep = start_trainer(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        *QUICK,
+        "dataset.train_size=2048",
+        "model.width=8",
+        "trainer.max_epochs=3",
+        "checkpoint.every_n_steps=10",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     log = tmp_path / "0" / "train.log"
     deadline = time.time() + 120
     while not (log.is_file() and "epoch 1 |" in log.read_text()):
@@ -126,8 +164,10 @@ def _is_job(proc: Path, sweep_dir: Path) -> bool:
 
 
 def test_the_chart_follows_the_one_swept_parameter():
-    rows = [{"overrides": f"model=cnn optimizer.lr={lr}", "status": "done", "best": 0.5, "job": str(i)}
-            for i, lr in enumerate((0.1, 0.01))]
+    rows = [
+        {"overrides": f"model=cnn optimizer.lr={lr}", "status": "done", "best": 0.5, "job": str(i)}
+        for i, lr in enumerate((0.1, 0.01))
+    ]
     assert varying_keys(rows) == ["optimizer.lr"] and swept_parameter(rows) == "optimizer.lr"
     rows.append({"overrides": "model=mlp optimizer.lr=0.1", "status": "failed", "best": None, "job": "2"})
     assert varying_keys(rows) == ["model", "optimizer.lr"] and swept_parameter(rows) is None

@@ -1,6 +1,7 @@
 """Text: the tokenizers round-trip, a small GPT learns a generated corpus through `python -m trainer`,
 exports at any length, resumes bit for bit after a SIGKILL mid-epoch, and generates the same tokens with
 and without its key/value cache; bad text input is one line and exit 2."""
+
 import json
 import random
 import subprocess
@@ -25,16 +26,27 @@ SMALL_GPT = ["model=gpt", "model.n_layer=2", "model.n_head=2", "model.n_embd=32"
 def write_corpus(path: Path, lines: int = 1500, seed: int = 0) -> Path:
     """Sentences of a small vocabulary: easy to learn well below log(256) nats a byte."""
     rng = random.Random(seed)
-    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-                     for _ in range(lines))
+    text = "\n".join(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+        for _ in range(lines)
+    )
     path.write_text(text, encoding="utf-8")
     return path
 
 
 def lm_args(corpus: Path, cache: Path) -> list[str]:
-    return ["task=language_model", "dataset=text", f"dataset.root={corpus}", f"dataset.cache={cache}", *SMALL_GPT,
-            "optimizer=adamw", "optimizer.lr=3e-3", "loader.batch_size=16", "loader.num_workers=0",
-            "trainer.progress_bar=false"]
+    return [
+        "task=language_model",
+        "dataset=text",
+        f"dataset.root={corpus}",
+        f"dataset.cache={cache}",
+        *SMALL_GPT,
+        "optimizer=adamw",
+        "optimizer.lr=3e-3",
+        "loader.batch_size=16",
+        "loader.num_workers=0",
+        "trainer.progress_bar=false",
+    ]
 
 
 def test_the_byte_tokenizer_round_trips_any_text(tmp_path):
@@ -57,8 +69,8 @@ def test_a_bpe_tokenizer_trained_on_the_corpus_round_trips_and_travels(tmp_path)
     tokenizer = load_tokenizer(index["tokenizer"], tmp_path / "out")  # read back from its own file
     ids = np.fromfile(tmp_path / "out" / "tokens.bin", dtype=index["dtype"]).tolist()
     first, second = index["documents"]
-    assert tokenizer.decode(ids[first[1]:first[2]]) == corpus.read_text()
-    assert tokenizer.decode(ids[second[1]:second[2]]) == "The queen rode to the sea. Ünïcödé."
+    assert tokenizer.decode(ids[first[1] : first[2]]) == corpus.read_text()
+    assert tokenizer.decode(ids[second[1] : second[2]]) == "The queen rode to the sea. Ünïcödé."
     assert index["tokens"] < index["bytes"] / 2  # merges learnt: fewer tokens than bytes
 
 
@@ -68,9 +80,15 @@ def test_split_by_file_validates_on_other_files_with_the_training_tokenizer(tmp_
     pytest.importorskip("tokenizers", reason="the text extra is not installed")
     from trainer.data.text import text
     from trainer.errors import UserError
-    train_file, val_file = write_corpus(tmp_path / "train.txt", lines=300), write_corpus(tmp_path / "val.txt", 60, 1)
+
+    train_file, val_file = (
+        write_corpus(tmp_path / "train.txt", lines=300),
+        write_corpus(tmp_path / "val.txt", 60, 1),
+    )
     cache = str(tmp_path / "cache")
-    bundle = text(str(train_file), block_size=16, vocab_size=400, tokenizer="bpe", cache=cache, val_root=str(val_file))
+    bundle = text(
+        str(train_file), block_size=16, vocab_size=400, tokenizer="bpe", cache=cache, val_root=str(val_file)
+    )
     folder = Path(bundle.extra["tokenizer_dir"])
     tokenizer = load_tokenizer(bundle.extra["tokenizer"], folder)
     train_ids = np.fromfile(folder / "tokens.bin", dtype=bundle.train.dtype)
@@ -79,11 +97,19 @@ def test_split_by_file_validates_on_other_files_with_the_training_tokenizer(tmp_
     val_ids = np.fromfile(bundle.val.path, dtype=bundle.val.dtype)
     assert bundle.val.path.parent != folder and tokenizer.decode(val_ids.tolist()) == val_file.read_text()
     inputs, targets = bundle.val[1]
-    assert torch.equal(inputs, torch.from_numpy(val_ids[16:32].astype(np.int64))) and torch.equal(targets[:-1], inputs[1:])
+    assert torch.equal(inputs, torch.from_numpy(val_ids[16:32].astype(np.int64))) and torch.equal(
+        targets[:-1], inputs[1:]
+    )
     tokenize([str(val_file)], tmp_path / "val_bytes")  # the byte tokenizer: ids that mean other text
     with pytest.raises(UserError, match="dataset.val_root: .* another tokenizer .* --tokenizer-file"):
-        text(str(train_file), block_size=16, vocab_size=400, tokenizer="bpe", cache=cache,
-             val_root=str(tmp_path / "val_bytes"))
+        text(
+            str(train_file),
+            block_size=16,
+            vocab_size=400,
+            tokenizer="bpe",
+            cache=cache,
+            val_root=str(tmp_path / "val_bytes"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -122,20 +148,29 @@ def test_the_export_takes_any_length_and_names_its_tokenizer(lm_run):
 
 def test_generation_is_the_same_with_and_without_the_cache_and_for_a_seed(lm_run):
     from trainer.text.sampling import load_run
+
     model, tokenizer = load_run(lm_run, "best")
     prompt = torch.tensor(tokenizer.encode("The king"))
     for temperature, top_k in ((0.0, None), (0.8, 20), (1.0, None)):
-        cached = list(generate(model, prompt, 80, temperature=temperature, top_k=top_k, seed=3))  # past block 32
-        plain = list(generate(model, prompt, 80, temperature=temperature, top_k=top_k, seed=3, use_cache=False))
+        cached = list(
+            generate(model, prompt, 80, temperature=temperature, top_k=top_k, seed=3)
+        )  # past block 32
+        plain = list(
+            generate(model, prompt, 80, temperature=temperature, top_k=top_k, seed=3, use_cache=False)
+        )
         assert cached == plain and len(cached) == 80
     again = list(generate(model, prompt, 40, temperature=0.8, seed=3))
-    assert again == list(generate(model, prompt, 40, temperature=0.8, seed=3)) != \
-        list(generate(model, prompt, 40, temperature=0.8, seed=4))
+    assert (
+        again
+        == list(generate(model, prompt, 40, temperature=0.8, seed=3))
+        != list(generate(model, prompt, 40, temperature=0.8, seed=4))
+    )
 
 
 def test_generate_prints_the_prompt_and_its_continuation(lm_run):
-    result = run_trainer(f"run={lm_run}", "prompt=The queen", "max_new_tokens=60", "seed=1",
-                         module="trainer.generate")
+    result = run_trainer(
+        f"run={lm_run}", "prompt=The queen", "max_new_tokens=60", "seed=1", module="trainer.generate"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The queen") and len(result.stdout.encode()) >= len("The queen") + 55
 
@@ -144,31 +179,51 @@ def test_a_prompt_keeps_its_spaces_quoted_or_from_a_file(lm_run, tmp_path):
     quoted = run_trainer(f"run={lm_run}", 'prompt="    The "', "max_new_tokens=5", module="trainer.generate")
     assert quoted.returncode == 0 and quoted.stdout.startswith("    The "), quoted.stderr
     (tmp_path / "prompt.txt").write_text("  The king\n  ")
-    from_file = run_trainer(f"run={lm_run}", f"prompt_file={tmp_path / 'prompt.txt'}", "max_new_tokens=5",
-                            module="trainer.generate")
+    from_file = run_trainer(
+        f"run={lm_run}",
+        f"prompt_file={tmp_path / 'prompt.txt'}",
+        "max_new_tokens=5",
+        module="trainer.generate",
+    )
     assert from_file.returncode == 0 and from_file.stdout.startswith("  The king\n  "), from_file.stderr
 
 
 def test_the_predict_table_has_a_column_per_rank_the_answers_hold():
     from trainer.predict import show_table
-    two_classes = [{"text": "good", "top_k": [{"class": "pos", "index": 0, "probability": 0.9},
-                                              {"class": "neg", "index": 1, "probability": 0.1}]}]
+
+    two_classes = [
+        {
+            "text": "good",
+            "top_k": [
+                {"class": "pos", "index": 0, "probability": 0.9},
+                {"class": "neg", "index": 1, "probability": 0.1},
+            ],
+        }
+    ]
     header = show_table(two_classes, 5).splitlines()[0]
     assert "top-2" in header and "top-3" not in header
 
 
 def test_the_tokenize_command_runs_without_a_runpy_warning(tmp_path):
     (tmp_path / "corpus.txt").write_text("Some text. " * 20)
-    result = run_trainer(str(tmp_path / "corpus.txt"), str(tmp_path / "tokens"), module="trainer.data.tokenize",
-                         fresh=True)  # a fresh interpreter: the fork server has imported the package already
+    result = run_trainer(
+        str(tmp_path / "corpus.txt"), str(tmp_path / "tokens"), module="trainer.data.tokenize", fresh=True
+    )  # a fresh interpreter: the fork server has imported the package already
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
     assert (tmp_path / "tokens" / "tokens.bin").is_file()
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.txt", lines=300)  # 10.5 KB: 295 windows, 19 batches of 16 an epoch
-    args = [*lm_args(corpus, tmp_path / "cache"), "model.dropout=0.1", "trainer.max_epochs=2", "export.formats=[]",
-            "checkpoint.every_n_steps=5"]
+    corpus = write_corpus(
+        tmp_path / "corpus.txt", lines=300
+    )  # 10.5 KB: 295 windows, 19 batches of 16 an epoch
+    args = [
+        *lm_args(corpus, tmp_path / "cache"),
+        "model.dropout=0.1",
+        "trainer.max_epochs=2",
+        "export.formats=[]",
+        "checkpoint.every_n_steps=5",
+    ]
     straight = run_trainer(*args, f"hydra.run.dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
     run_dir = tmp_path / "killed"
@@ -180,23 +235,32 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert_same_training_state(run_dir, tmp_path / "straight")
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("empty corpus", "holds no text"),
-    ("block size past the corpus", "dataset.block_size: the validation split has"),
-    ("a tokenizer bigger than the model", "dataset.vocab_size: the tokenizer of"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("empty corpus", "holds no text"),
+        ("block size past the corpus", "dataset.block_size: the validation split has"),
+        ("a tokenizer bigger than the model", "dataset.vocab_size: the tokenizer of"),
+    ],
+)
 def test_bad_text_input_is_one_line_and_exit_2(tmp_path, case, needle):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("" if case == "empty corpus" else "Some text. " * 40)
-    extra = {"block size past the corpus": ["dataset.block_size=200"],
-             "a tokenizer bigger than the model": ["dataset.vocab_size=100"]}.get(case, [])
+    extra = {
+        "block size past the corpus": ["dataset.block_size=200"],
+        "a tokenizer bigger than the model": ["dataset.vocab_size=100"],
+    }.get(case, [])
     result = run_trainer(*lm_args(corpus, tmp_path / "cache"), *extra, f"hydra.run.dir={tmp_path / 'run'}")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and needle in result.stderr, (
+        result.stderr
+    )
 
 
 def test_a_prompt_longer_than_the_block_size_is_refused(lm_run):
     result = run_trainer(f"run={lm_run}", "prompt=" + "x" * 40, module="trainer.generate")
-    assert result.returncode == 2 and "prompt: 40 tokens, longer than the model's block size 32" in result.stderr
+    assert (
+        result.returncode == 2 and "prompt: 40 tokens, longer than the model's block size 32" in result.stderr
+    )
 
 
 def test_serve_streams_generation_with_limits_and_stops_for_a_client_that_leaves(lm_run):
@@ -207,25 +271,38 @@ def test_serve_streams_generation_with_limits_and_stops_for_a_client_that_leaves
     from trainer.inference import Predictor
     from trainer.serve import ServeSettings, build_app
     from trainer.text.sampling import load_run
+
     model, tokenizer = load_run(lm_run, "best")
-    expected = tokenizer.decode(list(generate(model, torch.tensor(tokenizer.encode("The king")), 50,
-                                              temperature=0.8, top_k=None, seed=3)))
+    expected = tokenizer.decode(
+        list(
+            generate(
+                model, torch.tensor(tokenizer.encode("The king")), 50, temperature=0.8, top_k=None, seed=3
+            )
+        )
+    )
     app = build_app(Predictor(lm_run), ServeSettings(max_new_tokens=400, max_generations=1))
 
     async def events(response) -> list[dict]:
-        return [json.loads(line[len("data: "):]) for line in (await response.text()).splitlines() if line]
+        return [json.loads(line[len("data: ") :]) for line in (await response.text()).splitlines() if line]
 
     async def ask() -> None:
         async with TestClient(TestServer(app)) as client:
-            response = await client.post("/v1/generate", json={"prompt": "The king", "max_new_tokens": 50, "seed": 3,
-                                                               "temperature": 0.8})
+            response = await client.post(
+                "/v1/generate",
+                json={"prompt": "The king", "max_new_tokens": 50, "seed": 3, "temperature": 0.8},
+            )
             assert response.status == 200 and response.content_type == "text/event-stream"
             got = await events(response)
-            assert "".join(e.get("text", "") for e in got) == expected and got[-1] == {"done": True, "tokens": 50}
-            for body, status, phrase in (({"prompt": "x" * 33}, 422, "serve.max_prompt_tokens=32"),
-                                         ({"prompt": "a", "max_new_tokens": 401}, 422, "serve.max_new_tokens=400"),
-                                         ({"prompt": "a", "temperature": "hot"}, 400, "temperature must be a number"),
-                                         ({"text": "a"}, 400, '{"prompt": "...",')):
+            assert "".join(e.get("text", "") for e in got) == expected and got[-1] == {
+                "done": True,
+                "tokens": 50,
+            }
+            for body, status, phrase in (
+                ({"prompt": "x" * 33}, 422, "serve.max_prompt_tokens=32"),
+                ({"prompt": "a", "max_new_tokens": 401}, 422, "serve.max_new_tokens=400"),
+                ({"prompt": "a", "temperature": "hot"}, 400, "temperature must be a number"),
+                ({"text": "a"}, 400, '{"prompt": "...",'),
+            ):
                 refused = await client.post("/v1/generate", json=body)
                 assert refused.status == status and phrase in (await refused.json())["error"], body
             long = await client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 400})
@@ -239,6 +316,7 @@ def test_serve_streams_generation_with_limits_and_stops_for_a_client_that_leaves
                     break
                 await asyncio.sleep(0.05)
             assert again.status == 200 and (await events(again))[-1]["done"]
+
     asyncio.run(ask())
 
 
@@ -253,6 +331,7 @@ def test_predict_and_serve_answer_the_next_tokens_after_each_text(lm_run):
     from trainer.inference import Predictor
     from trainer.serve import ServeSettings, build_app
     from trainer.text.sampling import load_run
+
     model, tokenizer = load_run(lm_run, "best")
     texts = ["The king", "The queen would ride to the sea where old ships lay in the"]
 
@@ -261,16 +340,23 @@ def test_predict_and_serve_answer_the_next_tokens_after_each_text(lm_run):
         with torch.no_grad():
             probabilities = torch.softmax(model(ids)[0, -1].float(), dim=-1)
         values, top = probabilities.topk(3)
-        return [{"id": i, "token": tokenizer.decode([i]), "probability": p} for p, i in zip(values.tolist(), top.tolist())]
+        return [
+            {"id": i, "token": tokenizer.decode([i]), "probability": p}
+            for p, i in zip(values.tolist(), top.tolist())
+        ]
 
     def same(answers: list[dict], texts: list[str]) -> None:
         for answer, text in zip(answers, texts, strict=True):
             want = expected(text)
             assert [c["id"] for c in answer["next"]] == [c["id"] for c in want], text
             assert [c["token"] for c in answer["next"]] == [c["token"] for c in want]
-            assert [c["probability"] for c in answer["next"]] == pytest.approx([c["probability"] for c in want], abs=1e-5)
+            assert [c["probability"] for c in answer["next"]] == pytest.approx(
+                [c["probability"] for c in want], abs=1e-5
+            )
 
-    result = run_trainer(f"run={lm_run}", "topk=3", "output=jsonl", f"texts={json.dumps(texts)}", module="trainer.predict")
+    result = run_trainer(
+        f"run={lm_run}", "topk=3", "output=jsonl", f"texts={json.dumps(texts)}", module="trainer.predict"
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["text"] for r in rows] == texts
@@ -282,10 +368,13 @@ def test_predict_and_serve_answer_the_next_tokens_after_each_text(lm_run):
             response = await client.post("/v1/predict", json={"texts": texts})
             assert response.status == 200, await response.text()
             same((await response.json())["predictions"], texts)
-            response = await client.post("/v1/predict", data="The king".encode(), headers={"Content-Type": "text/plain"})
+            response = await client.post(
+                "/v1/predict", data=b"The king", headers={"Content-Type": "text/plain"}
+            )
             same((await response.json())["predictions"], ["The king"])
             empty = await client.post("/v1/predict", json={"texts": ["The king", ""]})
             assert empty.status == 422 and "text 2 is empty" in (await empty.json())["error"]
+
     asyncio.run(ask())
     refused = run_trainer(f"run={lm_run}", 'texts=[""]', module="trainer.predict")
     assert refused.returncode == 2 and "texts: text 1 is empty" in refused.stderr
@@ -302,7 +391,9 @@ def write_reviews(root: Path) -> Path:
         rows = []
         for _ in range(n):
             label = rng.choice(["pos", "neg"])
-            words = [rng.choice(filler) for _ in range(rng.randint(3, 8))] + [rng.choice(good if label == "pos" else bad)]
+            words = [rng.choice(filler) for _ in range(rng.randint(3, 8))] + [
+                rng.choice(good if label == "pos" else bad)
+            ]
             rng.shuffle(words)
             rows.append(json.dumps({"text": " ".join(words), "label": label}))
         (root / f"{split}.jsonl").write_text("\n".join(rows))
@@ -317,12 +408,24 @@ def test_text_classification_trains_predicts_and_serves_text(tmp_path):
     from trainer.inference import Predictor
     from trainer.predict import PredictConfig, predict
     from trainer.serve import ServeSettings, build_app
+
     root = write_reviews(tmp_path / "reviews")
     run_dir = tmp_path / "run"
-    result = run_trainer("dataset=text_classification", f"dataset.root={root}", "dataset.max_length=48",
-                         "model=text_encoder", "model.n_embd=64", "optimizer=adamw", "optimizer.lr=3e-3",
-                         "loader.batch_size=32", "loader.num_workers=0", "trainer.max_epochs=10",
-                         "trainer.progress_bar=false", "export.formats=[torch_export]", f"hydra.run.dir={run_dir}")
+    result = run_trainer(
+        "dataset=text_classification",
+        f"dataset.root={root}",
+        "dataset.max_length=48",
+        "model=text_encoder",
+        "model.n_embd=64",
+        "optimizer=adamw",
+        "optimizer.lr=3e-3",
+        "loader.batch_size=32",
+        "loader.num_workers=0",
+        "trainer.max_epochs=10",
+        "trainer.progress_bar=false",
+        "export.formats=[torch_export]",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["test/acc"] > 0.7  # chance: 0.5
     texts = ["a very good film", "the plot was awful", ""]
@@ -331,15 +434,19 @@ def test_text_classification_trains_predicts_and_serves_text(tmp_path):
     model.load_state_dict(state["model"])
     predictor = Predictor(run_dir)
     with torch.no_grad():  # compared to 1e-5: the export and the eager model differ in the last bits only
-        expected = json.loads(json.dumps(predictor.answer(model(predictor.encode_texts(texts)), {"topk": 2})),
-                              parse_float=lambda v: pytest.approx(float(v), abs=1e-5))
+        expected = json.loads(
+            json.dumps(predictor.answer(model(predictor.encode_texts(texts)), {"topk": 2})),
+            parse_float=lambda v: pytest.approx(float(v), abs=1e-5),
+        )
     rows = predict(PredictConfig(run=str(run_dir), texts=texts, topk=2))
     assert [r["text"] for r in rows] == texts and [r["top_k"][0]["class"] for r in rows[:2]] == ["pos", "neg"]
     assert [{"top_k": r["top_k"]} for r in rows] == expected
 
     async def ask() -> None:
         async with TestClient(TestServer(build_app(predictor, ServeSettings(max_wait_ms=1)))) as client:
-            one = await client.post("/v1/predict?topk=2", data=texts[0].encode(), headers={"Content-Type": "text/plain"})
+            one = await client.post(
+                "/v1/predict?topk=2", data=texts[0].encode(), headers={"Content-Type": "text/plain"}
+            )
             assert one.status == 200 and (await one.json())["predictions"] == expected[:1]
             many = await client.post("/v1/predict?topk=2", json={"texts": texts})
             assert many.status == 200 and (await many.json())["predictions"] == expected
@@ -347,6 +454,7 @@ def test_text_classification_trains_predicts_and_serves_text(tmp_path):
             assert image.status == 415 and "classifies text" in (await image.json())["error"]
             empty = await client.post("/v1/predict", json={"texts": []})
             assert empty.status == 422 and '"texts": a list of strings' in (await empty.json())["error"]
+
     asyncio.run(ask())
 
 
@@ -356,14 +464,40 @@ def test_two_processes_train_the_language_model_one_process_trains(tmp_path):
     most 5.4e-7 on these weights after 48 steps (measured); 1e-3 fails on a real mistake (a window seen
     twice, unsynchronised gradients)."""
     corpus = write_corpus(tmp_path / "corpus.txt", lines=200)
-    args = ["task=language_model", "dataset=text", f"dataset.root={corpus}", f"dataset.cache={tmp_path / 'cache'}",
-            "model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "dataset.block_size=16",
-            "loader.num_workers=0", "trainer.max_epochs=2", "trainer.progress_bar=false", "export.formats=[]"]
+    args = [
+        "task=language_model",
+        "dataset=text",
+        f"dataset.root={corpus}",
+        f"dataset.cache={tmp_path / 'cache'}",
+        "model=gpt",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=16",
+        "dataset.block_size=16",
+        "loader.num_workers=0",
+        "trainer.max_epochs=2",
+        "trainer.progress_bar=false",
+        "export.formats=[]",
+    ]
     single = run_trainer(*args, "loader.batch_size=16", f"hydra.run.dir={tmp_path / 'single'}")
     assert single.returncode == 0, single.stderr
-    pair = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "trainer", *args,
-                           "loader.batch_size=8", f"hydra.run.dir={tmp_path / 'pair'}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    pair = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "trainer",
+            *args,
+            "loader.batch_size=8",
+            f"hydra.run.dir={tmp_path / 'pair'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert pair.returncode == 0, pair.stderr
     a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("single", "pair"))
     assert a["progress"]["step"] == b["progress"]["step"] > 0

@@ -1,4 +1,5 @@
 """A config-driven PyTorch training framework on Hydra."""
+
 __version__ = "0.1.0"
 
 import importlib
@@ -6,9 +7,15 @@ from typing import Any
 
 # Loaded on first use: `import trainer` (and every `python -m trainer.<command>`) stays cheap, and no
 # part of the package has to import the package's whole public surface.
-_EXPORTS = {"MODELS": "trainer.registry", "DATASETS": "trainer.registry", "OPTIMIZERS": "trainer.registry",
-            "SCHEDULERS": "trainer.registry", "TASKS": "trainer.registry", "Task": "trainer.tasks.base",
-            "Trainer": "trainer.loop"}
+_EXPORTS = {
+    "MODELS": "trainer.registry",
+    "DATASETS": "trainer.registry",
+    "OPTIMIZERS": "trainer.registry",
+    "SCHEDULERS": "trainer.registry",
+    "TASKS": "trainer.registry",
+    "Task": "trainer.tasks.base",
+    "Trainer": "trainer.loop",
+}
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -1,4 +1,5 @@
 """The Hydra entry: compose, validate, build, fit, test the best checkpoint, export, report."""
+
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ def train(cfg: DictConfig) -> float | None:
     """Returns the best value of checkpoint.monitor, which Hydra's sweepers optimise."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         from trainer.sweep import run_sweep_job
+
         return run_sweep_job(cfg, run)  # a failed job is recorded and the sweep goes on
     # Errors are turned into exit codes here, inside the job: past this point Hydra would add its
     # own report of a failed job to our one-line message.
@@ -49,9 +51,11 @@ def run(cfg: DictConfig) -> float | None:
     import_user_modules(list(cfg.imports))
     validate(cfg)
     from trainer.models.pretrained import follow_data_config
+
     follow_data_config(cfg, {override_key(o) for o in HydraConfig.get().overrides.task})
     from trainer.devices import pick_device
-    from trainer.setup import build_data, build_task, build_trainer, load_resume_state
+    from trainer.setup import build_data, load_resume_state
+
     device = distributed.device_for(pick_device(cfg.trainer.device))
     state = load_resume_state(cfg.resume, run_dir, cfg)
     bundle, loaders = build_data(cfg, device)
@@ -63,9 +67,13 @@ def run(cfg: DictConfig) -> float | None:
 
 def _train_and_finish(cfg, run_dir, device, state, bundle, loaders, started) -> float | None:
     from trainer.setup import build_task, build_trainer
+
     task = build_task(cfg, bundle, state)
-    if "tokenizer" in bundle.extra and distributed.is_main():  # generation decodes with the training tokenizer
+    if (
+        "tokenizer" in bundle.extra and distributed.is_main()
+    ):  # generation decodes with the training tokenizer
         from trainer.text.tokenizers import copy_tokenizer
+
         copy_tokenizer(bundle.extra["tokenizer"], Path(bundle.extra["tokenizer_dir"]), run_dir / "tokenizer")
     trainer = build_trainer(cfg, run_dir, device, loaders, state, task)
     if state is None:
@@ -73,11 +81,24 @@ def _train_and_finish(cfg, run_dir, device, state, bundle, loaders, started) -> 
             trainer.metrics.images("train/samples", bundle.train.preview(64), bundle.mean, bundle.std)
     else:
         p = trainer.progress
-        log.info("resumed (resume=%s) at epoch %d, batch %d, step %d", cfg.resume, p.epoch, p.batches_in_epoch,
-                 p.step)
-    log.info("training %s for %s on %s (%d train / %d val samples) on %s%s, run dir %s", cfg.model.name,
-             cfg.task.name, cfg.dataset.name, len(bundle.train), len(bundle.val), device,
-             f" x {distributed.world_size()} processes" if distributed.active() else "", run_dir)
+        log.info(
+            "resumed (resume=%s) at epoch %d, batch %d, step %d",
+            cfg.resume,
+            p.epoch,
+            p.batches_in_epoch,
+            p.step,
+        )
+    log.info(
+        "training %s for %s on %s (%d train / %d val samples) on %s%s, run dir %s",
+        cfg.model.name,
+        cfg.task.name,
+        cfg.dataset.name,
+        len(bundle.train),
+        len(bundle.val),
+        device,
+        f" x {distributed.world_size()} processes" if distributed.active() else "",
+        run_dir,
+    )
     try:
         trainer.fit()
         finish(cfg, trainer, bundle, run_dir, started)
@@ -91,49 +112,81 @@ def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: 
     """Test the best checkpoint, export it, and write metrics.json and the hparams summary (rank 0)."""
     from trainer.checkpoint import load_checkpoint
     from trainer.export import export_model
+
     distributed.barrier()  # rank 0 has written best.pt
     best = run_dir / "checkpoints" / "best.pt"
     if best.is_file():
         trainer.load_weights(load_checkpoint(best))
     else:
-        log.warning("no best checkpoint (%s was never finite); testing the last weights", cfg.checkpoint.monitor)
-    test = trainer.evaluate(trainer.loaders.test, cfg.trainer.limit_test_batches, "test")  # every rank's share
+        log.warning(
+            "no best checkpoint (%s was never finite); testing the last weights", cfg.checkpoint.monitor
+        )
+    test = trainer.evaluate(
+        trainer.loaders.test, cfg.trainer.limit_test_batches, "test"
+    )  # every rank's share
     if not distributed.is_main():
         return
     inputs = trainer.task.inputs(next(iter(trainer.loaders.test)))[:8].cpu()  # real test inputs
     export_started = time.perf_counter()
-    manifest = export_model(trainer.task.exported(trainer.evaluator(plain=True)), inputs, run_dir / "export",
-                            list(cfg.export.formats), tolerance=cfg.export.tolerance, max_batch=cfg.export.max_batch,
-                            dims=trainer.task.dynamic_dims(),
-                            metadata={"model": cfg.model.name, "checkpoint": "checkpoints/best.pt",
-                                      "ema": cfg.trainer.ema_decay > 0, "tta": trainer.task.tta,
-                                      "task": trainer.task.manifest(), "imports": list(cfg.imports),
-                                      "classes": bundle.classes,
-                                      "image_size": bundle.image_size,
-                                      "normalization": {"mean": bundle.mean, "std": bundle.std},
-                                      "preprocess": preprocess_spec(bundle)})
+    manifest = export_model(
+        trainer.task.exported(trainer.evaluator(plain=True)),
+        inputs,
+        run_dir / "export",
+        list(cfg.export.formats),
+        tolerance=cfg.export.tolerance,
+        max_batch=cfg.export.max_batch,
+        dims=trainer.task.dynamic_dims(),
+        metadata={
+            "model": cfg.model.name,
+            "checkpoint": "checkpoints/best.pt",
+            "ema": cfg.trainer.ema_decay > 0,
+            "tta": trainer.task.tta,
+            "task": trainer.task.manifest(),
+            "imports": list(cfg.imports),
+            "classes": bundle.classes,
+            "image_size": bundle.image_size,
+            "normalization": {"mean": bundle.mean, "std": bundle.std},
+            "preprocess": preprocess_spec(bundle),
+        },
+    )
     trainer.timer.add("export", time.perf_counter() - export_started)
     if (run_dir / "tokenizer").is_dir():
         from trainer.text.tokenizers import copy_tokenizer
+
         spec = json.loads((run_dir / "tokenizer" / "tokenizer_spec.json").read_text())
         copy_tokenizer(spec, run_dir / "tokenizer", run_dir / "export" / "tokenizer")
     p = trainer.progress
     metrics = {key: value for key, value in p.metrics.items() if key.startswith(("train/", "val/"))}
-    metrics.update({**test, "epochs": p.epoch, "steps": p.step,
-                    "images_per_sec": p.images_trained / max(p.train_time_s, 1e-9),
-                    "train_time_s": p.train_time_s, "wall_time_s": time.perf_counter() - started,
-                    "best": {"monitor": trainer.checkpointing.monitor, "value": p.best, "epoch": p.best_epoch}})
+    metrics.update(
+        {
+            **test,
+            "epochs": p.epoch,
+            "steps": p.step,
+            "images_per_sec": p.images_trained / max(p.train_time_s, 1e-9),
+            "train_time_s": p.train_time_s,
+            "wall_time_s": time.perf_counter() - started,
+            "best": {"monitor": trainer.checkpointing.monitor, "value": p.best, "epoch": p.best_epoch},
+        }
+    )
     write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     trainer.metrics.write(test, step=p.step)
     trainer.metrics.hparams(_hparams(cfg), {k: v for k, v in metrics.items() if isinstance(v, float)})
     trainer.metrics.close(finished=True, run_dir=run_dir)
-    log.info("%s  (best %s %.4f at epoch %d)", "  ".join(f"{k} {v:.4f}" for k, v in test.items()),
-             trainer.checkpointing.monitor, p.best if p.best is not None else float("nan"), p.best_epoch)
+    log.info(
+        "%s  (best %s %.4f at epoch %d)",
+        "  ".join(f"{k} {v:.4f}" for k, v in test.items()),
+        trainer.checkpointing.monitor,
+        p.best if p.best is not None else float("nan"),
+        p.best_epoch,
+    )
     log.info("time per phase:\n%s", trainer.timer.table())
     failed = [fmt for fmt, r in manifest["formats"].items() if "error" in r]
     if failed:
-        print(f"error: export: {', '.join(failed)} failed (see train.log); the other formats, the checkpoints "
-              f"and metrics.json are written", file=sys.stderr)
+        print(
+            f"error: export: {', '.join(failed)} failed (see train.log); the other formats, the checkpoints "
+            f"and metrics.json are written",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
 
 
@@ -144,15 +197,31 @@ def preprocess_spec(bundle) -> dict | None:
         return {"decode": "text", "tokenizer": bundle.extra["tokenizer"], **bundle.extra["text"]}
     if bundle.image_size is None or bundle.mean is None or bundle.in_channels not in (1, 3):
         return None
-    return {"decode": "RGB" if bundle.in_channels == 3 else "L", "resize_shorter_side": bundle.image_size,
-            "center_crop": [bundle.image_size, bundle.image_size], "scale": 1 / 255, "mean": bundle.mean,
-            "std": bundle.std, "layout": "NCHW", "dtype": "float32"}
+    return {
+        "decode": "RGB" if bundle.in_channels == 3 else "L",
+        "resize_shorter_side": bundle.image_size,
+        "center_crop": [bundle.image_size, bundle.image_size],
+        "scale": 1 / 255,
+        "mean": bundle.mean,
+        "std": bundle.std,
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
 
 
 def _hparams(cfg: DictConfig) -> dict[str, str | float | int | bool]:
-    return {"model": cfg.model.name, "dataset": cfg.dataset.name, "task": cfg.task.name, "optimizer": cfg.optimizer.name,
-            "scheduler": cfg.scheduler.name, "lr": cfg.optimizer.lr, "batch_size": cfg.loader.batch_size,
-            "max_epochs": cfg.trainer.max_epochs, "precision": str(cfg.trainer.precision), "seed": cfg.seed}
+    return {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "task": cfg.task.name,
+        "optimizer": cfg.optimizer.name,
+        "scheduler": cfg.scheduler.name,
+        "lr": cfg.optimizer.lr,
+        "batch_size": cfg.loader.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "precision": str(cfg.trainer.precision),
+        "seed": cfg.seed,
+    }
 
 
 def main() -> None:

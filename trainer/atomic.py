@@ -1,6 +1,7 @@
 """One way to write a file the framework promises (checkpoints, metrics.json, the export manifest, a
 sweep's records, shards): into a temporary file beside it, flushed to disk, renamed over it, and the
 folder flushed, so a reader or a crash at any instant finds the old complete file or the new one."""
+
 import contextlib
 import os
 from collections.abc import Iterator

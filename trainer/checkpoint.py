@@ -4,15 +4,16 @@ A checkpoint is a torch.save zip of tensors and plain Python values only, so it 
 `weights_only=True`. The zip format stores a CRC-32 of every record, which `load_checkpoint` checks
 before unpickling: torch.load alone accepts a file with flipped bytes in a tensor.
 """
+
 import logging
 import os
 import pickle
 import random
 import time
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,10 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
         with atomic_file(path, "wb", before_rename=lambda: _pause_for_tests(state)) as f:
             torch.save({"format": FORMAT, **state}, f)
     except OSError as e:  # a full disk, a read-only or vanished folder
-        raise UserError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous one is intact. "
-                        f"Free space or fix the folder, then resume") from None
+        raise UserError(
+            f"{path}: could not write the checkpoint ({e.strerror or e}); the previous one is intact. "
+            f"Free space or fix the folder, then resume"
+        ) from None
     return path
 
 
@@ -104,6 +107,7 @@ def copy_checkpoint(source: Path, path: Path) -> Path:
         os.link(source, tmp)
     except OSError:
         import shutil
+
         shutil.copyfile(source, tmp)
     os.replace(tmp, path)
     fsync_folder(path.parent)
@@ -118,15 +122,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every record and checks its CRC-32
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise UserError(f"{path}: truncated or not a checkpoint ({e}); resume from another checkpoint") from None
+        raise UserError(
+            f"{path}: truncated or not a checkpoint ({e}); resume from another checkpoint"
+        ) from None
     if bad is not None:
-        raise UserError(f"{path}: corrupt checkpoint (checksum mismatch in {bad}); resume from another checkpoint")
+        raise UserError(
+            f"{path}: corrupt checkpoint (checksum mismatch in {bad}); resume from another checkpoint"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"{path}: refused, it needs arbitrary unpickling, which could run code ({first}); "
-                        f"only checkpoints of tensors and plain values are loaded") from None
+        raise UserError(
+            f"{path}: refused, it needs arbitrary unpickling, which could run code ({first}); "
+            f"only checkpoints of tensors and plain values are loaded"
+        ) from None
     except (RuntimeError, EOFError) as e:
         raise UserError(f"{path}: unreadable checkpoint ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -168,10 +178,14 @@ def newest_valid(folder: Path) -> tuple[Path, dict[str, Any]]:
         for problem in problems:
             log.warning("skipped a checkpoint: %s", problem)
         if problems:
-            log.warning("resuming from %s (step %d), the newest valid checkpoint", path, state["progress"]["step"])
+            log.warning(
+                "resuming from %s (step %d), the newest valid checkpoint", path, state["progress"]["step"]
+            )
         return path, state
-    raise UserError(f"resume: no valid checkpoint in {folder} "
-                    f"({'; '.join(problems) or 'none saved yet'}); start the run again")
+    raise UserError(
+        f"resume: no valid checkpoint in {folder} "
+        f"({'; '.join(problems) or 'none saved yet'}); start the run again"
+    )
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """The shell around a run: exit codes, one-line errors, the argv of a resume, user imports."""
+
 import contextlib
 import importlib
 import logging
@@ -17,6 +18,7 @@ log = logging.getLogger("trainer")
 def _one_line(error: BaseException) -> str:
     """Hydra and OmegaConf explain over several lines with internals; keep what names the key and the fix."""
     from hydra.errors import MissingConfigException
+
     if isinstance(error, MissingConfigException) and error.options:
         group = (error.missing_cfg_file or "").split("/")[0] or "config"
         wanted = (error.missing_cfg_file or "").split("/")[-1]
@@ -45,8 +47,10 @@ def _one_line(error: BaseException) -> str:
         text = f"{key.group(1)}: {text}"
     missing_key = re.search(r"Interpolation key '(dataset\.\w+)' not found", text)
     if missing_key:  # e.g. model=gpt (vocab_size) with an image dataset, or an image model with dataset=text
-        text += (f"; the chosen model needs {missing_key.group(1)}, which this dataset does not have: choose a "
-                 f"model and dataset that fit (model=gpt with dataset=text, image models with image datasets)")
+        text += (
+            f"; the chosen model needs {missing_key.group(1)}, which this dataset does not have: choose a "
+            f"model and dataset that fit (model=gpt with dataset=text, image models with image datasets)"
+        )
     return text
 
 
@@ -56,6 +60,7 @@ def exit_codes() -> Iterator[None]:
     its traceback."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
     try:
         yield
     except UserError as e:
@@ -84,6 +89,7 @@ def end_promptly(code: int) -> None:
     non-daemon threads, a collective with a dead peer) have not finished within EXIT_GRACE_S."""
     import multiprocessing
     import threading
+
     for child in multiprocessing.active_children():
         child.kill()
     timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(code,))
@@ -117,13 +123,16 @@ def _fail(code: int, message: str) -> None:
 def import_user_modules(modules: list[str]) -> None:
     """`imports: [my_pkg.models]`: the user's registrations, without editing this package."""
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # `python -m` puts the working folder on the path; console scripts don't
+        sys.path.insert(
+            0, os.getcwd()
+        )  # `python -m` puts the working folder on the path; console scripts don't
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise UserError(f"imports: cannot import '{name}' ({e}); run from the folder that holds it "
-                            f"or install it") from None
+            raise UserError(
+                f"imports: cannot import '{name}' ({e}); run from the folder that holds it or install it"
+            ) from None
         except Exception:
             raise UserError(f"imports: importing '{name}' failed:\n{traceback.format_exc()}") from None
 
@@ -145,10 +154,13 @@ def resume_argv(argv: list[str]) -> list[str]:
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         if target.is_dir():
-            raise UserError(f"resume: {resume} is not a run dir (no .hydra/overrides.yaml); give the run's folder "
-                            f"under outputs/, or a checkpoint file")
+            raise UserError(
+                f"resume: {resume} is not a run dir (no .hydra/overrides.yaml); give the run's folder "
+                f"under outputs/, or a checkpoint file"
+            )
         return argv  # a checkpoint outside any run: a new run dir, with the config on this command line
     from omegaconf import OmegaConf
+
     if any(a in ("-m", "--multirun") for a in argv):
         raise UserError("resume: resuming one run cannot be combined with -m/--multirun")
     flags, given = [a for a in argv[1:] if a.startswith("-")], [a for a in argv[1:] if not a.startswith("-")]
@@ -156,20 +168,26 @@ def resume_argv(argv: list[str]) -> list[str]:
     replayed = [legacy_override(o) for o in OmegaConf.load(saved)]  # a run from before tasks: keys moved
     replayed = [o for o in replayed if override_key(o) not in given_keys]
     hydra_saved = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.overrides.hydra
-    replayed += [o for o in hydra_saved if override_key(o) == "hydra.searchpath" and override_key(o) not in given_keys]
+    replayed += [
+        o for o in hydra_saved if override_key(o) == "hydra.searchpath" and override_key(o) not in given_keys
+    ]
     return [argv[0], *flags, *replayed, *given, f"hydra.run.dir={run_dir.resolve()}"]
 
 
 # Keys that moved when tasks arrived: a saved run's overrides are translated, a typed one is refused.
-MOVED_KEYS = {"loss.label_smoothing": "task.label_smoothing", "loss.mixup_alpha": "task.mixup_alpha",
-              "loss.cutmix_alpha": "task.cutmix_alpha", "trainer.tta": "task.tta"}
+MOVED_KEYS = {
+    "loss.label_smoothing": "task.label_smoothing",
+    "loss.mixup_alpha": "task.mixup_alpha",
+    "loss.cutmix_alpha": "task.cutmix_alpha",
+    "trainer.tta": "task.tta",
+}
 
 
 def legacy_override(override: str) -> str:
     """A saved override of a moved key, under its new name (`loss.label_smoothing=0.1` ->
     `task.label_smoothing=0.1`)."""
     key, sep, value = override.partition("=")
-    prefix = key[:len(key) - len(key.lstrip("+~"))]
+    prefix = key[: len(key) - len(key.lstrip("+~"))]
     new = MOVED_KEYS.get(key.lstrip("+~"))
     return f"{prefix}{new}{sep}{value}" if new else override
 
@@ -179,22 +197,33 @@ def refuse_moved_keys(args: list[str]) -> None:
     for arg in args:
         if override_key(arg) in MOVED_KEYS:
             new = MOVED_KEYS[override_key(arg)]
-            raise UserError(f"{override_key(arg)}: moved to {new} (an option of task=classification); write "
-                            f"{new}={arg.partition('=')[2]}")
+            raise UserError(
+                f"{override_key(arg)}: moved to {new} (an option of task=classification); write "
+                f"{new}={arg.partition('=')[2]}"
+            )
 
 
 def usage(conf_dir: Path) -> str:
     """`python -m trainer --help`: how to run it, and every config group with its options, read from
     the config folder."""
-    groups = sorted((folder.name, sorted(p.stem for p in folder.glob("*.yaml")))
-                    for folder in conf_dir.iterdir() if folder.is_dir() and folder.name != "hydra")
+    groups = sorted(
+        (folder.name, sorted(p.stem for p in folder.glob("*.yaml")))
+        for folder in conf_dir.iterdir()
+        if folder.is_dir() and folder.name != "hydra"
+    )
     width = max(len(name) for name, _ in groups)
-    lines = ["usage: python -m trainer [group=option ...] [key=value ...]",
-             "       python -m trainer -m key=a,b ...           a sweep: one run per combination",
-             "       python -m trainer resume=<run dir | checkpoint | auto> [key=value ...]",
-             "", "Config groups (group=option):"]
+    lines = [
+        "usage: python -m trainer [group=option ...] [key=value ...]",
+        "       python -m trainer -m key=a,b ...           a sweep: one run per combination",
+        "       python -m trainer resume=<run dir | checkpoint | auto> [key=value ...]",
+        "",
+        "Config groups (group=option):",
+    ]
     lines += [f"  {name:<{width}}  {', '.join(options)}" for name, options in groups]
-    lines += ["", "Show the whole config a command would run with:  python -m trainer --cfg job [overrides]",
-              "Hydra's own flags (--multirun, --cfg, --info, ...):  python -m trainer --hydra-help",
-              "More: README.md (config keys, resuming, sweeps, predict and serve)."]
+    lines += [
+        "",
+        "Show the whole config a command would run with:  python -m trainer --cfg job [overrides]",
+        "Hydra's own flags (--multirun, --cfg, --info, ...):  python -m trainer --hydra-help",
+        "More: README.md (config keys, resuming, sweeps, predict and serve).",
+    ]
     return "\n".join(lines)

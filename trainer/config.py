@@ -5,6 +5,7 @@ wrong type fails while Hydra composes. The swappable parts (model, dataset, task
 hold the parameters of whichever registry entry is named, so they are checked against that entry's
 signature in `validate`, still before any data is read.
 """
+
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -51,7 +52,9 @@ class TrainerConfig:
     profile: bool = False  # a torch.profiler trace of a few steps into the run's tensorboard/ folder
     profile_steps: int = 5
     threads: Optional[int] = None  # torch's intra-op threads (None: torch's default, one per core)
-    keep_cpu_memory: bool = False  # glibc: freed memory stays in the process for the next step (no page faults)
+    keep_cpu_memory: bool = (
+        False  # glibc: freed memory stays in the process for the next step (no page faults)
+    )
     sync_batchnorm: bool = False  # with several processes (CUDA): BatchNorm statistics over the global batch
 
 
@@ -125,6 +128,7 @@ def monitored(task: str, monitor: str | None, mode: str | None) -> tuple[str, st
     """checkpoint.monitor and checkpoint.mode as the run reads them, before any data: a null monitor is
     the task's default, a null mode the metric's own."""
     from trainer.registry import TASKS
+
     cls = TASKS.get(task)
     monitor = monitor or f"val/{cls.monitor}"
     split, _, metric = monitor.partition("/")
@@ -135,31 +139,37 @@ def monitored(task: str, monitor: str | None, mode: str | None) -> tuple[str, st
 def _on_cuda(device: str) -> bool:
     """Whether trainer.device is (or, for auto, picks) a CUDA device."""
     from trainer.devices import pick_device  # torch, only when a config asks
+
     return pick_device(device).type == "cuda"
 
 
 def _count_classes(root: str) -> int:
     from trainer.data.folder import count_classes  # the data package, only when a config asks
+
     return count_classes(root)
 
 
 def _manifest_count(root: str, targets: Any = None, separator: str = "|") -> int:
     from trainer.data.manifest import count_outputs
+
     return count_outputs(root, list(targets) if targets else None, separator)
 
 
 def _text_class_count(root: str) -> int:
     from trainer.data.textclass import count_labels
+
     return count_labels(root)
 
 
 def _hf_class_count(path: str, label_column: str = "label", split_train: str = "train") -> int:
     from trainer.data.hf import count_classes
+
     return count_classes(path, label_column, split_train)
 
 
 def _stream_class_count(root: str) -> int:
     from trainer.data.streaming import stream_class_count
+
     return stream_class_count(root)
 
 
@@ -169,6 +179,7 @@ def trial_dirname() -> str:
     import hashlib
 
     from hydra.core.hydra_config import HydraConfig
+
     hydra = HydraConfig.get()
     searched = set(OmegaConf.select(hydra, "sweeper.params") or {})
     task = list(hydra.overrides.task)
@@ -178,8 +189,12 @@ def trial_dirname() -> str:
             return f"{float(value):.4g}"
         except ValueError:
             return value.replace("/", "_")
-    named = [f"{key.split('.')[-1]}={short(value)}" for key, value in (o.split("=", 1) for o in task if "=" in o)
-             if key in searched]
+
+    named = [
+        f"{key.split('.')[-1]}={short(value)}"
+        for key, value in (o.split("=", 1) for o in task if "=" in o)
+        if key in searched
+    ]
     return ",".join([*named, hashlib.sha1("\n".join(sorted(task)).encode()).hexdigest()[:8]])
 
 
@@ -237,8 +252,10 @@ def refuse_unknown_keys(cfg: DictConfig, schema: type | None = None, prefix: str
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"its keys: {', '.join(sorted(known))}"
-            raise UserError(f"{prefix}{key}: not a key of {prefix.rstrip('.') or 'the config'} ({hint}); fix the "
-                            f"spelling, or drop the override")
+            raise UserError(
+                f"{prefix}{key}: not a key of {prefix.rstrip('.') or 'the config'} ({hint}); fix the "
+                f"spelling, or drop the override"
+            )
         if dataclasses.is_dataclass(known[key]):
             refuse_unknown_keys(cfg[key], known[key], f"{prefix}{key}.")
 
@@ -249,39 +266,56 @@ def validate(cfg: DictConfig) -> None:
 
     refuse_unknown_keys(cfg)
 
-    for group, registry, provided in (("model", MODELS, ()), ("dataset", DATASETS, ()), ("task", TASKS, ()),
-                                      ("optimizer", OPTIMIZERS, ("model",)),
-                                      ("scheduler", SCHEDULERS, ("optimizer", "total_steps", "steps_per_epoch"))):
+    for group, registry, provided in (
+        ("model", MODELS, ()),
+        ("dataset", DATASETS, ()),
+        ("task", TASKS, ()),
+        ("optimizer", OPTIMIZERS, ("model",)),
+        ("scheduler", SCHEDULERS, ("optimizer", "total_steps", "steps_per_epoch")),
+    ):
         section = cfg[group]
-        _require(isinstance(section, DictConfig) and "name" in section,
-                 f"{group}: missing; choose one with {group}=<name> ({', '.join(registry.names())})")
+        _require(
+            isinstance(section, DictConfig) and "name" in section,
+            f"{group}: missing; choose one with {group}=<name> ({', '.join(registry.names())})",
+        )
         params = model_params(section) if group == "model" else params_of(section)
         registry.check(section.name, params, provided)  # types too: the rules below compare
     for key, ok, requirement in RULES:
         value = OmegaConf.select(cfg, key)
         _require(ok(value), f"{key}: must be {requirement}, got {value!r}")
     from trainer.tasks.base import resolve_monitor
+
     task = TASKS.build(cfg.task.name, **params_of(cfg.task))  # its own checks of its options
     resolve_monitor(task, cfg.checkpoint.monitor, cfg.checkpoint.mode)  # before any data is read
     _check_loggers(cfg)
     if "onnx" in cfg.export.formats:
         import importlib.util
+
         missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-        _require(not missing, f"export.formats: onnx needs {', '.join(missing)}: pip install -e \".[onnx]\", or "
-                              f"leave onnx out of export.formats")
+        _require(
+            not missing,
+            f'export.formats: onnx needs {", ".join(missing)}: pip install -e ".[onnx]", or '
+            f"leave onnx out of export.formats",
+        )
 
 
 def _check_loggers(cfg: DictConfig) -> None:
     """Each logger's options, and its client library installed, before any data is read."""
     from trainer.loggers.base import needs_library
     from trainer.registry import LOGGERS
+
     section = cfg.get("logger")
-    for name in (section.keys() if section else []):
+    for name in section.keys() if section else []:
         options = section[name]
-        _require(options is None or isinstance(options, DictConfig),
-                 f"logger.{name}: must be a mapping of options, got {options!r}")
-        LOGGERS.check(str(name), OmegaConf.to_container(options, resolve=True) if options else {},
-                      ("run_dir", "resume_step", "state", "config"))
+        _require(
+            options is None or isinstance(options, DictConfig),
+            f"logger.{name}: must be a mapping of options, got {options!r}",
+        )
+        LOGGERS.check(
+            str(name),
+            OmegaConf.to_container(options, resolve=True) if options else {},
+            ("run_dir", "resume_step", "state", "config"),
+        )
         problem = needs_library(LOGGERS.get(str(name)))
         _require(problem is None, problem or "")
 
@@ -293,10 +327,10 @@ def params_of(section: DictConfig) -> dict[str, Any]:
     return params
 
 
-
 def model_params(section: DictConfig) -> dict[str, Any]:
     """The model builder's parameters (registry.builder_params of the resolved model section)."""
     from trainer.registry import builder_params
+
     return builder_params(OmegaConf.to_container(section, resolve=True))
 
 
@@ -307,6 +341,10 @@ def upgrade_legacy(config: dict[str, Any]) -> dict[str, Any]:
         return config
     upgraded = {key: value for key, value in config.items() if key != "loss"}
     trainer = dict(config.get("trainer") or {})
-    upgraded["task"] = {"name": "classification", **dict(config.get("loss") or {}), "tta": trainer.pop("tta", "none")}
+    upgraded["task"] = {
+        "name": "classification",
+        **dict(config.get("loss") or {}),
+        "tta": trainer.pop("tta", "none"),
+    }
     upgraded["trainer"] = trainer
     return upgraded

@@ -1,6 +1,7 @@
 """Where and how a model runs: the device, mixed precision, the plain module under torch.compile and
 DDP wrappers, and an evaluation pass; shared by training, `python -m trainer.evaluate` and the
 benchmarks."""
+
 import contextlib
 import itertools
 from collections.abc import Iterable
@@ -26,7 +27,9 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda: no CUDA device is visible here; use trainer.device=auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("trainer.device=mps: Apple's MPS is not available here; use trainer.device=auto or cpu")
+        raise UserError(
+            "trainer.device=mps: Apple's MPS is not available here; use trainer.device=auto or cpu"
+        )
     return torch.device(name)
 
 
@@ -37,8 +40,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: Iterable, device: torch.device, autocast_dtype: torch.dtype | None,
-                   task: "Task", limit: int | None = None, channels_last: bool = False) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    task: "Task",
+    limit: int | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
     """The task's metrics (with "loss") over the loader's first `limit` batches (all when None), exact
     over the split and every process."""
     model.eval()

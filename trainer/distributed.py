@@ -4,6 +4,7 @@ Every rank composes the same config; `SharedRunDir` makes them agree on one run 
 Hydra creates it, and leaves the writing to rank 0: ranks above 0 write no .hydra/ folder and log
 only warnings, to the console. Everything else reads `rank()` and `world_size()` from here.
 """
+
 import atexit
 import logging
 import os
@@ -84,8 +85,9 @@ def device_for(device: torch.device) -> torch.device:
 def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sums (or takes the max or min of) a tensor across ranks, in place; a no-op in one process."""
     if active():
-        dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                                    "min": dist.ReduceOp.MIN}[op])
+        dist.all_reduce(
+            values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        )
     return values
 
 
@@ -98,10 +100,10 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
     most = max(int(c) for c in counts)
     padded = torch.zeros(most, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
-    padded[:len(rows)] = rows
+    padded[: len(rows)] = rows
     gathered = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[:int(c)] for g, c in zip(gathered, counts)])
+    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts)])
 
 
 def barrier() -> None:
@@ -115,10 +117,14 @@ def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool) -> nn.Mod
         return model
     if sync_batchnorm:
         if device.type != "cuda":
-            raise UserError("trainer.sync_batchnorm: needs CUDA (SyncBatchNorm has no CPU kernels); set "
-                            "trainer.sync_batchnorm=false")
+            raise UserError(
+                "trainer.sync_batchnorm: needs CUDA (SyncBatchNorm has no CPU kernels); set "
+                "trainer.sync_batchnorm=false"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def broadcast_module(model: nn.Module) -> None:
@@ -130,9 +136,15 @@ def broadcast_module(model: nn.Module) -> None:
 
 CONSOLE_WARNINGS = {  # the logging of ranks above 0: warnings, to the console, no train.log
     "version": 1,
-    "formatters": {"rank": {"format": "[%(asctime)s][rank %(process)d][%(levelname)s] %(message)s",
-                            "datefmt": "%H:%M:%S"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "rank", "stream": "ext://sys.stderr"}},
+    "formatters": {
+        "rank": {
+            "format": "[%(asctime)s][rank %(process)d][%(levelname)s] %(message)s",
+            "datefmt": "%H:%M:%S",
+        }
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "rank", "stream": "ext://sys.stderr"}
+    },
     "root": {"level": "WARNING", "handlers": ["console"]},
     "disable_existing_loggers": False,
 }
@@ -154,6 +166,9 @@ class SharedRunDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if active():  # SystemExit: Hydra turns a callback's exceptions into warnings
-            print("error: torchrun with -m/--multirun: every process would run the whole sweep; sweep without "
-                  "torchrun (one process per job), or torchrun one run at a time", file=sys.stderr)
+            print(
+                "error: torchrun with -m/--multirun: every process would run the whole sweep; sweep without "
+                "torchrun (one process per job), or torchrun one run at a time",
+                file=sys.stderr,
+            )
             raise SystemExit(2)

@@ -1,5 +1,6 @@
 """The one exception type that means "the user's mistake": exit 2 with one plain line, no traceback;
 and the one way an optional extra's library is asked for."""
+
 import importlib
 from types import ModuleType
 
@@ -10,7 +11,9 @@ class UserError(Exception):
 
 def not_installed(what: str, module: str, extra: str, hint: str = "") -> str:
     """`what` (the key or command that chose it) needs `module`: the one line that says which extra to install."""
-    return f'{what}: needs {module}, which is not installed: pip install -e ".[{extra}]"' + (f" ({hint})" if hint else "")
+    return f'{what}: needs {module}, which is not installed: pip install -e ".[{extra}]"' + (
+        f" ({hint})" if hint else ""
+    )
 
 
 def require(module: str, what: str, extra: str, hint: str = "") -> ModuleType:

@@ -1,5 +1,6 @@
 """`python -m trainer.evaluate run=<run dir> [checkpoint=best|last] [overrides]`: the test metrics of a
 finished run, computed with that run's own saved config (overrides such as dataset.root=... apply on top)."""
+
 import json
 import logging
 import sys
@@ -32,18 +33,31 @@ def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, 
     model = build_model(cfg, initial_weights=False).to(device)  # the run's own weights are loaded next
     # What the run tested: the weights' EMA when it kept one (the same architecture), under its TTA.
     unwrap(model).load_state_dict(state.get("ema") or state["model"])
-    found = evaluate_model(task.evaluated(model), loaders.test, device, AUTOCAST_DTYPES[str(cfg.trainer.precision)],
-                           task, cfg.trainer.limit_test_batches)
-    return {**{f"test/{k}": v for k, v in found.items()}, "checkpoint": checkpoint,
-            "epoch": state["progress"]["epoch"]}
+    found = evaluate_model(
+        task.evaluated(model),
+        loaders.test,
+        device,
+        AUTOCAST_DTYPES[str(cfg.trainer.precision)],
+        task,
+        cfg.trainer.limit_test_batches,
+    )
+    return {
+        **{f"test/{k}": v for k, v in found.items()},
+        "checkpoint": checkpoint,
+        "epoch": state["progress"]["epoch"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S"
+    )
     with exit_codes():
         args = dict(a.split("=", 1) for a in (argv if argv is not None else sys.argv[1:]) if "=" in a)
         if "run" not in args:
-            raise UserError("run: missing; usage: python -m trainer.evaluate run=<run dir> [checkpoint=best|last]")
+            raise UserError(
+                "run: missing; usage: python -m trainer.evaluate run=<run dir> [checkpoint=best|last]"
+            )
         run, checkpoint = Path(args.pop("run")), args.pop("checkpoint", "best")
         result = evaluate_run(run, checkpoint, [f"{k}={v}" for k, v in args.items()])
         print(json.dumps(result))

@@ -1,5 +1,6 @@
 """Export formats and the parity check: each format is written, reloaded, and compared with the
 eager model on real inputs of a batch size other than the one used to export it."""
+
 import contextlib
 import io
 import json
@@ -25,8 +26,9 @@ def _dynamic(max_batch: int, dims: dict[int, tuple[str, int]]) -> tuple[dict]:
     return (shapes,)
 
 
-def export_torchscript(model: nn.Module, example: Tensor, path: Path, max_batch: int,
-                       dims: dict[int, tuple[str, int]]) -> Callable[[Tensor], Tensor]:
+def export_torchscript(
+    model: nn.Module, example: Tensor, path: Path, max_batch: int, dims: dict[int, tuple[str, int]]
+) -> Callable[[Tensor], Tensor]:
     # TorchScript is deprecated from torch 2.14 on; users still ask for it, so we export it and
     # silence that one warning here, and nowhere else.
     with warnings.catch_warnings():
@@ -35,8 +37,9 @@ def export_torchscript(model: nn.Module, example: Tensor, path: Path, max_batch:
         return torch.jit.load(str(path))
 
 
-def export_torch_export(model: nn.Module, example: Tensor, path: Path, max_batch: int,
-                        dims: dict[int, tuple[str, int]]) -> Callable[[Tensor], Tensor]:
+def export_torch_export(
+    model: nn.Module, example: Tensor, path: Path, max_batch: int, dims: dict[int, tuple[str, int]]
+) -> Callable[[Tensor], Tensor]:
     program = torch.export.export(model, (example,), dynamic_shapes=_dynamic(max_batch, dims))
     torch.export.save(program, str(path))
     return torch.export.load(str(path)).module()
@@ -45,15 +48,23 @@ def export_torch_export(model: nn.Module, example: Tensor, path: Path, max_batch
 ONNX_INLINE_LIMIT = 1 << 30
 
 
-def export_onnx(model: nn.Module, example: Tensor, path: Path, max_batch: int,
-                dims: dict[int, tuple[str, int]]) -> Callable[[Tensor], Tensor]:
+def export_onnx(
+    model: nn.Module, example: Tensor, path: Path, max_batch: int, dims: dict[int, tuple[str, int]]
+) -> Callable[[Tensor], Tensor]:
     """ONNX through the dynamo exporter, reloaded in onnxruntime (the `onnx` extra)."""
     import onnxruntime
+
     # One self-contained file, unless the weights pass protobuf's 2 GB limit (then model.onnx.data beside it).
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     with contextlib.redirect_stdout(io.StringIO()):  # its progress lines would land in the run's log
-        torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=_dynamic(max_batch, dims),
-                          external_data=weight_bytes > ONNX_INLINE_LIMIT)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            dynamic_shapes=_dynamic(max_batch, dims),
+            external_data=weight_bytes > ONNX_INLINE_LIMIT,
+        )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
@@ -66,8 +77,17 @@ EXPORTERS = {
 }
 
 
-def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[str], *, tolerance: float,
-                 max_batch: int, metadata: dict[str, Any], dims: dict[int, tuple[str, int]] | None = None) -> dict[str, Any]:
+def export_model(
+    model: nn.Module,
+    inputs: Tensor,
+    out_dir: Path,
+    formats: list[str],
+    *,
+    tolerance: float,
+    max_batch: int,
+    metadata: dict[str, Any],
+    dims: dict[int, tuple[str, int]] | None = None,
+) -> dict[str, Any]:
     """Writes each format and export/manifest.json; a format that fails is recorded with its error
     and the others are still written. `inputs` are real, preprocessed test images."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,8 +108,12 @@ def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[
                 diff = (loaded(check) - expected).abs().max().item()
             results[fmt] = {"file": filename, "max_abs_diff": diff, "parity": diff <= tolerance}
             if diff > tolerance:
-                logger.error("export %s: output differs from the eager model by %.3g (> export.tolerance %.3g)",
-                             fmt, diff, tolerance)
+                logger.error(
+                    "export %s: output differs from the eager model by %.3g (> export.tolerance %.3g)",
+                    fmt,
+                    diff,
+                    tolerance,
+                )
         except Exception as e:  # one format failing must not cost the others
             logger.debug("export %s failed:\n%s", fmt, traceback.format_exc())
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -97,9 +121,15 @@ def export_model(model: nn.Module, inputs: Tensor, out_dir: Path, formats: list[
             for leftover in (out_dir / filename, out_dir / f"{filename}.data"):
                 leftover.unlink(missing_ok=True)
             results[fmt] = {"file": None, "error": f"{type(e).__name__}: {message}"}
-    manifest = {**metadata, "formats": results,
-                "input": {"shape": [-1, *(-1 if i + 1 in (dims or {}) else n for i, n in enumerate(inputs.shape[1:]))],
-                          "dtype": str(inputs.dtype).removeprefix("torch."), "max_batch": max_batch},
-                "torch_version": torch.__version__}
+    manifest = {
+        **metadata,
+        "formats": results,
+        "input": {
+            "shape": [-1, *(-1 if i + 1 in (dims or {}) else n for i, n in enumerate(inputs.shape[1:]))],
+            "dtype": str(inputs.dtype).removeprefix("torch."),
+            "max_batch": max_batch,
+        },
+        "torch_version": torch.__version__,
+    }
     write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

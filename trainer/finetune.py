@@ -3,6 +3,7 @@
 stepped (nor decayed) and have no optimizer state until they train, so the state after the unfreeze
 epoch is the same whether or not a run was resumed in between. BatchNorm layers whose parameters are
 all frozen keep their running statistics (eval mode) while frozen."""
+
 import fnmatch
 import logging
 
@@ -16,20 +17,35 @@ log = logging.getLogger("trainer")
 class Freezer:
     def __init__(self, model: nn.Module, patterns: list[str], unfreeze_at_epoch: int) -> None:
         if unfreeze_at_epoch < 0:
-            raise UserError(f"trainer.unfreeze_at_epoch: must be 0 (never) or an epoch, got {unfreeze_at_epoch}")
+            raise UserError(
+                f"trainer.unfreeze_at_epoch: must be 0 (never) or an epoch, got {unfreeze_at_epoch}"
+            )
         self.unfreeze_at_epoch = unfreeze_at_epoch
         named = dict(model.named_parameters())
-        self.frozen = [p for name, p in named.items() if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)]
+        self.frozen = [
+            p for name, p in named.items() if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        ]
         if patterns and not self.frozen:
-            raise UserError(f"model.freeze: no parameter matches {list(patterns)}; the names look like "
-                            f"{', '.join(list(named)[:4])} (patterns are shell-style: 'layer1.*')")
+            raise UserError(
+                f"model.freeze: no parameter matches {list(patterns)}; the names look like "
+                f"{', '.join(list(named)[:4])} (patterns are shell-style: 'layer1.*')"
+            )
         ids = {id(p) for p in self.frozen}
-        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                      and any(True for _ in m.parameters()) and all(id(p) in ids for p in m.parameters())]
+        self.norms = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and any(True for _ in m.parameters())
+            and all(id(p) in ids for p in m.parameters())
+        ]
         self.active: bool | None = None
         if self.frozen:
-            log.info("model.freeze: %d of %d parameter tensors fixed%s", len(self.frozen), len(named),
-                     f" until epoch {unfreeze_at_epoch}" if unfreeze_at_epoch else "")
+            log.info(
+                "model.freeze: %d of %d parameter tensors fixed%s",
+                len(self.frozen),
+                len(named),
+                f" until epoch {unfreeze_at_epoch}" if unfreeze_at_epoch else "",
+            )
 
     def frozen_in(self, epoch: int) -> bool:
         """Whether the patterns hold in `epoch` (0-based, as Progress counts)."""

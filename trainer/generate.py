@@ -5,6 +5,7 @@ text.
 
 A value on the command line loses its leading and trailing spaces unless it is quoted inside the
 argument: `'prompt="    def "'` keeps them. `prompt_file=<file>` reads the prompt from a file, as it is."""
+
 import logging
 import sys
 from dataclasses import dataclass
@@ -35,14 +36,18 @@ class GenerateConfig:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     with exit_codes():
-        cfg = OmegaConf.merge(OmegaConf.structured(GenerateConfig),
-                              OmegaConf.from_dotlist(argv if argv is not None else sys.argv[1:]))
+        cfg = OmegaConf.merge(
+            OmegaConf.structured(GenerateConfig),
+            OmegaConf.from_dotlist(argv if argv is not None else sys.argv[1:]),
+        )
         if OmegaConf.is_missing(cfg, "run"):
             raise UserError('run: missing; usage: python -m trainer.generate run=<run dir> prompt="..."')
         cfg = OmegaConf.to_object(cfg)
-        for key, ok, need in (("max_new_tokens", cfg.max_new_tokens >= 1, "1 or more"),
-                              ("temperature", cfg.temperature >= 0, "0 or more"),
-                              ("top_k", cfg.top_k is None or cfg.top_k >= 1, "null or 1 or more")):
+        for key, ok, need in (
+            ("max_new_tokens", cfg.max_new_tokens >= 1, "1 or more"),
+            ("temperature", cfg.temperature >= 0, "0 or more"),
+            ("top_k", cfg.top_k is None or cfg.top_k >= 1, "null or 1 or more"),
+        ):
             if not ok:
                 raise UserError(f"{key}: must be {need}, got {getattr(cfg, key)!r}")
         if cfg.prompt_file is not None:
@@ -55,20 +60,29 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_run(Path(cfg.run), cfg.checkpoint)
         ids = tokenizer.encode(cfg.prompt) or tokenizer.encode("\n")  # an empty prompt starts a new line
         if len(ids) > model.block_size:
-            raise UserError(f"prompt: {len(ids)} tokens, longer than the model's block size {model.block_size}; "
-                            f"shorten it")
+            raise UserError(
+                f"prompt: {len(ids)} tokens, longer than the model's block size {model.block_size}; "
+                f"shorten it"
+            )
         sys.stdout.write(cfg.prompt)
         made: list[int] = []
         shown = ""
-        for token in generate(model, torch.tensor(ids), cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_k=cfg.top_k, seed=cfg.seed, use_cache=cfg.cache):
+        for token in generate(
+            model,
+            torch.tensor(ids),
+            cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            seed=cfg.seed,
+            use_cache=cfg.cache,
+        ):
             made.append(token)
             text = tokenizer.decode(made)
             if not text.endswith("\ufffd"):  # a character whose bytes are not all there yet waits
-                sys.stdout.write(text[len(shown):])
+                sys.stdout.write(text[len(shown) :])
                 sys.stdout.flush()
                 shown = text
-        sys.stdout.write(tokenizer.decode(made)[len(shown):] + "\n")
+        sys.stdout.write(tokenizer.decode(made)[len(shown) :] + "\n")
 
 
 if __name__ == "__main__":

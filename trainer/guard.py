@@ -1,5 +1,6 @@
 """The stop-signal guard: Ctrl-C, SIGTERM, SIGUSR1 and SIGUSR2 become "finish this step, save a
 checkpoint, exit 130/143"."""
+
 import functools
 import logging
 import signal
@@ -32,14 +33,17 @@ def guarded(fn: F) -> F:
     SIGUSR2), that handler runs after the checkpoint is saved, so the requeued job resumes from it.
     The handlers only set `self.stop_signal` (they log nothing: see request_stop); the loop checks it between optimizer steps and raises
     StopRequested, which lands here, where `self.save_checkpoint(wait=True)` runs before the exit."""
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
             return fn(self, *args, **kwargs)
+
         def request_stop(signum, frame):
             # Only a flag: a handler runs between any two bytecodes of the main thread, which may be
             # inside the log handler's write; logging here again raised "reentrant call" there.
             self.stop_signal = signum
+
         previous = {s: signal.signal(s, request_stop) for s in EXIT_CODES}
         try:
             return fn(self, *args, **kwargs)
@@ -47,9 +51,18 @@ def guarded(fn: F) -> F:
             log.warning("received %s: stopped at step %d, saving a checkpoint", stop, self.progress.step)
             path = self.save_checkpoint(wait=True)
             if distributed.is_main():
-                launcher = f"torchrun --nproc_per_node={distributed.world_size()}" if distributed.active() else "python"
-                log.warning("saved %s after %s; resume with: %s -m trainer resume=%s", path, stop, launcher,
-                            path.parent.parent)
+                launcher = (
+                    f"torchrun --nproc_per_node={distributed.world_size()}"
+                    if distributed.active()
+                    else "python"
+                )
+                log.warning(
+                    "saved %s after %s; resume with: %s -m trainer resume=%s",
+                    path,
+                    stop,
+                    launcher,
+                    path.parent.parent,
+                )
             handler = previous.get(stop.signum)
             if callable(handler) and stop.signum != signal.SIGINT:  # a scheduler's: requeue, then exit
                 handler(stop.signum, None)
@@ -57,4 +70,5 @@ def guarded(fn: F) -> F:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
     return wrapper  # type: ignore[return-value]

@@ -2,6 +2,7 @@
 weights, `datasets`, `transformers`) retry every request for about a minute before they look in their
 cache. When the hub cannot be reached they are put in offline mode, so a cached file loads at once and
 a missing one fails in seconds."""
+
 import functools
 import logging
 import os
@@ -36,7 +37,10 @@ def offline_unless_reachable() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in TRUE:
         log.info("the Hugging Face hub cannot be reached: using its local cache only (HF_HUB_OFFLINE=1)")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+    for module, name in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+    ):
         if module in sys.modules:
             setattr(sys.modules[module], name, True)
     return True

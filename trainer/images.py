@@ -7,6 +7,7 @@ formats below are tried (Pillow knows dozens, some of which hand the bytes to ot
 pixel count is read from the header and checked before anything is decoded, and a multi-frame image
 (an animated GIF or WebP) gives its first frame, so every image is one (C, H, W) picture.
 """
+
 import io
 import re
 import warnings
@@ -30,8 +31,9 @@ class ImageTooLarge(ImageError):
     pass
 
 
-def open_image(data: bytes, max_pixels: int, limit_key: str = "max_image_pixels",
-               expect: str | None = None) -> Image.Image:
+def open_image(
+    data: bytes, max_pixels: int, limit_key: str = "max_image_pixels", expect: str | None = None
+) -> Image.Image:
     """The image's header, read and checked: one of FORMATS (`expect`, when the sender named one), at
     most `max_pixels` pixels. Nothing is decoded yet (Pillow opens lazily)."""
     if not data:
@@ -49,19 +51,29 @@ def open_image(data: bytes, max_pixels: int, limit_key: str = "max_image_pixels"
     except Exception as e:  # a known format's header, damaged: SyntaxError, struct.error, OSError...
         raise ImageError(f"not a PNG, JPEG, WebP or GIF image ({_reason(e)})") from None
     if expect is not None and image.format != expect:
-        raise ImageError(f"the bytes are a {image.format} image, not {expect} as declared; declare "
-                         f"image/{image.format.lower()} or application/octet-stream")
+        raise ImageError(
+            f"the bytes are a {image.format} image, not {expect} as declared; declare "
+            f"image/{image.format.lower()} or application/octet-stream"
+        )
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(f"{image.format} image of {width}x{height} pixels: nothing to decode")
     if width * height > max_pixels:
-        raise ImageTooLarge(f"{image.format} image of {width}x{height} = {width * height:,} pixels is over "
-                            f"{limit_key}={max_pixels:,}")
+        raise ImageTooLarge(
+            f"{image.format} image of {width}x{height} = {width * height:,} pixels is over "
+            f"{limit_key}={max_pixels:,}"
+        )
     return image
 
 
-def decode_image(data: bytes, size: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 limit_key: str = "max_image_pixels", expect: str | None = None) -> torch.Tensor:
+def decode_image(
+    data: bytes,
+    size: int,
+    channels: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    limit_key: str = "max_image_pixels",
+    expect: str | None = None,
+) -> torch.Tensor:
     """Encoded bytes to a uint8 (channels, size, size) image: shorter side resized to `size`,
     centre-cropped. Raises ImageError (a ValueError) for anything it cannot decode, and nothing else."""
     image = open_image(data, max_pixels, limit_key, expect)
@@ -80,16 +92,19 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int = DEFAUL
     return resize_and_crop(tensor, size)
 
 
-def decode_mask(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                limit_key: str = "max_image_pixels") -> torch.Tensor:
+def decode_mask(
+    data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, limit_key: str = "max_image_pixels"
+) -> torch.Tensor:
     """A segmentation mask (a PNG of class indices: greyscale, or a palette image whose indices are the
     classes, as VOC's) to a uint8 (size, size) tensor, with the same resize-and-crop geometry as its
     image but nearest-neighbour, so no new values appear. ImageError for anything else."""
     image = open_image(data, max_pixels, limit_key)
     try:
         if image.format != "PNG" or image.mode not in ("L", "P"):
-            raise ImageError(f"a mask must be a greyscale or palette PNG of class indices, got {image.format} "
-                             f"mode {image.mode}")
+            raise ImageError(
+                f"a mask must be a greyscale or palette PNG of class indices, got {image.format} "
+                f"mode {image.mode}"
+            )
         check_png_rows(data)
         try:
             pixels = np.asarray(image)  # palette images give their indices
@@ -121,9 +136,9 @@ def check_png_rows(data: bytes) -> None:
             expected += rows * (1 + -(-columns * bits // 8))  # each row: a filter byte, then its pixels
     inflate, found, position = zlib.decompressobj(), 0, 8
     while position + 8 <= len(data) and found < expected:
-        length, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        length, kind = int.from_bytes(data[position : position + 4], "big"), data[position + 4 : position + 8]
         if kind == b"IDAT":
-            pending = data[position + 8:position + 8 + length]
+            pending = data[position + 8 : position + 8 + length]
             while pending and found < expected:
                 try:
                     found += len(inflate.decompress(pending, 1 << 20))
@@ -134,13 +149,16 @@ def check_png_rows(data: bytes) -> None:
             break
         position += 12 + length
     if found < expected:
-        raise ImageError(f"PNG image with damaged data (its pixel data holds {found:,} of the {expected:,} bytes "
-                         f"its {width}x{height} header needs)")
+        raise ImageError(
+            f"PNG image with damaged data (its pixel data holds {found:,} of the {expected:,} bytes "
+            f"its {width}x{height} header needs)"
+        )
 
 
 def resize_and_crop(image: torch.Tensor, size: int, nearest: bool = False) -> torch.Tensor:
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
+
     how = InterpolationMode.NEAREST_EXACT if nearest else InterpolationMode.BILINEAR
     return TF.center_crop(TF.resize(image, size, interpolation=how, antialias=not nearest), [size, size])
 

@@ -2,6 +2,7 @@
 load one exported format, turn image files into its input exactly as the run's evaluation did (the
 manifest's preprocessing), and answer as the run's task does (the top-k classes, the labels above a
 threshold, values in the targets' units, a mask)."""
+
 import json
 import warnings
 from collections.abc import Callable, Mapping
@@ -30,31 +31,45 @@ def _load(fmt: str, path: Path) -> Callable[[Tensor], Tensor]:
         return torch.export.load(str(path)).module()
     if fmt == "torchscript":
         with warnings.catch_warnings():  # deprecated from torch 2.14 on; exported because users ask for it
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning
+            )
             return torch.jit.load(str(path)).eval()
     import onnxruntime
+
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
 class Predictor:
-    def __init__(self, run_dir: Path, fmt: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 limit_key: str = "max_image_pixels") -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        fmt: str | None = None,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        limit_key: str = "max_image_pixels",
+    ) -> None:
         manifest_path = run_dir / "export" / "manifest.json"
         if not manifest_path.is_file():
-            raise UserError(f"run: {run_dir} has no export/manifest.json; give the folder of a finished run "
-                            f"(python -m trainer writes it after training)")
+            raise UserError(
+                f"run: {run_dir} has no export/manifest.json; give the folder of a finished run "
+                f"(python -m trainer writes it after training)"
+            )
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         usable = [f for f in FORMATS if (self.manifest["formats"].get(f) or {}).get("parity")]
         if fmt is None:
             if not usable:
-                raise UserError(f"run: {run_dir} has no exported model that matched its eager model; export it "
-                                f"again (export.formats)")
+                raise UserError(
+                    f"run: {run_dir} has no exported model that matched its eager model; export it "
+                    f"again (export.formats)"
+                )
             fmt = usable[0]
         elif fmt not in usable:
-            raise UserError(f"format: {fmt!r} is not among this run's exports that passed their parity check "
-                            f"({', '.join(usable) or 'none'})")
+            raise UserError(
+                f"format: {fmt!r} is not among this run's exports that passed their parity check "
+                f"({', '.join(usable) or 'none'})"
+            )
         self.format, self.classes = fmt, list(self.manifest["classes"])
         import_user_modules(list(self.manifest.get("imports", [])))  # the run's own task, model...
         self.task = task_of(self.manifest)
@@ -69,6 +84,7 @@ class Predictor:
         self.takes_images = spec is not None and not self.takes_text  # neither: tensors only (JSON to serve)
         if self.takes_text:
             from trainer.text.tokenizers import load_tokenizer
+
             self.tokenizer = load_tokenizer(spec["tokenizer"], run_dir / "export" / "tokenizer")
             self.max_length, self.pad_id = spec["max_length"], spec["pad_id"]
             # No pad token: a causal model (a language model) reads each text's last max_length tokens and
@@ -80,18 +96,23 @@ class Predictor:
             self.channels, self.size = (3 if spec["decode"] == "RGB" else 1), spec["center_crop"][0]
             # The same operations as the run's evaluation transform (arrays.build_transform): the same floats.
             from torchvision.transforms import v2
-            self.normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                                         v2.Normalize(spec["mean"], spec["std"])])
+
+            self.normalise = v2.Compose(
+                [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
+            )
         # Outputs of the model's shape for one input (zeros; a dynamic length: 2): options are checked on them.
         dtype = getattr(torch, self.manifest["input"].get("dtype", "float32"))
-        self.example_outputs = self.outputs(torch.zeros(1, *(2 if n == -1 else n for n in self.input_shape),
-                                                        dtype=dtype))
+        self.example_outputs = self.outputs(
+            torch.zeros(1, *(2 if n == -1 else n for n in self.input_shape), dtype=dtype)
+        )
 
     def decode(self, data: bytes, expect: str | None = None) -> Tensor:
         """Image file bytes (PNG, JPEG, WebP, GIF; `expect`: the format the sender declared) to one
         normalised input (C, H, W); ImageError (ImageTooLarge past the pixel limit) for anything else."""
         if not self.takes_images:
-            raise ImageError("this model takes tensors, not image files (its dataset is not images); send JSON")
+            raise ImageError(
+                "this model takes tensors, not image files (its dataset is not images); send JSON"
+            )
         image = decode_image(data, self.size, self.channels, self.max_image_pixels, self.limit_key, expect)
         return self.normalise(image)
 
@@ -104,8 +125,8 @@ class Predictor:
             tokens = self.tokenizer.encode(text)
             if self.causal and not tokens:
                 raise InputError(f"text {row + 1} is empty; a language model needs a text to continue")
-            tokens = tokens[-self.max_length:] if self.causal else tokens[:self.max_length]
-            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            tokens = tokens[-self.max_length :] if self.causal else tokens[: self.max_length]
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         return ids
 
     def check(self, inputs: Tensor) -> Tensor:
@@ -138,6 +159,7 @@ class Predictor:
 def task_of(manifest: dict[str, Any]) -> "Task":
     """The run's task, rebuilt from the export manifest (a manifest from before tasks: classification)."""
     from trainer.registry import TASKS
+
     spec = manifest.get("task") or {"name": "classification", "options": {}, "state": {}}
     task = TASKS.build(spec["name"], **spec.get("options", {}))
     task.classes = list(spec.get("classes", manifest.get("classes", [])))

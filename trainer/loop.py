@@ -4,6 +4,7 @@ device whole and the task (trainer/tasks/) says what the model takes, the loss a
 
 Longer than 300 lines: it is one class, and its parts (the epoch, the step, evaluation, the checkpoint
 state) read best beside each other; the step plan, devices, timing and metrics live elsewhere."""
+
 import contextlib
 import itertools
 import logging
@@ -34,6 +35,8 @@ from trainer.tasks.base import Batch, Task, move, resolve_monitor, take
 from trainer.timing import PhaseTimer, profiled_iter, timed, timed_iter, timed_step
 
 log = logging.getLogger("trainer")
+
+
 def plain(section: Any) -> Any:
     """A config section as a plain object (its schema dataclass when it has one)."""
     if not isinstance(section, DictConfig):
@@ -43,10 +46,23 @@ def plain(section: Any) -> Any:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, optimizer: Optimizer, scheduler: LambdaLR, loaders: Loaders, *,
-                 settings: Any, checkpoint: Any, task: Task, device: torch.device, run_dir: Path,
-                 metrics: MetricLog, config: dict[str, Any], ema: WeightAverage | None = None,
-                 freezer: Any = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        scheduler: LambdaLR,
+        loaders: Loaders,
+        *,
+        settings: Any,
+        checkpoint: Any,
+        task: Task,
+        device: torch.device,
+        run_dir: Path,
+        metrics: MetricLog,
+        config: dict[str, Any],
+        ema: WeightAverage | None = None,
+        freezer: Any = None,
+    ) -> None:
         """`freezer` (trainer.finetune.Freezer): which parameters train in each epoch; None: all of them."""
         self.model, self.optimizer, self.scheduler, self.loaders = model, optimizer, scheduler, loaders
         # Plain Python objects: read on every step, and a DictConfig attribute costs microseconds.
@@ -54,18 +70,28 @@ class Trainer:
         self.device, self.metrics = device, metrics
         self.config = config  # resolved, plain: saved in every checkpoint
         self.ema, self.run_dir, self.task, self.freezer = ema, run_dir, task, freezer
-        self.checkpointing.monitor, self.checkpointing.mode = resolve_monitor(task, checkpoint.monitor, checkpoint.mode)
+        self.checkpointing.monitor, self.checkpointing.mode = resolve_monitor(
+            task, checkpoint.monitor, checkpoint.mode
+        )
         self.checkpoint_dir = run_dir / "checkpoints"
         # Once a checkpoint has landed, the trackers may have the points it covers (MetricLog).
-        self.writer = CheckpointWriter(self.checkpoint_dir, checkpoint.keep_last, on_saved=metrics.checkpointed)
+        self.writer = CheckpointWriter(
+            self.checkpoint_dir, checkpoint.keep_last, on_saved=metrics.checkpointed
+        )
         self.autocast_dtype = AUTOCAST_DTYPES[str(settings.precision)]
         if self.autocast_dtype is torch.float16 and device.type != "cuda":
-            raise UserError("trainer.precision=16: float16 with loss scaling needs a CUDA device; use bf16 here")
+            raise UserError(
+                "trainer.precision=16: float16 with loss scaling needs a CUDA device; use bf16 here"
+            )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
         self.batch_size = loaders.batch_size
         self.batches_per_epoch, _, self.total_steps = plan_steps(
-            len(loaders.train), settings.limit_train_batches, settings.accumulate_grad_batches,
-            settings.max_epochs, settings.max_steps)
+            len(loaders.train),
+            settings.limit_train_batches,
+            settings.accumulate_grad_batches,
+            settings.max_epochs,
+            settings.max_steps,
+        )
         self.progress = Progress()
         self.timer = PhaseTimer(device)
         self.stop_signal: int | None = None
@@ -80,15 +106,26 @@ class Trainer:
         if self.settings.compile:
             self.warm_up()
         try:
-            while p.epoch < self.settings.max_epochs and p.step < self.total_steps and not self.target_reached():
+            while (
+                p.epoch < self.settings.max_epochs and p.step < self.total_steps and not self.target_reached()
+            ):
                 train = self.train_epoch()
-                val = self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val") \
-                    if self.validation_due() else {}
-                if val and not math.isfinite(val["val/loss"]):  # diverged: finite training losses, overflowing weights
-                    raise NonFiniteLoss(f"trainer: the validation loss is NaN or Inf after epoch {p.epoch + 1} "
-                                        f"(training loss {train['train/loss']:.4g}); stopped without saving, the "
-                                        f"last good checkpoint is kept. {NONFINITE_CAUSES}")
-                self.end_epoch(train, val)  # reported before it is checkpointed: a resume never loses the point
+                val = (
+                    self.evaluate(self.loaders.val, self.settings.limit_val_batches, "val")
+                    if self.validation_due()
+                    else {}
+                )
+                if val and not math.isfinite(
+                    val["val/loss"]
+                ):  # diverged: finite training losses, overflowing weights
+                    raise NonFiniteLoss(
+                        f"trainer: the validation loss is NaN or Inf after epoch {p.epoch + 1} "
+                        f"(training loss {train['train/loss']:.4g}); stopped without saving, the "
+                        f"last good checkpoint is kept. {NONFINITE_CAUSES}"
+                    )
+                self.end_epoch(
+                    train, val
+                )  # reported before it is checkpointed: a resume never loses the point
                 self.save_epoch_checkpoints()
                 if self._stop_agreed(at_check=True):
                     raise StopRequested(self.stop_signal)
@@ -103,12 +140,21 @@ class Trainer:
         self.loaders.sampler.set_epoch(p.epoch, start=p.batches_in_epoch)
         # Metrics accumulate on the device; the window covers the batches between two finiteness checks.
         # A resumed epoch's partial sums are the whole job's: rank 0 carries them, the others start at 0.
-        metrics = RunningMetrics(self.device, self.task.train_sums_size, p.epoch_sums if distributed.is_main() else
-                                 None, window=self.settings.log_every_n_steps * accumulate)
+        metrics = RunningMetrics(
+            self.device,
+            self.task.train_sums_size,
+            p.epoch_sums if distributed.is_main() else None,
+            window=self.settings.log_every_n_steps * accumulate,
+        )
         samples_before = p.epoch_sums[-1] if p.epoch_sums else 0
-        bar = tqdm(total=self.batches_per_epoch, initial=p.batches_in_epoch, unit="batch", leave=False,
-                   desc=f"epoch {p.epoch + 1}/{self.settings.max_epochs}",
-                   disable=None if self.settings.progress_bar and distributed.is_main() else True)
+        bar = tqdm(
+            total=self.batches_per_epoch,
+            initial=p.batches_in_epoch,
+            unit="batch",
+            leave=False,
+            desc=f"epoch {p.epoch + 1}/{self.settings.max_epochs}",
+            disable=None if self.settings.progress_bar and distributed.is_main() else True,
+        )
         batches = timed_iter(self.loaders.train, self.timer)
         if self.settings.profile and not self.profiled:
             batches = profiled_iter(batches, self.run_dir / "tensorboard", self.settings.profile_steps)
@@ -179,7 +225,9 @@ class Trainer:
         with autocast(self.device, self.autocast_dtype):
             outputs = self.model(self.task.inputs(batch))
             loss = self.task.loss(outputs, batch)
-        if self.settings.on_nonfinite == "skip_batch" and not loss.isfinite().item():  # a sync, in this mode only
+        if (
+            self.settings.on_nonfinite == "skip_batch" and not loss.isfinite().item()
+        ):  # a sync, in this mode only
             self._skip_batch()
             return None, outputs
         scale = weight / self.settings.accumulate_grad_batches
@@ -225,27 +273,42 @@ class Trainer:
         p.skipped_batches += 1
         log.warning("non-finite loss at step %d: batch skipped (%d so far)", p.step + 1, p.skipped_batches)
         if p.skipped_batches > self.settings.max_skipped_batches:
-            raise NonFiniteLoss(f"trainer.max_skipped_batches: {p.skipped_batches} batches had a non-finite loss "
-                                f"(by step {p.step + 1}); {NONFINITE_CAUSES}")
+            raise NonFiniteLoss(
+                f"trainer.max_skipped_batches: {p.skipped_batches} batches had a non-finite loss "
+                f"(by step {p.step + 1}); {NONFINITE_CAUSES}"
+            )
 
     def _check_finite(self, metrics: RunningMetrics) -> None:
         step = metrics.first_nonfinite_step()
         if step is not None:
             epoch = self.progress.epoch + 1
-            raise NonFiniteLoss(f"trainer: the loss became NaN or Inf at step {step} (epoch {epoch}); "
-                                f"stopped without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
+            raise NonFiniteLoss(
+                f"trainer: the loss became NaN or Inf at step {step} (epoch {epoch}); "
+                f"stopped without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}"
+            )
 
     def validation_due(self) -> bool:
         """After the epoch just trained: every trainer.val_every_n_epochs epochs, and always after the last."""
         p, settings = self.progress, self.settings
         epoch = p.epoch + 1
-        return epoch % settings.val_every_n_epochs == 0 or epoch >= settings.max_epochs or p.step >= self.total_steps
+        return (
+            epoch % settings.val_every_n_epochs == 0
+            or epoch >= settings.max_epochs
+            or p.step >= self.total_steps
+        )
 
     @timed("eval")
     def evaluate(self, loader: DataLoader, limit: int | None, split: str) -> dict[str, float]:
         tta = split != "val" or self.settings.val_tta
-        found = evaluate_model(self.evaluator(tta=tta), loader, self.device, self.autocast_dtype, self.task, limit,
-                               self.settings.channels_last)
+        found = evaluate_model(
+            self.evaluator(tta=tta),
+            loader,
+            self.device,
+            self.autocast_dtype,
+            self.task,
+            limit,
+            self.settings.channels_last,
+        )
         return {f"{split}/{key}": value for key, value in found.items()}
 
     def evaluator(self, plain: bool = False, tta: bool = True) -> nn.Module:
@@ -283,7 +346,9 @@ class Trainer:
         first = move(next(iter(self.loaders.train)), self.device, self.settings.channels_last)
         epochs = sorted({self.progress.epoch, max(self.settings.max_epochs - 1, self.progress.epoch)})
         try:
-            for epoch, size in itertools.product(epochs, sorted(sizes)):  # a real batch's samples, to each size
+            for epoch, size in itertools.product(
+                epochs, sorted(sizes)
+            ):  # a real batch's samples, to each size
                 batch = take(first, torch.arange(size) % self.task.count(first))
                 self.train_mode(epoch, warming_up=True)  # not through forward_backward: not training's time
                 self._forward_backward(batch)
@@ -291,8 +356,10 @@ class Trainer:
                     self.model.eval()(self.task.inputs(batch))
         except Exception as e:  # the compiler's own failure (no C++ compiler, unsupported op...)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"trainer.compile: torch.compile failed here ({type(e).__name__}: {first}); "
-                            f"set trainer.compile=false") from e
+            raise UserError(
+                f"trainer.compile: torch.compile failed here ({type(e).__name__}: {first}); "
+                f"set trainer.compile=false"
+            ) from e
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             model.load_state_dict(saved)
@@ -303,16 +370,27 @@ class Trainer:
         p = self.progress
         p.epoch += 1
         train_seconds = self.timer.last["train"]  # this epoch's
-        eval_seconds = self.timer.last["eval"] if val else 0.0  # (the last evaluation's, if this epoch had none)
+        eval_seconds = (
+            self.timer.last["eval"] if val else 0.0
+        )  # (the last evaluation's, if this epoch had none)
         p.images_trained += int(train["samples"])
         p.train_time_s += train_seconds
-        p.metrics = {"epoch": p.epoch, **{k: v for k, v in train.items() if k != "samples"}, **val,
-                     "lr": self.optimizer.param_groups[0]["lr"],
-                     "images_per_sec": train["samples"] / max(train_seconds, 1e-9),
-                     "epoch_time_s": train_seconds + eval_seconds}
-        value = p.metrics.get(self.checkpointing.monitor)  # a val/ metric is missing after an epoch not validated
-        improved = value is not None and math.isfinite(value) and (
-            p.best is None or (value > p.best if self.checkpointing.mode == "max" else value < p.best))
+        p.metrics = {
+            "epoch": p.epoch,
+            **{k: v for k, v in train.items() if k != "samples"},
+            **val,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_sec": train["samples"] / max(train_seconds, 1e-9),
+            "epoch_time_s": train_seconds + eval_seconds,
+        }
+        value = p.metrics.get(
+            self.checkpointing.monitor
+        )  # a val/ metric is missing after an epoch not validated
+        improved = (
+            value is not None
+            and math.isfinite(value)
+            and (p.best is None or (value > p.best if self.checkpointing.mode == "max" else value < p.best))
+        )
         if improved:
             p.best, p.best_epoch = value, p.epoch
         return p.metrics
@@ -320,8 +398,12 @@ class Trainer:
     def save_epoch_checkpoints(self) -> None:
         """last.pt every checkpoint.every_n_epochs and at the end; best.pt when the monitor improved."""
         p = self.progress
-        due = p.epoch % self.checkpointing.every_n_epochs == 0 or p.epoch == self.settings.max_epochs \
-            or p.step >= self.total_steps or self.target_reached()
+        due = (
+            p.epoch % self.checkpointing.every_n_epochs == 0
+            or p.epoch == self.settings.max_epochs
+            or p.step >= self.total_steps
+            or self.target_reached()
+        )
         if due or p.best_epoch == p.epoch:
             self.save_checkpoint(last=due, best=p.best_epoch == p.epoch)
 
@@ -350,8 +432,10 @@ class Trainer:
         state = self.state_dict()
         floats = [t.isfinite().all() for t in state["model"].values() if t.is_floating_point()]
         if not torch.stack(floats).all():  # one host-device sync for the whole model, not one per tensor
-            raise NonFiniteLoss(f"trainer: the weights became NaN or Inf by step {self.progress.step}; stopped "
-                                f"without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}")
+            raise NonFiniteLoss(
+                f"trainer: the weights became NaN or Inf by step {self.progress.step}; stopped "
+                f"without saving, the last good checkpoint is kept. {NONFINITE_CAUSES}"
+            )
         self.writer.save(state, self.progress.step, last=last, best=best)
         if wait:
             self.writer.wait()
@@ -359,14 +443,24 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         from trainer import __version__
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "progress": self.progress.state_dict(), "rng": rng_state(), "config": self.config,
-                "ema": None if self.ema is None else self.ema.module.state_dict(), "task": self.task.state_dict(),
-                "loggers": self.metrics.state_dict(), "version": __version__}
 
-    def load_state_dict(self, state: dict[str, Any], reset_optimizer: bool = False,
-                        reset_scheduler: bool = False) -> None:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": self.progress.state_dict(),
+            "rng": rng_state(),
+            "config": self.config,
+            "ema": None if self.ema is None else self.ema.module.state_dict(),
+            "task": self.task.state_dict(),
+            "loggers": self.metrics.state_dict(),
+            "version": __version__,
+        }
+
+    def load_state_dict(
+        self, state: dict[str, Any], reset_optimizer: bool = False, reset_scheduler: bool = False
+    ) -> None:
         """Restores a checkpoint. The current config's optimizer hyperparameters win over the saved ones
         (with a warning when they differ), so an override given on resume is never ignored."""
         self.load_weights(state)
@@ -377,8 +471,10 @@ class Trainer:
             load_optimizer_state(self.optimizer, state["optimizer"])
         if reset_scheduler:
             self.progress.schedule_start = self.progress.step
-            log.warning("checkpoint.reset_scheduler: the learning-rate schedule restarts at step %d",
-                        self.progress.step)
+            log.warning(
+                "checkpoint.reset_scheduler: the learning-rate schedule restarts at step %d",
+                self.progress.step,
+            )
         else:
             self.scheduler.load_state_dict(state["scheduler"])
         rates_from_config(self.scheduler, self.optimizer)

@@ -1,6 +1,7 @@
 """Training metrics: running sums kept on the device (no host sync per step), and the sinks they are
 reported to (train.log and the loggers of `logger=[...]` on rank 0, nothing on the others), with the
 decorator that sends a method's returned metrics there."""
+
 import functools
 import json
 import logging
@@ -22,11 +23,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def reports(fn: F) -> F:
     """Sends the metrics dict a method returns to `self.metrics` at the current step."""
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         result = fn(self, *args, **kwargs)
         self.metrics.write(result, step=self.progress.step)
         return result
+
     return wrapper  # type: ignore[return-value]
 
 
@@ -36,7 +39,9 @@ class RunningMetrics:
     or `first_nonfinite_step()`. The last `window` losses are kept, so when a periodic check finds the
     sum non-finite it can name the exact step."""
 
-    def __init__(self, device: torch.device, size: int = 1, sums: list[float] | None = None, window: int = 1) -> None:
+    def __init__(
+        self, device: torch.device, size: int = 1, sums: list[float] | None = None, window: int = 1
+    ) -> None:
         """`size`: how many sums the task keeps; `sums`: [loss sum, *task sums, count] to start from."""
         sums = list(sums) if sums else [0.0] * (size + 2)
         if len(sums) != size + 2:
@@ -63,8 +68,15 @@ class RunningMetrics:
 
     def totals(self) -> list[float]:
         """[loss sum, *task sums, samples], summed over all processes; a host synchronisation."""
-        sums = all_reduce(torch.cat([self.loss_sum.view(1), self.task_sums,
-                                     torch.tensor([float(self.samples)], device=self.loss_sum.device)]))
+        sums = all_reduce(
+            torch.cat(
+                [
+                    self.loss_sum.view(1),
+                    self.task_sums,
+                    torch.tensor([float(self.samples)], device=self.loss_sum.device),
+                ]
+            )
+        )
         values = sums.tolist()
         return [*values[:-1], int(values[-1])]
 
@@ -73,15 +85,18 @@ class RunningMetrics:
         agree, so they stop together); a host synchronisation."""
         bad_here = not bool(self.loss_sum.isfinite())
         step = self._first_bad_step() if bad_here else None
-        found = all_reduce(torch.tensor([float(step if step is not None else 2**53)], device=self.loss_sum.device),
-                           "min").item()
+        found = all_reduce(
+            torch.tensor([float(step if step is not None else 2**53)], device=self.loss_sum.device), "min"
+        ).item()
         return None if found >= 2**53 else int(found)
 
     def _first_bad_step(self) -> int:
         window = min(self.count, len(self.recent))
         slots = [(self.count - window + i) % len(self.recent) for i in range(window)]
         bad = (~self.recent.isfinite()).tolist()
-        return next((self.recent_steps[s] for s in slots if bad[s]), self.recent_steps[slots[0]] if slots else 0)
+        return next(
+            (self.recent_steps[s] for s in slots if bad[s]), self.recent_steps[slots[0]] if slots else 0
+        )
 
 
 class NullMetricLog:
@@ -117,16 +132,22 @@ class MetricLog:
     process killed between a checkpoint landing and its points being sent), and later steps come from
     the resumed training. So no step reaches a tracker twice or never (W&B keeps every copy of a step)."""
 
-    def __init__(self, loggers: list[Any], held: list[list[Any]] | None = None, resume_step: int | None = None,
-                 sent_record: Path | None = None) -> None:
+    def __init__(
+        self,
+        loggers: list[Any],
+        held: list[list[Any]] | None = None,
+        resume_step: int | None = None,
+        sent_record: Path | None = None,
+    ) -> None:
         self.loggers = loggers
         self.trackers = [logger for logger in loggers if not logger.rewinds]
         self.lock = threading.Lock()  # the checkpoint writer's thread sends too
         self.sent_record = sent_record
         sent = read_sent_step(sent_record)
         # [step, time in ms, {metric: value}] not yet sent to the trackers
-        self.held: list[list[Any]] = [list(point) for point in held or [] if resume_step is not None
-                                      and sent < point[0] <= resume_step]
+        self.held: list[list[Any]] = [
+            list(point) for point in held or [] if resume_step is not None and sent < point[0] <= resume_step
+        ]
         self.failed: set[str] = set()
         self.closed = False
         if resume_step is not None:
@@ -162,12 +183,17 @@ class MetricLog:
             getattr(logger, method)(*args)
         except Exception as e:  # noqa: BLE001 - a tracker's error must not stop the run
             self.failed.add(logger.name)
-            log.warning("logger %s failed (%s: %s); the run goes on without it", logger.name, type(e).__name__,
-                        str(e)[:200])
+            log.warning(
+                "logger %s failed (%s: %s); the run goes on without it",
+                logger.name,
+                type(e).__name__,
+                str(e)[:200],
+            )
 
     def images(self, tag: str, images: torch.Tensor, mean: list[float], std: list[float]) -> None:
         """A grid of normalised images, shown as the model sees them before normalisation."""
         from torchvision.utils import make_grid
+
         images = images * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
         grid = make_grid(images.clamp(0, 1), nrow=8)
         for logger in self.loggers:
@@ -180,8 +206,10 @@ class MetricLog:
     def state_dict(self) -> dict[str, Any]:
         """Each logger's own (a tracker's run id) and the points not yet sent: saved in every checkpoint."""
         with self.lock:
-            return {"state": {logger.name: logger.state_dict() for logger in self.loggers},
-                    "held": [list(point) for point in self.held]}
+            return {
+                "state": {logger.name: logger.state_dict() for logger in self.loggers},
+                "held": [list(point) for point in self.held],
+            }
 
     def close(self, finished: bool = True, run_dir: Path | None = None) -> None:
         """A finished run sends everything (and the artifacts asked for); a stopped one keeps what no

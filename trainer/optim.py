@@ -5,6 +5,7 @@ Every optimizer strategy splits the parameters so norms, biases and embedding ta
 steps: the learning rate is a pure function of the step count, so a resumed run recomputes it exactly,
 and a run extended to more epochs recomputes the schedule for the new horizon.
 """
+
 import logging
 import math
 from typing import Any
@@ -36,6 +37,7 @@ def layer_depths(model: nn.Module) -> dict[str, int]:
     Sequential or ModuleList (ResNet's stages, a transformer's blocks) counted block by block."""
     if hasattr(model, "group_matcher"):
         from timm.models import group_parameters
+
         return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
     blocks: list[str] = []
 
@@ -45,6 +47,7 @@ def layer_depths(model: nn.Module) -> dict[str, int]:
                 walk(child, f"{prefix}{name}.")
             else:
                 blocks.append(f"{prefix}{name}.")
+
     walk(model, "")
     depths, order = {}, {}
     for name, _ in model.named_parameters():
@@ -59,9 +62,16 @@ def layer_depths(model: nn.Module) -> dict[str, int]:
     return {name: head_depth if id(params[name]) in head else d for name, d in depths.items()}
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool, lr: float,
-                 norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0,
-                 layer_decay: float = 1.0, biases_as_weights: bool = False) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    decay_norm_and_bias: bool,
+    lr: float,
+    norm_and_bias_lr_scale: float = 1.0,
+    head_lr_scale: float = 1.0,
+    layer_decay: float = 1.0,
+    biases_as_weights: bool = False,
+) -> list[dict]:
     """Decayed and undecayed groups, each at its own rate: lr times norm_and_bias_lr_scale for the
     undecayed, times head_lr_scale for the classifier head (fine-tuning: a new head learns faster than
     the pretrained body), times layer_decay ** (head's depth - depth) below the head (layer-wise decay,
@@ -75,68 +85,125 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
     if head_lr_scale <= 0:
         raise UserError(f"optimizer.head_lr_scale: must be positive, got {head_lr_scale}")
     if not 0 < layer_decay <= 1:
-        raise UserError(f"optimizer.layer_decay: must be in (0, 1] (1: off; fine-tuning uses 0.65 to 0.85), "
-                        f"got {layer_decay}")
+        raise UserError(
+            f"optimizer.layer_decay: must be in (0, 1] (1: off; fine-tuning uses 0.65 to 0.85), "
+            f"got {layer_decay}"
+        )
     head = {id(p) for p in head_parameters(model)} if head_lr_scale != 1.0 else set()
     if head_lr_scale != 1.0 and not head:
-        raise UserError(f"optimizer.head_lr_scale: {type(model).__name__} has no classifier head (no get_classifier(), "
-                        f"no Linear layer); leave optimizer.head_lr_scale at 1")
+        raise UserError(
+            f"optimizer.head_lr_scale: {type(model).__name__} has no classifier head (no get_classifier(), "
+            f"no Linear layer); leave optimizer.head_lr_scale at 1"
+        )
     depths = layer_depths(model) if layer_decay != 1.0 else {}
     deepest = max(depths.values(), default=0)
     if layer_decay != 1.0:
-        log.info("optimizer.layer_decay: %d layers, from lr * %.3g (the first) to lr (the head)", deepest + 1,
-                 layer_decay ** deepest)
+        log.info(
+            "optimizer.layer_decay: %d layers, from lr * %.3g (the first) to lr (the head)",
+            deepest + 1,
+            layer_decay**deepest,
+        )
     # The two plain groups always exist (empty or not), so a checkpoint's groups line up on resume.
     groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, norm_and_bias_lr_scale): []}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # token/position tables
+    embeddings = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
+    }  # token/position tables
     norms = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            decays = (p.ndim > 1 and id(p) not in embeddings) or decay_norm_and_bias or \
-                (biases_as_weights and id(p) not in norms and id(p) not in embeddings)
-            scale = (1.0 if decays else norm_and_bias_lr_scale) * (head_lr_scale if id(p) in head else 1.0) \
+            decays = (
+                (p.ndim > 1 and id(p) not in embeddings)
+                or decay_norm_and_bias
+                or (biases_as_weights and id(p) not in norms and id(p) not in embeddings)
+            )
+            scale = (
+                (1.0 if decays else norm_and_bias_lr_scale)
+                * (head_lr_scale if id(p) in head else 1.0)
                 * layer_decay ** (deepest - depths.get(name, deepest))
+            )
             groups.setdefault((decays, scale), []).append(p)
-    built = [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
-             for (decays, scale), params in groups.items()]
+    built = [
+        {"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale}
+        for (decays, scale), params in groups.items()
+    ]
     return [g for g in built if g["lr"] == lr] + [g for g in built if g["lr"] != lr]
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(model: nn.Module, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 5e-4,
-        decay_norm_and_bias: bool = False, norm_and_bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0,
-        layer_decay: float = 1.0, biases_as_weights: bool = False) -> Optimizer:
+def sgd(
+    model: nn.Module,
+    lr: float,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+    decay_norm_and_bias: bool = False,
+    norm_and_bias_lr_scale: float = 1.0,
+    head_lr_scale: float = 1.0,
+    layer_decay: float = 1.0,
+    biases_as_weights: bool = False,
+) -> Optimizer:
     """norm_and_bias_lr_scale: a larger rate for the norms and biases (the speed-record recipes use 64);
     with biases_as_weights, for the normalisation layers' parameters only."""
     if nesterov and momentum <= 0:
         raise UserError("optimizer.nesterov: needs optimizer.momentum > 0; set one or the other")
-    groups = param_groups(model, weight_decay, decay_norm_and_bias, lr, norm_and_bias_lr_scale, head_lr_scale,
-                          layer_decay, biases_as_weights)
+    groups = param_groups(
+        model,
+        weight_decay,
+        decay_norm_and_bias,
+        lr,
+        norm_and_bias_lr_scale,
+        head_lr_scale,
+        layer_decay,
+        biases_as_weights,
+    )
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.05, decay_norm_and_bias: bool = False, head_lr_scale: float = 1.0,
-          layer_decay: float = 1.0) -> Optimizer:
-    return torch.optim.AdamW(param_groups(model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale,
-                                          layer_decay=layer_decay),
-                             lr=lr, betas=tuple(betas),
-                             eps=eps)
+def adamw(
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.05,
+    decay_norm_and_bias: bool = False,
+    head_lr_scale: float = 1.0,
+    layer_decay: float = 1.0,
+) -> Optimizer:
+    return torch.optim.AdamW(
+        param_groups(
+            model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale, layer_decay=layer_decay
+        ),
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+    )
 
 
 @OPTIMIZERS.register("adam")
-def adam(model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: float = 0.0, decay_norm_and_bias: bool = False, head_lr_scale: float = 1.0,
-         layer_decay: float = 1.0) -> Optimizer:
-    return torch.optim.Adam(param_groups(model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale,
-                                          layer_decay=layer_decay),
-                            lr=lr, betas=tuple(betas),
-                            eps=eps)
+def adam(
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decay_norm_and_bias: bool = False,
+    head_lr_scale: float = 1.0,
+    layer_decay: float = 1.0,
+) -> Optimizer:
+    return torch.optim.Adam(
+        param_groups(
+            model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale, layer_decay=layer_decay
+        ),
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+    )
 
 
-def plan_steps(train_batches: int, limit: int | None, accumulate: int, max_epochs: int,
-               max_steps: int) -> tuple[int, int, int]:
+def plan_steps(
+    train_batches: int, limit: int | None, accumulate: int, max_epochs: int, max_steps: int
+) -> tuple[int, int, int]:
     """(batches per epoch, optimizer steps per epoch, total optimizer steps) for the schedule."""
     batches = min(train_batches, limit) if limit else train_batches
     steps_per_epoch = math.ceil(batches / accumulate)
@@ -151,8 +218,13 @@ def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) 
 
 
 @SCHEDULERS.register("cosine")
-def cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-           min_lr_ratio: float = 0.0) -> LambdaLR:
+def cosine(
+    optimizer: Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
     """Linear warmup from ~0, then cosine decay to min_lr_ratio * lr at the last step."""
     warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
 
@@ -161,12 +233,19 @@ def cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_
             return (step + 1) / (warmup + 1)
         progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return LambdaLR(optimizer, factor)
 
 
 @SCHEDULERS.register("onecycle")
-def onecycle(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, pct_start: float = 0.3,
-             div_factor: float = 25.0, final_div_factor: float = 1e4) -> LambdaLR:
+def onecycle(
+    optimizer: Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> LambdaLR:
     """Leslie Smith's one-cycle learning rate (cosine up to lr, then down), without momentum cycling."""
     if not 0 < pct_start < 1:
         raise UserError(f"scheduler.pct_start: must be in (0, 1), got {pct_start}")
@@ -178,12 +257,19 @@ def onecycle(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, pct_s
             return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * step / peak))
         progress = min((step - peak) / max(total_steps - peak, 1), 1.0)
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return LambdaLR(optimizer, factor)
 
 
 @SCHEDULERS.register("linear")
-def linear(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-           final_lr_ratio: float = 0.0, start_lr_ratio: float = 0.0) -> LambdaLR:
+def linear(
+    optimizer: Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    final_lr_ratio: float = 0.0,
+    start_lr_ratio: float = 0.0,
+) -> LambdaLR:
     """Linear warmup from start_lr_ratio * lr (0: from ~0), then a straight line down to
     final_lr_ratio * lr at the last step."""
     if not 0 <= start_lr_ratio <= 1:
@@ -195,12 +281,14 @@ def linear(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_
             return start_lr_ratio + (1 - start_lr_ratio) * (step + 1) / (warmup + 1)
         progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
         return 1 - (1 - final_lr_ratio) * progress
+
     return LambdaLR(optimizer, factor)
 
 
 @SCHEDULERS.register("step")
-def step(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, step_epochs: int = 30,
-         gamma: float = 0.1) -> LambdaLR:
+def step(
+    optimizer: Optimizer, total_steps: int, steps_per_epoch: int, step_epochs: int = 30, gamma: float = 0.1
+) -> LambdaLR:
     """Multiplies the learning rate by gamma every step_epochs epochs."""
     if step_epochs < 1:
         raise UserError(f"scheduler.step_epochs: must be 1 or more, got {step_epochs}")
@@ -208,7 +296,9 @@ def step(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, step_epoc
 
 
 @SCHEDULERS.register("constant")
-def constant(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0) -> LambdaLR:
+def constant(
+    optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0
+) -> LambdaLR:
     warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
     return LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else 1.0)
 

@@ -3,6 +3,7 @@ what a finished run's exported model says about image files, preprocessed as the
 answered as its task answers (the top-k classes, the labels above task.threshold, values in the
 targets' units, per-class pixel counts and, with masks=<folder>, mask PNGs). A table by default;
 `output=jsonl` prints one JSON object per image."""
+
 import json
 import logging
 import sys
@@ -28,7 +29,9 @@ class PredictConfig:
     texts: list[str] = field(default_factory=list)  # text models: texts given on the command line
     format: Optional[str] = None  # torch_export, torchscript or onnx; default: the first that passed parity
     topk: int = 5  # classification: how many classes per image
-    threshold: Optional[float] = None  # multilabel: the score a label needs (default: the run's task.threshold)
+    threshold: Optional[float] = (
+        None  # multilabel: the score a label needs (default: the run's task.threshold)
+    )
     masks: Optional[str] = None  # segmentation: a folder to write each image's mask to, as <name>.png
     output: str = "table"  # table or jsonl
     batch_size: int = 64
@@ -46,8 +49,10 @@ def image_files(inputs: list[str]) -> list[Path]:
         else:
             raise UserError(f"inputs: {item} does not exist; give image files or folders")
     if not files:
-        raise UserError(f"inputs: no .jpg, .png, .webp or .gif images in {', '.join(inputs) or 'the empty list'}; "
-                        f"e.g. inputs=[cat.png,photos/]")
+        raise UserError(
+            f"inputs: no .jpg, .png, .webp or .gif images in {', '.join(inputs) or 'the empty list'}; "
+            f"e.g. inputs=[cat.png,photos/]"
+        )
     return files
 
 
@@ -64,13 +69,15 @@ def predict(cfg: PredictConfig) -> list[dict]:
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.masks is not None and not hasattr(predictor.task, "png"):
-        raise UserError(f"masks: task={predictor.task.name} answers no masks; masks= is for segmentation runs")
+        raise UserError(
+            f"masks: task={predictor.task.name} answers no masks; masks= is for segmentation runs"
+        )
     if predictor.takes_text:
         return predict_texts(predictor, cfg, options)
     files, results = image_files(list(cfg.inputs)), []
     for first in range(0, len(files), cfg.batch_size):
         batch, names = [], []
-        for path in files[first:first + cfg.batch_size]:
+        for path in files[first : first + cfg.batch_size]:
             try:
                 batch.append(predictor.decode(path.read_bytes()))
                 names.append(path)
@@ -95,13 +102,15 @@ def predict_texts(predictor: Predictor, cfg: PredictConfig, options: dict) -> li
     for item in cfg.inputs:
         path = Path(item)
         if not path.is_file():
-            raise UserError(f"inputs: {item} is not a file; give .txt files with a text per line, or texts=[...]")
+            raise UserError(
+                f"inputs: {item} is not a file; give .txt files with a text per line, or texts=[...]"
+            )
         texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise UserError('texts: this run takes text; give texts=["..."] or inputs=[file.txt]')
     results = []
     for first in range(0, len(texts), cfg.batch_size):
-        batch = texts[first:first + cfg.batch_size]
+        batch = texts[first : first + cfg.batch_size]
         try:
             inputs = predictor.encode_texts(batch)
         except InputError as e:
@@ -141,17 +150,26 @@ def main(argv: list[str] | None = None) -> None:
         args = argv if argv is not None else sys.argv[1:]
         cfg = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.from_dotlist(args))
         if OmegaConf.is_missing(cfg, "run"):
-            raise UserError("run: missing; usage: python -m trainer.predict run=<run dir> inputs=[a.png,folder/]")
+            raise UserError(
+                "run: missing; usage: python -m trainer.predict run=<run dir> inputs=[a.png,folder/]"
+            )
         cfg = OmegaConf.to_object(cfg)
         results = predict(cfg)
         try:
-            print("\n".join(json.dumps(r) for r in results) if cfg.output == "jsonl" else show_table(results, cfg.topk))
+            print(
+                "\n".join(json.dumps(r) for r in results)
+                if cfg.output == "jsonl"
+                else show_table(results, cfg.topk)
+            )
         except BrokenPipeError:  # `| head`: the reader has what it wanted
             sys.stderr.close()
             raise SystemExit(0) from None
         if any("error" in r for r in results):
-            print(f"error: inputs: {sum('error' in r for r in results)} of {len(results)} images could not be read "
-                  f"(see above)", file=sys.stderr)
+            print(
+                f"error: inputs: {sum('error' in r for r in results)} of {len(results)} images could not be read "
+                f"(see above)",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
 
 

@@ -1,18 +1,22 @@
 """Where training stands, as a dataclass with state_dict(): with the tensors, everything a resumed run
 needs to continue exactly. And the error that stops a run whose loss or weights stopped being finite."""
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trainer.errors import UserError
 
-NONFINITE_CAUSES = ("Likely causes: a learning rate too high (lower optimizer.lr, add scheduler warmup or "
-                    "trainer.gradient_clip_val), or float16 overflow (use trainer.precision=bf16 or 32); "
-                    "trainer.on_nonfinite=skip_batch skips such batches instead")
+NONFINITE_CAUSES = (
+    "Likely causes: a learning rate too high (lower optimizer.lr, add scheduler warmup or "
+    "trainer.gradient_clip_val), or float16 overflow (use trainer.precision=bf16 or 32); "
+    "trainer.on_nonfinite=skip_batch skips such batches instead"
+)
 
 
 @dataclass
 class Progress:
     """Where training stands; everything a resumed run needs besides the tensors."""
+
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     batches_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)

@@ -4,6 +4,7 @@ the framework chooses from are defined here, at the bottom of the import graph.
 Each registry knows the module that registers its built-in entries and imports it on first look-up
 (`names`, `get`, `check`, `build`, `in`): a user's `from trainer.registry import MODELS` sees the
 built-ins, and a command that never looks one up (`--help`, `--cfg job`) never imports them."""
+
 import collections.abc
 import importlib
 import inspect
@@ -30,10 +31,13 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def add(builder: Callable[..., T]) -> Callable[..., T]:
             if name in self._builders:
-                raise ValueError(f"{self.group} '{name}' is registered twice "
-                                 f"({self._builders[name].__module__} and {builder.__module__})")
+                raise ValueError(
+                    f"{self.group} '{name}' is registered twice "
+                    f"({self._builders[name].__module__} and {builder.__module__})"
+                )
             self._builders[name] = builder
             return builder
+
         return add
 
     def names(self) -> list[str]:
@@ -47,8 +51,10 @@ class Registry(Generic[T]):
     def get(self, name: str) -> Callable[..., T]:
         self._load_builtins()
         if name not in self._builders:
-            raise UserError(f"{self.group}.name: unknown {self.group} '{name}'; choose one of "
-                            f"{', '.join(self.names())} (e.g. {self.group}={self.names()[0]})")
+            raise UserError(
+                f"{self.group}.name: unknown {self.group} '{name}'; choose one of "
+                f"{', '.join(self.names())} (e.g. {self.group}={self.names()[0]})"
+            )
         return self._builders[name]
 
     def check(self, name: str, params: Mapping[str, Any], provided: tuple[str, ...] = ()) -> None:
@@ -60,18 +66,26 @@ class Registry(Generic[T]):
         takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         for key in params:
             if key not in accepted and not takes_any:
-                raise UserError(f"{self.group}.{key}: not a parameter of {self.group} '{name}'; "
-                                f"its parameters are {', '.join(accepted)}")
+                raise UserError(
+                    f"{self.group}.{key}: not a parameter of {self.group} '{name}'; "
+                    f"its parameters are {', '.join(accepted)}"
+                )
         builder = self.get(name)
         hints = typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder)
         for key, value in params.items():
             if key in hints and not _matches(value, hints[key]):
                 raise UserError(f"{self.group}.{key}: expected {_type_name(hints[key])}, got {value!r}")
         for key, p in signature.parameters.items():
-            if key not in params and key not in provided and p.default is p.empty \
-                    and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                raise UserError(f"{self.group}.{key}: missing; {self.group} '{name}' needs it "
-                                f"(add {self.group}.{key}=... or put it in conf/{self.group}/{name}.yaml)")
+            if (
+                key not in params
+                and key not in provided
+                and p.default is p.empty
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+            ):
+                raise UserError(
+                    f"{self.group}.{key}: missing; {self.group} '{name}' needs it "
+                    f"(add {self.group}.{key}=... or put it in conf/{self.group}/{name}.yaml)"
+                )
 
     def build(self, name: str, /, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)

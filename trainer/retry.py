@@ -1,4 +1,5 @@
 """Retrying what fails for passing reasons (a download), with exponential backoff and full jitter."""
+
 import functools
 import logging
 import random
@@ -12,6 +13,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def retry(attempts: int, base_delay: float, exceptions: tuple[type[BaseException], ...]) -> Callable[[F], F]:
     """Retries with exponential backoff and full jitter; the last failure propagates."""
+
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -22,8 +24,11 @@ def retry(attempts: int, base_delay: float, exceptions: tuple[type[BaseException
                     if attempt == attempts:
                         raise
                     delay = random.uniform(0, base_delay * 2 ** (attempt - 1))
-                    log.warning("%s failed (%s); try %d of %d in %.1f s", fn.__name__, e, attempt + 1,
-                                attempts, delay)
+                    log.warning(
+                        "%s failed (%s); try %d of %d in %.1f s", fn.__name__, e, attempt + 1, attempts, delay
+                    )
                     time.sleep(delay)
+
         return wrapper  # type: ignore[return-value]
+
     return decorate

@@ -1,6 +1,7 @@
 """Deterministic seeds: a mix of integers, and a block run under one seed. The data order and every
 sample's augmentation derive from (seed, epoch, index) through these, so batches never depend on the
 worker count and a resume can start at any batch."""
+
 import contextlib
 from collections.abc import Iterator
 

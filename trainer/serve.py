@@ -29,6 +29,7 @@ Inputs are read on the event loop and parsed, decoded and checked in worker thre
 batch (serving/); the model runs in one more thread. SIGTERM or Ctrl-C: stop accepting connections,
 close the idle ones, answer every request whose head has arrived (up to serve.drain_timeout_s), exit 0.
 """
+
 import asyncio
 import hashlib
 import logging
@@ -62,7 +63,9 @@ class ServeSettings:
     max_body_bytes: int = 10 * 2**20
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
     max_queue: int = 1024  # inputs waiting or running; past this, 503
-    max_connections: int = 0  # open connections (0: as many as the file limit allows); past it, idle ones go first
+    max_connections: int = (
+        0  # open connections (0: as many as the file limit allows); past it, idle ones go first
+    )
     idle_timeout_s: float = 15.0  # a connection that starts no request within this after its last is closed
     head_timeout_s: float = 5.0  # a request head that is not complete this long after its first byte: closed
     body_timeout_s: float = 30.0  # a request body that takes longer to arrive: 408
@@ -83,13 +86,14 @@ class ServeConfig:
 
 def error(status: int, message: str, **headers: str):
     from aiohttp import web
+
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
 def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
     from aiohttp import web
 
-    from trainer.serving.batcher import BatchFailed, Batcher, NotRunning, QueueFull
+    from trainer.serving.batcher import Batcher, BatchFailed, NotRunning, QueueFull
     from trainer.serving.bodies import ClientError, check_declared_length, read_body, to_batch
 
     batcher = Batcher(predictor, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue)
@@ -98,16 +102,24 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
 
     async def read_inputs(request: web.Request) -> tuple[torch.Tensor, bytes]:
         try:
-            body = await asyncio.wait_for(read_body(request, settings.max_body_bytes, settings.max_batch_size,
-                                                    predictor.takes_text),
-                                          settings.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise ClientError(408, f"the body did not arrive within serve.body_timeout_s={settings.body_timeout_s:g}"
-                                   f" seconds") from None
-        inputs, identity = await asyncio.get_running_loop().run_in_executor(decode_threads, to_batch, body, predictor)
+            body = await asyncio.wait_for(
+                read_body(request, settings.max_body_bytes, settings.max_batch_size, predictor.takes_text),
+                settings.body_timeout_s,
+            )
+        except TimeoutError:
+            raise ClientError(
+                408,
+                f"the body did not arrive within serve.body_timeout_s={settings.body_timeout_s:g} seconds",
+            ) from None
+        inputs, identity = await asyncio.get_running_loop().run_in_executor(
+            decode_threads, to_batch, body, predictor
+        )
         if len(inputs) > settings.max_batch_size:
-            raise ClientError(422, f"at most serve.max_batch_size={settings.max_batch_size} inputs per request, "
-                                   f"got {len(inputs)}")
+            raise ClientError(
+                422,
+                f"at most serve.max_batch_size={settings.max_batch_size} inputs per request, "
+                f"got {len(inputs)}",
+            )
         return inputs, identity
 
     async def outputs_of(inputs: torch.Tensor, identity: bytes) -> torch.Tensor:
@@ -133,10 +145,16 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
         except ClientError as e:
             return error(e.status, str(e))
         except QueueFull:
-            return error(503, f"busy: {settings.max_queue} inputs are waiting; try again", **{"Retry-After": "1"})
-        except asyncio.TimeoutError:
-            return error(503, f"the model did not answer within serve.request_timeout_s="
-                              f"{settings.request_timeout_s:g} seconds; try again", **{"Retry-After": "1"})
+            return error(
+                503, f"busy: {settings.max_queue} inputs are waiting; try again", **{"Retry-After": "1"}
+            )
+        except TimeoutError:
+            return error(
+                503,
+                f"the model did not answer within serve.request_timeout_s="
+                f"{settings.request_timeout_s:g} seconds; try again",
+                **{"Retry-After": "1"},
+            )
         except NotRunning:
             return error(503, "the batcher is not running; the server is unhealthy")
         except BatchFailed as e:
@@ -149,16 +167,27 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
 
     async def metadata(request: web.Request) -> web.Response:
         m = predictor.manifest
-        return web.json_response({"model": m.get("model"), "task": m.get("task", {"name": "classification"}),
-                                  "classes": predictor.classes, "input": m["input"],
-                                  "preprocess": m.get("preprocess"), "format": predictor.format,
-                                  "formats": m["formats"], "ema": m.get("ema"), "tta": m.get("tta"),
-                                  "max_batch_size": settings.max_batch_size})
+        return web.json_response(
+            {
+                "model": m.get("model"),
+                "task": m.get("task", {"name": "classification"}),
+                "classes": predictor.classes,
+                "input": m["input"],
+                "preprocess": m.get("preprocess"),
+                "format": predictor.format,
+                "formats": m["formats"],
+                "ema": m.get("ema"),
+                "tta": m.get("tta"),
+                "max_batch_size": settings.max_batch_size,
+            }
+        )
 
     async def healthz(request: web.Request) -> web.Response:
         status = "ok" if batcher.running else "unhealthy: the batcher is not running"
-        return web.json_response({"status": status, "waiting": batcher.pending, "batches": batcher.batches},
-                                 status=200 if batcher.running else 503)
+        return web.json_response(
+            {"status": status, "waiting": batcher.pending, "batches": batcher.batches},
+            status=200 if batcher.running else 503,
+        )
 
     async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse a body that is announced too large before the client sends it."""
@@ -199,14 +228,21 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
 
     middlewares = ([guard.middleware] if guard is not None else []) + [json_errors]
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
+
     async def no_generation(request: web.Request) -> web.Response:
         return error(404, f"this run's task is {predictor.task.name}; /v1/generate serves language models")
 
     from trainer.serving.generation import generation_for
+
     generation = generation_for(predictor.run_dir, predictor.task.name, settings)
-    app.add_routes([web.post("/v1/predict", predict, expect_handler=expect_continue),
-                    web.post("/v1/generate", generation.handle if generation else no_generation),
-                    web.get("/v1/metadata", metadata), web.get("/healthz", healthz)])
+    app.add_routes(
+        [
+            web.post("/v1/predict", predict, expect_handler=expect_continue),
+            web.post("/v1/generate", generation.handle if generation else no_generation),
+            web.get("/v1/metadata", metadata),
+            web.get("/healthz", healthz),
+        ]
+    )
     app.cleanup_ctx.append(run_batcher)
     app["batcher"] = batcher
     return app
@@ -215,13 +251,24 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
 async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None:
     from aiohttp import web
 
-    from trainer.serving.connections import ConnectionGuard, QuietServerLog, fit_to_file_limit, quiet_accept_errors
+    from trainer.serving.connections import (
+        ConnectionGuard,
+        QuietServerLog,
+        fit_to_file_limit,
+        quiet_accept_errors,
+    )
+
     asyncio.get_running_loop().set_exception_handler(quiet_accept_errors)
     max_connections, backlog = fit_to_file_limit(settings.max_connections)
     guard = ConnectionGuard(max_connections, settings.idle_timeout_s, settings.head_timeout_s)
     app = build_app(predictor, settings, guard)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.drain_timeout_s,
-                           keepalive_timeout=settings.idle_timeout_s, logger=QuietServerLog())
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=settings.drain_timeout_s,
+        keepalive_timeout=settings.idle_timeout_s,
+        logger=QuietServerLog(),
+    )
     await runner.setup()
     guard.attach(runner.server)
     site = web.TCPSite(runner, settings.host, settings.port, backlog=backlog)
@@ -229,12 +276,16 @@ async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        raise UserError(f"serve.port: cannot listen on {settings.host}:{settings.port} ({e.strerror}); choose "
-                        f"another serve.port, or 0 for any free one") from None
+        raise UserError(
+            f"serve.port: cannot listen on {settings.host}:{settings.port} ({e.strerror}); choose "
+            f"another serve.port, or 0 for any free one"
+        ) from None
     port = runner.addresses[0][1]
     classes = f", {len(predictor.classes)} classes" if predictor.classes else ""
-    print(f"serving {run} ({predictor.task.name}, {predictor.format}{classes}) on http://{settings.host}:{port}",
-          flush=True)
+    print(
+        f"serving {run} ({predictor.task.name}, {predictor.format}{classes}) on http://{settings.host}:{port}",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -244,13 +295,18 @@ async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None
     await site.stop()  # no new connections
     left = await guard.drain(settings.drain_timeout_s)
     if left:
-        log.warning("%d request(s) still unanswered after serve.drain_timeout_s=%g; closing them", left,
-                    settings.drain_timeout_s)
+        log.warning(
+            "%d request(s) still unanswered after serve.drain_timeout_s=%g; closing them",
+            left,
+            settings.drain_timeout_s,
+        )
     await runner.cleanup()  # the batcher stops
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S"
+    )
     with exit_codes():
         require("aiohttp", "serve", "serve")
         cfg = OmegaConf.merge(OmegaConf.structured(ServeConfig), OmegaConf.from_dotlist(argv or sys.argv[1:]))
@@ -258,21 +314,31 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("run: missing; usage: python -m trainer.serve run=<run dir> [serve.port=8000]")
         cfg = OmegaConf.to_object(cfg)
         s = cfg.serve
-        for key, value, ok in (("max_batch_size", s.max_batch_size, s.max_batch_size >= 1),
-                               ("max_wait_ms", s.max_wait_ms, s.max_wait_ms >= 0),
-                               ("max_queue", s.max_queue, s.max_queue >= 1),
-                               ("max_body_bytes", s.max_body_bytes, s.max_body_bytes >= 1),
-                               ("cache_size", s.cache_size, s.cache_size >= 0), ("topk", s.topk, s.topk >= 1),
-                               ("max_image_pixels", s.max_image_pixels, s.max_image_pixels >= 1),
-                               ("max_connections", s.max_connections, s.max_connections >= 0),
-                               ("decode_threads", s.decode_threads, s.decode_threads >= 1),
-                               ("max_prompt_tokens", s.max_prompt_tokens, s.max_prompt_tokens >= 0),
-                               ("max_new_tokens", s.max_new_tokens, s.max_new_tokens >= 1),
-                               ("max_generations", s.max_generations, s.max_generations >= 1),
-                               *((key, getattr(s, key), getattr(s, key) > 0) for key in
-                                 ("idle_timeout_s", "head_timeout_s", "body_timeout_s", "request_timeout_s",
-                                  "drain_timeout_s")),
-                               ("port", s.port, 0 <= s.port <= 65535)):
+        for key, value, ok in (
+            ("max_batch_size", s.max_batch_size, s.max_batch_size >= 1),
+            ("max_wait_ms", s.max_wait_ms, s.max_wait_ms >= 0),
+            ("max_queue", s.max_queue, s.max_queue >= 1),
+            ("max_body_bytes", s.max_body_bytes, s.max_body_bytes >= 1),
+            ("cache_size", s.cache_size, s.cache_size >= 0),
+            ("topk", s.topk, s.topk >= 1),
+            ("max_image_pixels", s.max_image_pixels, s.max_image_pixels >= 1),
+            ("max_connections", s.max_connections, s.max_connections >= 0),
+            ("decode_threads", s.decode_threads, s.decode_threads >= 1),
+            ("max_prompt_tokens", s.max_prompt_tokens, s.max_prompt_tokens >= 0),
+            ("max_new_tokens", s.max_new_tokens, s.max_new_tokens >= 1),
+            ("max_generations", s.max_generations, s.max_generations >= 1),
+            *(
+                (key, getattr(s, key), getattr(s, key) > 0)
+                for key in (
+                    "idle_timeout_s",
+                    "head_timeout_s",
+                    "body_timeout_s",
+                    "request_timeout_s",
+                    "drain_timeout_s",
+                )
+            ),
+            ("port", s.port, 0 <= s.port <= 65535),
+        ):
             if not ok:
                 raise UserError(f"serve.{key}: out of range, got {value!r}")
         predictor = Predictor(Path(cfg.run), s.format, s.max_image_pixels, "serve.max_image_pixels")

@@ -1,5 +1,6 @@
 """What makes a step fast, set up once: backend flags, memory format, torch.compile and its warm-up,
 and an exponential moving average of the weights."""
+
 import copy
 import logging
 
@@ -11,15 +12,22 @@ from trainer.errors import UserError
 log = logging.getLogger("trainer")
 
 
-def configure_backends(device: torch.device, cudnn_benchmark: bool, precision: str, threads: int | None,
-                       keep_cpu_memory: bool = False) -> None:
+def configure_backends(
+    device: torch.device,
+    cudnn_benchmark: bool,
+    precision: str,
+    threads: int | None,
+    keep_cpu_memory: bool = False,
+) -> None:
     if threads:
         torch.set_num_threads(threads)
     if keep_cpu_memory:
         keep_freed_memory()
     if device.type == "cpu" and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        log.warning("trainer.precision=bf16: this CPU has no native bfloat16, so it is emulated and much slower "
-                    "(16x for fastnet, measured); trainer.precision=32 is faster here")
+        log.warning(
+            "trainer.precision=bf16: this CPU has no native bfloat16, so it is emulated and much slower "
+            "(16x for fastnet, measured); trainer.precision=32 is faster here"
+        )
     if device.type == "cuda":
         # The shapes are fixed for a whole run: benchmarking the algorithms once pays back within steps.
         torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -36,15 +44,18 @@ def keep_freed_memory() -> bool:
     (and says so) where the C library is not glibc."""
     import ctypes
     import ctypes.util
+
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        kept = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+        kept = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # no such library, or one without mallopt (macOS, musl)
         kept = False
     if not kept:
-        log.warning("trainer.keep_cpu_memory: this C library has no glibc mallopt; freed memory goes back to the "
-                    "OS as usual")
+        log.warning(
+            "trainer.keep_cpu_memory: this C library has no glibc mallopt; freed memory goes back to the "
+            "OS as usual"
+        )
     return kept
 
 
@@ -65,8 +76,15 @@ class WeightAverage:
     weights are pulled back to the slow ones), as the speed record does; without it the average only
     watches."""
 
-    def __init__(self, model: nn.Module, decay: float, every: int, power: float = 0.0, total_steps: int = 1,
-                 lookahead: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        every: int,
+        power: float = 0.0,
+        total_steps: int = 1,
+        lookahead: bool = False,
+    ) -> None:
         self.decay, self.every, self.power, self.lookahead = decay, every, power, lookahead
         self.total_steps = total_steps
         self.module = copy.deepcopy(model).eval().requires_grad_(False)

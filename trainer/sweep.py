@@ -4,6 +4,7 @@ ones, and the sweep folder gets a summary (CSV, Markdown, a chart) after every j
 
 Hydra calls `SweepSummary` (conf/config.yaml: hydra.callbacks); the job side is `run_sweep_job`.
 """
+
 import csv
 import io
 import json
@@ -29,8 +30,8 @@ JOB_RECORD = "job.json"
 # ---- the job side ------------------------------------------------------------------------------------
 def monitor_of(cfg: DictConfig) -> str:
     from trainer.config import monitored
-    return monitored(cfg.task.name, cfg.checkpoint.monitor, cfg.checkpoint.mode)[0]
 
+    return monitored(cfg.task.name, cfg.checkpoint.monitor, cfg.checkpoint.mode)[0]
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -51,10 +52,14 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) ->
     job_dir, overrides = Path(hydra.runtime.output_dir), list(hydra.overrides.task)
     previous = read_record(job_dir)
     if previous is not None and previous.get("overrides") != overrides:
-        message = (f"hydra.sweep.dir: {job_dir} holds another job's results ({' '.join(previous['overrides'])}); "
-                   f"run this sweep with a new hydra.sweep.dir")
+        message = (
+            f"hydra.sweep.dir: {job_dir} holds another job's results ({' '.join(previous['overrides'])}); "
+            f"run this sweep with a new hydra.sweep.dir"
+        )
         log.error(message)
-        _write_json(job_dir / JOB_RECORD, {**previous, "conflict": {"overrides": overrides, "error": message}})
+        _write_json(
+            job_dir / JOB_RECORD, {**previous, "conflict": {"overrides": overrides, "error": message}}
+        )
         refresh_summary(job_dir.parent, monitor_of(cfg))
         return None
     if previous is not None and previous.get("status") == "done" and (job_dir / "metrics.json").is_file():
@@ -63,8 +68,13 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) ->
     if (job_dir / "checkpoints").is_dir():
         with open_dict(cfg):
             cfg.resume = "auto"  # an interrupted job: continue from its newest valid checkpoint
-    record = {"overrides": overrides, "status": "running", "monitor": monitor_of(cfg),
-              "wall_time_s": (previous or {}).get("wall_time_s", 0.0), "runs": (previous or {}).get("runs", 0) + 1}
+    record = {
+        "overrides": overrides,
+        "status": "running",
+        "monitor": monitor_of(cfg),
+        "wall_time_s": (previous or {}).get("wall_time_s", 0.0),
+        "runs": (previous or {}).get("runs", 0) + 1,
+    }
     _write_json(job_dir / JOB_RECORD, record)
     started = time.perf_counter()
     try:
@@ -121,9 +131,17 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             metrics = {}
         status = "conflict" if "conflict" in record else record.get("status", "?")
         error = record.get("conflict", {}).get("error") or record.get("error", "")
-        rows.append({"job": job_dir.name, "status": status, "overrides": " ".join(record.get("overrides", [])),
-                     "best": record.get("best"), "metrics": metrics,
-                     "wall_time_s": round(record.get("wall_time_s", 0.0), 1), "error": error})
+        rows.append(
+            {
+                "job": job_dir.name,
+                "status": status,
+                "overrides": " ".join(record.get("overrides", [])),
+                "best": record.get("best"),
+                "metrics": metrics,
+                "wall_time_s": round(record.get("wall_time_s", 0.0), 1),
+                "error": error,
+            }
+        )
     return rows
 
 
@@ -138,8 +156,18 @@ def refresh_summary(sweep_dir: Path, monitor: str) -> list[dict[str, Any]]:
         return rows
     metrics = metric_columns(rows)
     columns = ["job", "status", "overrides", f"best {monitor}", *metrics, "wall_time_s", "error"]
-    table = [[r["job"], r["status"], r["overrides"], r["best"], *(r["metrics"].get(k) for k in metrics),
-              r["wall_time_s"], r["error"]] for r in rows]
+    table = [
+        [
+            r["job"],
+            r["status"],
+            r["overrides"],
+            r["best"],
+            *(r["metrics"].get(k) for k in metrics),
+            r["wall_time_s"],
+            r["error"],
+        ]
+        for r in rows
+    ]
     text = io.StringIO()
     csv.writer(text).writerows([columns, *table])
     write_text(sweep_dir / "sweep_summary.csv", text.getvalue())
@@ -147,8 +175,12 @@ def refresh_summary(sweep_dir: Path, monitor: str) -> list[dict[str, Any]]:
     for row in table:
         row[2] = " ".join(o for o in row[2].split() if o.partition("=")[0] in varying) or row[2]
     done = sum(r["status"] == "done" for r in rows)
-    lines = [f"# Sweep summary: {done} of {len(rows)} jobs done", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [
+        f"# Sweep summary: {done} of {len(rows)} jobs done",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table]
     write_text(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
     plot_summary(rows, monitor, sweep_dir / "sweep_summary.png")
@@ -179,6 +211,7 @@ def plot_summary(rows: list[dict[str, Any]], monitor: str, path: Path) -> None:
     jobs are marked. Needs matplotlib (the `plot` extra); without it, only the tables are written."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -189,12 +222,14 @@ def plot_summary(rows: list[dict[str, Any]], monitor: str, path: Path) -> None:
     ok = [r for r in rows if r["status"] == "done" and r["best"] is not None]
     bad = [r for r in rows if r not in ok]
     if parameter is not None:
+
         def x_of(row):
             value = dict(item.partition("=")[::2] for item in row["overrides"].split())[parameter]
             try:
                 return float(value)
             except ValueError:
                 return value
+
         xs = [x_of(r) for r in ok]
         numeric = all(isinstance(x, float) for x in xs + [x_of(r) for r in bad])
         pairs = list(zip(xs, (r["best"] for r in ok)))
@@ -207,8 +242,10 @@ def plot_summary(rows: list[dict[str, Any]], monitor: str, path: Path) -> None:
         ax.set_xlabel(parameter)
     else:
         varying = varying_keys(rows)
-        labels = [" ".join(o for o in r["overrides"].split() if o.partition("=")[0] in varying) or r["job"]
-                  for r in rows]
+        labels = [
+            " ".join(o for o in r["overrides"].split() if o.partition("=")[0] in varying) or r["job"]
+            for r in rows
+        ]
         for x, r in enumerate(rows):
             if r in ok:
                 ax.bar(x, r["best"], color="tab:blue")
@@ -238,7 +275,10 @@ class SweepSummary(Callback):
         if failed:
             first, varying = failed[0], varying_keys(rows)
             which = " ".join(o for o in first["overrides"].split() if o.partition("=")[0] in varying)
-            print(f"error: sweep: {len(failed)} of {len(rows)} jobs did not finish (job {first['job']}"
-                  f"{', ' + which if which else ''}: {first['error'] or first['status']}); see "
-                  f"{sweep_dir / 'sweep_summary.md'}", file=sys.stderr)
+            print(
+                f"error: sweep: {len(failed)} of {len(rows)} jobs did not finish (job {first['job']}"
+                f"{', ' + which if which else ''}: {first['error'] or first['status']}); see "
+                f"{sweep_dir / 'sweep_summary.md'}",
+                file=sys.stderr,
+            )
             raise SystemExit(1)

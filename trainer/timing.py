@@ -1,6 +1,7 @@
 """Where the time goes: a per-phase timer, and the decorators and iterators that feed it. On a GPU the
 whole phases synchronise (once each) and the per-step sections record CUDA events, so no step waits
 for the device just to be timed."""
+
 import contextlib
 import functools
 import time
@@ -67,6 +68,7 @@ class PhaseTimer:
         def row(name: str, seconds: float, calls: int | None) -> str:
             mean = f"{1000 * seconds / calls:>10.1f}" if calls else f"{'':>10}"
             return f"{name:<20}{seconds:>10.2f}{calls or '':>8}{mean}{100 * seconds / total:>7.1f}%"
+
         phases = sorted(((p, s) for p, s in self.seconds.items() if p not in nested), key=lambda kv: -kv[1])
         for phase, seconds in phases:
             rows.append(row(phase, seconds, self.calls[phase]))
@@ -81,6 +83,7 @@ class PhaseTimer:
 def timed(phase: str) -> Callable[[F], F]:
     """Times a method into `self.timer` (its total, and `self.timer.last[phase]` for this call); what
     the method returns passes through untouched."""
+
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(self, *args, **kwargs):
@@ -90,18 +93,23 @@ def timed(phase: str) -> Callable[[F], F]:
             self.timer.settle()  # the per-step sections inside it, now that the device has caught up
             self.timer.add(phase, elapsed)
             return result
+
         return wrapper  # type: ignore[return-value]
+
     return decorate
 
 
 def timed_step(section: str) -> Callable[[F], F]:
     """Times a method called every step into `self.timer`'s `section`, without a host sync."""
+
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(self, *args, **kwargs):
             with self.timer.section(section):
                 return fn(self, *args, **kwargs)
+
         return wrapper  # type: ignore[return-value]
+
     return decorate
 
 
@@ -123,9 +131,14 @@ def profiled_iter(items: Iterable, logdir: Path, steps: int) -> Iterator:
     """Yields from `items` under torch.profiler: skips one step, warms up one, records `steps`, and
     writes the trace next to the run's TensorBoard events (open it there, or in Perfetto)."""
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
-                 on_trace_ready=tensorboard_trace_handler(str(logdir)), record_shapes=True) as profiler:
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(str(logdir)),
+        record_shapes=True,
+    ) as profiler:
         for item in items:
             yield item
             profiler.step()

@@ -8,6 +8,7 @@ is asked again first, with the same parameters, so its job resumes from its own 
 Hydra takes sweepers only from the `hydra_plugins` namespace, and imports every module there when it
 starts: optuna and the plugin are imported when this sweeper is used, not before.
 """
+
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ class ResumableOptunaSweeper(Sweeper):
 
     def __init__(self, **params: Any) -> None:
         from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
         self.optuna = OptunaSweeper(**params)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -39,6 +41,7 @@ class ResumableOptunaSweeper(Sweeper):
 
 def _continue(impl: Any) -> None:
     import optuna
+
     try:
         study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
     except KeyError:  # a new study
@@ -48,10 +51,17 @@ def _continue(impl: Any) -> None:
     for trial in interrupted:
         study.tell(trial.number, state=state.FAIL)  # this attempt ended; it is asked again first
         study.enqueue_trial(trial.params)
-    finished = sum(t.state in (state.COMPLETE, state.PRUNED, state.FAIL) for t in study.trials) - len(interrupted)
+    finished = sum(t.state in (state.COMPLETE, state.PRUNED, state.FAIL) for t in study.trials) - len(
+        interrupted
+    )
     impl.n_trials = max(impl.n_trials - finished, 0)
     if finished and hasattr(impl.sampler, "reseed_rng"):
         # The configured seed would draw this search's first points again; a continued search draws anew.
         impl.sampler.reseed_rng()
-    log.info("optuna: study %s has %d finished trial(s); %d to go (%d interrupted, asked again first)",
-             impl.study_name, finished, impl.n_trials, len(interrupted))
+    log.info(
+        "optuna: study %s has %d finished trial(s); %d to go (%d interrupted, asked again first)",
+        impl.study_name,
+        finished,
+        impl.n_trials,
+        len(interrupted),
+    )

@@ -1,5 +1,18 @@
 """DATASETS entries return a DataBundle; `build_loaders` turns one into DataLoaders."""
-from trainer.data import folder, hf, manifest, mapped, segmentation, streaming, synthetic, text, textclass, vision  # noqa: F401  (registers the built-in datasets)
+# ruff: noqa: F401  (importing the modules below registers the built-in datasets)
+
+from trainer.data import (
+    folder,
+    hf,
+    manifest,
+    mapped,
+    segmentation,
+    streaming,
+    synthetic,
+    text,
+    textclass,
+    vision,
+)
 from trainer.data.arrays import DataBundle
 from trainer.data.loader import Loaders, build_loaders, sample_batch
 from trainer.registry import DATASETS

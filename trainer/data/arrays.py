@@ -1,4 +1,5 @@
 """Datasets held as one uint8 tensor: decoded once, augmented per sample with transforms.v2."""
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ class DataBundle:
     unavailable. A split may offer `preview(n)` (n inputs, for TensorBoard) and `targets()` (every
     target, read cheaply; tasks that need statistics of the training targets use it). `extra` holds
     whatever else a task may check: segmentation datasets give "mask_values", {value: first file}."""
+
     train: Dataset
     val: Dataset
     test: Dataset
@@ -49,7 +51,9 @@ class ArrayDataset(Dataset):
         if not isinstance(image, Tensor):  # a memory-mapped array: read this one image, and only it
             image = torch.from_numpy(np.array(image))  # a copy of one image: writable, contiguous
         label = self.labels[j]
-        return self.transform(image), (int(label) if label.ndim == 0 and not label.is_floating_point() else label)
+        return self.transform(image), (
+            int(label) if label.ndim == 0 and not label.is_floating_point() else label
+        )
 
     def targets(self) -> Tensor:
         """Every target of this split, in order (no image is read)."""
@@ -81,18 +85,20 @@ class Cutout(torch.nn.Module):
         row, col = int(torch.randint(height, ())), int(torch.randint(width, ()))
         top, left = max(row - self.size // 2, 0), max(col - self.size // 2, 0)
         image = image.clone()
-        image[..., top:row - self.size // 2 + self.size, left:col - self.size // 2 + self.size] = 0
+        image[..., top : row - self.size // 2 + self.size, left : col - self.size // 2 + self.size] = 0
         return image
 
 
 OUR_TRANSFORMS = {"Cutout": Cutout}  # augment steps that torchvision lacks; applied after Normalize
 
 
-def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float],
-                    resize: int | None) -> Callable[[Tensor], Tensor]:
+def build_transform(
+    augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float], resize: int | None
+) -> Callable[[Tensor], Tensor]:
     """uint8 CHW image -> optional resize -> augmentation steps by name -> float, normalised -> ours
     (a transforms.v2.Compose)."""
     from torchvision.transforms import v2  # here: registering a dataset must not cost torchvision's import
+
     steps: list[Callable] = [v2.Resize(resize, antialias=True)] if resize else []
     after: list[Callable] = []
     for spec in augment:
@@ -100,8 +106,10 @@ def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], st
         name = spec.pop("name", None)
         step = OUR_TRANSFORMS.get(str(name)) or getattr(v2, str(name), None)
         if not (isinstance(step, type) and issubclass(step, (v2.Transform, *OUR_TRANSFORMS.values()))):
-            raise UserError(f"dataset.augment: '{name}' is not a torchvision.transforms.v2 transform "
-                            f"(e.g. RandomCrop, RandomHorizontalFlip, ColorJitter) or Cutout")
+            raise UserError(
+                f"dataset.augment: '{name}' is not a torchvision.transforms.v2 transform "
+                f"(e.g. RandomCrop, RandomHorizontalFlip, ColorJitter) or Cutout"
+            )
         try:
             (after if name in OUR_TRANSFORMS else steps).append(step(**spec))
         except (TypeError, ValueError) as e:
@@ -110,10 +118,20 @@ def build_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], st
     return v2.Compose(steps)
 
 
-def bundle_from_arrays(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], classes: list[str], *,
-                       val_split: float, augment: Sequence[dict], mean: Sequence[float], std: Sequence[float],
-                       image_size: int, split_seed: int = 0, val: tuple[Tensor, Tensor] | None = None,
-                       target: str = "class") -> DataBundle:
+def bundle_from_arrays(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    classes: list[str],
+    *,
+    val_split: float,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int,
+    split_seed: int = 0,
+    val: tuple[Tensor, Tensor] | None = None,
+    target: str = "class",
+) -> DataBundle:
     """The validation set is `val` when the data has one; otherwise a `val_split` fraction of train
     (fixed by split_seed, so every run seed validates on the same images), or else the test split.
     The train transform goes to the training part only."""
@@ -135,5 +153,14 @@ def bundle_from_arrays(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
     else:
         val_set = ArrayDataset(*(val or test), None, eval_tf)
         train_set = ArrayDataset(images, labels, None, train_tf)
-    return DataBundle(train=train_set, val=val_set, test=ArrayDataset(*test, None, eval_tf), classes=classes,
-                      in_channels=channels, image_size=image_size, mean=list(mean), std=list(std), target=target)
+    return DataBundle(
+        train=train_set,
+        val=val_set,
+        test=ArrayDataset(*test, None, eval_tf),
+        classes=classes,
+        in_channels=channels,
+        image_size=image_size,
+        mean=list(mean),
+        std=list(std),
+        target=target,
+    )

@@ -5,6 +5,7 @@ Inputs are .txt files, JSONL files (each line an object whose `--field` holds a 
 uint32), index.json (the tokenizer, the dtype, the token count, each document's span, the corpus's
 bytes) and the tokenizer's own file for BPE. Training reads windows of it (dataset=text), so a corpus
 bigger than memory trains with flat memory."""
+
 import glob
 import json
 from collections.abc import Iterator
@@ -32,7 +33,9 @@ def input_files(inputs: list[str]) -> list[Path]:
         else:
             matched = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matched:
-                raise UserError(f"inputs: {item} is no file, folder or glob that matches; give .txt or .jsonl files")
+                raise UserError(
+                    f"inputs: {item} is no file, folder or glob that matches; give .txt or .jsonl files"
+                )
             files += matched
     if not files:
         raise UserError(f"inputs: no .txt or .jsonl files in {', '.join(inputs)}")
@@ -51,20 +54,31 @@ def documents(files: list[Path], field: str) -> Iterator[tuple[str, str]]:
             continue
         for number, row in json_lines(path, "inputs", content):
             if not isinstance(row.get(field), str):
-                raise UserError(f"inputs: {path} line {number} has no text field {field!r}; name it with --field")
+                raise UserError(
+                    f"inputs: {path} line {number} has no text field {field!r}; name it with --field"
+                )
             yield f"{path}:{number}", row[field]
 
 
-def tokenize(inputs: list[str], out: Path, tokenizer: str = "byte", vocab_size: int = 8192,
-             tokenizer_file: str | None = None, field: str = "text") -> dict:
+def tokenize(
+    inputs: list[str],
+    out: Path,
+    tokenizer: str = "byte",
+    vocab_size: int = 8192,
+    tokenizer_file: str | None = None,
+    field: str = "text",
+) -> dict:
     files = input_files(inputs)  # read a document at a time: the corpus need not fit in memory
     out.mkdir(parents=True, exist_ok=True)
     tok: Tokenizer
     if tokenizer == "byte":
         tok = ByteTokenizer()
     elif tokenizer == "bpe":
-        tok = BPETokenizer.load(Path(tokenizer_file)) if tokenizer_file else \
-            BPETokenizer.train((text for _, text in documents(files, field)), vocab_size)
+        tok = (
+            BPETokenizer.load(Path(tokenizer_file))
+            if tokenizer_file
+            else BPETokenizer.train((text for _, text in documents(files, field)), vocab_size)
+        )
     else:
         raise UserError(f"--tokenizer: must be byte or bpe, got {tokenizer!r}")
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
@@ -80,7 +94,12 @@ def tokenize(inputs: list[str], out: Path, tokenizer: str = "byte", vocab_size: 
         (out / f"{TOKENS}.tmp").unlink()
         raise UserError(f"inputs: the corpus ({len(files)} file(s)) holds no text")
     (out / f"{TOKENS}.tmp").replace(out / TOKENS)
-    index = {"tokenizer": tok.save(out), "dtype": np.dtype(dtype).name, "tokens": total, "bytes": corpus_bytes,
-             "documents": spans}
+    index = {
+        "tokenizer": tok.save(out),
+        "dtype": np.dtype(dtype).name,
+        "tokens": total,
+        "bytes": corpus_bytes,
+        "documents": spans,
+    }
     write_text(out / INDEX, json.dumps(index, indent=1))
     return index

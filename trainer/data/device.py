@@ -8,6 +8,7 @@ Every random draw of an epoch comes from a generator seeded by (seed, epoch) and
 sample's position in the epoch, so the same seed gives the same batches, and a resume can start
 mid-epoch.
 """
+
 from collections.abc import Iterator
 
 import torch
@@ -15,17 +16,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.data.arrays import ArrayDataset, Cutout
-from trainer.seeding import mix
 from trainer.data.plan import EpochPlan
 from trainer.errors import UserError
+from trainer.seeding import mix
 
 
 class DeviceBatches:
-    def __init__(self, dataset: ArrayDataset, *, batch_size: int, device: torch.device, seed: int, shuffle: bool,
-                 drop_last: bool, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        *,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if not isinstance(dataset, ArrayDataset):
-            raise UserError("loader.on_device: needs a dataset held in memory as one tensor (synthetic, cifar10, "
-                            "cifar100, mnist, fashion_mnist, imagefolder); set loader.on_device=false")
+            raise UserError(
+                "loader.on_device: needs a dataset held in memory as one tensor (synthetic, cifar10, "
+                "cifar100, mnist, fashion_mnist, imagefolder); set loader.on_device=false"
+            )
         self.seed, self.shuffle, self.rank = seed, shuffle, rank
         self.plan = EpochPlan(len(dataset), batch_size, world_size, drop_last)
         self.epoch, self.start = 0, 0
@@ -33,6 +46,7 @@ class DeviceBatches:
         self.flip_p = 0.0
         self.cutout = 0
         from torchvision.transforms import v2  # the steps the dataset's transform is made of
+
         images = dataset.all_images()
         for step in dataset.transform.transforms:
             if isinstance(step, v2.Resize):
@@ -48,8 +62,10 @@ class DeviceBatches:
                 self.mean = torch.tensor(step.mean, device=device).view(shape)
                 self.std = torch.tensor(step.std, device=device).view(shape)
             elif not isinstance(step, v2.ToDtype):
-                raise UserError(f"loader.on_device: dataset.augment step {type(step).__name__} has no batched "
-                                f"version; use RandomCrop, RandomHorizontalFlip and Cutout, or loader.on_device=false")
+                raise UserError(
+                    f"loader.on_device: dataset.augment step {type(step).__name__} has no batched "
+                    f"version; use RandomCrop, RandomHorizontalFlip and Cutout, or loader.on_device=false"
+                )
         self.images = images.to(device)
         self.labels = dataset.labels[dataset.indices].to(device)
         self.device = device
@@ -68,8 +84,9 @@ class DeviceBatches:
         offsets = flips = centres = None
         if self.crop is not None:
             (h, w), (left, right, top, bottom), _, _ = self.crop  # transforms.v2 keeps padding in this order
-            limits = torch.tensor([self.images.shape[-2] + top + bottom - h + 1,
-                                   self.images.shape[-1] + left + right - w + 1])
+            limits = torch.tensor(
+                [self.images.shape[-2] + top + bottom - h + 1, self.images.shape[-1] + left + right - w + 1]
+            )
             offsets = (torch.rand(n, 2, generator=generator) * limits).long().to(self.device)
         if self.flip_p > 0:
             flips = (torch.rand(n, generator=generator) < self.flip_p).to(self.device)
@@ -105,12 +122,17 @@ class DeviceBatches:
         """A different crop per image, as one gather: from the padded batch (constant padding), or from the
         batch itself through rows and columns mapped back inside the image (edge, reflect, symmetric)."""
         (h, w), (left, right, top, bottom), fill, mode = self.crop
-        rows = offsets[:, 0, None] + torch.arange(h, device=images.device)  # in the padded image's coordinates
+        rows = offsets[:, 0, None] + torch.arange(
+            h, device=images.device
+        )  # in the padded image's coordinates
         cols = offsets[:, 1, None] + torch.arange(w, device=images.device)
         if mode == "constant":
             images = F.pad(images, (left, right, top, bottom), value=fill)
         else:
-            rows, cols = _inside(rows - top, images.shape[-2], mode), _inside(cols - left, images.shape[-1], mode)
+            rows, cols = (
+                _inside(rows - top, images.shape[-2], mode),
+                _inside(cols - left, images.shape[-1], mode),
+            )
         batch = torch.arange(len(images), device=images.device)[:, None, None, None]
         channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
         return images[batch, channels, rows[:, None, :, None], cols[:, None, None, :]]

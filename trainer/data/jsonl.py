@@ -1,4 +1,5 @@
 """JSON Lines, read one object a line, for the manifest, text and text-classification datasets."""
+
 import json
 from collections.abc import Iterator
 from pathlib import Path

@@ -5,6 +5,7 @@ augmentation seed, so worker processes hold no random state that matters: 0, 2 o
 same batches, and a resumed run can restart the order at any batch. With several processes, each
 takes its share of every global batch (see plan.py).
 """
+
 import ctypes
 import signal
 from collections.abc import Iterable, Iterator
@@ -23,8 +24,16 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
     """Yields this process's batches of (index, augmentation seed); the order is a function of
     (seed, epoch) alone, and the epoch is split over processes by `EpochPlan`."""
 
-    def __init__(self, size: int, seed: int, shuffle: bool, batch_size: int, drop_last: bool, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool,
+        batch_size: int,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.seed, self.shuffle, self.rank = seed, shuffle, rank
         self.plan = EpochPlan(size, batch_size, world_size, drop_last)
         self.epoch, self.start = 0, 0
@@ -111,6 +120,7 @@ def sample_batch(dataset: Any, n: int = 2) -> Any:
     from torch.utils.data import default_collate
 
     from trainer.data.streaming import StreamingSplit
+
     if isinstance(dataset, StreamingSplit):  # it batches itself
         return next(iter(dataset.batches(batch_size=n, seed=0, shuffle=False, drop_last=False)))
     with seeded(0):
@@ -131,29 +141,52 @@ class Loaders:
         DataLoader, and after an error the traceback keeps it alive: the workers ignore the stop signals
         (see _worker_init), so multiprocessing's exit handler would wait for them forever."""
         for loader in (self.train, self.val, self.test):
-            iterator = getattr(loader, "_iterator", None)  # torch's persistent worker pool, when one was started
+            iterator = getattr(
+                loader, "_iterator", None
+            )  # torch's persistent worker pool, when one was started
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
                 iterator._shutdown_workers()
                 loader._iterator = None
 
 
-def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_memory: bool,
-                  prefetch_factor: int, persistent_workers: bool, shuffle: bool, drop_last: bool,
-                  seed: int, on_device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> Loaders:
+def build_loaders(
+    bundle: DataBundle,
+    *,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    prefetch_factor: int,
+    persistent_workers: bool,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int,
+    on_device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Loaders:
     """DataLoaders over the bundle, this process's share of each epoch; with `on_device`, batches cut
     and augmented on that device instead."""
     split = dict(batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if on_device is not None:
         from trainer.data.device import DeviceBatches
+
         train = DeviceBatches(bundle.train, device=on_device, shuffle=shuffle, drop_last=drop_last, **split)
-        val, test = (DeviceBatches(ds, device=on_device, shuffle=False, drop_last=False, **split)
-                     for ds in (bundle.val, bundle.test))
-        return Loaders(train=train, val=val, test=test, sampler=train, batch_size=batch_size,
-                       train_split=bundle.train)
+        val, test = (
+            DeviceBatches(ds, device=on_device, shuffle=False, drop_last=False, **split)
+            for ds in (bundle.val, bundle.test)
+        )
+        return Loaders(
+            train=train, val=val, test=test, sampler=train, batch_size=batch_size, train_split=bundle.train
+        )
     from trainer.data.streaming import StreamingSplit
-    workers = dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init,
-                   prefetch_factor=prefetch_factor if num_workers else None,
-                   persistent_workers=persistent_workers and num_workers > 0)
+
+    workers = dict(
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init,
+        prefetch_factor=prefetch_factor if num_workers else None,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )
 
     def loader(dataset, shuffle: bool, drop_last: bool) -> tuple[DataLoader, Any]:
         # Each loader gets its own generator: without one, every new iterator draws its workers' base
@@ -164,10 +197,18 @@ def build_loaders(bundle: DataBundle, *, batch_size: int, num_workers: int, pin_
             batches = dataset.batches(shuffle=shuffle, drop_last=drop_last, **split)
             return WorkerSignalsBlocked(batches, batch_size=None, generator=generator, **workers), batches
         sampler = EpochBatches(len(dataset), seed, shuffle, batch_size, drop_last, rank, world_size)
-        return (WorkerSignalsBlocked(SeededSamples(dataset), batch_sampler=sampler, generator=generator, **workers),
-                sampler)
+        return (
+            WorkerSignalsBlocked(
+                SeededSamples(dataset), batch_sampler=sampler, generator=generator, **workers
+            ),
+            sampler,
+        )
 
-    (train, sampler), (val, _), (test, _) = (loader(bundle.train, shuffle, drop_last),
-                                             loader(bundle.val, False, False), loader(bundle.test, False, False))
-    return Loaders(train=train, val=val, test=test, sampler=sampler, batch_size=batch_size,
-                   train_split=bundle.train)
+    (train, sampler), (val, _), (test, _) = (
+        loader(bundle.train, shuffle, drop_last),
+        loader(bundle.val, False, False),
+        loader(bundle.test, False, False),
+    )
+    return Loaders(
+        train=train, val=val, test=test, sampler=sampler, batch_size=batch_size, train_split=bundle.train
+    )

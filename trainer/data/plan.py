@@ -8,6 +8,7 @@ process takes the same number of steps without any sample repeated or left out.
 A last global batch too small to give every process two samples is merged into the one before
 (a batch of one breaks BatchNorm in training): that step is up to 2W - 1 samples larger.
 """
+
 from dataclasses import dataclass
 
 

@@ -10,6 +10,7 @@ both; padding fills the mask with dataset.pad_value (keep it equal to task.ignor
 so padded pixels count for nothing). Each dataset reports every mask value it holds and the first file
 that holds it, so the task can name the first bad file.
 """
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,20 +26,24 @@ from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_mask
 from trainer.registry import DATASETS
 
 
-def build_joint_transform(augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float],
-                          pad_value: int) -> Any:
+def build_joint_transform(
+    augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float], pad_value: int
+) -> Any:
     """transforms.v2 steps by name, applied to (image, Mask) together, then scaling and Normalize (which
     touch the image only); steps that pad fill the mask with `pad_value`."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
+
     steps: list[Any] = []
     for spec in augment:
         spec = dict(spec)
         name = str(spec.pop("name", None))
         step = getattr(v2, name, None)
         if not (isinstance(step, type) and issubclass(step, v2.Transform)):
-            raise UserError(f"dataset.augment: '{name}' is not a torchvision.transforms.v2 transform (segmentation "
-                            f"augments image and mask together, e.g. RandomCrop, RandomHorizontalFlip)")
+            raise UserError(
+                f"dataset.augment: '{name}' is not a torchvision.transforms.v2 transform (segmentation "
+                f"augments image and mask together, e.g. RandomCrop, RandomHorizontalFlip)"
+            )
         if "fill" in step.__init__.__code__.co_varnames and "fill" not in spec:
             spec["fill"] = {tv_tensors.Mask: pad_value, "others": 0}
         try:
@@ -60,6 +65,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         from torchvision import tv_tensors
+
         image, mask = self.transform(tv_tensors.Image(self.images[i]), tv_tensors.Mask(self.masks[i]))
         return image.as_subclass(Tensor), mask.as_subclass(Tensor).long()
 
@@ -80,9 +86,16 @@ def mask_values(masks: Tensor, names: Sequence[str]) -> dict[int, str]:
     return found
 
 
-def segmentation_bundle(splits: dict[str, tuple[Tensor, Tensor, list[str]]], classes: list[str], *,
-                        augment: Sequence[dict], mean: Sequence[float], std: Sequence[float], pad_value: int,
-                        image_size: int) -> DataBundle:
+def segmentation_bundle(
+    splits: dict[str, tuple[Tensor, Tensor, list[str]]],
+    classes: list[str],
+    *,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad_value: int,
+    image_size: int,
+) -> DataBundle:
     train_tf = build_joint_transform(augment, mean, std, pad_value)
     eval_tf = build_joint_transform([], mean, std, pad_value)
     train, val, test = splits["train"], splits["val"], splits.get("test", splits["val"])
@@ -90,29 +103,41 @@ def segmentation_bundle(splits: dict[str, tuple[Tensor, Tensor, list[str]]], cla
     for key, values in (("mean", mean), ("std", std)):
         if len(values) != channels:
             raise UserError(f"dataset.{key}: needs {channels} values (one per channel), got {list(values)}")
-    bundle = DataBundle(train=SegmentationDataset(train[0], train[1], train_tf),
-                        val=SegmentationDataset(val[0], val[1], eval_tf),
-                        test=SegmentationDataset(test[0], test[1], eval_tf), classes=classes, in_channels=channels,
-                        image_size=image_size, mean=list(mean), std=list(std), target="mask")
+    bundle = DataBundle(
+        train=SegmentationDataset(train[0], train[1], train_tf),
+        val=SegmentationDataset(val[0], val[1], eval_tf),
+        test=SegmentationDataset(test[0], test[1], eval_tf),
+        classes=classes,
+        in_channels=channels,
+        image_size=image_size,
+        mean=list(mean),
+        std=list(std),
+        target="mask",
+    )
     found: dict[int, str] = {}
-    for images, masks, names in (train, val, test):
+    for _, masks, names in (train, val, test):
         for value, name in mask_values(masks, names).items():
             found.setdefault(value, name)
     bundle.extra["mask_values"] = found  # checked by task=segmentation against its classes
     return bundle
 
 
-def _load_split(folder: Path, size: int, channels: int, on_error: str,
-                max_pixels: int) -> tuple[Tensor, Tensor, list[str]]:
+def _load_split(
+    folder: Path, size: int, channels: int, on_error: str, max_pixels: int
+) -> tuple[Tensor, Tensor, list[str]]:
     images_dir, masks_dir = folder / "images", folder / "masks"
     if not images_dir.is_dir() or not masks_dir.is_dir():
-        raise UserError(f"dataset.root: {folder} needs images/ and masks/ folders (segfolder expects "
-                        f"<split>/images/<name>.jpg and <split>/masks/<name>.png)")
+        raise UserError(
+            f"dataset.root: {folder} needs images/ and masks/ folders (segfolder expects "
+            f"<split>/images/<name>.jpg and <split>/masks/<name>.png)"
+        )
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in SUFFIXES)
     missing = [p.name for p in files if not (masks_dir / f"{p.stem}.png").is_file()]
     if missing:
-        raise UserError(f"dataset.root: {masks_dir} has no mask for {len(missing)} image(s), e.g. {missing[0]} "
-                        f"(expected {Path(missing[0]).stem}.png)")
+        raise UserError(
+            f"dataset.root: {masks_dir} has no mask for {len(missing)} image(s), e.g. {missing[0]} "
+            f"(expected {Path(missing[0]).stem}.png)"
+        )
     if not files:
         raise UserError(f"dataset.root: no .jpg, .png, .webp or .gif images in {images_dir}")
     images, kept = decode_files(files, size, channels, on_error, max_pixels, f"{folder.name}/images")
@@ -122,31 +147,47 @@ def _load_split(folder: Path, size: int, channels: int, on_error: str,
         try:
             masks.append(decode_mask(path.read_bytes(), size, max_pixels, "dataset.max_image_pixels"))
         except (ImageError, OSError) as e:
-            raise UserError(f"dataset.root: cannot read the mask {path} ({e}); fix or remove it with its image") \
-                from None
+            raise UserError(
+                f"dataset.root: cannot read the mask {path} ({e}); fix or remove it with its image"
+            ) from None
         names.append(str(path))
     return images, torch.stack(masks), names
 
 
 @DATASETS.register("segfolder")
-def segfolder(root: str, num_classes: int, class_names: list[str] | None = None, image_size: int = 64,
-              in_channels: int = 3, augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
-              std: Sequence[float] = (0.25, 0.25, 0.25), pad_value: int = 255, on_error: str = "skip",
-              max_image_pixels: int = DEFAULT_MAX_PIXELS) -> DataBundle:
+def segfolder(
+    root: str,
+    num_classes: int,
+    class_names: list[str] | None = None,
+    image_size: int = 64,
+    in_channels: int = 3,
+    augment: Sequence[dict] = (),
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.25, 0.25, 0.25),
+    pad_value: int = 255,
+    on_error: str = "skip",
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DataBundle:
     if on_error not in ("skip", "error"):
         raise UserError(f"dataset.on_error: must be one of skip, error, got {on_error!r}")
     names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise UserError(f"dataset.class_names: {len(names)} names for dataset.num_classes={num_classes}")
     folder = Path(root)
-    splits = {split: _load_split(folder / split, image_size, in_channels, on_error, max_image_pixels)
-              for split in ("train", "val", "test") if (folder / split).is_dir()}
+    splits = {
+        split: _load_split(folder / split, image_size, in_channels, on_error, max_image_pixels)
+        for split in ("train", "val", "test")
+        if (folder / split).is_dir()
+    }
     for split in ("train", "val"):
         if split not in splits:
-            raise UserError(f"dataset.root: {folder.resolve()} has no {split}/ folder (segfolder expects "
-                            f"train/ and val/, and optionally test/, each with images/ and masks/)")
-    return segmentation_bundle(splits, names, augment=augment, mean=mean, std=std, pad_value=pad_value,
-                               image_size=image_size)
+            raise UserError(
+                f"dataset.root: {folder.resolve()} has no {split}/ folder (segfolder expects "
+                f"train/ and val/, and optionally test/, each with images/ and masks/)"
+            )
+    return segmentation_bundle(
+        splits, names, augment=augment, mean=mean, std=std, pad_value=pad_value, image_size=image_size
+    )
 
 
 def synthetic_scenes(n: int, image_size: int, noise: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -164,7 +205,7 @@ def synthetic_scenes(n: int, image_size: int, noise: float, seed: int) -> tuple[
             if kind == 1:
                 inside = ((grid.view(-1, 1) - cy).abs() <= half) & ((grid.view(1, -1) - cx).abs() <= half)
             else:
-                inside = (grid.view(-1, 1) - cy) ** 2 + (grid.view(1, -1) - cx) ** 2 <= half ** 2
+                inside = (grid.view(-1, 1) - cy) ** 2 + (grid.view(1, -1) - cx) ** 2 <= half**2
             colour = torch.rand(3, 1, 1, generator=g) * 0.5 + 0.5
             images[i] = torch.where(inside, colour, images[i])
             masks[i][inside] = kind
@@ -172,23 +213,45 @@ def synthetic_scenes(n: int, image_size: int, noise: float, seed: int) -> tuple[
 
 
 @DATASETS.register("synthetic_shapes")
-def synthetic_shapes(num_classes: int = 3, in_channels: int = 3, image_size: int = 32, train_size: int = 512,
-                     val_size: int = 128,
-                     test_size: int = 128, noise: float = 0.1, seed: int = 0, augment: Sequence[dict] = (),
-                     mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.25, 0.25, 0.25),
-                     pad_value: int = 255) -> DataBundle:
+def synthetic_shapes(
+    num_classes: int = 3,
+    in_channels: int = 3,
+    image_size: int = 32,
+    train_size: int = 512,
+    val_size: int = 128,
+    test_size: int = 128,
+    noise: float = 0.1,
+    seed: int = 0,
+    augment: Sequence[dict] = (),
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.25, 0.25, 0.25),
+    pad_value: int = 255,
+) -> DataBundle:
     if num_classes != 3:
-        raise UserError(f"dataset.num_classes: synthetic_shapes has 3 classes (background, square, disc), got "
-                        f"{num_classes}")
+        raise UserError(
+            f"dataset.num_classes: synthetic_shapes has 3 classes (background, square, disc), got "
+            f"{num_classes}"
+        )
     if in_channels != 3:
         raise UserError(f"dataset.in_channels: synthetic_shapes are RGB (3), got {in_channels}")
-    for key, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size),
-                       ("image_size", image_size)):
+    for key, value in (
+        ("train_size", train_size),
+        ("val_size", val_size),
+        ("test_size", test_size),
+        ("image_size", image_size),
+    ):
         if value < 1:
             raise UserError(f"dataset.{key}: must be 1 or more, got {value}")
     splits = {}
     for offset, (split, size) in enumerate((("train", train_size), ("val", val_size), ("test", test_size))):
         images, masks = synthetic_scenes(size, image_size, noise, seed + offset)
         splits[split] = (images, masks, [f"synthetic {split} sample {i}" for i in range(size)])
-    return segmentation_bundle(splits, ["background", "square", "disc"], augment=augment, mean=mean, std=std,
-                               pad_value=pad_value, image_size=image_size)
+    return segmentation_bundle(
+        splits,
+        ["background", "square", "disc"],
+        augment=augment,
+        mean=mean,
+        std=std,
+        pad_value=pad_value,
+        image_size=image_size,
+    )

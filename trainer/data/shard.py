@@ -8,6 +8,7 @@ lists the classes and every shard with its sample count, so training never has t
 Samples are shuffled (--seed) before sharding: a shard then holds every class, which the bounded
 shuffle buffer needs for well-mixed batches.
 """
+
 import argparse
 import io
 import json
@@ -28,8 +29,13 @@ from trainer.images import SUFFIXES
 
 
 def list_split(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    return [(path, label) for label, name in enumerate(classes) if (folder / name).is_dir()
-            for path in sorted((folder / name).iterdir()) if path.suffix.lower() in SUFFIXES]
+    return [
+        (path, label)
+        for label, name in enumerate(classes)
+        if (folder / name).is_dir()
+        for path in sorted((folder / name).iterdir())
+        if path.suffix.lower() in SUFFIXES
+    ]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -71,7 +77,7 @@ def write_shards(source: Path, out: Path, shard_size: int, fmt: str = "tar", see
         shards = []
         with tqdm(total=len(samples), desc=f"sharding {split}/", unit="img", disable=None) as bar:
             for number, first in enumerate(range(0, len(samples), shard_size)):
-                chunk = samples[first:first + shard_size]
+                chunk = samples[first : first + shard_size]
                 name = f"{split}/shard-{number:06d}.{fmt}"
                 writer(out / name, chunk, first)
                 shards.append({"file": name, "count": len(chunk)})
@@ -83,7 +89,9 @@ def write_shards(source: Path, out: Path, shard_size: int, fmt: str = "tar", see
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.data.shard", description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="an image folder: train/<class>/*, optionally val/ and test/")
+    parser.add_argument(
+        "source", type=Path, help="an image folder: train/<class>/*, optionally val/ and test/"
+    )
     parser.add_argument("out", type=Path, help="the folder to write the shards and index.json to")
     parser.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
     parser.add_argument("--format", choices=["tar", "jsonl"], default="tar")

@@ -20,6 +20,7 @@ A worker holds the encoded bytes of its own samples for the windows it is readin
 Longer than 300 lines: reading shards, the epoch's sequence and the per-worker batches are one
 mechanism, and each part's invariants (above) hold only with the others.
 """
+
 import itertools
 import json
 import logging
@@ -32,13 +33,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trainer.registry import DATASETS
 from trainer.data.arrays import DataBundle, build_transform
-from trainer.seeding import mix, seeded
 from trainer.data.plan import EpochPlan
 from trainer.data.tables import iter_table_rows
 from trainer.errors import UserError
 from trainer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from trainer.registry import DATASETS
+from trainer.seeding import mix, seeded
 
 log = logging.getLogger("trainer")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "gif")
@@ -67,8 +68,9 @@ def _read_tar_sample(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo]) 
     return tar.extractfile(image).read(), int(tar.extractfile(members["cls"]).read().decode().strip())
 
 
-def iter_shard(shard: Shard, start: int, stop: int, wanted: Callable[[int], bool],
-               classes: Sequence[str]) -> Iterator[tuple[int, Callable[[], tuple[bytes, int]]]]:
+def iter_shard(
+    shard: Shard, start: int, stop: int, wanted: Callable[[int], bool], classes: Sequence[str]
+) -> Iterator[tuple[int, Callable[[], tuple[bytes, int]]]]:
     """(index in shard, read) for the wanted samples with start <= index < stop; `read()` returns
     (encoded image, label) and must be called before the caller asks for the next sample."""
     if shard.columns is not None:  # an Arrow table (a Hugging Face dataset's file)
@@ -127,8 +129,9 @@ def read_index(root: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"dataset.root: {path} is not valid JSON ({e}); write it again with "
-                        f"python -m trainer.data.shard") from None
+        raise UserError(
+            f"dataset.root: {path} is not valid JSON ({e}); write it again with python -m trainer.data.shard"
+        ) from None
 
 
 def find_shards(root: Path, split: str) -> list[Shard]:
@@ -143,8 +146,13 @@ def find_shards(root: Path, split: str) -> list[Shard]:
         paths = [root / f"{split}.jsonl"]
     shards = [Shard(str(p), count_samples(str(p))) for p in paths]
     if shards:
-        log.info("counted %d %s samples in %d shard(s) under %s (an index.json would skip this)",
-                 sum(s.count for s in shards), split, len(shards), root)
+        log.info(
+            "counted %d %s samples in %d shard(s) under %s (an index.json would skip this)",
+            sum(s.count for s in shards),
+            split,
+            len(shards),
+            root,
+        )
     return [s for s in shards if s.count > 0]
 
 
@@ -152,8 +160,10 @@ def stream_class_count(root: str) -> int:
     """The `stream_class_count` config resolver: the number of classes index.json lists."""
     classes = read_index(Path(root)).get("classes")
     if not classes:
-        raise UserError(f"dataset.num_classes: {Path(root) / INDEX} lists no classes; set dataset.num_classes=N, "
-                        f"or write the shards with python -m trainer.data.shard")
+        raise UserError(
+            f"dataset.num_classes: {Path(root) / INDEX} lists no classes; set dataset.num_classes=N, "
+            f"or write the shards with python -m trainer.data.shard"
+        )
     return len(classes)
 
 
@@ -162,14 +172,17 @@ def bad_sample(error: Exception, on_error: str) -> None:
     """dataset.on_error: skip (with a warning) or stop."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if on_error == "error":
-        raise UserError(f"dataset.on_error=error: unreadable sample ({reason}); fix or remove it, or set "
-                        f"dataset.on_error=skip") from None
+        raise UserError(
+            f"dataset.on_error=error: unreadable sample ({reason}); fix or remove it, or set "
+            f"dataset.on_error=skip"
+        ) from None
     log.warning("skipped an unreadable sample (%s)", reason)
 
 
 @dataclass
 class StreamingSplit:
     """One split: its shards and how a sample becomes a tensor. `batches()` makes the loader's dataset."""
+
     shards: list[Shard]
     classes: list[str]
     image_size: int
@@ -181,7 +194,9 @@ class StreamingSplit:
     max_image_pixels: int
 
     def decode(self, data: bytes) -> Tensor:
-        return decode_image(data, self.image_size, self.channels, self.max_image_pixels, "dataset.max_image_pixels")
+        return decode_image(
+            data, self.image_size, self.channels, self.max_image_pixels, "dataset.max_image_pixels"
+        )
 
     def __len__(self) -> int:
         return self.epoch_length or sum(s.count for s in self.shards)
@@ -200,20 +215,36 @@ class StreamingSplit:
                     return torch.stack(images)
         return torch.stack(images)
 
-    def batches(self, *, batch_size: int, seed: int, shuffle: bool, drop_last: bool, rank: int = 0,
-                world_size: int = 1) -> "StreamBatches":
-        return StreamBatches(self, EpochPlan(len(self), batch_size, world_size, drop_last), seed=seed,
-                             shuffle=shuffle, rank=rank)
+    def batches(
+        self,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> "StreamBatches":
+        return StreamBatches(
+            self,
+            EpochPlan(len(self), batch_size, world_size, drop_last),
+            seed=seed,
+            shuffle=shuffle,
+            rank=rank,
+        )
 
 
 # ---- the epoch's sequence, and one worker's part of it ----------------------------------------------
 class StreamBatches(IterableDataset):
     """The DataLoader's dataset (batch_size=None): yields this rank's batches, this worker's share."""
 
-    def __init__(self, split: StreamingSplit, plan: EpochPlan, *, seed: int, shuffle: bool, rank: int) -> None:
+    def __init__(
+        self, split: StreamingSplit, plan: EpochPlan, *, seed: int, shuffle: bool, rank: int
+    ) -> None:
         if plan.samples < 2 * plan.world_size:
-            raise UserError(f"dataset.root: a split has {plan.samples} samples, too few for "
-                            f"{plan.world_size} process(es)")
+            raise UserError(
+                f"dataset.root: a split has {plan.samples} samples, too few for {plan.world_size} process(es)"
+            )
         self.split, self.plan, self.seed, self.shuffle, self.rank = split, plan, seed, shuffle, rank
         self.total = sum(s.count for s in split.shards)
         # (epoch, start batch), set in the main process and read by the workers when an epoch begins:
@@ -240,7 +271,9 @@ class StreamBatches(IterableDataset):
         if not self.shuffle:
             return list(self.split.shards)
         generator = torch.Generator().manual_seed(mix(self.seed, pass_index, 2))
-        return [self.split.shards[i] for i in torch.randperm(len(self.split.shards), generator=generator).tolist()]
+        return [
+            self.split.shards[i] for i in torch.randperm(len(self.split.shards), generator=generator).tolist()
+        ]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         info = get_worker_info()
@@ -277,20 +310,27 @@ class StreamBatches(IterableDataset):
                 yield self._make_batch(samples.pop(step), epoch, step)
                 step = next(mine, None)
 
-    def _owners(self, epoch: int, window: int, start: int, worker: int, workers: int) -> dict[int, tuple[int, int]]:
+    def _owners(
+        self, epoch: int, window: int, start: int, worker: int, workers: int
+    ) -> dict[int, tuple[int, int]]:
         """{stream position: (step, slot in batch)} for this rank's and worker's samples in a window."""
         size, plan = self.split.shuffle_buffer, self.plan
         stream = self.window_order(epoch, window)
         sequence = torch.arange(window * size, window * size + len(stream))
         steps = (sequence // plan.global_batch).clamp(max=max(len(plan) - 1, 0))
         offset = sequence - steps * plan.global_batch
-        keep = ((sequence < plan.bounds(len(plan) - 1)[1]) & (steps >= start)
-                & (offset % plan.world_size == self.rank) & ((steps - start) % workers == worker))
+        keep = (
+            (sequence < plan.bounds(len(plan) - 1)[1])
+            & (steps >= start)
+            & (offset % plan.world_size == self.rank)
+            & ((steps - start) % workers == worker)
+        )
         slots = offset[keep] // plan.world_size
         return dict(zip(stream[keep].tolist(), zip(steps[keep].tolist(), slots.tolist())))
 
-    def _stream(self, epoch: int, begin: int,
-                wanted: Callable[[int], bool]) -> Iterator[tuple[int, tuple[bytes, int] | None]]:
+    def _stream(
+        self, epoch: int, begin: int, wanted: Callable[[int], bool]
+    ) -> Iterator[tuple[int, tuple[bytes, int] | None]]:
         """(epoch position, (bytes, label)) of the wanted samples from epoch position `begin` on.
 
         Epoch e covers positions [e x length, (e + 1) x length) of an endless run of passes over the
@@ -303,7 +343,9 @@ class StreamBatches(IterableDataset):
                 if shard_base + shard.count > absolute:
                     first, stop = absolute - shard_base, min(shard.count, end - shard_base)
                     at = shard_base - epoch * length  # the epoch position of the shard's sample 0
-                    for index, read in iter_shard(shard, first, stop, lambda i: wanted(at + i), self.split.classes):
+                    for index, read in iter_shard(
+                        shard, first, stop, lambda i, at=at: wanted(at + i), self.split.classes
+                    ):
                         yield at + index, self._read(read)
                     absolute = shard_base + stop
                     if absolute >= end:
@@ -337,55 +379,125 @@ class StreamBatches(IterableDataset):
 
 
 # ---- the DATASETS entry ----------------------------------------------------------------------------
-def check_options(*, shuffle_buffer: int, epoch_length: int | None, on_error: str, in_channels: int,
-                  max_image_pixels: int) -> None:
-    for key, value, ok, requirement in (("shuffle_buffer", shuffle_buffer, shuffle_buffer >= 1, "1 or more"),
-                                        ("epoch_length", epoch_length, epoch_length is None or epoch_length >= 1,
-                                         "null (one pass) or 1 or more"),
-                                        ("on_error", on_error, on_error in ("skip", "error"), "one of skip, error"),
-                                        ("in_channels", in_channels, in_channels in (1, 3), "1 or 3"),
-                                        ("max_image_pixels", max_image_pixels, max_image_pixels >= 1, "1 or more")):
+def check_options(
+    *, shuffle_buffer: int, epoch_length: int | None, on_error: str, in_channels: int, max_image_pixels: int
+) -> None:
+    for key, value, ok, requirement in (
+        ("shuffle_buffer", shuffle_buffer, shuffle_buffer >= 1, "1 or more"),
+        (
+            "epoch_length",
+            epoch_length,
+            epoch_length is None or epoch_length >= 1,
+            "null (one pass) or 1 or more",
+        ),
+        ("on_error", on_error, on_error in ("skip", "error"), "one of skip, error"),
+        ("in_channels", in_channels, in_channels in (1, 3), "1 or 3"),
+        ("max_image_pixels", max_image_pixels, max_image_pixels >= 1, "1 or more"),
+    ):
         if not ok:
             raise UserError(f"dataset.{key}: must be {requirement}, got {value!r}")
 
 
 @DATASETS.register("streaming")
-def streaming(root: str, num_classes: int, image_size: int = 32, in_channels: int = 3, shuffle_buffer: int = 1000,
-              epoch_length: int | None = None, augment: Sequence[dict] = (), mean: Sequence[float] = (0.5, 0.5, 0.5),
-              std: Sequence[float] = (0.25, 0.25, 0.25), on_error: str = "skip",
-              max_image_pixels: int = DEFAULT_MAX_PIXELS) -> DataBundle:
-    check_options(shuffle_buffer=shuffle_buffer, epoch_length=epoch_length, on_error=on_error,
-                  in_channels=in_channels, max_image_pixels=max_image_pixels)
+def streaming(
+    root: str,
+    num_classes: int,
+    image_size: int = 32,
+    in_channels: int = 3,
+    shuffle_buffer: int = 1000,
+    epoch_length: int | None = None,
+    augment: Sequence[dict] = (),
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.25, 0.25, 0.25),
+    on_error: str = "skip",
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DataBundle:
+    check_options(
+        shuffle_buffer=shuffle_buffer,
+        epoch_length=epoch_length,
+        on_error=on_error,
+        in_channels=in_channels,
+        max_image_pixels=max_image_pixels,
+    )
     folder = Path(root)
     if not folder.is_dir():
-        raise UserError(f"dataset.root: {folder.resolve()} does not exist; write shards there with "
-                        f"python -m trainer.data.shard <image folder> {root}")
+        raise UserError(
+            f"dataset.root: {folder.resolve()} does not exist; write shards there with "
+            f"python -m trainer.data.shard <image folder> {root}"
+        )
     classes = read_index(folder).get("classes") or [str(i) for i in range(num_classes)]
     if len(classes) != num_classes:
-        raise UserError(f"dataset.num_classes: {folder / INDEX} lists {len(classes)} classes, the config says "
-                        f"{num_classes}")
+        raise UserError(
+            f"dataset.num_classes: {folder / INDEX} lists {len(classes)} classes, the config says "
+            f"{num_classes}"
+        )
     splits = {name: find_shards(folder, name) for name in ("train", "val", "test")}
     if not splits["train"]:
-        raise UserError(f"dataset.root: no training shards under {folder.resolve()} (train/*.tar, train/*.jsonl or "
-                        f"train.jsonl); write them with python -m trainer.data.shard <image folder> {root}")
+        raise UserError(
+            f"dataset.root: no training shards under {folder.resolve()} (train/*.tar, train/*.jsonl or "
+            f"train.jsonl); write them with python -m trainer.data.shard <image folder> {root}"
+        )
     if not splits["val"] and not splits["test"]:
-        raise UserError(f"dataset.root: {folder.resolve()} has no val or test shards to validate on; shard an image "
-                        f"folder that has val/ (or test/)")
-    return streaming_bundle(splits, classes, image_size=image_size, in_channels=in_channels,
-                            shuffle_buffer=shuffle_buffer, epoch_length=epoch_length, augment=augment, mean=mean,
-                            std=std, on_error=on_error, max_image_pixels=max_image_pixels)
+        raise UserError(
+            f"dataset.root: {folder.resolve()} has no val or test shards to validate on; shard an image "
+            f"folder that has val/ (or test/)"
+        )
+    return streaming_bundle(
+        splits,
+        classes,
+        image_size=image_size,
+        in_channels=in_channels,
+        shuffle_buffer=shuffle_buffer,
+        epoch_length=epoch_length,
+        augment=augment,
+        mean=mean,
+        std=std,
+        on_error=on_error,
+        max_image_pixels=max_image_pixels,
+    )
 
 
-def streaming_bundle(splits: dict[str, list[Shard]], classes: list[str], *, image_size: int, in_channels: int,
-                     shuffle_buffer: int, epoch_length: int | None, augment: Sequence[dict], mean: Sequence[float],
-                     std: Sequence[float], on_error: str, max_image_pixels: int) -> DataBundle:
+def streaming_bundle(
+    splits: dict[str, list[Shard]],
+    classes: list[str],
+    *,
+    image_size: int,
+    in_channels: int,
+    shuffle_buffer: int,
+    epoch_length: int | None,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    on_error: str,
+    max_image_pixels: int,
+) -> DataBundle:
     """The bundle of streamed splits: val is the test shards when there is no val, and the other way round."""
-    common = dict(classes=classes, image_size=image_size, channels=in_channels, shuffle_buffer=shuffle_buffer,
-                  on_error=on_error, max_image_pixels=max_image_pixels)
+    common = dict(
+        classes=classes,
+        image_size=image_size,
+        channels=in_channels,
+        shuffle_buffer=shuffle_buffer,
+        on_error=on_error,
+        max_image_pixels=max_image_pixels,
+    )
     eval_transform = build_transform([], mean, std, None)
-    train = StreamingSplit(splits["train"], transform=build_transform(augment, mean, std, None),
-                           epoch_length=epoch_length, **common)
-    val, test = (StreamingSplit(splits[name] or splits[other], transform=eval_transform, epoch_length=None, **common)
-                 for name, other in (("val", "test"), ("test", "val")))
-    return DataBundle(train=train, val=val, test=test, classes=classes, in_channels=in_channels,
-                      image_size=image_size, mean=list(mean), std=list(std))
+    train = StreamingSplit(
+        splits["train"],
+        transform=build_transform(augment, mean, std, None),
+        epoch_length=epoch_length,
+        **common,
+    )
+    val, test = (
+        StreamingSplit(splits[name] or splits[other], transform=eval_transform, epoch_length=None, **common)
+        for name, other in (("val", "test"), ("test", "val"))
+    )
+    return DataBundle(
+        train=train,
+        val=val,
+        test=test,
+        classes=classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        mean=list(mean),
+        std=list(std),
+    )

@@ -6,14 +6,17 @@ file beside it), or plain bytes, or a path. Only the rows a worker wants are tur
 objects; an Arrow file is memory-mapped, so skipping rows costs nothing. Files from elsewhere are
 hostile until read: a damaged one is a one-line error naming it, never a crash.
 """
+
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from trainer.errors import UserError
 
+
 def _record_batches(path: str) -> Iterator:
     """An Arrow file's record batches, memory-mapped: a batch's rows are read only when asked for."""
     import pyarrow as pa
+
     with pa.memory_map(path) as source:
         try:
             reader = pa.ipc.open_stream(source)  # what `datasets` writes
@@ -27,18 +30,28 @@ def _record_batches(path: str) -> Iterator:
 def count_rows(path: str) -> int:
     """An Arrow file's rows, from its batches' headers."""
     import pyarrow as pa
+
     try:
         return sum(batch.num_rows for batch in _record_batches(path))
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"dataset.path: cannot read {path} as a table ({_first_line(e)}); write the dataset "
-                        f"again (save_to_disk)") from None
+        raise UserError(
+            f"dataset.path: cannot read {path} as a table ({_first_line(e)}); write the dataset "
+            f"again (save_to_disk)"
+        ) from None
 
 
-def iter_table_rows(path: str, columns: tuple[str, str], start: int, stop: int, wanted: Callable[[int], bool],
-                    classes: Sequence[str]) -> Iterator[tuple[int, Callable[[], tuple[bytes, int]]]]:
+def iter_table_rows(
+    path: str,
+    columns: tuple[str, str],
+    start: int,
+    stop: int,
+    wanted: Callable[[int], bool],
+    classes: Sequence[str],
+) -> Iterator[tuple[int, Callable[[], tuple[bytes, int]]]]:
     """(row, read) for the wanted rows with start <= row < stop, as streaming.iter_shard gives them;
     `read()` returns (encoded image, label)."""
     import pyarrow as pa
+
     image_column, label_column = columns
     first = 0
     try:
@@ -49,12 +62,19 @@ def iter_table_rows(path: str, columns: tuple[str, str], start: int, stop: int, 
                 images, labels = batch.column(image_column), batch.column(label_column)
                 for row in range(max(start - first, 0), min(stop - first, batch.num_rows)):
                     if wanted(first + row):
-                        yield first + row, lambda row=row: (image_bytes(images[row].as_py(), path),
-                                                            label_index(labels[row].as_py(), classes))
+                        yield (
+                            first + row,
+                            lambda row=row, images=images, labels=labels: (
+                                image_bytes(images[row].as_py(), path),
+                                label_index(labels[row].as_py(), classes),
+                            ),
+                        )
             first += batch.num_rows
     except (pa.ArrowException, KeyError) as e:  # a damaged file, or one without the configured columns
-        raise UserError(f"dataset.path: cannot read rows of {path} ({_first_line(e)}); check the file and "
-                        f"dataset.image_column / dataset.label_column") from None
+        raise UserError(
+            f"dataset.path: cannot read rows of {path} ({_first_line(e)}); check the file and "
+            f"dataset.image_column / dataset.label_column"
+        ) from None
 
 
 def image_bytes(cell: object, where: str) -> bytes:

@@ -9,6 +9,7 @@ tokenized with the training corpus's tokenizer). A training epoch is every block
 shifted by a random offset drawn from the sample's own seed: random windows, the same for a seed
 whatever the worker count, and a resume restarts at any batch, as for images.
 """
+
 import hashlib
 import json
 import logging
@@ -53,7 +54,7 @@ class TextWindows(Dataset):
         if self.shift:  # under the sample's seed (SeededSamples): random, and the same for a seed
             room = self.stop - self.block_size - 1 - begin
             begin += int(torch.randint(min(self.block_size, room) + 1, ()))
-        window = torch.from_numpy(self.tokens[begin:begin + self.block_size + 1].astype(np.int64))
+        window = torch.from_numpy(self.tokens[begin : begin + self.block_size + 1].astype(np.int64))
         return window[:-1], window[1:]
 
 
@@ -84,14 +85,26 @@ def tokenized(root: str, tokenizer: str, vocab_size: int, cache: str, like: Path
             tokenize([root], target, tokenizer, vocab_size)
         else:
             spec = json.loads((like / INDEX).read_text())["tokenizer"]
-            tokenize([root], target, spec["kind"], vocab_size,
-                     tokenizer_file=str(like / spec["file"]) if spec.get("file") else None)
+            tokenize(
+                [root],
+                target,
+                spec["kind"],
+                vocab_size,
+                tokenizer_file=str(like / spec["file"]) if spec.get("file") else None,
+            )
     return target
 
 
 @DATASETS.register("text")
-def text(root: str, block_size: int = 256, vocab_size: int = 256, val_fraction: float = 0.1, tokenizer: str = "byte",
-         cache: str = "data/tokens", val_root: str | None = None) -> DataBundle:
+def text(
+    root: str,
+    block_size: int = 256,
+    vocab_size: int = 256,
+    val_fraction: float = 0.1,
+    tokenizer: str = "byte",
+    cache: str = "data/tokens",
+    val_root: str | None = None,
+) -> DataBundle:
     if block_size < 1:
         raise UserError(f"dataset.block_size: must be 1 or more, got {block_size}")
     if not val_root and not 0 < val_fraction < 1:
@@ -100,15 +113,19 @@ def text(root: str, block_size: int = 256, vocab_size: int = 256, val_fraction: 
     index = json.loads((folder / INDEX).read_text())
     spec = index["tokenizer"]
     if spec["vocab_size"] > vocab_size:
-        raise UserError(f"dataset.vocab_size: the tokenizer of {folder} has {spec['vocab_size']:,} tokens, more than "
-                        f"dataset.vocab_size={vocab_size:,} (the model's); set dataset.vocab_size={spec['vocab_size']}")
+        raise UserError(
+            f"dataset.vocab_size: the tokenizer of {folder} has {spec['vocab_size']:,} tokens, more than "
+            f"dataset.vocab_size={vocab_size:,} (the model's); set dataset.vocab_size={spec['vocab_size']}"
+        )
     total = int(index["tokens"])
     if val_root:  # split by file: all of root trains, val_root validates
         val_folder = tokenized(val_root, tokenizer, vocab_size, cache, like=folder)
         if _tokenizer_identity(val_folder) != _tokenizer_identity(folder):
-            raise UserError(f"dataset.val_root: {val_folder} was tokenized with another tokenizer than {folder}; "
-                            f"tokenize it with --tokenizer-file {folder / spec.get('file', 'tokenizer.json')}, "
-                            f"or give the raw text")
+            raise UserError(
+                f"dataset.val_root: {val_folder} was tokenized with another tokenizer than {folder}; "
+                f"tokenize it with --tokenizer-file {folder / spec.get('file', 'tokenizer.json')}, "
+                f"or give the raw text"
+            )
         val_index = json.loads((val_folder / INDEX).read_text())
         split, n_val = total, int(val_index["tokens"])
         val = TextWindows(val_folder / TOKENS, val_index["dtype"], 0, n_val, block_size, shift=False)
@@ -118,11 +135,18 @@ def text(root: str, block_size: int = 256, vocab_size: int = 256, val_fraction: 
         val = TextWindows(folder / TOKENS, index["dtype"], split, total, block_size, shift=False)
     for name, size in (("training", split), ("validation", n_val)):
         if size < block_size + 1:
-            raise UserError(f"dataset.block_size: the {name} split has {size:,} tokens, fewer than block_size + 1 = "
-                            f"{block_size + 1}; lower dataset.block_size, or use a bigger corpus")
+            raise UserError(
+                f"dataset.block_size: the {name} split has {size:,} tokens, fewer than block_size + 1 = "
+                f"{block_size + 1}; lower dataset.block_size, or use a bigger corpus"
+            )
     train = TextWindows(folder / TOKENS, index["dtype"], 0, split, block_size, shift=True)
-    extra = {"tokenizer": spec, "tokenizer_dir": str(folder), "block_size": block_size, "vocab_size": vocab_size,
-             "bytes_per_token": index["bytes"] / max(total, 1),
-             # predict/serve: a text's last block_size tokens, unpadded (the answer is at its last token)
-             "text": {"max_length": block_size, "pad_id": None}}
+    extra = {
+        "tokenizer": spec,
+        "tokenizer_dir": str(folder),
+        "block_size": block_size,
+        "vocab_size": vocab_size,
+        "bytes_per_token": index["bytes"] / max(total, 1),
+        # predict/serve: a text's last block_size tokens, unpadded (the answer is at its last token)
+        "text": {"max_length": block_size, "pad_id": None},
+    }
     return DataBundle(train=train, val=val, test=val, classes=[], target="tokens", extra=extra)

@@ -7,6 +7,7 @@ Texts are tokenized once (dataset.tokenizer: byte, or a BPE tokenizer.json in da
 cut to dataset.max_length tokens and padded with the id dataset.vocab_size (one past the vocabulary),
 which model=text_encoder masks out. Labels are the training file's, sorted.
 """
+
 import csv
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
 
 
 def split_file(root: Path, split: str) -> Path | None:
-    found = [root / f"{split}.{suffix}" for suffix in ("jsonl", "csv") if (root / f"{split}.{suffix}").is_file()]
+    found = [
+        root / f"{split}.{suffix}" for suffix in ("jsonl", "csv") if (root / f"{split}.{suffix}").is_file()
+    ]
     return found[0] if found else None
 
 
@@ -35,7 +38,11 @@ def read_examples(path: Path) -> list[tuple[str, str]]:
         rows = [row for _, row in json_lines(path, "dataset.root")]
     examples = []
     for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or row.get("label") in (None, ""):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("text"), str)
+            or row.get("label") in (None, "")
+        ):
             raise UserError(f"dataset.root: {path} row {number} needs a text and a label")
         examples.append((row["text"], str(row["label"])))
     if not examples:
@@ -55,28 +62,44 @@ def count_labels(root: str) -> int:
     return len(label_names(root))
 
 
-def encode(examples: list[tuple[str, str]], tokenizer: Tokenizer, classes: list[str], max_length: int,
-           pad_id: int, path: Path) -> TensorDataset:
+def encode(
+    examples: list[tuple[str, str]],
+    tokenizer: Tokenizer,
+    classes: list[str],
+    max_length: int,
+    pad_id: int,
+    path: Path,
+) -> TensorDataset:
     ids = torch.full((len(examples), max_length), pad_id, dtype=torch.long)
     labels = torch.zeros(len(examples), dtype=torch.long)
     index = {name: i for i, name in enumerate(classes)}
     for row, (text, label) in enumerate(examples):
         if label not in index:
-            raise UserError(f"dataset.root: {path} row {row + 1} has the label {label!r}, which train never uses")
+            raise UserError(
+                f"dataset.root: {path} row {row + 1} has the label {label!r}, which train never uses"
+            )
         tokens = tokenizer.encode(text)[:max_length] or [pad_id]
-        ids[row, :len(tokens)] = torch.tensor(tokens)
+        ids[row, : len(tokens)] = torch.tensor(tokens)
         labels[row] = index[label]
     return TensorDataset(ids, labels)
 
 
 @DATASETS.register("text_classification")
-def text_classification(root: str, num_classes: int, max_length: int = 128, vocab_size: int = 256,
-                        tokenizer: str = "byte", tokenizer_file: str | None = None,
-                        val_split: float = 0.0) -> DataBundle:
+def text_classification(
+    root: str,
+    num_classes: int,
+    max_length: int = 128,
+    vocab_size: int = 256,
+    tokenizer: str = "byte",
+    tokenizer_file: str | None = None,
+    val_split: float = 0.0,
+) -> DataBundle:
     folder = Path(root)
     classes = label_names(root)
     if num_classes != len(classes):
-        raise UserError(f"dataset.num_classes: {folder} has {len(classes)} labels, the config says {num_classes}")
+        raise UserError(
+            f"dataset.num_classes: {folder} has {len(classes)} labels, the config says {num_classes}"
+        )
     if tokenizer == "byte":
         tok: Tokenizer = ByteTokenizer()
         spec_folder = None
@@ -85,8 +108,10 @@ def text_classification(root: str, num_classes: int, max_length: int = 128, voca
     else:
         raise UserError("dataset.tokenizer: byte, or bpe with dataset.tokenizer_file=<tokenizer.json>")
     if tok.vocab_size > vocab_size:
-        raise UserError(f"dataset.vocab_size: the tokenizer has {tok.vocab_size:,} tokens, more than "
-                        f"dataset.vocab_size={vocab_size:,}; set dataset.vocab_size={tok.vocab_size}")
+        raise UserError(
+            f"dataset.vocab_size: the tokenizer has {tok.vocab_size:,} tokens, more than "
+            f"dataset.vocab_size={vocab_size:,}; set dataset.vocab_size={tok.vocab_size}"
+        )
     splits = {}
     for split in ("train", "val", "test"):
         path = split_file(folder, split)
@@ -94,16 +119,30 @@ def text_classification(root: str, num_classes: int, max_length: int = 128, voca
             splits[split] = encode(read_examples(path), tok, classes, max_length, vocab_size, path)
     if "val" not in splits:
         if not 0 < val_split < 1:
-            raise UserError(f"dataset.val_split: {root} has no val file; hold out part of train, e.g. "
-                            f"dataset.val_split=0.1")
+            raise UserError(
+                f"dataset.val_split: {root} has no val file; hold out part of train, e.g. "
+                f"dataset.val_split=0.1"
+            )
         ids, labels = splits["train"].tensors
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
         n_val = max(1, int(round(val_split * len(labels))))
         splits["val"] = TensorDataset(ids[order[:n_val]], labels[order[:n_val]])
         splits["train"] = TensorDataset(ids[order[n_val:]], labels[order[n_val:]])
-    spec = {"kind": tok.kind, "vocab_size": tok.vocab_size,
-            **({"file": Path(tokenizer_file).name} if tokenizer_file and tok.kind == "bpe" else {})}
-    extra = {"tokenizer": spec,
-             "tokenizer_dir": str(spec_folder or folder), "text": {"max_length": max_length, "pad_id": vocab_size}}
-    return DataBundle(train=splits["train"], val=splits["val"], test=splits.get("test", splits["val"]),
-                      classes=classes, target="class", extra=extra)
+    spec = {
+        "kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        **({"file": Path(tokenizer_file).name} if tokenizer_file and tok.kind == "bpe" else {}),
+    }
+    extra = {
+        "tokenizer": spec,
+        "tokenizer_dir": str(spec_folder or folder),
+        "text": {"max_length": max_length, "pad_id": vocab_size},
+    }
+    return DataBundle(
+        train=splits["train"],
+        val=splits["val"],
+        test=splits.get("test", splits["val"]),
+        classes=classes,
+        target="class",
+        extra=extra,
+    )

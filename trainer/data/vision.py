@@ -1,4 +1,5 @@
 """The torchvision datasets, downloaded with retries and verified, then held as uint8 tensors."""
+
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -6,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.errors import UserError
+from trainer.registry import DATASETS
 from trainer.retry import retry
 
 if TYPE_CHECKING:
@@ -28,11 +29,15 @@ EXPECTED_FILES = {
 def without_checksums(cls: type) -> type:
     """The same dataset class, checking that CIFAR's files exist but not their MD5: for copies made
     by hand or by tests. torchvision skips the MD5 comparison when the expected value is None."""
-    return type(cls.__name__, (cls,), {
-        "train_list": [[name, None] for name, _ in cls.train_list],
-        "test_list": [[name, None] for name, _ in cls.test_list],
-        "meta": {**cls.meta, "md5": None},
-    })
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "train_list": [[name, None] for name, _ in cls.train_list],
+            "test_list": [[name, None] for name, _ in cls.test_list],
+            "meta": {**cls.meta, "md5": None},
+        },
+    )
 
 
 def _open(name: str, cls: type, root: str, train: bool, download: bool) -> "VisionDataset":
@@ -40,14 +45,21 @@ def _open(name: str, cls: type, root: str, train: bool, download: bool) -> "Visi
     try:
         return fetch(root, train=train, download=download)
     except OSError as e:
-        raise UserError(f"dataset={name}: could not download to {Path(root).resolve()} after 3 tries ({e}); "
-                        f"check the network, or download it elsewhere and put {EXPECTED_FILES[name]} "
-                        f"under dataset.root") from None
+        raise UserError(
+            f"dataset={name}: could not download to {Path(root).resolve()} after 3 tries ({e}); "
+            f"check the network, or download it elsewhere and put {EXPECTED_FILES[name]} "
+            f"under dataset.root"
+        ) from None
     except RuntimeError as e:  # torchvision's "not found or corrupted"
-        hint = ("check the network and run again (partial files are replaced), or put " if download
-                else "set dataset.download=true, or put ")
-        raise UserError(f"dataset={name}: no valid data under {Path(root).resolve()} ({e.args[0].rstrip('.')}); "
-                        f"{hint}{EXPECTED_FILES[name]} under dataset.root") from None
+        hint = (
+            "check the network and run again (partial files are replaced), or put "
+            if download
+            else "set dataset.download=true, or put "
+        )
+        raise UserError(
+            f"dataset={name}: no valid data under {Path(root).resolve()} ({e.args[0].rstrip('.')}); "
+            f"{hint}{EXPECTED_FILES[name]} under dataset.root"
+        ) from None
 
 
 def _arrays(ds: "VisionDataset") -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,34 +68,82 @@ def _arrays(ds: "VisionDataset") -> tuple[torch.Tensor, torch.Tensor]:
     return images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
 
 
-def _torchvision_dataset(name: str, cls: type, *, root: str, download: bool, val_split: float,
-                         augment: Sequence[dict], mean: Sequence[float], std: Sequence[float], num_classes: int,
-                         in_channels: int, image_size: int, verify_checksum: bool) -> DataBundle:
+def _torchvision_dataset(
+    name: str,
+    cls: type,
+    *,
+    root: str,
+    download: bool,
+    val_split: float,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    verify_checksum: bool,
+) -> DataBundle:
     if not verify_checksum and hasattr(cls, "train_list"):
         cls = without_checksums(cls)
     train, test = (_open(name, cls, root, split, download) for split in (True, False))
     classes = list(train.classes)
-    bundle = bundle_from_arrays(_arrays(train), _arrays(test), classes, val_split=val_split, augment=augment,
-                                mean=mean, std=std, image_size=image_size)
-    for key, expected, actual in (("num_classes", len(classes), num_classes),
-                                  ("in_channels", bundle.in_channels, in_channels)):
+    bundle = bundle_from_arrays(
+        _arrays(train),
+        _arrays(test),
+        classes,
+        val_split=val_split,
+        augment=augment,
+        mean=mean,
+        std=std,
+        image_size=image_size,
+    )
+    for key, expected, actual in (
+        ("num_classes", len(classes), num_classes),
+        ("in_channels", bundle.in_channels, in_channels),
+    ):
         if expected != actual:
             raise UserError(f"dataset.{key}: {name} has {expected}, but the config says {actual}")
     return bundle
 
 
 def _register(name: str, class_name: str) -> None:
-    def build(root: str, mean: Sequence[float], std: Sequence[float], num_classes: int, in_channels: int,
-              image_size: int, download: bool = True, val_split: float = 0.0, augment: Sequence[dict] = (),
-              verify_checksum: bool = True) -> DataBundle:
+    def build(
+        root: str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        download: bool = True,
+        val_split: float = 0.0,
+        augment: Sequence[dict] = (),
+        verify_checksum: bool = True,
+    ) -> DataBundle:
         from torchvision import datasets  # here: registering must not cost torchvision's import
-        return _torchvision_dataset(name, getattr(datasets, class_name), root=root, download=download, val_split=val_split,
-                                    augment=augment, mean=mean, std=std, num_classes=num_classes,
-                                    in_channels=in_channels, image_size=image_size, verify_checksum=verify_checksum)
+
+        return _torchvision_dataset(
+            name,
+            getattr(datasets, class_name),
+            root=root,
+            download=download,
+            val_split=val_split,
+            augment=augment,
+            mean=mean,
+            std=std,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            verify_checksum=verify_checksum,
+        )
+
     build.__name__ = name
     DATASETS.register(name)(build)
 
 
-for _name, _class in (("cifar10", "CIFAR10"), ("cifar100", "CIFAR100"), ("mnist", "MNIST"),
-                      ("fashion_mnist", "FashionMNIST")):
+for _name, _class in (
+    ("cifar10", "CIFAR10"),
+    ("cifar100", "CIFAR100"),
+    ("mnist", "MNIST"),
+    ("fashion_mnist", "FashionMNIST"),
+):
     _register(_name, _class)

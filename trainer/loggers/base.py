@@ -1,4 +1,5 @@
 """The one small interface every logger keeps (see trainer.metrics.MetricLog for when each is called)."""
+
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -13,6 +14,7 @@ class Logger:
     purge_step, a CSV file rewritten): such a logger gets each point at once. A tracker that cannot
     (MLflow, W&B) gets a point only once a checkpoint covers its step, so a resumed run never sends a
     step twice; what it has not got when the process is killed, the resumed run sends."""
+
     name = "logger"
     rewinds = True
     needs: tuple[str, str] | None = None  # (the client module, the extra that installs it)
@@ -41,16 +43,23 @@ class Logger:
 def needs_library(logger: "type[Logger]") -> str | None:
     """Why `logger` cannot run here (its client library is not installed), or None."""
     import importlib.util
+
     if logger.needs is None or importlib.util.find_spec(logger.needs[0]) is not None:
         return None
-    return not_installed(f"logger={logger.name}", *logger.needs, hint=f"or leave {logger.name} out of logger=[...]")
+    return not_installed(
+        f"logger={logger.name}", *logger.needs, hint=f"or leave {logger.name} out of logger=[...]"
+    )
 
 
 def require_library(logger: "type[Logger]") -> ModuleType:
     """The logger's client library, imported, or a one-line error naming the extra to install."""
     assert logger.needs is not None
-    return require(logger.needs[0], f"logger={logger.name}", logger.needs[1],
-                   hint=f"or leave {logger.name} out of logger=[...]")
+    return require(
+        logger.needs[0],
+        f"logger={logger.name}",
+        logger.needs[1],
+        hint=f"or leave {logger.name} out of logger=[...]",
+    )
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """`logger=csv`: the run's metrics.csv, a row per step that reported and a column per metric (empty
 where a row has no value), for a spreadsheet or pandas.read_csv."""
+
 import csv
 import io
 from pathlib import Path
@@ -14,8 +15,14 @@ from trainer.registry import LOGGERS
 class CSVFile(Logger):
     name = "csv"
 
-    def __init__(self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any],
-                 filename: str = "metrics.csv") -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None,
+        state: dict[str, Any],
+        config: dict[str, Any],
+        filename: str = "metrics.csv",
+    ) -> None:
         self.path = run_dir / filename
         self.rows: dict[int, dict[str, float]] = {}
         if resume_step is not None and self.path.is_file():  # keep what the checkpoint covers, drop the rest

@@ -1,6 +1,7 @@
 """`logger=mlflow`: the run in MLflow, through its own client (the `mlflow` extra) against
 `logger.mlflow.tracking_uri`: an SQLite database (the default, `sqlite:///mlflow.db` in the working
 directory), a local folder, or a tracking server. A resumed run continues the same MLflow run."""
+
 import logging
 import time
 from pathlib import Path
@@ -16,12 +17,22 @@ log = logging.getLogger("trainer")
 class MLflow(Logger):
     name, rewinds, needs = "mlflow", False, ("mlflow", "mlflow")
 
-    def __init__(self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any],
-                 tracking_uri: str = "sqlite:///mlflow.db", experiment: str = "trainer", run_name: str | None = None,
-                 artifacts: bool = False, artifact_location: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None,
+        state: dict[str, Any],
+        config: dict[str, Any],
+        tracking_uri: str = "sqlite:///mlflow.db",
+        experiment: str = "trainer",
+        run_name: str | None = None,
+        artifacts: bool = False,
+        artifact_location: str | None = None,
+    ) -> None:
         require_library(MLflow)
         from mlflow.entities import Param, RunStatus
         from mlflow.tracking import MlflowClient
+
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database migrations talk at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.client, self.keep_artifacts = MlflowClient(tracking_uri=tracking_uri), artifacts
@@ -30,18 +41,25 @@ class MLflow(Logger):
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return
         found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=artifact_location)  # None: MLflow's own, ./mlruns in the working directory
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name or run_dir.name,
-                                             tags={"run_dir": str(run_dir.resolve())}).info.run_id
+        experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=artifact_location)
+        )  # None: MLflow's own, ./mlruns in the working directory
+        self.run_id = self.client.create_run(
+            experiment_id, run_name=run_name or run_dir.name, tags={"run_dir": str(run_dir.resolve())}
+        ).info.run_id
         params = [Param(key, str(value)[:6000]) for key, value in flatten(config).items()]
         for first in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
-            self.client.log_batch(self.run_id, params=params[first:first + 100])
+            self.client.log_batch(self.run_id, params=params[first : first + 100])
 
     def write(self, metrics: dict[str, float], step: int, at: int | None = None) -> None:
         from mlflow.entities import Metric
+
         at = at or int(time.time() * 1000)  # a point sent again carries its first time: MLflow keeps one
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), at, step) for k, v in metrics.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), at, step) for k, v in metrics.items()]
+        )
 
     def artifacts(self, run_dir: Path) -> None:
         if not self.keep_artifacts:

@@ -1,4 +1,5 @@
 """`logger=tensorboard` (the default): event files in the run's tensorboard/ folder."""
+
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,15 @@ from trainer.registry import LOGGERS
 class TensorBoard(Logger):
     name = "tensorboard"
 
-    def __init__(self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any]) -> None:
+    def __init__(
+        self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any]
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imports TensorFlow-lite bits: only when used
+
         # purge_step drops the events a killed run wrote after its last checkpoint: no duplicate points.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+        self.writer = SummaryWriter(
+            str(run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+        )
 
     def write(self, metrics: dict[str, float], step: int, at: int | None = None) -> None:
         for key, value in metrics.items():

@@ -1,6 +1,7 @@
 """`logger=wandb`: the run in Weights & Biases (the `wandb` extra), offline by default: the run's
 wandb/ folder holds it, and `wandb sync <run dir>/wandb/offline-run-*` uploads it later (`mode: online`
 sends it at once). A resumed run continues the same W&B run id."""
+
 import os
 import secrets
 from pathlib import Path
@@ -14,16 +15,33 @@ from trainer.registry import LOGGERS
 class WandB(Logger):
     name, rewinds, needs = "wandb", False, ("wandb", "wandb")
 
-    def __init__(self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any],
-                 project: str = "trainer", entity: str | None = None, mode: str = "offline", name: str | None = None,
-                 artifacts: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None,
+        state: dict[str, Any],
+        config: dict[str, Any],
+        project: str = "trainer",
+        entity: str | None = None,
+        mode: str = "offline",
+        name: str | None = None,
+        artifacts: bool = False,
+    ) -> None:
         wandb = require_library(WandB)
         self.keep_artifacts = artifacts
         self.id = state.get("id") or secrets.token_hex(4)  # W&B ids: 8 of [a-z0-9]
         os.environ.setdefault("WANDB_SILENT", "true")  # its banner would interleave with our log
-        self.run = wandb.init(project=project, entity=entity, mode=mode, id=self.id, resume="allow",
-                              name=name or run_dir.name, dir=str(run_dir), config=config,
-                              settings=wandb.Settings(silent=True, console="off"))
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            mode=mode,
+            id=self.id,
+            resume="allow",
+            name=name or run_dir.name,
+            dir=str(run_dir),
+            config=config,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
 
     def write(self, metrics: dict[str, float], step: int, at: int | None = None) -> None:
         self.run.log(dict(metrics), step=step)
@@ -35,6 +53,7 @@ class WandB(Logger):
         if not self.keep_artifacts:
             return
         import wandb
+
         artifact = wandb.Artifact(f"model-{self.id}", type="model")
         if (run_dir / "export").is_dir():
             artifact.add_dir(str(run_dir / "export"), name="export")

@@ -6,6 +6,7 @@ only when that is set, as the speed record does), then three groups of conv-pool
 global max-pool and a bias-free linear head whose logits are scaled down. BatchNorm keeps its scale
 fixed at 1 and learns only its shift, and follows the batch statistics closely (momentum 0.4).
 """
+
 import torch
 from torch import Tensor, nn
 
@@ -46,8 +47,13 @@ def _batchnorm(width: int, momentum: float) -> nn.BatchNorm2d:
 
 def _group(cin: int, cout: int, momentum: float) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), _batchnorm(cout, momentum), nn.GELU(),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), _batchnorm(cout, momentum), nn.GELU(),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.MaxPool2d(2),
+        _batchnorm(cout, momentum),
+        nn.GELU(),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        _batchnorm(cout, momentum),
+        nn.GELU(),
     )
 
 
@@ -76,22 +82,35 @@ class Scale(nn.Module):
 
 
 @MODELS.register("fastnet")
-def fastnet(num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (64, 256, 256), whiten: bool = True,
-            logit_scale: float = 1 / 9, bn_momentum: float = 0.4, whiten_bias_epochs: int = 0) -> nn.Module:
+def fastnet(
+    num_classes: int,
+    in_channels: int = 3,
+    widths: tuple[int, ...] = (64, 256, 256),
+    whiten: bool = True,
+    logit_scale: float = 1 / 9,
+    bn_momentum: float = 0.4,
+    whiten_bias_epochs: int = 0,
+) -> nn.Module:
     if not widths or min(widths) < 1:
         raise UserError(f"model.widths: needs one or more positive widths, got {list(widths)}")
     if whiten_bias_epochs < 0:
-        raise UserError(f"model.whiten_bias_epochs: 0 (the bias always trains) or more, got {whiten_bias_epochs}")
+        raise UserError(
+            f"model.whiten_bias_epochs: 0 (the bias always trains) or more, got {whiten_bias_epochs}"
+        )
     stem_width = 8 * in_channels if whiten else widths[0]
     stem = Whitening(in_channels) if whiten else nn.Conv2d(in_channels, stem_width, 3, padding=1, bias=False)
     layers: list[nn.Module] = [stem, nn.GELU()]
     for cin, cout in zip((stem_width, *widths), widths):
         layers.append(_group(cin, cout, bn_momentum))
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(widths[-1], num_classes, bias=False),
-               Scale(logit_scale)]
+    layers += [
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[-1], num_classes, bias=False),
+        Scale(logit_scale),
+    ]
     model = FastNet(*layers)
     model.whiten_bias_epochs = whiten_bias_epochs if whiten else 0
     for module in model.modules():  # identity-initialise the first filters of each conv: a better start
         if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-            nn.init.dirac_(module.weight.data[:module.in_channels])
+            nn.init.dirac_(module.weight.data[: module.in_channels])
     return model

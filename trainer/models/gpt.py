@@ -6,6 +6,7 @@ normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer).
 `forward(ids)` gives logits for every position (training, evaluation, export); `forward(ids, cache)`
 with a `KVCache` attends to the cached keys and values of earlier positions and appends the new ones,
 so generation computes each new token from itself alone."""
+
 import math
 
 import torch
@@ -48,11 +49,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         b, t, c = x.shape
-        q, k, v = (part.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-                   for part in self.qkv(x).split(c, dim=2))
+        q, k, v = (
+            part.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+            for part in self.qkv(x).split(c, dim=2)
+        )
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         else:  # the new positions see every cached one and, causally, each other
             past = cache.seen(layer)
             k, v = cache.extend(layer, k, v)
@@ -66,8 +70,12 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(n_embd, bias=bias), nn.LayerNorm(n_embd, bias=bias)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=bias), nn.GELU(),
-                                 nn.Linear(4 * n_embd, n_embd, bias=bias), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd, bias=bias),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd, bias=bias),
+            nn.Dropout(dropout),
+        )
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -75,8 +83,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, dropout: float,
-                 bias: bool, tie_weights: bool) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        dropout: float,
+        bias: bool,
+        tie_weights: bool,
+    ) -> None:
         super().__init__()
         self.block_size, self.n_layer = block_size, n_layer
         self.tokens = nn.Embedding(vocab_size, n_embd)
@@ -112,10 +129,23 @@ class GPT(nn.Module):
 
 
 @MODELS.register("gpt")
-def gpt(vocab_size: int, block_size: int = 256, n_layer: int = 6, n_head: int = 6, n_embd: int = 384,
-        dropout: float = 0.0, bias: bool = False, tie_weights: bool = True) -> nn.Module:
-    for key, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer),
-                       ("n_head", n_head), ("n_embd", n_embd)):
+def gpt(
+    vocab_size: int,
+    block_size: int = 256,
+    n_layer: int = 6,
+    n_head: int = 6,
+    n_embd: int = 384,
+    dropout: float = 0.0,
+    bias: bool = False,
+    tie_weights: bool = True,
+) -> nn.Module:
+    for key, value in (
+        ("vocab_size", vocab_size),
+        ("block_size", block_size),
+        ("n_layer", n_layer),
+        ("n_head", n_head),
+        ("n_embd", n_embd),
+    ):
         if value < 1:
             raise UserError(f"model.{key}: must be 1 or more, got {value}")
     if n_embd % n_head:

@@ -1,5 +1,6 @@
 """Weights from elsewhere: a local state dict (ours, timm's or torchvision's) loaded into a model, its
 classifier head left at the dataset's size, and what did not fit said in one line."""
+
 import logging
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -22,8 +23,11 @@ def follow_data_config(cfg: DictConfig, given: Collection[str]) -> None:
     the command line): a pretrained network sees its inputs scaled as in its training."""
     model = cfg.model
     source = DATA_CONFIGS.get(model.name)
-    if source is None or not model.get("data_config", False) or \
-            not (model.get("pretrained") or model.get("weights") or model.get("checkpoint")):
+    if (
+        source is None
+        or not model.get("data_config", False)
+        or not (model.get("pretrained") or model.get("weights") or model.get("checkpoint"))
+    ):
         return
     changed = []
     for key, value in source(model).items():
@@ -34,8 +38,12 @@ def follow_data_config(cfg: DictConfig, given: Collection[str]) -> None:
         cfg.dataset[key] = value
         changed.append(f"dataset.{key}={value}")
     if changed:
-        log.info("model.data_config: %s, as %s's pretrained weights expect (give them on the command line to "
-                 "keep your own, or model.data_config=false)", " ".join(changed), model.arch)
+        log.info(
+            "model.data_config: %s, as %s's pretrained weights expect (give them on the command line to "
+            "keep your own, or model.data_config=false)",
+            " ".join(changed),
+            model.arch,
+        )
 
 
 def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
@@ -46,12 +54,15 @@ def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             loaded = load_file(str(path))
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: say which, in one line
-        raise UserError(f"model.checkpoint: cannot read {path} as a state dict ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"model.checkpoint: cannot read {path} as a state dict ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120]})"
+        ) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -71,9 +82,11 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     missing = [k for k in own if k not in fitting and k not in resized]
     unexpected = [k for k in given if k not in own]
     if not fitting:
-        raise UserError(f"model.checkpoint: none of {path}'s {len(given)} tensors fits this model (it has e.g. "
-                        f"{', '.join(list(own)[:3])}; the file e.g. {', '.join(list(given)[:3])}): a state dict for "
-                        f"another architecture")
+        raise UserError(
+            f"model.checkpoint: none of {path}'s {len(given)} tensors fits this model (it has e.g. "
+            f"{', '.join(list(own)[:3])}; the file e.g. {', '.join(list(given)[:3])}): a state dict for "
+            f"another architecture"
+        )
     model.load_state_dict(fitting, strict=False)
     parts = [f"loaded {len(fitting)} of {len(own)} tensors from {path}"]
     if resized:
@@ -99,4 +112,6 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         return
     name, old = last
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    setattr(
+        parent, name.rpartition(".")[2], nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    )

@@ -1,4 +1,5 @@
 """ResNet for 32x32 inputs: a 3x3 stem without max-pool, so the first stage keeps full resolution."""
+
 from torch import Tensor, nn
 
 from trainer.errors import UserError
@@ -11,8 +12,11 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(planes),
         )
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
@@ -27,9 +31,14 @@ class Bottleneck(nn.Module):
         super().__init__()
         out = planes * self.expansion
         self.body = nn.Sequential(
-            nn.Conv2d(in_planes, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            nn.Conv2d(planes, out, 1, bias=False), nn.BatchNorm2d(out),
+            nn.Conv2d(in_planes, planes, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, out, 1, bias=False),
+            nn.BatchNorm2d(out),
         )
         self.shortcut = _shortcut(in_planes, out, stride)
 
@@ -51,8 +60,11 @@ def resnet(num_classes: int, in_channels: int = 3, depth: int = 18, width: int =
     if depth not in LAYOUTS:
         raise UserError(f"model.depth: {depth} is not one of {', '.join(map(str, LAYOUTS))}")
     block, counts = LAYOUTS[depth]
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
-                               nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+    ]
     in_planes = width
     for stage, count in enumerate(counts):
         planes = width * 2**stage

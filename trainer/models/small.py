@@ -1,4 +1,5 @@
 """Small models for quick runs and smoke tests."""
+
 from torch import nn
 
 from trainer.errors import UserError
@@ -13,15 +14,22 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 def cnn(num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.0) -> nn.Module:
     """Three conv-BN-ReLU stages with pooling: learns CIFAR-like data in seconds on a CPU."""
     return nn.Sequential(
-        *_conv_bn(in_channels, width), nn.MaxPool2d(2),
-        *_conv_bn(width, 2 * width), nn.MaxPool2d(2),
+        *_conv_bn(in_channels, width),
+        nn.MaxPool2d(2),
+        *_conv_bn(width, 2 * width),
+        nn.MaxPool2d(2),
         *_conv_bn(2 * width, 4 * width),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * width, num_classes),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(4 * width, num_classes),
     )
 
 
 @MODELS.register("mlp")
-def mlp(num_classes: int, in_channels: int, image_size: int, hidden: tuple[int, ...] = (512, 256)) -> nn.Module:
+def mlp(
+    num_classes: int, in_channels: int, image_size: int, hidden: tuple[int, ...] = (512, 256)
+) -> nn.Module:
     if not hidden or min(hidden) < 1:
         raise UserError(f"model.hidden: needs one or more positive layer widths, got {list(hidden)}")
     widths = [in_channels * image_size * image_size, *hidden]

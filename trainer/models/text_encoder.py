@@ -2,6 +2,7 @@
 embeddings, pre-LayerNorm blocks of self-attention (`scaled_dot_product_attention`, padding masked out)
 and an MLP, then the mean of the non-padding positions and a linear head. Its input is token ids padded
 with the id vocab_size (dataset=text_classification)."""
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,22 +17,34 @@ class EncoderBlock(nn.Module):
         self.n_head, self.dropout = n_head, dropout
         self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.qkv, self.proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+        )
 
     def forward(self, x: Tensor, attend: Tensor) -> Tensor:
         b, t, c = x.shape
-        q, k, v = (part.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-                   for part in self.qkv(self.ln_1(x)).split(c, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend[:, None, None, :],
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = (
+            part.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+            for part in self.qkv(self.ln_1(x)).split(c, dim=2)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        )
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
         return x + self.mlp(self.ln_2(x))
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, vocab_size: int, num_classes: int, max_length: int, n_layer: int, n_head: int, n_embd: int,
-                 dropout: float) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        max_length: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        dropout: float,
+    ) -> None:
         super().__init__()
         self.pad_id = vocab_size
         self.tokens = nn.Embedding(vocab_size + 1, n_embd, padding_idx=vocab_size)
@@ -52,8 +65,15 @@ class TextEncoder(nn.Module):
 
 
 @MODELS.register("text_encoder")
-def text_encoder(vocab_size: int, num_classes: int, max_length: int = 128, n_layer: int = 2, n_head: int = 4,
-                 n_embd: int = 128, dropout: float = 0.1) -> nn.Module:
+def text_encoder(
+    vocab_size: int,
+    num_classes: int,
+    max_length: int = 128,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_embd: int = 128,
+    dropout: float = 0.1,
+) -> nn.Module:
     if n_embd % n_head:
         raise UserError(f"model.n_embd: {n_embd} must be a multiple of model.n_head={n_head}")
     for key, value in (("n_layer", n_layer), ("n_head", n_head), ("max_length", max_length)):

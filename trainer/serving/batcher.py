@@ -4,6 +4,7 @@ pass, which runs in one worker thread so the event loop stays free.
 The batcher must outlive any one request: every input is checked before it joins (so joining cannot
 fail on a shape), a batch that fails anyway fails its own requests only, and the loop itself catches
 everything but its cancellation. `running` says whether it is alive, for /healthz."""
+
 import asyncio
 import contextlib
 import logging
@@ -40,7 +41,12 @@ class Waiting:
 
 class Batcher:
     def __init__(self, predictor: Predictor, max_batch: int, max_wait_s: float, max_queue: int) -> None:
-        self.predictor, self.max_batch, self.max_wait_s, self.max_queue = predictor, max_batch, max_wait_s, max_queue
+        self.predictor, self.max_batch, self.max_wait_s, self.max_queue = (
+            predictor,
+            max_batch,
+            max_wait_s,
+            max_queue,
+        )
         self.waiting: deque[Waiting] = deque()
         self.pending = 0  # inputs received and not yet answered
         self.wakeup = asyncio.Event()
@@ -119,13 +125,16 @@ class Batcher:
         try:
             batch = torch.cat([w.inputs for w in taken])
             outputs = await asyncio.get_running_loop().run_in_executor(
-                self.model_thread, self.predictor.outputs, batch)
+                self.model_thread, self.predictor.outputs, batch
+            )
             parts = outputs.split([len(w.inputs) for w in taken])
         except Exception as e:
             log.error("a batch of %d request(s) failed in the model: %s", len(taken), e)
             for w in taken:
                 if not w.future.done():
-                    w.future.set_exception(BatchFailed(f"the model failed on this request's batch ({type(e).__name__})"))
+                    w.future.set_exception(
+                        BatchFailed(f"the model failed on this request's batch ({type(e).__name__})")
+                    )
             return
         for w, part in zip(taken, parts):
             if not w.future.done():

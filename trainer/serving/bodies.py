@@ -5,6 +5,7 @@ none of the client's bytes is logged.
 Two steps, so the event loop never parses: `read_body` (on the loop) only collects bytes, within
 serve.max_body_bytes and serve.max_batch_size parts; `to_batch` (in a worker thread) parses JSON or
 decodes images and checks the result's shape, type and values before it may join a batch."""
+
 import hashlib
 import json
 import re
@@ -42,11 +43,22 @@ async def read_body(request: web.Request, max_bytes: int, max_inputs: int, takes
     classifies text, sent as text/plain (one text) or JSON {"texts": [...]}."""
     kind = request.content_type
     if takes_text and kind not in ("text/plain", "application/json"):
-        raise ClientError(415, f"content type {kind!r}: this model classifies text; send text/plain or "
-                               f'application/json {{"texts": [...]}}')
-    if not takes_text and kind != "application/json" and not kind.startswith("multipart/") and kind not in IMAGE_TYPES:
-        raise ClientError(415, f"content type {kind!r}: send image/png, image/jpeg, image/webp, image/gif, "
-                               f"multipart form files or application/json")
+        raise ClientError(
+            415,
+            f"content type {kind!r}: this model classifies text; send text/plain or "
+            f'application/json {{"texts": [...]}}',
+        )
+    if (
+        not takes_text
+        and kind != "application/json"
+        and not kind.startswith("multipart/")
+        and kind not in IMAGE_TYPES
+    ):
+        raise ClientError(
+            415,
+            f"content type {kind!r}: send image/png, image/jpeg, image/webp, image/gif, "
+            f"multipart form files or application/json",
+        )
     check_declared_length(request, max_bytes)
     try:
         if kind.startswith("multipart/"):
@@ -69,11 +81,14 @@ def check_declared_length(request: web.Request, max_bytes: int) -> None:
     """A Content-Length over the limit is refused before any of the body is read (or, with `Expect:
     100-continue`, sent)."""
     if request.content_length is not None and request.content_length > max_bytes:
-        raise ClientError(413, f"the body of {request.content_length:,} bytes is over serve.max_body_bytes="
-                               f"{max_bytes:,}")
+        raise ClientError(
+            413, f"the body of {request.content_length:,} bytes is over serve.max_body_bytes={max_bytes:,}"
+        )
 
 
-async def _read_parts(request: web.Request, max_bytes: int, max_inputs: int) -> list[tuple[bytes, str | None]]:
+async def _read_parts(
+    request: web.Request, max_bytes: int, max_inputs: int
+) -> list[tuple[bytes, str | None]]:
     """Every part of a multipart form is one image (its field name does not matter)."""
     parts: list[tuple[bytes, str | None]] = []
     total = 0
@@ -83,13 +98,20 @@ async def _read_parts(request: web.Request, max_bytes: int, max_inputs: int) -> 
             if not isinstance(part, BodyPartReader):
                 raise ClientError(400, "nested multipart forms are not supported; send the files in one form")
             if len(parts) == max_inputs:
-                raise ClientError(422, f"at most serve.max_batch_size={max_inputs} images per request; the form "
-                                       f"has more parts")
-            encoding = {part.headers.get(h, "").lower() for h in (hdrs.CONTENT_ENCODING,
-                                                                  hdrs.CONTENT_TRANSFER_ENCODING)}
+                raise ClientError(
+                    422,
+                    f"at most serve.max_batch_size={max_inputs} images per request; the form has more parts",
+                )
+            encoding = {
+                part.headers.get(h, "").lower()
+                for h in (hdrs.CONTENT_ENCODING, hdrs.CONTENT_TRANSFER_ENCODING)
+            }
             if not encoding <= PLAIN_ENCODINGS:
-                raise ClientError(415, "encoded form parts (Content-Encoding, Content-Transfer-Encoding) are not "
-                                       "supported; send the files' bytes as they are")
+                raise ClientError(
+                    415,
+                    "encoded form parts (Content-Encoding, Content-Transfer-Encoding) are not "
+                    "supported; send the files' bytes as they are",
+                )
             data = bytearray()
             while chunk := await part.read_chunk(CHUNK):
                 data += chunk
@@ -157,7 +179,9 @@ def _tensor_from_json(data: bytes, predictor: Predictor) -> torch.Tensor:
     try:
         tensor = torch.tensor(inputs, dtype=torch.float32)
     except (TypeError, ValueError, OverflowError, RuntimeError):
-        raise InputError("inputs must be a rectangular array of numbers, each within float32's range") from None
+        raise InputError(
+            "inputs must be a rectangular array of numbers, each within float32's range"
+        ) from None
     return predictor.check(tensor)
 
 

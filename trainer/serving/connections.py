@@ -10,6 +10,7 @@ serve.head_timeout_s, and at serve.max_connections a new connection first closes
 (then the oldest still sending a head): slow or idle clients cannot lock valid ones out. Only when every
 open connection has a request being handled is a new one answered 503 with Retry-After. On shutdown it
 waits for the requests being handled while closing the idle connections."""
+
 import asyncio
 import errno
 import json
@@ -31,8 +32,10 @@ log = logging.getLogger("trainer.serve")
 
 def _raw_response(status: str, message: str) -> bytes:
     body = json.dumps({"error": message}).encode()
-    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"Retry-After: 1\r\nConnection: close\r\n\r\n").encode() + body
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"Retry-After: 1\r\nConnection: close\r\n\r\n"
+    ).encode() + body
 
 
 RESERVED_FILES = 32  # for what the process opens besides connections: the model, logs, threads' pipes
@@ -69,8 +72,12 @@ def fit_to_file_limit(max_connections: int) -> tuple[int, int]:
     backlog = max(8, min(MAX_BACKLOG, (available - max_connections) // ACCEPT_TURNS))
     if max_connections + ACCEPT_TURNS * backlog > available:
         fitted = max(1, available - ACCEPT_TURNS * backlog)
-        log.warning("serve.max_connections=%d lowered to %d: this process may open only %d files (ulimit -n)",
-                    max_connections, fitted, soft)
+        log.warning(
+            "serve.max_connections=%d lowered to %d: this process may open only %d files (ulimit -n)",
+            max_connections,
+            fitted,
+            soft,
+        )
         max_connections = fitted
     return max_connections, backlog
 
@@ -79,7 +86,12 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]
     """The event loop's exception handler: running out of file descriptors while accepting (asyncio
     pauses accepting for a second and retries) is one short warning, not a traceback per socket."""
     error = context.get("exception")
-    if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+    if isinstance(error, OSError) and error.errno in (
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOBUFS,
+        errno.ENOMEM,
+    ):
         log.warning("accepting connections paused for a second: %s", error.strerror)
     else:
         loop.default_exception_handler(context)
@@ -94,7 +106,11 @@ class Connection:
 
 class ConnectionGuard:
     def __init__(self, max_connections: int, idle_timeout_s: float, head_timeout_s: float) -> None:
-        self.max_connections, self.idle_timeout_s, self.head_timeout_s = max_connections, idle_timeout_s, head_timeout_s
+        self.max_connections, self.idle_timeout_s, self.head_timeout_s = (
+            max_connections,
+            idle_timeout_s,
+            head_timeout_s,
+        )
         self.open: dict[Any, Connection] = {}  # in the order they were opened
         self.busy: set[Any] = set()  # connections whose request is being handled
         self.stopping = False
@@ -109,8 +125,12 @@ class ConnectionGuard:
             if not self.stopping and len(self.open) >= self.max_connections:
                 self._evict_one()
             if self.stopping or len(self.open) >= self.max_connections:
-                transport.write(_raw_response("503 Service Unavailable", "too many connections; try again"
-                                              if not self.stopping else "the server is stopping"))
+                transport.write(
+                    _raw_response(
+                        "503 Service Unavailable",
+                        "too many connections; try again" if not self.stopping else "the server is stopping",
+                    )
+                )
                 # closed on the next turn of the loop: aiohttp's handler starts right after this returns
                 # and must find its connection still open
                 asyncio.get_running_loop().call_soon(transport.close)
@@ -142,8 +162,13 @@ class ConnectionGuard:
                     guard.bytes_arrived(self)
                     super().data_received(data)
 
-                def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
-                                 message: str | None = None) -> web.StreamResponse:
+                def handle_error(
+                    self,
+                    request: Any,
+                    status: int = 500,
+                    exc: BaseException | None = None,
+                    message: str | None = None,
+                ) -> web.StreamResponse:
                     return json_error(self, request, status, exc)
 
             self.handler_class = GuardedHandler
@@ -214,11 +239,15 @@ class ConnectionGuard:
             await asyncio.sleep(0.05)
 
 
-def json_error(handler: Any, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.StreamResponse:
+def json_error(
+    handler: Any, request: web.BaseRequest, status: int, exc: BaseException | None
+) -> web.StreamResponse:
     """What aiohttp answers itself (a request it cannot parse: a bad Content-Length, a header over 8 KiB,
     an unknown method; a handler's timeout), as JSON like every other error, naming no client bytes."""
     if status >= 500:
-        handler.log_exception("Error handling request", exc_info=exc)  # ours: keeps its traceback (QuietServerLog)
+        handler.log_exception(
+            "Error handling request", exc_info=exc
+        )  # ours: keeps its traceback (QuietServerLog)
     elif exc is not None:
         handler.logger.info("rejected a request: %s", type(exc).__name__)
     if request.writer.output_size > 0:  # the answer has begun: the connection is broken, as aiohttp says
@@ -227,8 +256,11 @@ def json_error(handler: Any, request: web.BaseRequest, status: int, exc: BaseExc
         reason = HTTPStatus(status).phrase
     except ValueError:
         reason = "Error"
-    message = (f"malformed HTTP request ({type(exc).__name__}): check the request line, headers and "
-               f"Content-Length" if status == 400 and exc is not None else reason)
+    message = (
+        f"malformed HTTP request ({type(exc).__name__}): check the request line, headers and Content-Length"
+        if status == 400 and exc is not None
+        else reason
+    )
     response = web.json_response({"error": message}, status=status)
     response.force_close()
     return response

@@ -8,6 +8,7 @@ predict and serve. The Trainer moves batches and asks the task; it names no loss
 Metrics accumulate on the device as sums (no host synchronisation per step) and are reduced over
 processes when read, so a split's value is exact, not an average of batch averages.
 """
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +26,11 @@ def move(batch: Batch, device: torch.device, channels_last: bool = False) -> Bat
     """Every tensor of a batch to the device (asynchronously from pinned memory); 4-D floating tensors
     (image batches) in channels_last when asked."""
     if type(batch) is list and len(batch) == 2 and not channels_last:  # the common (inputs, targets): fast
-        return [batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)] \
-            if isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor) else [move(v, device) for v in batch]
+        return (
+            [batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)]
+            if isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor)
+            else [move(v, device) for v in batch]
+        )
     if isinstance(batch, Tensor):
         batch = batch.to(device, non_blocking=True)
         if channels_last and batch.ndim == 4 and batch.is_floating_point():
@@ -53,6 +57,7 @@ def take(batch: Batch, index: Tensor) -> Batch:
 @dataclass
 class DataInfo:
     """What a dataset declares it holds (the `DataBundle` fields a task reads)."""
+
     target: str  # "class" (an int), "labels" (a multi-hot vector), "values" (floats), "mask" (H x W ints)
     classes: list[str]  # class, label or target names
     name: str = "the dataset"
@@ -77,8 +82,11 @@ class Evaluation:
 
     def totals(self) -> list[float]:
         """The sums over the whole split and every process; a host synchronisation."""
-        sums = self.sums if self.sums is not None else torch.zeros(self.task.eval_sums_size(), device=self.device,
-                                                                   dtype=self.dtype)
+        sums = (
+            self.sums
+            if self.sums is not None
+            else torch.zeros(self.task.eval_sums_size(), device=self.device, dtype=self.dtype)
+        )
         return distributed.all_reduce(sums.clone()).tolist()
 
     def compute(self) -> dict[str, float]:
@@ -89,6 +97,7 @@ class Task:
     """The base of every task. Subclasses set `name`, `target`, `metrics` and implement `loss`, the
     sums (`train_sums`, `eval_sums`) and `answer`; the rest has defaults that suit (input, target)
     tuples."""
+
     name = "task"
     target = "class"  # what a dataset's samples must hold (DataInfo.target)
     metrics: dict[str, str] = {"loss": "min"}  # what evaluation reports -> the mode a monitor of it takes
@@ -108,9 +117,11 @@ class Task:
         """Checks that the dataset holds what this task needs and learns its names."""
         if data.target != self.target:
             example = f" (e.g. dataset={EXAMPLES[self.target]})" if self.target in EXAMPLES else ""
-            raise UserError(f"task={self.name}: {data.name} holds {TARGET_WORDS.get(data.target, data.target)} "
-                            f"targets, but {self.name} needs {TARGET_WORDS.get(self.target, self.target)} ones; "
-                            f"choose a dataset that holds them{example}, or another task")
+            raise UserError(
+                f"task={self.name}: {data.name} holds {TARGET_WORDS.get(data.target, data.target)} "
+                f"targets, but {self.name} needs {TARGET_WORDS.get(self.target, self.target)} ones; "
+                f"choose a dataset that holds them{example}, or another task"
+            )
         self.classes = list(data.classes)
 
     def inputs(self, batch: Batch) -> Any:
@@ -187,7 +198,12 @@ class Task:
     def manifest(self) -> dict[str, Any]:
         """What predict and serve need to rebuild this task from an export: its options (the config's
         task section), names and state."""
-        return {"name": self.name, "options": self.options, "classes": self.classes, "state": self.state_dict()}
+        return {
+            "name": self.name,
+            "options": self.options,
+            "classes": self.classes,
+            "state": self.state_dict(),
+        }
 
     # ---- answers ------------------------------------------------------------------------------------
     def answer(self, outputs: Tensor, options: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -197,15 +213,26 @@ class Task:
 
     def monitors(self) -> dict[str, str]:
         """Every metric checkpoint.monitor may name, with its default mode."""
-        return {**{f"val/{k}": m for k, m in self.metrics.items()},
-                **{f"train/{k}": m for k, m in {"loss": "min", **self.train_metrics}.items()}}
+        return {
+            **{f"val/{k}": m for k, m in self.metrics.items()},
+            **{f"train/{k}": m for k, m in {"loss": "min", **self.train_metrics}.items()},
+        }
 
 
-EXAMPLES = {"tokens": "text", "class": "synthetic, imagefolder or cifar10", "labels": "synthetic_multilabel, or manifest",
-            "values": "synthetic_regression, or manifest with dataset.targets=[...]",
-            "mask": "synthetic_shapes, or segfolder"}
-TARGET_WORDS = {"tokens": "next-token", "class": "single-class", "labels": "multi-label", "values": "regression (float)",
-                "mask": "segmentation-mask"}
+EXAMPLES = {
+    "tokens": "text",
+    "class": "synthetic, imagefolder or cifar10",
+    "labels": "synthetic_multilabel, or manifest",
+    "values": "synthetic_regression, or manifest with dataset.targets=[...]",
+    "mask": "synthetic_shapes, or segfolder",
+}
+TARGET_WORDS = {
+    "tokens": "next-token",
+    "class": "single-class",
+    "labels": "multi-label",
+    "values": "regression (float)",
+    "mask": "segmentation-mask",
+}
 
 
 TTA_MODES = ("none", "flip", "flip_translate")
@@ -245,8 +272,9 @@ def option(options: Mapping[str, Any], key: str, default: Any, kind: type, low: 
     try:
         value = kind(options[key])
     except (TypeError, ValueError):
-        raise ValueError(f"{key} must be {'an integer' if kind is int else 'a number'}, got "
-                         f"{str(options[key])[:20]!r}") from None
+        raise ValueError(
+            f"{key} must be {'an integer' if kind is int else 'a number'}, got {str(options[key])[:20]!r}"
+        ) from None
     if low is not None and value < low:
         raise ValueError(f"{key} must be {low:g} or more, got {value}")
     return value
@@ -258,6 +286,8 @@ def resolve_monitor(task: Task, monitor: str | None, mode: str | None) -> tuple[
     monitors = task.monitors()
     monitor = monitor or f"val/{task.monitor}"
     if monitor not in monitors:
-        raise UserError(f"checkpoint.monitor: task={task.name} does not report {monitor!r}; choose one of "
-                        f"{', '.join(monitors)}")
+        raise UserError(
+            f"checkpoint.monitor: task={task.name} does not report {monitor!r}; choose one of "
+            f"{', '.join(monitors)}"
+        )
     return monitor, mode or monitors[monitor]

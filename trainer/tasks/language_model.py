@@ -1,6 +1,7 @@
 """`task=language_model`: next-token prediction at every position. Cross-entropy over every token;
 metrics loss, perplexity and bits per byte (the loss in bits, per byte of text: comparable across
 tokenizers), exact over the split from token-level sums. Generation is `python -m trainer.generate`."""
+
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -21,21 +22,28 @@ class LanguageModel(Task):
 
     def __init__(self, tta: str = "none") -> None:
         if tta != "none":
-            raise UserError(f"task.tta: a language model has no test-time augmentation; set task.tta=none, got {tta!r}")
+            raise UserError(
+                f"task.tta: a language model has no test-time augmentation; set task.tta=none, got {tta!r}"
+            )
         super().__init__(tta)
         self.extra: dict[str, Any] = {}
 
     def bind(self, data: DataInfo) -> None:
         super().bind(data)
-        self.extra = {key: data.extra[key] for key in ("tokenizer", "block_size", "vocab_size", "bytes_per_token")
-                      if key in data.extra}
+        self.extra = {
+            key: data.extra[key]
+            for key in ("tokenizer", "block_size", "vocab_size", "bytes_per_token")
+            if key in data.extra
+        }
 
     def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
         targets = self.targets(batch)
         vocabulary = int(self.extra.get("vocab_size", 0))
         if outputs.ndim != 3 or outputs.shape[:2] != targets.shape or outputs.shape[-1] < vocabulary:
-            return (f"task={self.name} needs [N, {targets.shape[-1]}, {vocabulary or 'vocabulary'}] logits (a score per "
-                    f"token of the vocabulary at every position), e.g. from model=gpt")
+            return (
+                f"task={self.name} needs [N, {targets.shape[-1]}, {vocabulary or 'vocabulary'}] logits (a score per "
+                f"token of the vocabulary at every position), e.g. from model=gpt"
+            )
         return None
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
@@ -53,8 +61,11 @@ class LanguageModel(Task):
         nats, tokens = sums[0], max(sums[1], 1)
         loss = nats / tokens
         bytes_per_token = self.extra.get("bytes_per_token", 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700)),
-                "bits_per_byte": loss / math.log(2) / bytes_per_token}
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700)),
+            "bits_per_byte": loss / math.log(2) / bytes_per_token,
+        }
 
     def dynamic_dims(self) -> dict[int, tuple[str, int]]:
         """The export takes any sequence length up to the block size, not just the example's."""
@@ -76,6 +87,12 @@ class LanguageModel(Task):
         probabilities = torch.softmax(outputs[:, -1].float(), dim=-1)
         values, ids = probabilities.topk(min(k, probabilities.shape[-1]), dim=-1)
         tokenizer = getattr(self, "tokenizer", None)
-        return [{"next": [{"id": i, **({"token": tokenizer.decode([i])} if tokenizer else {}), "probability": p}
-                          for p, i in zip(ps, row)]}
-                for ps, row in zip(values.tolist(), ids.tolist())]
+        return [
+            {
+                "next": [
+                    {"id": i, **({"token": tokenizer.decode([i])} if tokenizer else {}), "probability": p}
+                    for p, i in zip(ps, row)
+                ]
+            }
+            for ps, row in zip(values.tolist(), ids.tolist())
+        ]

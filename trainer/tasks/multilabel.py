@@ -2,6 +2,7 @@
 cross-entropy on the logits (optional `pos_weight`); metrics mAP (macro), F1 at `task.threshold`
 (macro over labels) and the exact-match ratio; predict and serve answer the labels above the threshold
 with their scores."""
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,9 @@ def average_precision(scores: Tensor, targets: Tensor) -> Tensor:
     when samples are sorted by score; NaN for a label without positives."""
     order = scores.argsort(dim=0, descending=True, stable=True)
     hits = targets.gather(0, order).double()
-    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, device=hits.device, dtype=torch.float64)[:, None]
+    precision = (
+        hits.cumsum(0) / torch.arange(1, len(hits) + 1, device=hits.device, dtype=torch.float64)[:, None]
+    )
     positives = hits.sum(0)
     return (precision * hits).sum(0) / positives.where(positives > 0, torch.nan)
 
@@ -43,10 +46,14 @@ class MultiLabelEvaluation(Evaluation):
     def compute(self) -> dict[str, float]:
         found = self.task.from_eval_sums(self.totals())
         labels = len(self.task.classes)
-        scores = distributed.all_gather_rows(torch.cat(self.scores) if self.scores else
-                                             torch.zeros(0, labels, device=self.device))
-        targets = distributed.all_gather_rows(torch.cat(self.targets) if self.targets else
-                                              torch.zeros(0, labels, dtype=torch.bool, device=self.device))
+        scores = distributed.all_gather_rows(
+            torch.cat(self.scores) if self.scores else torch.zeros(0, labels, device=self.device)
+        )
+        targets = distributed.all_gather_rows(
+            torch.cat(self.targets)
+            if self.targets
+            else torch.zeros(0, labels, dtype=torch.bool, device=self.device)
+        )
         ap = average_precision(scores, targets)
         found["map"] = float(ap.nanmean()) if bool(ap.isfinite().any()) else 0.0
         return found
@@ -59,8 +66,9 @@ class MultiLabel(Task):
     train_metrics = {"exact_match": "max"}
     train_sums_size = 1  # samples whose every label is right at the threshold
 
-    def __init__(self, threshold: float = 0.5, pos_weight: float | list[float] | None = None,
-                 tta: str = "none") -> None:
+    def __init__(
+        self, threshold: float = 0.5, pos_weight: float | list[float] | None = None, tta: str = "none"
+    ) -> None:
         super().__init__(tta)
         if not 0 < threshold < 1:
             raise UserError(f"task.threshold: must be in (0, 1), got {threshold}")
@@ -74,8 +82,10 @@ class MultiLabel(Task):
     def bind(self, data: DataInfo) -> None:
         super().bind(data)
         if len(self.pos_weight_values) not in (0, 1, len(self.classes)):
-            raise UserError(f"task.pos_weight: one value, or one per label ({len(self.classes)} in {data.name}), "
-                            f"got {len(self.pos_weight_values)}")
+            raise UserError(
+                f"task.pos_weight: one value, or one per label ({len(self.classes)} in {data.name}), "
+                f"got {len(self.pos_weight_values)}"
+            )
 
     def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
         if outputs.ndim != 2 or outputs.shape[1] != len(self.classes):
@@ -110,20 +120,34 @@ class MultiLabel(Task):
 
     def eval_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
         targets, outputs = self.targets(batch), outputs.float()
-        loss = F.binary_cross_entropy_with_logits(outputs, targets.float(), pos_weight=self._weights(outputs.device))
+        loss = F.binary_cross_entropy_with_logits(
+            outputs, targets.float(), pos_weight=self._weights(outputs.device)
+        )
         predicted, actual = outputs > self.logit_threshold, targets > 0.5
-        counts = torch.stack([(predicted & actual).sum(0), (predicted & ~actual).sum(0), (~predicted & actual).sum(0)])
+        counts = torch.stack(
+            [(predicted & actual).sum(0), (predicted & ~actual).sum(0), (~predicted & actual).sum(0)]
+        )
         n = torch.tensor([float(len(targets))], device=outputs.device)
-        return torch.cat([(loss * len(targets)).view(1), self._right(outputs, targets).sum().float().view(1), n,
-                          counts.flatten().float()])
+        return torch.cat(
+            [
+                (loss * len(targets)).view(1),
+                self._right(outputs, targets).sum().float().view(1),
+                n,
+                counts.flatten().float(),
+            ]
+        )
 
     def from_eval_sums(self, sums: list[float]) -> dict[str, float]:
         loss, exact, count = sums[:3]
-        tp, fp, fn = (torch.tensor(sums[3:], dtype=torch.float64).view(3, -1))
+        tp, fp, fn = torch.tensor(sums[3:], dtype=torch.float64).view(3, -1)
         seen = (tp + fp + fn) > 0  # a label never present nor predicted has no F1
         f1 = (2 * tp / (2 * tp + fp + fn).clamp(min=1))[seen]
         count = max(count, 1)
-        return {"loss": loss / count, "f1": float(f1.mean()) if len(f1) else 0.0, "exact_match": exact / count}
+        return {
+            "loss": loss / count,
+            "f1": float(f1.mean()) if len(f1) else 0.0,
+            "exact_match": exact / count,
+        }
 
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         threshold = option(options, "threshold", self.threshold, float, low=0)
@@ -133,6 +157,10 @@ class MultiLabel(Task):
         answers = []
         for row in scores.tolist():
             above = sorted(((s, i) for i, s in enumerate(row) if s >= threshold), reverse=True)
-            answers.append({"labels": [{"class": self.classes[i], "index": i, "score": s} for s, i in above],
-                            "threshold": threshold})
+            answers.append(
+                {
+                    "labels": [{"class": self.classes[i], "index": i, "score": s} for s, i in above],
+                    "threshold": threshold,
+                }
+            )
         return answers

@@ -4,6 +4,7 @@ MAE, RMSE and R² (each the mean over targets, in the targets' own units).
 Targets are standardised with the training split's mean and standard deviation (`task.standardize`):
 the model learns z-scores, the statistics are saved in every checkpoint and the export manifest, and
 the exported model undoes the standardisation, so predictions come back in the user's units."""
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,8 +38,9 @@ class Regression(Task):
     metrics = {"loss": "min", "mae": "min", "rmse": "min", "r2": "max"}
     train_metrics = {"mae": "min"}
 
-    def __init__(self, loss: str = "mse", huber_delta: float = 1.0, standardize: bool = True,
-                 tta: str = "none") -> None:
+    def __init__(
+        self, loss: str = "mse", huber_delta: float = 1.0, standardize: bool = True, tta: str = "none"
+    ) -> None:
         super().__init__(tta)
         if loss not in LOSSES:
             raise UserError(f"task.loss: must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -56,16 +58,22 @@ class Regression(Task):
     def bind(self, data: DataInfo) -> None:
         super().bind(data)
         if data.train_targets is None:
-            raise UserError(f"task=regression: {data.name} cannot list its training targets (a split's targets()), "
-                            f"which the standardisation needs; add it, or set task.standardize=false")
+            raise UserError(
+                f"task=regression: {data.name} cannot list its training targets (a split's targets()), "
+                f"which the standardisation needs; add it, or set task.standardize=false"
+            )
         targets = data.train_targets.double().reshape(len(data.train_targets), -1)
         if targets.shape[1] != len(self.classes):
-            raise UserError(f"task=regression: {data.name} names {len(self.classes)} targets but its samples hold "
-                            f"{targets.shape[1]}")
+            raise UserError(
+                f"task=regression: {data.name} names {len(self.classes)} targets but its samples hold "
+                f"{targets.shape[1]}"
+            )
         if not bool(targets.isfinite().all()):
             row = int((~targets.isfinite()).any(1).nonzero()[0])
-            raise UserError(f"task=regression: training target {row} of {data.name} is NaN or infinite; fix or "
-                            f"drop that sample")
+            raise UserError(
+                f"task=regression: training target {row} of {data.name} is NaN or infinite; fix or "
+                f"drop that sample"
+            )
         if self.standardize:
             std = targets.std(0, unbiased=False) if len(targets) > 1 else torch.ones(targets.shape[1])
             self.mean, self.std = targets.mean(0).tolist(), std.where(std > 0, torch.ones_like(std)).tolist()
@@ -122,21 +130,35 @@ class Regression(Task):
         error = (predicted - actual).double()
         actual = actual.double()
         n = torch.tensor([float(len(actual))], device=outputs.device, dtype=torch.float64)
-        return torch.cat([loss.double().view(1), n, error.abs().sum(0), (error ** 2).sum(0), actual.sum(0),
-                          (actual ** 2).sum(0)])
+        return torch.cat(
+            [
+                loss.double().view(1),
+                n,
+                error.abs().sum(0),
+                (error**2).sum(0),
+                actual.sum(0),
+                (actual**2).sum(0),
+            ]
+        )
 
     def from_eval_sums(self, sums: list[float]) -> dict[str, float]:
         loss, count = sums[0], max(sums[1], 1)
         absolute, squared, total, total_sq = torch.tensor(sums[2:], dtype=torch.float64).view(4, -1)
-        variance = total_sq - total ** 2 / count  # n x the targets' variance
+        variance = total_sq - total**2 / count  # n x the targets' variance
         r2 = 1 - squared / variance.where(variance > 0, torch.nan)
-        return {"loss": loss / count, "mae": float((absolute / count).mean()),
-                "rmse": float((squared / count).sqrt().mean()),
-                "r2": float(r2.nanmean()) if bool(r2.isfinite().any()) else 0.0}
+        return {
+            "loss": loss / count,
+            "mae": float((absolute / count).mean()),
+            "rmse": float((squared / count).sqrt().mean()),
+            "r2": float(r2.nanmean()) if bool(r2.isfinite().any()) else 0.0,
+        }
 
     def exported(self, model: nn.Module) -> nn.Module:
         return Unstandardize(model, self.mean, self.std)
 
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         """`outputs` come from the export, already in the targets' units."""
-        return [{"values": dict(zip(self.classes, row))} for row in outputs.float().reshape(len(outputs), -1).tolist()]
+        return [
+            {"values": dict(zip(self.classes, row))}
+            for row in outputs.float().reshape(len(outputs), -1).tolist()
+        ]

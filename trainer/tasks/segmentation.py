@@ -2,6 +2,7 @@
 and pixel accuracy from a confusion matrix kept on the device (exact over the split and every process);
 flip TTA flips the prediction back. Predict writes mask PNGs (`masks=<folder>`); serve answers per-class
 pixel counts as JSON, or the mask as a PNG (`?format=png`)."""
+
 import io
 from collections.abc import Mapping
 from typing import Any
@@ -35,17 +36,21 @@ class Segmentation(Task):
         classes = len(self.classes)
         for value, where in sorted(data.extra.get("mask_values", {}).items()):
             if value >= classes and value != self.ignore_index:
-                raise UserError(f"task=segmentation: the mask {where} holds the value {value}, but {data.name} has "
-                                f"{classes} classes (0 to {classes - 1}) and task.ignore_index is "
-                                f"{self.ignore_index}; fix the mask, raise dataset.num_classes, or set "
-                                f"task.ignore_index={value}")
+                raise UserError(
+                    f"task=segmentation: the mask {where} holds the value {value}, but {data.name} has "
+                    f"{classes} classes (0 to {classes - 1}) and task.ignore_index is "
+                    f"{self.ignore_index}; fix the mask, raise dataset.num_classes, or set "
+                    f"task.ignore_index={value}"
+                )
 
     def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
         masks = self.targets(batch)
         wanted = [len(masks), len(self.classes), *masks.shape[-2:]]
         if list(outputs.shape) != wanted:
-            return (f"task={self.name} needs [N, {len(self.classes)}, {masks.shape[-2]}, {masks.shape[-1]}] logits "
-                    f"(a score per class and pixel), e.g. from model=unet or model=tvseg")
+            return (
+                f"task={self.name} needs [N, {len(self.classes)}, {masks.shape[-2]}, {masks.shape[-1]}] logits "
+                f"(a score per class and pixel), e.g. from model=unet or model=tvseg"
+            )
         return None
 
     def evaluated(self, model: nn.Module) -> nn.Module:
@@ -63,8 +68,9 @@ class Segmentation(Task):
 
     def train_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
         predicted, actual = self._counted(outputs, batch)
-        return torch.stack([(predicted == actual).sum().float(), torch.tensor(float(actual.numel()),
-                                                                             device=outputs.device)])
+        return torch.stack(
+            [(predicted == actual).sum().float(), torch.tensor(float(actual.numel()), device=outputs.device)]
+        )
 
     def from_train_sums(self, sums: list[float], count: int) -> dict[str, float]:
         return {"pixel_acc": sums[0] / max(sums[1], 1)}
@@ -86,21 +92,26 @@ class Segmentation(Task):
         right = confusion.diagonal()
         union = confusion.sum(0) + confusion.sum(1) - right
         iou = (right / union.clamp(min=1))[union > 0]  # a class neither present nor predicted: no IoU
-        return {"loss": loss, "miou": float(iou.mean()) if len(iou) else 0.0,
-                "pixel_acc": float(right.sum() / confusion.sum().clamp(min=1))}
+        return {
+            "loss": loss,
+            "miou": float(iou.mean()) if len(iou) else 0.0,
+            "pixel_acc": float(right.sum() / confusion.sum().clamp(min=1)),
+        }
 
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         classes = outputs.float().argmax(1)
         answers = []
         for mask in classes:
             counts = torch.bincount(mask.flatten(), minlength=len(self.classes)).tolist()
-            answers.append({"pixels": {name: n for name, n in zip(self.classes, counts) if n},
-                            "size": list(mask.shape)})
+            answers.append(
+                {"pixels": {name: n for name, n in zip(self.classes, counts) if n}, "size": list(mask.shape)}
+            )
         return answers
 
     def png(self, outputs: Tensor) -> list[bytes]:
         """Each input's mask of class indices as a greyscale PNG (the format the masks were read in)."""
         from PIL import Image
+
         encoded = []
         for mask in outputs.float().argmax(1).to(torch.uint8).cpu().numpy():
             buffer = io.BytesIO()

@@ -5,6 +5,7 @@ With the key/value cache (the model's `new_cache()`), the prompt is run once and
 computed from itself and the cached keys and values of the tokens before it; without it (or once the
 text no longer fits the block size, where the position embeddings end) the last block_size tokens are
 run again for every token, as nanoGPT does. Both give the same tokens for a seed."""
+
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +33,16 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None, generator:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, seed: int = 0, use_cache: bool = True) -> Iterator[int]:
+def generate(
+    model: nn.Module,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> Iterator[int]:
     """Yields each new token id of the continuation of `prompt` (a 1-D tensor of ids), as it is made."""
     model.eval()
     block = model.block_size
@@ -57,11 +66,14 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, *, temperatu
 def load_run(run: Path, checkpoint: str) -> tuple[nn.Module, Tokenizer]:
     """(model, tokenizer) of a language-model run: its config and weights, its tokenizer folder."""
     from trainer.registry import MODELS, builder_params
+
     if checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint: '{checkpoint}' is not one of best, last")
     path = run / "checkpoints" / f"{checkpoint}.pt"
     if not path.is_file():
-        raise UserError(f"run: {run} has no checkpoints/{checkpoint}.pt; give the folder of a language-model run")
+        raise UserError(
+            f"run: {run} has no checkpoints/{checkpoint}.pt; give the folder of a language-model run"
+        )
     config = load_checkpoint(path)["config"]  # resolved, plain
     task = config.get("task", {}).get("name", "classification")
     if task != "language_model" or not (run / "tokenizer").is_dir():

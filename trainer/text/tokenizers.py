@@ -2,6 +2,7 @@
 download); `bpe` is Hugging Face `tokenizers` (the `text` extra), trained on a corpus or read from a
 local tokenizer.json. A tokenizer is saved as a folder's tokenizer.json (or, for bytes, named in its
 index), so the run dir and the export decode with exactly the training tokenizer."""
+
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +24,7 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: any text, a vocabulary of 256, and decode(encode(text)) == text."""
+
     kind, vocab_size = "byte", 256
 
     def encode(self, text: str) -> list[int]:
@@ -41,6 +43,7 @@ def _hf():
 
 class BPETokenizer:
     """Byte-level BPE (GPT-2 style) through Hugging Face `tokenizers`."""
+
     kind = "bpe"
 
     def __init__(self, tokenizer) -> None:
@@ -55,8 +58,11 @@ class BPETokenizer:
         tokenizer = tk.Tokenizer(tk.models.BPE())
         tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = tk.decoders.ByteLevel()
-        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            show_progress=False,
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        )
         tokenizer.train_from_iterator(texts, trainer=trainer)
         return cls(tokenizer)
 
@@ -66,8 +72,9 @@ class BPETokenizer:
         try:
             return cls(tk.Tokenizer.from_file(str(path)))
         except Exception as e:
-            raise UserError(f"tokenizer: cannot read {path} as a Hugging Face tokenizer.json ({str(e)[:100]})") \
-                from None
+            raise UserError(
+                f"tokenizer: cannot read {path} as a Hugging Face tokenizer.json ({str(e)[:100]})"
+            ) from None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
