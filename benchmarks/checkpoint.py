@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from trainer import MODELS, OPTIMIZERS
-from trainer.checkpoint import CheckpointWriter, load_checkpoint, rng_state
+from trainer.core.checkpoint import CheckpointWriter, load_checkpoint, rng_state
 
 
 def training_state(tiny: bool) -> dict:

@@ -66,8 +66,8 @@ def run_ours(args: argparse.Namespace, run_dir: Path) -> dict:
 
 
 def run_script(args: argparse.Namespace, cfg) -> dict:
-    from trainer.devices import pick_device
-    from trainer.setup import build_model
+    from trainer.run.devices import pick_device
+    from trainer.run.setup import build_model
 
     crop = next(step for step in cfg.dataset.augment if step.name == "RandomCrop")
     return train_script(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.seeding import mix as seed_of  # the framework's (seed, epoch) -> generator seed
+from trainer.core.seeding import mix as seed_of  # the framework's (seed, epoch) -> generator seed
 
 
 def load_split(folder: Path, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,8 @@ def compose(overrides: list[str]):
 
 def build_ours(overrides: list[str], run_dir: Path):
     """(trainer, bundle, cfg) for these overrides, built as `python -m trainer` builds them."""
-    from trainer.devices import pick_device
-    from trainer.setup import build_data, build_task, build_trainer
+    from trainer.run.devices import pick_device
+    from trainer.run.setup import build_data, build_task, build_trainer
 
     cfg = compose(overrides)
     device = pick_device(cfg.trainer.device)

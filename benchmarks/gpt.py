@@ -115,7 +115,7 @@ def build(args: argparse.Namespace, corpus: Path, folder: Path, workers: int = 0
     ]
     trainer, bundle, cfg = build_ours(overrides, folder / "run")
     from trainer.config import model_params
-    from trainer.registry import MODELS
+    from trainer.core.registry import MODELS
 
     torch.manual_seed(args.seed)
     theirs = MODELS.build("gpt", **model_params(cfg.model))

@@ -69,7 +69,7 @@ def overrides(args: argparse.Namespace, near_zero: bool = False) -> list[str]:
 
 def build_both(args: argparse.Namespace, run_dir: Path, near_zero: bool = False):
     """Our Trainer and the hand-written loop, with the same network and initial weights."""
-    from trainer.setup import build_model
+    from trainer.run.setup import build_model
 
     trainer, bundle, cfg = build_ours(overrides(args, near_zero), run_dir)
     batches = DeviceBatches(

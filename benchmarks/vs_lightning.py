@@ -59,7 +59,7 @@ def run(args: argparse.Namespace, run_dir: Path, near_zero: bool) -> list[dict]:
     """Lightning's epochs, each followed by one of ours and one of the hand-written loop's."""
     import lightning as L
 
-    from trainer.setup import build_model
+    from trainer.run.setup import build_model
 
     trainer, hand, cfg = build_both(args, run_dir / "ours", near_zero)
     batches: DeviceBatches = hand.batches

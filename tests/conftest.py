@@ -284,7 +284,7 @@ def comparable(progress: dict) -> dict:
 def assert_same_training_state(a: Path, b: Path) -> None:
     import torch
 
-    from trainer.checkpoint import load_checkpoint
+    from trainer.core.checkpoint import load_checkpoint
 
     sa, sb = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (a, b))
     assert comparable(sa["progress"]) == comparable(sb["progress"])

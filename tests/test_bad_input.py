@@ -192,7 +192,7 @@ def test_a_regression_column_a_row_lacks_names_the_file_and_row(monkeypatch, cap
 
 def test_an_optional_library_that_is_not_installed_names_its_extra():
     """The one helper every optional extra goes through (timm, tokenizers, the trackers, serve's aiohttp)."""
-    from trainer.errors import UserError, require
+    from trainer.core.errors import UserError, require
 
     with pytest.raises(UserError) as refused:
         require("no_such_library_here", "model=timm", "timm", hint="or choose another model")
@@ -236,8 +236,8 @@ def test_a_model_that_cannot_take_the_datasets_inputs_is_refused_in_one_line():
     import torch
     from omegaconf import OmegaConf
 
-    from trainer.errors import UserError
-    from trainer.setup import check_model_fits
+    from trainer.core.errors import UserError
+    from trainer.run.setup import check_model_fits
     from trainer.tasks.language_model import LanguageModel
 
     cfg = OmegaConf.create(

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import (
+from trainer.core.checkpoint import (
     copy_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 
 def _state():
@@ -92,7 +92,7 @@ def _progress(step):
 
 
 def test_history_keeps_the_newest_and_prunes_only_after_saving(tmp_path):
-    from trainer.checkpoint import keep_history
+    from trainer.core.checkpoint import keep_history
 
     for step in (10, 20, 30):
         last = save_checkpoint(_progress(step), tmp_path / "last.pt")
@@ -105,7 +105,7 @@ def test_history_keeps_the_newest_and_prunes_only_after_saving(tmp_path):
 
 
 def test_newest_valid_falls_back_past_damaged_files(tmp_path, caplog):
-    from trainer.checkpoint import keep_history, newest_valid
+    from trainer.core.checkpoint import keep_history, newest_valid
 
     for step in (10, 20):
         keep_history(save_checkpoint(_progress(step), tmp_path / "last.pt"), step, keep=3)
@@ -122,7 +122,7 @@ def test_newest_valid_falls_back_past_damaged_files(tmp_path, caplog):
 
 
 def test_stale_temporaries_are_removed(tmp_path):
-    from trainer.checkpoint import remove_stale_temporaries
+    from trainer.core.checkpoint import remove_stale_temporaries
 
     (tmp_path / ".last.pt.123.tmp").write_bytes(b"half")
     save_checkpoint(_progress(1), tmp_path / "last.pt")
@@ -139,7 +139,7 @@ def test_a_full_disk_is_a_clear_error_and_the_old_checkpoint_survives(tmp_path, 
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("trainer.checkpoint.torch.save", disk_full)
+    monkeypatch.setattr("trainer.core.checkpoint.torch.save", disk_full)
     with pytest.raises(
         UserError, match=r"last\.pt: could not write the checkpoint \(No space left on device\)"
     ):
@@ -150,7 +150,7 @@ def test_a_full_disk_is_a_clear_error_and_the_old_checkpoint_survives(tmp_path, 
 
 
 def test_background_writer_snapshots_the_state_and_reports_errors(tmp_path):
-    from trainer.checkpoint import CheckpointWriter
+    from trainer.core.checkpoint import CheckpointWriter
 
     weights = torch.zeros(4)
     writer = CheckpointWriter(tmp_path, keep_last=1)
@@ -163,13 +163,13 @@ def test_background_writer_snapshots_the_state_and_reports_errors(tmp_path):
     def disk_full(obj, f, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    import trainer.checkpoint
+    import trainer.core.checkpoint
 
-    original, trainer.checkpoint.torch.save = trainer.checkpoint.torch.save, disk_full
+    original, trainer.core.checkpoint.torch.save = trainer.core.checkpoint.torch.save, disk_full
     try:
         writer.save({"model": {"w": weights}, "progress": {"step": 2}}, step=2, last=True, best=False)
         with pytest.raises(UserError, match="could not write the checkpoint"):
             writer.wait()  # the background failure surfaces in the training thread
     finally:
-        trainer.checkpoint.torch.save = original
+        trainer.core.checkpoint.torch.save = original
     assert load_checkpoint(tmp_path / "last.pt")["progress"]["step"] == 1

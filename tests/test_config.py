@@ -6,7 +6,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from trainer.config import validate
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 GROUPS = ["model", "dataset", "task", "optimizer", "scheduler", "trainer", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]

@@ -3,9 +3,9 @@ import torch
 from conftest import write_cifar10, write_cifar100, write_mnist
 
 from trainer import DATASETS
+from trainer.core.errors import UserError
+from trainer.core.retry import retry
 from trainer.data import build_loaders
-from trainer.errors import UserError
-from trainer.retry import retry
 
 STATS = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
@@ -168,7 +168,7 @@ def test_class_count_mismatch_is_reported(tmp_path):
 
 def test_retry_backs_off_then_succeeds_or_gives_up(monkeypatch):
     sleeps = []
-    monkeypatch.setattr("trainer.retry.time.sleep", sleeps.append)
+    monkeypatch.setattr("trainer.core.retry.time.sleep", sleeps.append)
     calls = []
 
     @retry(attempts=3, base_delay=1.0, exceptions=(OSError,))

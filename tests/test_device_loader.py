@@ -5,9 +5,9 @@ import torch
 from torchvision.transforms import v2
 
 from trainer import DATASETS
+from trainer.core.errors import UserError
 from trainer.data import build_loaders
 from trainer.data.device import DeviceBatches
-from trainer.errors import UserError
 
 AUGMENT = [{"name": "RandomCrop", "size": 32, "padding": 4}, {"name": "RandomHorizontalFlip"}]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_DATA, TINY_RUN, process_tree, run_trainer, signal_tree
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
 
 # 1,001 synthetic images, 10% held out: 901 to train. With a global batch of 32, the last step has 5
 # images, which two processes share 3 + 2: the loss weighting for unequal shares is exercised.
@@ -172,8 +172,8 @@ def test_a_signal_during_the_stop_all_reduce_is_not_lost(monkeypatch):
     others' answer must not erase the flag (it did, and a signalled run trained on to its end)."""
     from types import SimpleNamespace
 
-    from trainer import distributed
-    from trainer.loop import Trainer
+    from trainer.core import distributed
+    from trainer.run.loop import Trainer
 
     trainer = SimpleNamespace(stop_signal=None, device=torch.device("cpu"))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY, run_trainer
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ processes under torchrun in test_distributed.py.)"""
 import pytest
 from conftest import assert_same_training_state, kill_while_saving, run_trainer
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
 
 # 461 training images (10% of 512 held out) in batches of 32: 15 batches an epoch. Dropout, random
 # crops and flips: every random generator a resume must restore is in use.

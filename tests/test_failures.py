@@ -109,7 +109,7 @@ def test_an_error_in_the_checkpoint_writer_exits_1_promptly(tmp_path):
         def keep_history(last, step, keep):
             MARK.write_text(str(time.time()))
             raise RuntimeError("injected: the checkpoint writer failed")
-        importlib.import_module("trainer.checkpoint").keep_history = keep_history
+        importlib.import_module("trainer.core.checkpoint").keep_history = keep_history
     """,
     )
     result = run_trainer(

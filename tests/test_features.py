@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 import pytest
 from conftest import CONF, TINY, TINY_DATA, TINY_RUN, run_trainer, write_cifar10
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
 
 USER_MODULE = """
 import torch

@@ -16,7 +16,7 @@ from conftest import (
     write_imagefolder,
 )
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
 
 pytest.importorskip("timm", reason="the timm extra is not installed")
 FROZEN = ["conv1.*", "bn1.*", "layer1.*"]

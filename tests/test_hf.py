@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, refused_in_process, run_trainer, write_hf_dataset, write_imagefolder
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
 
 datasets = pytest.importorskip("datasets")
 
@@ -121,7 +121,7 @@ def test_a_damaged_arrow_file_is_one_line_naming_it(folders, tmp_path):
     import shutil
 
     from trainer import DATASETS
-    from trainer.errors import UserError
+    from trainer.core.errors import UserError
 
     _, saved = folders
     copy = shutil.copytree(saved, tmp_path / "copy")

@@ -26,9 +26,9 @@ from conftest import ROOT, TINY_RUN, run_trainer, write_imagefolder
 from PIL import Image
 
 from trainer import DATASETS
+from trainer.core.images import ImageError, ImageTooLarge, decode_image
 from trainer.data import build_loaders
 from trainer.data.shard import write_shards
-from trainer.images import ImageError, ImageTooLarge, decode_image
 
 MARKER = b"CLIENT-BYTES-7f3a"  # sent inside hostile requests; must never reach the server's log
 
@@ -516,8 +516,8 @@ def test_a_failing_batch_fails_its_own_requests_only_and_health_follows_the_batc
     500; the next batch is answered; with the batcher stopped, /healthz and /v1/predict answer 503."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from trainer.inference import Predictor
     from trainer.serve import ServeSettings, build_app
+    from trainer.serving.predictor import Predictor
 
     predictor = Predictor(served_run)
     real, calls = predictor.outputs, []

@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_MODEL, refused_in_process, run_trainer, start_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.metrics import MetricLog
+from trainer.run.metrics import MetricLog
 
 ARGS = [
     "dataset=synthetic",

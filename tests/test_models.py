@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from trainer import MODELS
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import TINY_DATA, TINY_RUN, run_trainer
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
 
 FLAKY_MODEL = """
 import os

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer import MODELS, OPTIMIZERS, SCHEDULERS
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "adam"])

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from trainer import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS
-from trainer.errors import UserError
-from trainer.registry import Registry
+from trainer.core.errors import UserError
+from trainer.core.registry import Registry
 
 
 def test_register_build_and_names_sorted():

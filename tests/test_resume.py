@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, refused_in_process, run_trainer, start_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
 
 # A schedule that does not depend on max_epochs (so a 2-epoch run extended to 4 can equal a 4-epoch
 # run), and checkpoints inside epochs: 29 steps an epoch, so saves at steps 10, 20, 29 (epoch end), 30...
@@ -219,7 +219,7 @@ def test_a_signal_landing_inside_a_log_write_does_not_write_again():
     logged, and the file's writer refused the reentrant call with a traceback). The signal lands here,
     deterministically, in the middle of an emit; the guard's handler must only set the flag, and the
     "received" line comes at the step boundary, once."""
-    from trainer.guard import StopRequested, guarded
+    from trainer.run.guard import StopRequested, guarded
 
     class Probe(logging.Handler):
         def __init__(self):

@@ -54,7 +54,7 @@ def eager_probabilities(run: Path, files: list[Path]) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     from trainer import MODELS
-    from trainer.checkpoint import load_checkpoint
+    from trainer.core.checkpoint import load_checkpoint
 
     model = MODELS.build("cnn", num_classes=3, width=8).eval()
     model.load_state_dict(load_checkpoint(run / "checkpoints" / "best.pt")["model"])
@@ -197,7 +197,7 @@ def test_the_server_answers_as_the_eager_model_does(run, shared):
                 form.add_field("image", path.read_bytes(), filename=path.name)
             status, body = await post(session, url, form)
             assert status == 200 and len(body["predictions"]) == 2
-            from trainer.inference import Predictor
+            from trainer.serving.predictor import Predictor
 
             tensors = torch.stack([Predictor(run).decode(p.read_bytes()) for p in files[:3]])
             status, body = await post(
@@ -341,7 +341,7 @@ def test_bad_server_settings_are_one_line_exit_2(run, capsys):
     from trainer.serve import main
 
     for args, needle in [
-        ((f"run={run}", "serve.max_batch_size=0"), "serve.max_batch_size: out of range"),
+        ((f"run={run}", "serve.max_batch_size=0"), "serve.max_batch_size: must be 1 or more, got 0"),
         ((f"run={run.parent}",), "has no export/manifest.json"),
         ((f"run={run}", "serve.prot=80"), "serve.prot"),
         (("serve.port=80",), "run: missing"),
@@ -353,7 +353,7 @@ def test_bad_server_settings_are_one_line_exit_2(run, capsys):
 
 
 def test_a_tensor_request_is_checked_before_it_joins_a_batch(run):
-    from trainer.inference import InputError, Predictor
+    from trainer.serving.predictor import InputError, Predictor
 
     predictor = Predictor(run)
     with pytest.raises(InputError, match="shape"):

@@ -11,9 +11,9 @@ import torch
 from conftest import TINY, TINY_DATA, TINY_RUN, compose_config, run_trainer
 
 from trainer import MODELS, OPTIMIZERS, SCHEDULERS
-from trainer.checkpoint import load_checkpoint
-from trainer.metrics import RunningMetrics
-from trainer.speed import WeightAverage
+from trainer.core.checkpoint import load_checkpoint
+from trainer.run.metrics import RunningMetrics
+from trainer.run.speed import WeightAverage
 from trainer.tasks.base import FlipAverage
 
 SMALL = [*TINY, "dataset.train_size=512", "export.formats=[torch_export]"]
@@ -99,7 +99,7 @@ def test_compile_warm_up_covers_the_parameters_that_train_later(tmp_path):
     from conftest import compose_config as compose
     from torch._dynamo.utils import counters
 
-    from trainer.setup import build_data, build_task, build_trainer
+    from trainer.run.setup import build_data, build_task, build_trainer
 
     cfg = compose(
         *TINY_DATA,
@@ -135,9 +135,9 @@ def test_several_processes_refuse_what_would_change_the_trained_parameters_mid_r
     run with several processes is refused before it starts."""
     from conftest import compose_config as compose
 
-    from trainer import distributed
-    from trainer.errors import UserError
-    from trainer.setup import build_data, build_task, build_trainer
+    from trainer.core import distributed
+    from trainer.core.errors import UserError
+    from trainer.run.setup import build_data, build_task, build_trainer
 
     overrides = {
         "whiten_bias_epochs": ["model=fastnet", "model.widths=[8,8,8]", "model.whiten_bias_epochs=1"],
@@ -159,7 +159,7 @@ def test_several_processes_refuse_what_would_change_the_trained_parameters_mid_r
 def test_warm_up_restores_weights_statistics_and_random_state(tmp_path):
     from conftest import compose_config as compose
 
-    from trainer.setup import build_data, build_task, build_trainer
+    from trainer.run.setup import build_data, build_task, build_trainer
 
     cfg = compose(*TINY, "model.dropout=0.5")
     device = torch.device("cpu")
@@ -340,7 +340,7 @@ def _page_faults_of_a_settled_heap() -> int:
 def test_keep_cpu_memory_stops_freed_tensors_faulting_in_again():
     import os
 
-    from trainer.speed import keep_freed_memory
+    from trainer.run.speed import keep_freed_memory
 
     read, write = os.pipe()
     child = os.fork()  # the allocator setting is the whole process's: a child of this worker takes it
@@ -374,7 +374,7 @@ def test_flip_average_is_the_same_for_an_image_and_its_mirror():
 def test_flip_translate_averages_flips_and_one_pixel_shifts_and_exports(tmp_path):
     import torch.nn.functional as F
 
-    from trainer.export import export_model
+    from trainer.run.export import export_model
     from trainer.tasks.base import FlipTranslateAverage
 
     torch.manual_seed(0)
@@ -451,8 +451,8 @@ def test_validation_every_n_epochs_and_without_tta_while_the_test_keeps_it(tmp_p
 
     from conftest import compose_config as compose
 
-    import trainer.loop
-    from trainer.setup import build_data, build_task, build_trainer
+    import trainer.run.loop
+    from trainer.run.setup import build_data, build_task, build_trainer
 
     cfg = compose(
         *TINY,
@@ -463,9 +463,9 @@ def test_validation_every_n_epochs_and_without_tta_while_the_test_keeps_it(tmp_p
         "logger=[csv]",
     )
     evaluated = []
-    original = trainer.loop.evaluate_model
+    original = trainer.run.loop.evaluate_model
     monkeypatch.setattr(
-        trainer.loop,
+        trainer.run.loop,
         "evaluate_model",
         lambda model, *a, **k: evaluated.append(type(model).__name__) or original(model, *a, **k),
     )

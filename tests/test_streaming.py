@@ -16,12 +16,12 @@ import torch
 from conftest import TINY_MODEL, run_trainer, start_trainer, write_hf_dataset, write_imagefolder
 
 from trainer import DATASETS
-from trainer.checkpoint import load_checkpoint
-from trainer.cli import _unwrap_worker_error
+from trainer.core.checkpoint import load_checkpoint
+from trainer.core.cli import _unwrap_worker_error
+from trainer.core.errors import UserError
 from trainer.data import build_loaders
 from trainer.data.shard import main as shard_main
 from trainer.data.shard import write_shards
-from trainer.errors import UserError
 
 N_TRAIN = 45  # not a multiple of anything used below: partial batches, uneven shards, uneven windows
 

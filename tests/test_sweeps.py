@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_DATA, TINY_MODEL, run_trainer, start_trainer
 
-from trainer.sweep import collect, swept_parameter, varying_keys
+from trainer.sweep.summary import collect, swept_parameter, varying_keys
 
 QUICK = [
     *TINY_DATA,

@@ -15,11 +15,11 @@ import torch
 from conftest import assert_same_training_state, kill_while_saving, run_trainer
 from PIL import Image
 
-from trainer.checkpoint import load_checkpoint
 from trainer.config import model_params, params_of
+from trainer.core.checkpoint import load_checkpoint
+from trainer.core.registry import MODELS, TASKS
 from trainer.evaluate import evaluate_run
-from trainer.inference import Predictor
-from trainer.registry import MODELS, TASKS
+from trainer.serving.predictor import Predictor
 
 COMMON = ["loader.batch_size=32", "loader.num_workers=0", "trainer.progress_bar=false"]
 # (overrides, the test metric that shows learning, a bar well past chance). Chance: mAP ~0.35 (the
@@ -406,7 +406,7 @@ USER_DATASET = '''
 import torch
 from torch.utils.data import TensorDataset
 from trainer.data import DATASETS, DataBundle
-from trainer.registry import MODELS
+from trainer.core.registry import MODELS
 
 
 @DATASETS.register("points")
@@ -454,7 +454,7 @@ def test_a_tensordataset_without_images_trains_exports_and_serves_json(tmp_path,
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["preprocess"] is None and manifest["input"]["shape"] == [-1, 16]
     monkeypatch.syspath_prepend(str(tmp_path))  # the server imports the run's own modules (its imports)...
-    from trainer.registry import DATASETS
+    from trainer.core.registry import DATASETS
 
     for registry in (MODELS, DATASETS):  # ...whose entries leave with this test, not stay in this worker
         monkeypatch.setattr(registry, "_builders", dict(registry._builders))
@@ -478,7 +478,7 @@ def test_a_tensordataset_without_images_trains_exports_and_serves_json(tmp_path,
 
 
 def test_a_sweeps_summary_shows_the_tasks_own_metrics(tmp_path):
-    from trainer.sweep import refresh_summary
+    from trainer.sweep.summary import refresh_summary
 
     for job, lr, value in (("0", "0.1", 0.81), ("1", "0.01", 0.93)):
         (tmp_path / job).mkdir()
@@ -525,7 +525,7 @@ def test_a_run_from_before_tasks_still_evaluates_and_resumes(tmp_path):
     it as task=classification, and a resume replays `loss.label_smoothing=...` as task.label_smoothing."""
     import yaml
 
-    from trainer.checkpoint import save_checkpoint
+    from trainer.core.checkpoint import save_checkpoint
 
     run_dir = tmp_path / "run"
     args = [

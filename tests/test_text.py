@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import ROOT, assert_same_training_state, kill_while_saving, run_trainer
 
-from trainer.checkpoint import load_checkpoint
+from trainer.core.checkpoint import load_checkpoint
+from trainer.core.registry import MODELS
 from trainer.data.corpus import tokenize
-from trainer.registry import MODELS
 from trainer.text.sampling import generate
 from trainer.text.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -78,8 +78,8 @@ def test_split_by_file_validates_on_other_files_with_the_training_tokenizer(tmp_
     """dataset.val_root: all of root trains; val_root's text, tokenized with root's own BPE, validates.
     A val folder tokenized with another tokenizer is refused, naming the file to tokenize it with."""
     pytest.importorskip("tokenizers", reason="the text extra is not installed")
+    from trainer.core.errors import UserError
     from trainer.data.text import text
-    from trainer.errors import UserError
 
     train_file, val_file = (
         write_corpus(tmp_path / "train.txt", lines=300),
@@ -268,8 +268,8 @@ def test_serve_streams_generation_with_limits_and_stops_for_a_client_that_leaves
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from trainer.inference import Predictor
     from trainer.serve import ServeSettings, build_app
+    from trainer.serving.predictor import Predictor
     from trainer.text.sampling import load_run
 
     model, tokenizer = load_run(lm_run, "best")
@@ -328,8 +328,8 @@ def test_predict_and_serve_answer_the_next_tokens_after_each_text(lm_run):
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from trainer.inference import Predictor
     from trainer.serve import ServeSettings, build_app
+    from trainer.serving.predictor import Predictor
     from trainer.text.sampling import load_run
 
     model, tokenizer = load_run(lm_run, "best")
@@ -405,9 +405,9 @@ def test_text_classification_trains_predicts_and_serves_text(tmp_path):
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from trainer.inference import Predictor
     from trainer.predict import PredictConfig, predict
     from trainer.serve import ServeSettings, build_app
+    from trainer.serving.predictor import Predictor
 
     root = write_reviews(tmp_path / "reviews")
     run_dir = tmp_path / "run"

@@ -8,13 +8,13 @@ from typing import Any
 # Loaded on first use: `import trainer` (and every `python -m trainer.<command>`) stays cheap, and no
 # part of the package has to import the package's whole public surface.
 _EXPORTS = {
-    "MODELS": "trainer.registry",
-    "DATASETS": "trainer.registry",
-    "OPTIMIZERS": "trainer.registry",
-    "SCHEDULERS": "trainer.registry",
-    "TASKS": "trainer.registry",
+    "MODELS": "trainer.core.registry",
+    "DATASETS": "trainer.core.registry",
+    "OPTIMIZERS": "trainer.core.registry",
+    "SCHEDULERS": "trainer.core.registry",
+    "TASKS": "trainer.core.registry",
     "Task": "trainer.tasks.base",
-    "Trainer": "trainer.loop",
+    "Trainer": "trainer.run.loop",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

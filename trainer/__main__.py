@@ -13,30 +13,40 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer import distributed
-from trainer.atomic import write_text
-from trainer.cli import exit_codes, import_user_modules, override_key, refuse_moved_keys, resume_argv, usage
 from trainer.config import register_configs, validate
+from trainer.core import distributed
+from trainer.core.atomic import write_text
+from trainer.core.cli import (
+    exit_codes,
+    import_user_modules,
+    override_key,
+    refuse_moved_keys,
+    resume_argv,
+    usage,
+)
+from trainer.core.registry import CONF
+from trainer.sweep.search import register_resolvers
 
 if TYPE_CHECKING:
-    from trainer.loop import Trainer
+    from trainer.run.loop import Trainer
 
 # The training parts (loop, data, models, export) are imported inside run(): `--help`, `--cfg job`
 # and a config error answer without them (benchmarks/startup.py measures it).
 log = logging.getLogger("trainer")
 register_configs()
+register_resolvers()
 
 
 # An absolute path: Hydra resolves a relative one against the calling module, which differs between
 # `python -m trainer` and the `trainer` console script.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(CONF)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def train(cfg: DictConfig) -> float | None:
     """Returns the best value of checkpoint.monitor, which Hydra's sweepers optimise."""
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        from trainer.sweep import run_sweep_job
+        from trainer.sweep.jobs import run_sweep_job
 
         return run_sweep_job(cfg, run)  # a failed job is recorded and the sweep goes on
     # Errors are turned into exit codes here, inside the job: past this point Hydra would add its
@@ -53,8 +63,8 @@ def run(cfg: DictConfig) -> float | None:
     from trainer.models.pretrained import follow_data_config
 
     follow_data_config(cfg, {override_key(o) for o in HydraConfig.get().overrides.task})
-    from trainer.devices import pick_device
-    from trainer.setup import build_data, load_resume_state
+    from trainer.run.devices import pick_device
+    from trainer.run.setup import build_data, load_resume_state
 
     device = distributed.device_for(pick_device(cfg.trainer.device))
     state = load_resume_state(cfg.resume, run_dir, cfg)
@@ -66,7 +76,7 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def _train_and_finish(cfg, run_dir, device, state, bundle, loaders, started) -> float | None:
-    from trainer.setup import build_task, build_trainer
+    from trainer.run.setup import build_task, build_trainer
 
     task = build_task(cfg, bundle, state)
     if (
@@ -110,8 +120,8 @@ def _train_and_finish(cfg, run_dir, device, state, bundle, loaders, started) -> 
 
 def finish(cfg: DictConfig, trainer: "Trainer", bundle, run_dir: Path, started: float) -> None:
     """Test the best checkpoint, export it, and write metrics.json and the hparams summary (rank 0)."""
-    from trainer.checkpoint import load_checkpoint
-    from trainer.export import export_model
+    from trainer.core.checkpoint import load_checkpoint
+    from trainer.run.export import export_model
 
     distributed.barrier()  # rank 0 has written best.pt
     best = run_dir / "checkpoints" / "best.pt"

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("32", "bf16", "16")
@@ -115,19 +115,12 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("hf_class_count", _hf_class_count, replace=True)
     # `compile: ${on_cuda:${trainer.device}}`: a setting that pays on a GPU and not on a CPU
     OmegaConf.register_new_resolver("on_cuda", _on_cuda, replace=True)
-    # hparams_search=optuna: the study's direction follows checkpoint.mode; trials get short, stable folders
-    OmegaConf.register_new_resolver("optuna_direction", _optuna_direction, replace=True)
-    OmegaConf.register_new_resolver("trial_dirname", trial_dirname, replace=True)
-
-
-def _optuna_direction(mode: str | None, monitor: str | None = None, task: str = "classification") -> str:
-    return "maximize" if monitored(task, monitor, mode)[1] == "max" else "minimize"
 
 
 def monitored(task: str, monitor: str | None, mode: str | None) -> tuple[str, str]:
     """checkpoint.monitor and checkpoint.mode as the run reads them, before any data: a null monitor is
     the task's default, a null mode the metric's own."""
-    from trainer.registry import TASKS
+    from trainer.core.registry import TASKS
 
     cls = TASKS.get(task)
     monitor = monitor or f"val/{cls.monitor}"
@@ -138,7 +131,7 @@ def monitored(task: str, monitor: str | None, mode: str | None) -> tuple[str, st
 
 def _on_cuda(device: str) -> bool:
     """Whether trainer.device is (or, for auto, picks) a CUDA device."""
-    from trainer.devices import pick_device  # torch, only when a config asks
+    from trainer.run.devices import pick_device  # torch, only when a config asks
 
     return pick_device(device).type == "cuda"
 
@@ -171,31 +164,6 @@ def _stream_class_count(root: str) -> int:
     from trainer.data.streaming import stream_class_count
 
     return stream_class_count(root)
-
-
-def trial_dirname() -> str:
-    """A search trial's folder: its searched values, then a hash of all its overrides (the same trial
-    gets the same folder when the search runs again; Hydra's override_dirname outgrows file names)."""
-    import hashlib
-
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra = HydraConfig.get()
-    searched = set(OmegaConf.select(hydra, "sweeper.params") or {})
-    task = list(hydra.overrides.task)
-
-    def short(value: str) -> str:
-        try:
-            return f"{float(value):.4g}"
-        except ValueError:
-            return value.replace("/", "_")
-
-    named = [
-        f"{key.split('.')[-1]}={short(value)}"
-        for key, value in (o.split("=", 1) for o in task if "=" in o)
-        if key in searched
-    ]
-    return ",".join([*named, hashlib.sha1("\n".join(sorted(task)).encode()).hexdigest()[:8]])
 
 
 def _require(ok: bool, message: str) -> None:
@@ -262,7 +230,7 @@ def refuse_unknown_keys(cfg: DictConfig, schema: type | None = None, prefix: str
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs more than a type: the registry entries' parameters, ranges, choices."""
-    from trainer.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS
+    from trainer.core.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS
 
     refuse_unknown_keys(cfg)
 
@@ -301,8 +269,8 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_loggers(cfg: DictConfig) -> None:
     """Each logger's options, and its client library installed, before any data is read."""
+    from trainer.core.registry import LOGGERS
     from trainer.loggers.base import needs_library
-    from trainer.registry import LOGGERS
 
     section = cfg.get("logger")
     for name in section.keys() if section else []:
@@ -329,7 +297,7 @@ def params_of(section: DictConfig) -> dict[str, Any]:
 
 def model_params(section: DictConfig) -> dict[str, Any]:
     """The model builder's parameters (registry.builder_params of the resolved model section)."""
-    from trainer.registry import builder_params
+    from trainer.core.registry import builder_params
 
     return builder_params(OmegaConf.to_container(section, resolve=True))
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from trainer.checkpoint import load_checkpoint
-from trainer.cli import exit_codes, import_user_modules
 from trainer.config import upgrade_legacy, validate
-from trainer.devices import AUTOCAST_DTYPES, evaluate_model, pick_device, unwrap
-from trainer.errors import UserError
-from trainer.setup import build_data, build_model, build_task
+from trainer.core.checkpoint import load_checkpoint
+from trainer.core.cli import exit_codes, import_user_modules
+from trainer.core.errors import UserError
+from trainer.run.devices import AUTOCAST_DTYPES, evaluate_model, pick_device, unwrap
+from trainer.run.setup import build_data, build_model, build_task
 
 
 def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, float]:

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from trainer.cli import exit_codes
-from trainer.errors import UserError
+from trainer.core.cli import exit_codes
+from trainer.core.errors import UserError
 from trainer.text.sampling import generate, load_run
 
 

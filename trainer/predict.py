@@ -14,11 +14,11 @@ from typing import Optional
 import torch
 from omegaconf import MISSING, OmegaConf
 
-from trainer.atomic import write_bytes
-from trainer.cli import exit_codes
-from trainer.errors import UserError
-from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError
-from trainer.inference import InputError, Predictor
+from trainer.core.atomic import write_bytes
+from trainer.core.cli import exit_codes
+from trainer.core.errors import UserError
+from trainer.core.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError
+from trainer.serving.predictor import InputError, Predictor
 
 
 @dataclass

@@ -37,51 +37,19 @@ import signal
 import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
-from trainer.cli import exit_codes
-from trainer.errors import UserError, require
-from trainer.images import DEFAULT_MAX_PIXELS
-from trainer.inference import Predictor
+from trainer.core.cli import exit_codes
+from trainer.core.errors import UserError, require
+from trainer.core.fields import check_fields
+from trainer.serving.predictor import Predictor
+from trainer.serving.settings import ServeConfig, ServeSettings
 
 log = logging.getLogger("trainer.serve")
-
-
-@dataclass
-class ServeSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0: any free port (printed when serving)
-    format: Optional[str] = None  # torch_export, torchscript, onnx; default: the first that passed parity
-    topk: int = 5
-    max_batch_size: int = 32  # inputs per forward pass, and per request; 1 turns micro-batching off
-    max_wait_ms: float = 5.0  # how long an input waits for others to batch with
-    max_body_bytes: int = 10 * 2**20
-    max_image_pixels: int = DEFAULT_MAX_PIXELS  # width x height, read from the header before decoding
-    max_queue: int = 1024  # inputs waiting or running; past this, 503
-    max_connections: int = (
-        0  # open connections (0: as many as the file limit allows); past it, idle ones go first
-    )
-    idle_timeout_s: float = 15.0  # a connection that starts no request within this after its last is closed
-    head_timeout_s: float = 5.0  # a request head that is not complete this long after its first byte: closed
-    body_timeout_s: float = 30.0  # a request body that takes longer to arrive: 408
-    request_timeout_s: float = 30.0  # an input that waits longer for the model: 503
-    cache_size: int = 0  # an LRU of predictions keyed by the request's hash; 0: off
-    decode_threads: int = 2
-    drain_timeout_s: float = 30.0  # on SIGTERM, how long to wait for requests already received
-    max_prompt_tokens: int = 0  # language models, /v1/generate: the longest prompt (0: the block size)
-    max_new_tokens: int = 512  # /v1/generate: the most tokens one request may ask for
-    max_generations: int = 4  # /v1/generate: generations running at once; past this, 503
-
-
-@dataclass
-class ServeConfig:
-    run: str = MISSING
-    serve: ServeSettings = field(default_factory=ServeSettings)
 
 
 def error(status: int, message: str, **headers: str):
@@ -314,33 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("run: missing; usage: python -m trainer.serve run=<run dir> [serve.port=8000]")
         cfg = OmegaConf.to_object(cfg)
         s = cfg.serve
-        for key, value, ok in (
-            ("max_batch_size", s.max_batch_size, s.max_batch_size >= 1),
-            ("max_wait_ms", s.max_wait_ms, s.max_wait_ms >= 0),
-            ("max_queue", s.max_queue, s.max_queue >= 1),
-            ("max_body_bytes", s.max_body_bytes, s.max_body_bytes >= 1),
-            ("cache_size", s.cache_size, s.cache_size >= 0),
-            ("topk", s.topk, s.topk >= 1),
-            ("max_image_pixels", s.max_image_pixels, s.max_image_pixels >= 1),
-            ("max_connections", s.max_connections, s.max_connections >= 0),
-            ("decode_threads", s.decode_threads, s.decode_threads >= 1),
-            ("max_prompt_tokens", s.max_prompt_tokens, s.max_prompt_tokens >= 0),
-            ("max_new_tokens", s.max_new_tokens, s.max_new_tokens >= 1),
-            ("max_generations", s.max_generations, s.max_generations >= 1),
-            *(
-                (key, getattr(s, key), getattr(s, key) > 0)
-                for key in (
-                    "idle_timeout_s",
-                    "head_timeout_s",
-                    "body_timeout_s",
-                    "request_timeout_s",
-                    "drain_timeout_s",
-                )
-            ),
-            ("port", s.port, 0 <= s.port <= 65535),
-        ):
-            if not ok:
-                raise UserError(f"serve.{key}: out of range, got {value!r}")
+        check_fields(s, "serve.")
         predictor = Predictor(Path(cfg.run), s.format, s.max_image_pixels, "serve.max_image_pixels")
         asyncio.run(serve(predictor, s, cfg.run))
 

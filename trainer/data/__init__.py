@@ -1,6 +1,7 @@
 """DATASETS entries return a DataBundle; `build_loaders` turns one into DataLoaders."""
 # ruff: noqa: F401  (importing the modules below registers the built-in datasets)
 
+from trainer.core.registry import DATASETS
 from trainer.data import (
     folder,
     hf,
@@ -15,6 +16,5 @@ from trainer.data import (
 )
 from trainer.data.arrays import DataBundle
 from trainer.data.loader import Loaders, build_loaders, sample_batch
-from trainer.registry import DATASETS
 
 __all__ = ["DATASETS", "DataBundle", "Loaders", "build_loaders", "sample_batch"]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 
 @dataclass

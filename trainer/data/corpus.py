@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.atomic import write_text
+from trainer.core.atomic import write_text
+from trainer.core.errors import UserError
 from trainer.data.jsonl import json_lines
-from trainer.errors import UserError
 from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
 
 INDEX = "index.json"

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.core.errors import UserError
+from trainer.core.seeding import mix
 from trainer.data.arrays import ArrayDataset, Cutout
 from trainer.data.plan import EpochPlan
-from trainer.errors import UserError
-from trainer.seeding import mix
 
 
 class DeviceBatches:

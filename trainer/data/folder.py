@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from trainer.core.errors import UserError
+from trainer.core.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_image
+from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
-from trainer.errors import UserError
-from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_image
-from trainer.registry import DATASETS
 
 log = logging.getLogger("trainer")
 

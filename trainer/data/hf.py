@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from trainer.core.errors import UserError, require
+from trainer.core.images import DEFAULT_MAX_PIXELS
+from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.data.folder import decode_all
 from trainer.data.streaming import Shard, check_options, streaming_bundle
 from trainer.data.tables import count_rows, image_bytes, label_index
-from trainer.errors import UserError, require
-from trainer.images import DEFAULT_MAX_PIXELS
-from trainer.registry import DATASETS
 
 log = logging.getLogger("trainer")
 VAL_NAMES = ("validation", "valid", "val")
@@ -39,7 +39,7 @@ def open_splits(path: str) -> Any:
         if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
             loaded = datasets.load_from_disk(str(folder))
         else:
-            from trainer.hub import offline_unless_reachable
+            from trainer.core.hub import offline_unless_reachable
 
             offline_unless_reachable()  # no network: datasets' cache at once, not a minute of retries
             loaded = datasets.load_dataset(path)

@@ -4,7 +4,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 
 def json_lines(path: Path, key: str, text: str | None = None) -> Iterator[tuple[int, dict]]:

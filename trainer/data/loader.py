@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from trainer.core.seeding import mix, seeded
 from trainer.data.arrays import DataBundle
 from trainer.data.plan import EpochPlan
-from trainer.seeding import mix, seeded
 
 
 class EpochBatches(Sampler[list[tuple[int, int]]]):

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
+from trainer.core.errors import UserError
+from trainer.core.images import DEFAULT_MAX_PIXELS
+from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
 from trainer.data.folder import decode_files
 from trainer.data.jsonl import json_lines
-from trainer.errors import UserError
-from trainer.images import DEFAULT_MAX_PIXELS
-from trainer.registry import DATASETS
 
 
 def manifest_file(root: Path, split: str) -> Path | None:

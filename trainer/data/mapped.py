@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.core.errors import UserError
+from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
-from trainer.errors import UserError
-from trainer.registry import DATASETS
 
 
 def target_kind(labels: np.ndarray) -> str:

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from trainer.core.errors import UserError
+from trainer.core.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_mask
+from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle
 from trainer.data.folder import decode_files
-from trainer.errors import UserError
-from trainer.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_mask
-from trainer.registry import DATASETS
 
 
 def build_joint_transform(

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from trainer.atomic import atomic_file, write_text
-from trainer.cli import exit_codes
+from trainer.core.atomic import atomic_file, write_text
+from trainer.core.cli import exit_codes
+from trainer.core.errors import UserError
+from trainer.core.images import SUFFIXES
 from trainer.data.folder import class_names
 from trainer.data.streaming import INDEX
-from trainer.errors import UserError
-from trainer.images import SUFFIXES
 
 
 def list_split(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:

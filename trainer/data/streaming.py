@@ -33,13 +33,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from trainer.core.errors import UserError
+from trainer.core.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from trainer.core.registry import DATASETS
+from trainer.core.seeding import mix, seeded
 from trainer.data.arrays import DataBundle, build_transform
 from trainer.data.plan import EpochPlan
 from trainer.data.tables import iter_table_rows
-from trainer.errors import UserError
-from trainer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from trainer.registry import DATASETS
-from trainer.seeding import mix, seeded
 
 log = logging.getLogger("trainer")
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "gif")

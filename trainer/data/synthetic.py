@@ -5,9 +5,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from trainer.core.errors import UserError
+from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle, bundle_from_arrays
-from trainer.errors import UserError
-from trainer.registry import DATASETS
 
 
 def synthetic_images(

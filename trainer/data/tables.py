@@ -10,7 +10,7 @@ hostile until read: a damaged one is a one-line error naming it, never a crash.
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 
 def _record_batches(path: str) -> Iterator:

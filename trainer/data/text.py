@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from trainer.core.errors import UserError
+from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle
 from trainer.data.corpus import INDEX, TOKENS, input_files, tokenize
-from trainer.errors import UserError
-from trainer.registry import DATASETS
 
 log = logging.getLogger("trainer")
 

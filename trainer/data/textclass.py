@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from trainer.core.errors import UserError
+from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle
 from trainer.data.jsonl import json_lines
-from trainer.errors import UserError
-from trainer.registry import DATASETS
 from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
 
 

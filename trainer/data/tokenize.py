@@ -7,9 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.cli import exit_codes
+from trainer.core.cli import exit_codes
+from trainer.core.errors import UserError
 from trainer.data.corpus import TOKENS, tokenize
-from trainer.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> None:

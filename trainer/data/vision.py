@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from trainer.core.errors import UserError
+from trainer.core.registry import DATASETS
+from trainer.core.retry import retry
 from trainer.data.arrays import DataBundle, bundle_from_arrays
-from trainer.errors import UserError
-from trainer.registry import DATASETS
-from trainer.retry import retry
 
 if TYPE_CHECKING:
     from torchvision.datasets import VisionDataset

@@ -1,10 +1,10 @@
-"""The one small interface every logger keeps (see trainer.metrics.MetricLog for when each is called)."""
+"""The one small interface every logger keeps (see trainer.run.metrics.MetricLog for when each is called)."""
 
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from trainer.errors import not_installed, require
+from trainer.core.errors import not_installed, require
 
 
 class Logger:

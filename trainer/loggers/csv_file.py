@@ -6,9 +6,9 @@ import io
 from pathlib import Path
 from typing import Any
 
-from trainer.atomic import write_text
+from trainer.core.atomic import write_text
+from trainer.core.registry import LOGGERS
 from trainer.loggers.base import Logger
-from trainer.registry import LOGGERS
 
 
 @LOGGERS.register("csv")

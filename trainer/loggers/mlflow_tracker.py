@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.core.registry import LOGGERS
 from trainer.loggers.base import Logger, flatten, require_library
-from trainer.registry import LOGGERS
 
 log = logging.getLogger("trainer")
 

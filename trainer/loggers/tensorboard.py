@@ -3,8 +3,8 @@
 from pathlib import Path
 from typing import Any
 
+from trainer.core.registry import LOGGERS
 from trainer.loggers.base import Logger
-from trainer.registry import LOGGERS
 
 
 @LOGGERS.register("tensorboard")

@@ -7,8 +7,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from trainer.core.registry import LOGGERS
 from trainer.loggers.base import Logger, require_library
-from trainer.registry import LOGGERS
 
 
 @LOGGERS.register("wandb")

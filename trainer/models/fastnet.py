@@ -10,8 +10,8 @@ fixed at 1 and learns only its shift, and follows the batch statistics closely (
 import torch
 from torch import Tensor, nn
 
-from trainer.errors import UserError
-from trainer.registry import MODELS
+from trainer.core.errors import UserError
+from trainer.core.registry import MODELS
 
 
 class Whitening(nn.Module):

@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 log = logging.getLogger("trainer")
 # model name -> the preprocessing its pretrained weights were trained with, {"mean", "std", "image_size"},

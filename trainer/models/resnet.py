@@ -2,8 +2,8 @@
 
 from torch import Tensor, nn
 
-from trainer.errors import UserError
-from trainer.registry import MODELS
+from trainer.core.errors import UserError
+from trainer.core.registry import MODELS
 
 
 class BasicBlock(nn.Module):

@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor, nn
 
-from trainer.errors import UserError
-from trainer.registry import MODELS
+from trainer.core.errors import UserError
+from trainer.core.registry import MODELS
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

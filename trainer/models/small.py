@@ -2,8 +2,8 @@
 
 from torch import nn
 
-from trainer.errors import UserError
-from trainer.registry import MODELS
+from trainer.core.errors import UserError
+from trainer.core.registry import MODELS
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.errors import UserError
-from trainer.registry import MODELS
+from trainer.core.errors import UserError
+from trainer.core.registry import MODELS
 
 
 class EncoderBlock(nn.Module):

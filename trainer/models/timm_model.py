@@ -8,9 +8,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torch import nn
 
-from trainer.errors import UserError, require
+from trainer.core.errors import UserError, require
+from trainer.core.registry import MODELS
 from trainer.models.pretrained import DATA_CONFIGS
-from trainer.registry import MODELS
 
 
 @MODELS.register("timm")
@@ -25,7 +25,7 @@ def timm_model(
             + (f"did you mean {', '.join(close)}?" if close else "see timm.list_models()")
         )
     if pretrained:
-        from trainer.hub import offline_unless_reachable
+        from trainer.core.hub import offline_unless_reachable
 
         offline_unless_reachable()  # no network: the cache at once, not a minute of retries
     try:

@@ -6,9 +6,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
+from trainer.core.registry import MODELS
 from trainer.models.pretrained import DATA_CONFIGS
-from trainer.registry import MODELS
 
 
 class RepeatChannels(nn.Module):

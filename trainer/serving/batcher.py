@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.inference import Predictor
+from trainer.serving.predictor import Predictor
 
 log = logging.getLogger("trainer.serve")
 

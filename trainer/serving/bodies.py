@@ -16,8 +16,8 @@ from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from trainer.images import MEDIA_TYPES, ImageError, ImageTooLarge
-from trainer.inference import InputError, Predictor
+from trainer.core.images import MEDIA_TYPES, ImageError, ImageTooLarge
+from trainer.serving.predictor import InputError, Predictor
 
 IMAGE_TYPES = set(MEDIA_TYPES) | {"application/octet-stream"}
 PLAIN_ENCODINGS = {"", "identity", "binary", "7bit", "8bit"}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 from trainer.serving.bodies import ClientError
 
 

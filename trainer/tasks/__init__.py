@@ -2,7 +2,7 @@
 `regression` and `segmentation`. A task of your own: subclass `trainer.tasks.Task` and register it with
 `@TASKS.register("name")` in a module named in `imports:`."""
 
-from trainer.registry import TASKS
+from trainer.core.registry import TASKS
 from trainer.tasks import classification, language_model, multilabel, regression, segmentation  # noqa: F401  (registers the built-in tasks)
 from trainer.tasks.base import Batch, DataInfo, Evaluation, FlipAverage, Task, option
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer import distributed
-from trainer.errors import UserError
+from trainer.core import distributed
+from trainer.core.errors import UserError
 
 Batch = Any  # a tuple/list or a dict of tensors
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.errors import UserError
-from trainer.registry import TASKS
+from trainer.core.errors import UserError
+from trainer.core.registry import TASKS
 from trainer.tasks.base import Batch, DataInfo, Task, option
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer import distributed
-from trainer.errors import UserError
-from trainer.registry import TASKS
+from trainer.core import distributed
+from trainer.core.errors import UserError
+from trainer.core.registry import TASKS
 from trainer.tasks.base import Batch, DataInfo, Evaluation, Task, option
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.errors import UserError
-from trainer.registry import TASKS
+from trainer.core.errors import UserError
+from trainer.core.registry import TASKS
 from trainer.tasks.base import Batch, DataInfo, FlipAverage, Task
 
 

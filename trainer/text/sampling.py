@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from trainer.checkpoint import load_checkpoint
-from trainer.cli import import_user_modules
-from trainer.errors import UserError
+from trainer.core.checkpoint import load_checkpoint
+from trainer.core.cli import import_user_modules
+from trainer.core.errors import UserError
 from trainer.text.tokenizers import Tokenizer, load_tokenizer
 
 
@@ -65,7 +65,7 @@ def generate(
 
 def load_run(run: Path, checkpoint: str) -> tuple[nn.Module, Tokenizer]:
     """(model, tokenizer) of a language-model run: its config and weights, its tokenizer folder."""
-    from trainer.registry import MODELS, builder_params
+    from trainer.core.registry import MODELS, builder_params
 
     if checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint: '{checkpoint}' is not one of best, last")

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from trainer.errors import UserError, require
+from trainer.core.errors import UserError, require
 
 
 class Tokenizer(Protocol):

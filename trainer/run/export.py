@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.atomic import write_text
+from trainer.core.atomic import write_text
 
 logger = logging.getLogger("trainer")
 

@@ -2,7 +2,7 @@
 the framework chooses from are defined here, at the bottom of the import graph.
 
 Each registry knows the module that registers its built-in entries and imports it on first look-up
-(`names`, `get`, `check`, `build`, `in`): a user's `from trainer.registry import MODELS` sees the
+(`names`, `get`, `check`, `build`, `in`): a user's `from trainer.core.registry import MODELS` sees the
 built-ins, and a command that never looks one up (`--help`, `--cfg job`) never imports them."""
 
 import collections.abc
@@ -10,11 +10,14 @@ import importlib
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 T = TypeVar("T")
+# The config folder: one group folder per registry (conf/model/ for MODELS...), beside the package.
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 class Registry(Generic[T]):
@@ -111,13 +114,13 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-# Every model's own keys: where its first weights come from, what stays fixed, whose preprocessing its inputs get
+# Every model's own keys: where its first weights come from, what stays fixed, whose preprocessing it takes
 MODEL_KEYS = ("checkpoint", "freeze", "data_config")
 
 
 def builder_params(model_section: Mapping[str, Any]) -> dict[str, Any]:
     """A model section (plain: a config's, or a run's saved one) as its builder's parameters: without
-    its name and the keys every model has (trainer.setup.build_model reads those)."""
+    its name and the keys every model has (trainer.run.setup.build_model reads those)."""
     return {k: v for k, v in model_section.items() if k not in ("name", *MODEL_KEYS)}
 
 

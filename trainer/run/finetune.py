@@ -9,7 +9,7 @@ import logging
 
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 log = logging.getLogger("trainer")
 

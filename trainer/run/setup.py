@@ -8,17 +8,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from trainer import distributed
-from trainer.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
 from trainer.config import model_params, params_of, upgrade_legacy
+from trainer.core import distributed
+from trainer.core.checkpoint import load_checkpoint, newest_valid, remove_stale_temporaries
+from trainer.core.errors import UserError
+from trainer.core.registry import LOGGERS, TASKS
 from trainer.data import DATASETS, DataBundle, Loaders, build_loaders, sample_batch
-from trainer.errors import UserError
-from trainer.loop import Trainer
-from trainer.metrics import MetricLog, NullMetricLog
 from trainer.models import MODELS
 from trainer.optim import OPTIMIZERS, SCHEDULERS, plan_steps
-from trainer.registry import LOGGERS, TASKS
-from trainer.speed import WeightAverage, compile_model, configure_backends
+from trainer.run.loop import Trainer
+from trainer.run.metrics import MetricLog, NullMetricLog
+from trainer.run.speed import WeightAverage, compile_model, configure_backends
 from trainer.tasks.base import DataInfo, Task, move
 
 log = logging.getLogger("trainer")
@@ -182,7 +182,7 @@ def build_trainer(
     )
     freezer, first_epoch = None, 0 if state is None else state["progress"]["epoch"]
     if cfg.model.get("freeze"):  # checked before a tracker opens a run for a run that is refused
-        from trainer.finetune import Freezer
+        from trainer.run.finetune import Freezer
 
         freezer = Freezer(model, list(cfg.model.freeze), t.unfreeze_at_epoch)
         if distributed.active() and t.unfreeze_at_epoch:

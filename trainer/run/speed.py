@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 log = logging.getLogger("trainer")
 

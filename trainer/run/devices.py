@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 from trainer.tasks.base import move
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from trainer import distributed
+from trainer.core import distributed
 
 log = logging.getLogger("trainer")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from trainer.cli import import_user_modules
-from trainer.errors import UserError
-from trainer.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from trainer.core.cli import import_user_modules
+from trainer.core.errors import UserError
+from trainer.core.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
 if TYPE_CHECKING:
     from trainer.tasks.base import Task
@@ -158,7 +158,7 @@ class Predictor:
 
 def task_of(manifest: dict[str, Any]) -> "Task":
     """The run's task, rebuilt from the export manifest (a manifest from before tasks: classification)."""
-    from trainer.registry import TASKS
+    from trainer.core.registry import TASKS
 
     spec = manifest.get("task") or {"name": "classification", "options": {}, "state": {}}
     task = TASKS.build(spec["name"], **spec.get("options", {}))

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 log = logging.getLogger("trainer")
 
@@ -26,7 +26,9 @@ def _one_line(error: BaseException) -> str:
     unknown = re.search(r"Could not load '(\w+)/([^']+)'", str(error))
     if isinstance(error, MissingConfigException) and unknown:  # one of a list, e.g. logger=[tensorboard,foo]
         group, wanted = unknown.groups()
-        folder = Path(__file__).resolve().parent.parent / "conf" / group
+        from trainer.core.registry import CONF
+
+        folder = CONF / group
         options = sorted(p.stem for p in folder.glob("*.yaml"))
         return f"{group}={wanted}: no such option; choose from {', '.join(options)} (e.g. {group}=[{options[0]}])"
     cause: BaseException | None = error

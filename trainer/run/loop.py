@@ -21,18 +21,18 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from trainer import distributed
-from trainer.checkpoint import CheckpointWriter, rng_state, set_rng_state
+from trainer.core import distributed
+from trainer.core.checkpoint import CheckpointWriter, rng_state, set_rng_state
+from trainer.core.errors import UserError
 from trainer.data import Loaders
-from trainer.devices import AUTOCAST_DTYPES, autocast, evaluate_model, unwrap
-from trainer.errors import UserError
-from trainer.guard import StopRequested, guarded
-from trainer.metrics import MetricLog, RunningMetrics, reports
 from trainer.optim import load_optimizer_state, plan_steps, rates_from_config
-from trainer.progress import NONFINITE_CAUSES, NonFiniteLoss, Progress
-from trainer.speed import WeightAverage
+from trainer.run.devices import AUTOCAST_DTYPES, autocast, evaluate_model, unwrap
+from trainer.run.guard import StopRequested, guarded
+from trainer.run.metrics import MetricLog, RunningMetrics, reports
+from trainer.run.progress import NONFINITE_CAUSES, NonFiniteLoss, Progress
+from trainer.run.speed import WeightAverage
+from trainer.run.timing import PhaseTimer, profiled_iter, timed, timed_iter, timed_step
 from trainer.tasks.base import Batch, Task, move, resolve_monitor, take
-from trainer.timing import PhaseTimer, profiled_iter, timed, timed_iter, timed_step
 
 log = logging.getLogger("trainer")
 
@@ -63,7 +63,7 @@ class Trainer:
         ema: WeightAverage | None = None,
         freezer: Any = None,
     ) -> None:
-        """`freezer` (trainer.finetune.Freezer): which parameters train in each epoch; None: all of them."""
+        """`freezer` (trainer.run.finetune.Freezer): which parameters train in each epoch; None: all of them."""
         self.model, self.optimizer, self.scheduler, self.loaders = model, optimizer, scheduler, loaders
         # Plain Python objects: read on every step, and a DictConfig attribute costs microseconds.
         self.settings, self.checkpointing = plain(settings), plain(checkpoint)

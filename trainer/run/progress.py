@@ -4,7 +4,7 @@ needs to continue exactly. And the error that stops a run whose loss or weights 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 NONFINITE_CAUSES = (
     "Likely causes: a learning rate too high (lower optimizer.lr, add scheduler warmup or "

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.core.errors import UserError
 
 log = logging.getLogger("trainer")
 

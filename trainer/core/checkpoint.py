@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.atomic import atomic_file, fsync_folder, temporary_name
-from trainer.errors import UserError
+from trainer.core.atomic import atomic_file, fsync_folder, temporary_name
+from trainer.core.errors import UserError
 
 log = logging.getLogger("trainer")
 FORMAT = "trainer-checkpoint/1"

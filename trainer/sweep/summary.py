@@ -1,40 +1,31 @@
-"""Sweeps that survive: each job records what it is and how it ended (job.json), a job that fails is
-recorded and the sweep goes on, the same command again skips finished jobs and resumes interrupted
-ones, and the sweep folder gets a summary (CSV, Markdown, a chart) after every job and at the end.
-
-Hydra calls `SweepSummary` (conf/config.yaml: hydra.callbacks); the job side is `run_sweep_job`.
-"""
+"""A sweep's summary (CSV, Markdown, a chart) after every job and at the end, from the jobs' records;
+`SweepSummary` is the Hydra callback (conf/config.yaml: hydra.callbacks)."""
 
 import csv
 import io
 import json
 import logging
 import sys
-import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from trainer.atomic import write_text
-from trainer.errors import UserError
+from trainer.core.atomic import write_text
 
 log = logging.getLogger("trainer")
+
 JOB_RECORD = "job.json"
 
 
-# ---- the job side ------------------------------------------------------------------------------------
 def monitor_of(cfg: DictConfig) -> str:
     from trainer.config import monitored
 
     return monitored(cfg.task.name, cfg.checkpoint.monitor, cfg.checkpoint.mode)[0]
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=1))
 
 
@@ -45,72 +36,6 @@ def read_record(job_dir: Path) -> dict | None:
         return None
 
 
-def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) -> float | None:
-    """One job of a multirun. Returns the monitored metric's best value, or None when the job failed
-    (Hydra's sweepers then go on; Optuna records the trial as failed)."""
-    hydra = HydraConfig.get()
-    job_dir, overrides = Path(hydra.runtime.output_dir), list(hydra.overrides.task)
-    previous = read_record(job_dir)
-    if previous is not None and previous.get("overrides") != overrides:
-        message = (
-            f"hydra.sweep.dir: {job_dir} holds another job's results ({' '.join(previous['overrides'])}); "
-            f"run this sweep with a new hydra.sweep.dir"
-        )
-        log.error(message)
-        _write_json(
-            job_dir / JOB_RECORD, {**previous, "conflict": {"overrides": overrides, "error": message}}
-        )
-        refresh_summary(job_dir.parent, monitor_of(cfg))
-        return None
-    if previous is not None and previous.get("status") == "done" and (job_dir / "metrics.json").is_file():
-        log.info("job %s finished in an earlier run of this sweep (metrics.json); skipped", job_dir.name)
-        return previous.get("best")
-    if (job_dir / "checkpoints").is_dir():
-        with open_dict(cfg):
-            cfg.resume = "auto"  # an interrupted job: continue from its newest valid checkpoint
-    record = {
-        "overrides": overrides,
-        "status": "running",
-        "monitor": monitor_of(cfg),
-        "wall_time_s": (previous or {}).get("wall_time_s", 0.0),
-        "runs": (previous or {}).get("runs", 0) + 1,
-    }
-    _write_json(job_dir / JOB_RECORD, record)
-    started = time.perf_counter()
-    try:
-        record["best"] = run(cfg)
-        record["status"] = "done"
-        return record["best"]
-    except SystemExit as e:
-        if e.code != 1:  # a signal (130, 143) or a scheduler's requeue: stop; the sweep's next run resumes it
-            record["status"] = "interrupted"
-            raise
-        record.update(status="failed", error=_last_error(job_dir) or "exit code 1")  # e.g. an export failed
-        return None
-    except UserError as e:
-        record.update(status="failed", error=str(e))
-        log.error("job %s failed: %s", job_dir.name, e)
-        return None
-    except Exception as e:  # a crash: the traceback goes to the job's train.log, the sweep goes on
-        log.error("job %s crashed:\n%s", job_dir.name, traceback.format_exc())
-        record.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
-        return None
-    finally:
-        record["wall_time_s"] += time.perf_counter() - started
-        _write_json(job_dir / JOB_RECORD, record)
-        refresh_summary(job_dir.parent, monitor_of(cfg))
-
-
-def _last_error(job_dir: Path) -> str | None:
-    """The last ERROR line of the job's log (an export that failed, for instance)."""
-    try:
-        lines = (job_dir / "train.log").read_text().splitlines()
-    except OSError:
-        return None
-    return next((line.split("[ERROR] ", 1)[1] for line in reversed(lines) if "[ERROR] " in line), None)
-
-
-# ---- the summary -------------------------------------------------------------------------------------
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The validation and test metrics the jobs report (the task's: val/acc for classification, val/map
     for multilabel...), in the order they first appear, then epochs."""

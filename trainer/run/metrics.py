@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from trainer.atomic import write_text
-from trainer.distributed import all_reduce
+from trainer.core.atomic import write_text
+from trainer.core.distributed import all_reduce
 
 log = logging.getLogger("trainer")
 F = TypeVar("F", bound=Callable[..., Any])

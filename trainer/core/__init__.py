@@ -1,0 +1,1 @@
+"""The foundations: registries, errors, checkpoints, atomic files, processes, images (nothing above)."""
