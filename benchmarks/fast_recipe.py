@@ -1,7 +1,7 @@
 """Time to a target validation accuracy: `experiment=cifar10_fast` in our framework against the same
 recipe as one hand-written script (fast_recipe_script.py), on the same images, in one run.
 
-    python benchmarks/fast_recipe.py --data ../shared/data/cifar10-mini              # CPU: narrow fastnet, fp32
+    python benchmarks/fast_recipe.py --data ../shared/data/cifar10-mini         # CPU: narrow fastnet, fp32
     python benchmarks/fast_recipe.py --data /data/cifar10-folder --full --target 0.94  # GPU: the whole recipe
 
 --data is an image folder with train/<class>/* and val/<class>/* (CIFAR-10's test set as val/ for the
@@ -66,13 +66,14 @@ def run_ours(args: argparse.Namespace, run_dir: Path) -> dict:
 
 
 def run_script(args: argparse.Namespace, cfg) -> dict:
-    from trainer.run.devices import pick_device
-    from trainer.run.setup import build_model
+    from frameworks import same_model
+
+    from trainer.core.devices import pick_device
 
     crop = next(step for step in cfg.dataset.augment if step.name == "RandomCrop")
     return train_script(
         Path(args.data),
-        model=build_model(cfg),
+        model=same_model(cfg, num_classes=10, in_channels=3),
         target=args.target,
         epochs=args.epochs,
         batch_size=cfg.loader.batch_size,
@@ -83,8 +84,8 @@ def run_script(args: argparse.Namespace, cfg) -> dict:
         label_smoothing=cfg.task.label_smoothing,
         warmup_epochs=cfg.scheduler.warmup_epochs,
         final_lr_ratio=cfg.scheduler.final_lr_ratio,
-        ema_decay=cfg.trainer.ema_decay,
-        ema_every=cfg.trainer.ema_every,
+        ema_decay=cfg.ema.decay,
+        ema_every=cfg.ema.every,
         padding=crop.padding,
         mean=list(cfg.dataset.mean),
         std=list(cfg.dataset.std),
@@ -95,8 +96,8 @@ def run_script(args: argparse.Namespace, cfg) -> dict:
         tta=cfg.task.tta if cfg.trainer.val_tta else "none",  # as ours validates
         start_lr_ratio=cfg.scheduler.start_lr_ratio,
         padding_mode=crop.get("padding_mode", "constant"),
-        ema_decay_power=cfg.trainer.ema_decay_power,
-        lookahead=cfg.trainer.ema_lookahead,
+        ema_decay_power=cfg.ema.power,
+        lookahead=cfg.ema.lookahead,
         biases_as_weights=cfg.optimizer.get("biases_as_weights", False),
     )
 
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
         f"fast recipe: ours runs at {ratio:.2f}x the hand-written script's speed to val/acc {args.target} "
-        f"(median of {len(runs)} seeds: {median['ours']:.1f} s vs {median['script']:.1f} s), {epoch_ratio:.2f}x "
+        f"(median of {len(runs)} seeds: {median['ours']:.1f} s vs {median['script']:.1f} s), "
+        f"{epoch_ratio:.2f}x "
         f"per epoch ({device}{'' if args.full else ', shrunk for a CPU'}"
         f"{'' if reached else '; some runs missed the target within --epochs'})"
     )

@@ -27,15 +27,32 @@ def compose(overrides: list[str]):
 
 
 def build_ours(overrides: list[str], run_dir: Path):
-    """(trainer, bundle, cfg) for these overrides, built as `python -m trainer` builds them."""
-    from trainer.run.devices import pick_device
-    from trainer.run.setup import build_data, build_task, build_trainer
+    """(trainer, bundle, cfg) for these overrides, built as `python -m trainer` builds them (the recipe's
+    setup: every part, the loggers, the data-dependent initialisation)."""
+    from omegaconf import open_dict
+
+    from trainer.run.recipe import Supervised
 
     cfg = compose(overrides)
-    device = pick_device(cfg.trainer.device)
-    bundle, loaders = build_data(cfg, device)
-    trainer = build_trainer(cfg, run_dir, device, loaders, None, build_task(cfg, bundle))
-    return trainer, bundle, cfg
+    recipe = Supervised(cfg, run_dir)
+    recipe.setup()
+    with open_dict(cfg):
+        cfg.model_args = recipe.trainer.s.model_args  # what build_model takes for the same network
+    return recipe.trainer, recipe.data.bundle, cfg
+
+
+def same_model(cfg, **facts):
+    """The network of cfg's model section built again from the seed (the same initial weights): with
+    what the data gave it, as build_ours recorded it, or as `facts` (num_classes=10, ...) say."""
+    from trainer.config import params_of
+    from trainer.run.builders import build_model
+
+    args = (
+        dict(cfg.model_args)
+        if "model_args" in cfg
+        else {"name": cfg.model.name, **params_of(cfg.model), **facts}
+    )
+    return build_model(cfg, args)
 
 
 class DeviceBatches:

@@ -9,7 +9,7 @@ token file, in one process, alternating.
 
 Ours is `Trainer.train_epoch()` over `--steps` batches (its data loader cutting windows from the
 memory-mapped tokens under each sample's seed, the task's loss, on-device metrics, the non-finite
-check, the schedule), timed by its own "train" phase. The one-file loop is what nanoGPT's train.py does
+check, the schedule), timed by fit()'s "train" phase. The one-file loop is what nanoGPT's train.py does
 per step: random offsets into the memory-mapped array, a forward and backward, clipping, an AdamW step,
 timed from its first step to its last. Prints each round's ratio, the median, both models' validation
 loss after the same steps from the same weights (the same windows, the same code), and a JSON line.
@@ -114,11 +114,9 @@ def build(args: argparse.Namespace, corpus: Path, folder: Path, workers: int = 0
         f"seed={args.seed}",
     ]
     trainer, bundle, cfg = build_ours(overrides, folder / "run")
-    from trainer.config import model_params
-    from trainer.core.registry import MODELS
+    from frameworks import same_model
 
-    torch.manual_seed(args.seed)
-    theirs = MODELS.build("gpt", **model_params(cfg.model))
+    theirs = same_model(cfg)  # the same network, from the same seed
     tokens = np.memmap(bundle.train.path, dtype=bundle.train.dtype, mode="r")[: bundle.train.stop]
     return trainer, OneFileLoop(theirs, tokens, args.batch_size, args.block_size), bundle.val
 
@@ -141,7 +139,8 @@ def val_loss(model: torch.nn.Module, windows, batch_size: int, max_batches: int 
 
 
 def ours_round(trainer, block_size: int) -> dict:
-    result = trainer.train_epoch()
+    with trainer.timer.phase("train"):  # as Trainer.fit times it
+        result = trainer.train_epoch()
     return {"tokens": result["samples"] * block_size, "seconds": trainer.timer.last["train"]}
 
 
@@ -187,7 +186,8 @@ def memory(args: argparse.Namespace) -> dict:
     small, large = figures
     print(
         f"gpt memory: {small['peak_pss_mb']:,.0f} MB for {small['corpus_bytes']:,} bytes of text, "
-        f"{large['peak_pss_mb']:,.0f} MB for {large['corpus_bytes']:,} ({large['peak_pss_mb'] / small['peak_pss_mb']:.3f}x)"
+        f"{large['peak_pss_mb']:,.0f} MB for {large['corpus_bytes']:,} "
+        f"({large['peak_pss_mb'] / small['peak_pss_mb']:.3f}x)"
     )
     result = {
         "benchmark": "gpt_memory",
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         # Both have taken the same number of steps from the same weights: how well each learnt.
         losses = {
-            "ours": val_loss(trainer.model, windows, args.batch_size),
+            "ours": val_loss(trainer.s.model, windows, args.batch_size),
             "one_file": val_loss(loop.model, windows, args.batch_size),
         }
     ratio = statistics.median(r["ratio"] for r in rounds)

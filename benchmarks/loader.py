@@ -37,12 +37,10 @@ MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 def load_folder(data: Path):
     from trainer import DATASETS
-    from trainer.data.folder import count_classes
 
     return DATASETS.build(
         "imagefolder",
         root=str(data),
-        num_classes=count_classes(str(data)),
         image_size=32,
         val_split=0.0 if (data / "val").is_dir() else 0.1,
         mean=MEAN,

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
                 r = runs[-1]
                 print(
                     f"{'memory-mapped' if mmap else 'loaded whole':<14} {workers} workers: peak PSS "
-                    f"{r['peak_pss_mb']:,.0f} MB (workers included); main process heap {r['peak_anonymous_mb']:,.0f} "
+                    f"{r['peak_pss_mb']:,.0f} MB (workers included); main process heap "
+                    f"{r['peak_anonymous_mb']:,.0f} "
                     f"MB ({args.mb} MB of images)"
                 )
     result = {"benchmark": "memory", "array_mb": args.mb, "images": n, "runs": runs}

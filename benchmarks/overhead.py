@@ -8,7 +8,7 @@ Both read the same synthetic uint8 images held on the device (ours through `load
 hand-written loop through an equivalent permute-gather-normalise), so the loops are all that differ.
 Both are built once; after one unrecorded warm-up epoch each, they alternate single epochs (which goes
 first alternates too), so each pair runs seconds apart on a machine whose speed drifts. Ours is
-`Trainer.train_epoch()`, the framework's loop, timed by its own "train" phase (every step, the data
+`Trainer.train_epoch()`, the framework's loop, timed by fit()'s "train" phase (every step, the data
 wait, its on-device metrics, the non-finite check, progress); the hand-written loop is timed from its
 first step to a device synchronisation after its last. Prints each round's ratio, the median, and a
 JSON line.
@@ -69,7 +69,7 @@ def overrides(args: argparse.Namespace, near_zero: bool = False) -> list[str]:
 
 def build_both(args: argparse.Namespace, run_dir: Path, near_zero: bool = False):
     """Our Trainer and the hand-written loop, with the same network and initial weights."""
-    from trainer.run.setup import build_model
+    from frameworks import same_model
 
     trainer, bundle, cfg = build_ours(overrides(args, near_zero), run_dir)
     batches = DeviceBatches(
@@ -78,15 +78,16 @@ def build_both(args: argparse.Namespace, run_dir: Path, near_zero: bool = False)
         args.batch_size,
         bundle.mean,
         bundle.std,
-        trainer.device,
+        trainer.s.device,
         seed=args.seed,
     )
-    hand = HandWritten(build_model(cfg), batches, args.precision, LR, args.rounds + 1, trainer.device)
+    hand = HandWritten(same_model(cfg), batches, args.precision, LR, args.rounds + 1, trainer.s.device)
     return trainer, hand, cfg
 
 
 def ours_epoch(trainer) -> dict:
-    result = trainer.train_epoch()
+    with trainer.timer.phase("train"):  # as Trainer.fit times it
+        result = trainer.train_epoch()
     return {"images": result["samples"], "seconds": trainer.timer.last["train"]}
 
 
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"overhead: our loop runs at {ratio:.3f}x the hand-written loop's images/s (median of {args.rounds}; "
         f"{args.model}, batch {args.batch_size}, precision {args.precision}, {device}); its own cost is "
-        f"{overhead * 1e6:,.0f} us a step, which for this model's {hand_step * 1e3:,.1f} ms step is {implied:.3f}x"
+        f"{overhead * 1e6:,.0f} us a step, which for this model's {hand_step * 1e3:,.1f} ms step is "
+        f"{implied:.3f}x"
     )
     summary = {
         "benchmark": "overhead",

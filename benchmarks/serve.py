@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     batched, single = results["micro-batching"], results["one at a time"]
     ratio = batched["requests_per_sec"] / single["requests_per_sec"]
     print(
-        f"serve: micro-batching gives {ratio:.2f}x the throughput of one request per forward pass, p99 latency "
+        f"serve: micro-batching gives {ratio:.2f}x the throughput of one request per forward pass, p99 "
+        "latency "
         f"{batched['p99_ms'] / single['p99_ms']:.2f}x ({args.requests} requests, {args.clients} clients)"
     )
     summary = {

@@ -112,7 +112,8 @@ def main() -> None:
         result = measure(run, args.slow, args.concurrent)
     print(
         f"with {result['slow_clients']} slow clients connected: a valid request got "
-        f"{result['valid_status']} in {result['valid_latency_s'] * 1000:.0f} ms; {result['concurrent']} concurrent "
+        f"{result['valid_status']} in {result['valid_latency_s'] * 1000:.0f} ms; {result['concurrent']} "
+        "concurrent "
         f"valid requests: {result['statuses']}, p50 {result['p50_s'] * 1000:.0f} ms, p99 "
         f"{result['p99_s'] * 1000:.0f} ms"
     )

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     by_config = {c: [r["peak_pss_mb"] for r in runs if r["config"] == c] for c in CONFIGS}
     growth = {c: peaks[-1] / peaks[0] for c, peaks in by_config.items()}
     print(
-        f"peak memory, largest / smallest dataset ({args.sizes[-1] / args.sizes[0]:.0f}x the images): streaming "
+        f"peak memory, largest / smallest dataset ({args.sizes[-1] / args.sizes[0]:.0f}x the images): "
+        "streaming "
         f"{growth['streaming']:.2f}x, in-memory {growth['in-memory']:.2f}x"
     )
     summary = {

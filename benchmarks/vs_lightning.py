@@ -10,7 +10,7 @@ bar, which is off as ours is when not on a terminal; its LightningModule logs th
 loss and accuracy, as ours does. Both read the same uint8 images held on the device (see
 frameworks.py). Lightning's epochs are timed by a callback from on_train_epoch_start to
 on_train_epoch_end (its checkpoint is written after that), and at each epoch's end the callback runs
-one epoch of ours (`Trainer.train_epoch()`, timed by its own "train" phase), so each pair runs seconds
+one epoch of ours (`Trainer.train_epoch()`, timed by fit()'s "train" phase), so each pair runs seconds
 apart. The first epoch of each is a warm-up and not recorded. As in overhead.py, a second pass with a
 near-zero model measures each framework's own cost per step, which is where the difference comes
 from; the hand-written loop of overhead.py is the zero point.
@@ -58,8 +58,7 @@ def lightning_module(model: torch.nn.Module, steps: int):
 def run(args: argparse.Namespace, run_dir: Path, near_zero: bool) -> list[dict]:
     """Lightning's epochs, each followed by one of ours and one of the hand-written loop's."""
     import lightning as L
-
-    from trainer.run.setup import build_model
+    from frameworks import same_model
 
     trainer, hand, cfg = build_both(args, run_dir / "ours", near_zero)
     batches: DeviceBatches = hand.batches
@@ -67,18 +66,18 @@ def run(args: argparse.Namespace, run_dir: Path, near_zero: bool) -> list[dict]:
 
     class Interleave(L.Callback):
         def on_train_epoch_start(self, lt, module) -> None:
-            synchronize(trainer.device)
+            synchronize(trainer.s.device)
             self.start = time.perf_counter()
 
         def on_train_epoch_end(self, lt, module) -> None:
-            synchronize(trainer.device)
+            synchronize(trainer.s.device)
             theirs = {"images": len(batches.labels), "seconds": time.perf_counter() - self.start}
             results.append({"lightning": theirs, "ours": ours_epoch(trainer), "hand_written": hand.epoch()})
 
     precision = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}[args.precision]
     lt = L.Trainer(
         max_epochs=args.rounds + 1,
-        accelerator=trainer.device.type,
+        accelerator=trainer.s.device.type,
         devices=1,
         precision=precision,
         enable_progress_bar=False,
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace, run_dir: Path, near_zero: bool) -> list[dict]:
         num_sanity_val_steps=0,
         callbacks=[Interleave()],
     )
-    lt.fit(lightning_module(build_model(cfg), (args.rounds + 1) * len(batches)), train_dataloaders=batches)
+    lt.fit(lightning_module(same_model(cfg), (args.rounds + 1) * len(batches)), train_dataloaders=batches)
     return results[1:]  # the first epoch of each is a warm-up
 
 
@@ -119,8 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     own = {side: cost[side] - cost["hand_written"] for side in ("ours", "lightning")}
     device = "cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "cpu"
     print(
-        f"vs Lightning: ours runs at {ratio:.3f}x Lightning's images/s (median of {args.rounds}; {args.model}, "
-        f"batch {args.batch_size}, precision {args.precision}, {device}). Each framework's own cost per step, "
+        f"vs Lightning: ours runs at {ratio:.3f}x Lightning's images/s (median of {args.rounds}; "
+        f"{args.model}, "
+        f"batch {args.batch_size}, precision {args.precision}, {device}). Each framework's own cost per "
+        "step, "
         f"beyond a hand-written loop: ours {own['ours']:,.0f} us, Lightning {own['lightning']:,.0f} us"
     )
     summary = {

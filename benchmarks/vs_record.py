@@ -38,7 +38,7 @@ def run_ours(args: argparse.Namespace, seed: int, run_dir: Path) -> dict:
     trainer, _, _ = build_ours(overrides, run_dir)
     trainer.fit()
     final = trainer.evaluate(
-        trainer.loaders.val, None, "final"
+        trainer.s.loaders.val, None, "final"
     )  # under task.tta, as the record's last evaluation
     p, seconds = trainer.progress, trainer.timer.seconds
     return {
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     accuracy = {side: statistics.mean(r[side]["val_acc"] for r in runs) for side in ("ours", "record")}
     ratio = per_epoch["record"] / per_epoch["ours"]
     print(
-        f"vs the record's recipe: ours trains at {ratio:.2f}x its speed per epoch ({per_epoch['ours']:.2f} s vs "
+        f"vs the record's recipe: ours trains at {ratio:.2f}x its speed per epoch ({per_epoch['ours']:.2f} "
+        "s vs "
         f"{per_epoch['record']:.2f} s, median of {len(runs)} seeds); val/acc after {args.epochs} epochs "
         f"{accuracy['ours']:.4f} vs {accuracy['record']:.4f} (mean), "
         f"{100 * (accuracy['ours'] - accuracy['record']):+.2f} points"

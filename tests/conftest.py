@@ -135,6 +135,16 @@ def refused_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
+def build_recipe(cfg, run_dir: Path):
+    """The recipe `python -m trainer` runs for `cfg`, set up in this process (every part built, the
+    loggers opened), for tests that drive its Trainer (recipe.trainer) directly."""
+    from trainer.run.recipe import Supervised
+
+    recipe = Supervised(cfg, run_dir)
+    recipe.setup()
+    return recipe
+
+
 def compose_config(*overrides: str, return_hydra_config: bool = False):
     from trainer.config import register_configs
 
@@ -270,7 +280,14 @@ def write_npy(root: Path, n: int = 40, layout: str = "NHWC") -> Path:
 # ---- exact resume: a run killed while it saves, compared with one never interrupted ----------------
 # Wall-clock figures differ between any two runs, and a killed session's partial epoch drops out of the
 # image count (its time is lost with it).
-TIMING = {"train_time_s", "images_trained", "images_per_sec", "epoch_time_s"}
+TIMING = {
+    "train_time_s",
+    "samples_trained",
+    "units_trained",
+    "images_per_sec",
+    "tokens_per_sec",
+    "epoch_time_s",
+}
 
 
 def comparable(progress: dict) -> dict:

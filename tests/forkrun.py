@@ -172,7 +172,7 @@ def launch(
     stderr: Any = subprocess.PIPE,
     max_files: int | None = None,
 ) -> Forked:
-    """`max_files`: the child's limit of open file descriptors (RLIMIT_NOFILE), as a preexec_fn would set it."""
+    """`max_files`: the child's limit of open files (RLIMIT_NOFILE), as a preexec_fn would set it."""
     return Forked(
         module,
         list(argv),

@@ -13,8 +13,8 @@ it). torchrun keeps true subprocesses.
 
 Protocol (a SOCK_SEQPACKET socket pair, one JSON message each): a request carries the module, argv, cwd,
 environment and whether to start a new session, with the child's stdout and stderr as file descriptors
-(SCM_RIGHTS), and optionally a limit of open files; the server answers {"id", "pid"} when it has forked, and {"pid", "status"} (the raw wait
-status) when that child has ended.
+(SCM_RIGHTS), and optionally a limit of open files; the server answers {"id", "pid"} when it has
+forked, and {"pid", "status"} (the raw wait status) when that child has ended.
 """
 
 import atexit

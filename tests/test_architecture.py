@@ -32,28 +32,48 @@ def test_long_files_say_why_at_the_top():
             )
 
 
-def _yaml_defaults() -> dict:
-    """What conf/config.yaml and conf/trainer/default.yaml set for the schema'd sections."""
-    top = yaml.safe_load((CONF / "config.yaml").read_text())
-    sections = {key: top[key] for key in ("loader", "loss", "checkpoint", "export") if key in top}
-    sections["trainer"] = {
-        k: v
-        for k, v in yaml.safe_load((CONF / "trainer" / "default.yaml").read_text()).items()
-        if k != "defaults"
-    }
-    sections["top"] = {key: top[key] for key in ("seed", "resume", "imports")}
-    return sections
+def test_every_default_is_written_in_exactly_one_place():
+    """The framework's keys (trainer.*, loader.*, ..., seed) have their defaults in the schema only: the
+    base config file sets none of them. A registry entry's parameters have theirs in its config file
+    only: its builder takes each without a default, and takes nothing else but what the framework hands
+    it (the model to an optimizer, the data's facts to a model, which keep a signature default where
+    they have one). So `--cfg job` shows every key, and no value exists twice to drift apart."""
+    import inspect
 
+    from trainer.config import GROUPS
+    from trainer.core.registry import DATASETS, LOGGERS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS
+    from trainer.data import DATA_FACTS
 
-def test_the_schema_and_the_yaml_agree_on_every_default():
-    """A default is read from the YAML by a run, and from the schema by code that builds a config
-    without Hydra: the two must say the same (before, max_epochs was 10 in one and 30 in the other)."""
-    schema = Config()
-    for section, values in _yaml_defaults().items():
-        target = schema if section == "top" else getattr(schema, section)
-        known = {f.name for f in dataclasses.fields(target)}
-        for key, value in values.items():
-            assert key in known, f"{section}.{key} is in the YAML but not in the schema"
-            assert getattr(target, key) == value, (
-                f"{section}.{key}: schema {getattr(target, key)!r}, YAML {value!r}"
+    base = yaml.safe_load((CONF / "config.yaml").read_text())
+    framework = {f.name for f in dataclasses.fields(Config)} - set(GROUPS) - {"logger"}
+    assert not framework & set(base), f"conf/config.yaml sets schema keys: {framework & set(base)}"
+    provided = {**GROUPS, "model": DATA_FACTS, "logger": ("run_dir", "resume_step", "state", "config")}
+    checked = 0
+    for registry in (MODELS, DATASETS, TASKS, OPTIMIZERS, SCHEDULERS, LOGGERS):
+        for name in registry.names():
+            text = yaml.safe_load((CONF / registry.group / f"{name}.yaml").read_text()) or {}
+            keys = set((text.get(name) or {}) if registry.nested else text) - (
+                {"name"} if not registry.nested else set()
             )
+            builder = registry.get(name)
+            parameters = inspect.signature(builder).parameters
+            given = set(parameters) - set(provided[registry.group])
+            assert keys == given, (
+                f"conf/{registry.group}/{name}.yaml holds {sorted(keys)}; the builder takes {sorted(given)}"
+            )
+            doubled = [key for key in keys if parameters[key].default is not inspect.Parameter.empty]
+            assert not doubled, (
+                f"{registry.group} {name}: {doubled} default in the signature and the config file"
+            )
+            checked += 1
+    assert checked >= 30  # every built-in entry of every registry
+
+
+def test_the_readmes_config_table_is_the_generated_reference():
+    """The README's table of framework keys is `python -m trainer.reference`'s output: generated from
+    the schema, so a default changed in code cannot leave the README behind."""
+    from trainer.reference import framework_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- reference: framework -->\n") + len("<!-- reference: framework -->\n")
+    assert readme[start : readme.index("\n<!-- end reference -->", start)] == framework_table()

@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 from trainer.config import validate
 from trainer.core.errors import UserError
 
-GROUPS = ["model", "dataset", "task", "optimizer", "scheduler", "trainer", "experiment", "debug"]
+GROUPS = ["model", "dataset", "task", "optimizer", "scheduler", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -18,15 +18,15 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
         "imagefolder": [f"dataset.root={write_imagefolder(tmp_path)}"],
         "numpy": [f"dataset.root={tmp_path}", "dataset.num_classes=10"],
         "streaming": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
-        "hf": [f"dataset.path={tmp_path}", "dataset.num_classes=3"],
-        "manifest": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
+        "hf": [f"dataset.path={tmp_path}"],
+        "manifest": [f"dataset.root={tmp_path}"],
         "segfolder": [f"dataset.root={tmp_path}", "dataset.num_classes=3"],
         "text": ["dataset.root=corpus.txt", "model=gpt", "task=language_model"],
         "shakespeare_char": ["dataset.root=input.txt"],
         "gpt": ["dataset=text", "dataset.root=corpus.txt", "task=language_model"],
         "language_model": ["dataset=text", "dataset.root=corpus.txt", "model=gpt"],
-        "text_classification": [f"dataset.root={tmp_path}", "dataset.num_classes=2", "model=text_encoder"],
-        "text_encoder": ["dataset=text_classification", f"dataset.root={tmp_path}", "dataset.num_classes=2"],
+        "text_classification": [f"dataset.root={tmp_path}", "model=text_encoder"],
+        "text_encoder": ["dataset=text_classification", f"dataset.root={tmp_path}"],
     }
     extra = required.get(option, []) if group in ("dataset", "experiment", "model", "task") else []
     cfg = compose_config(f"{group}={option}", *extra)
@@ -36,9 +36,19 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
 
 
 def test_model_takes_classes_and_channels_from_the_dataset():
-    cfg = compose_config("dataset=mnist", "model=mlp")
-    assert (cfg.model.num_classes, cfg.model.in_channels, cfg.model.image_size) == (10, 1, 28)
-    assert compose_config("dataset=cifar100").model.num_classes == 100
+    """The model is given num_classes, in_channels (and an MLP its image size) by the data it trains on."""
+    from trainer import DATASETS
+    from trainer.run.builders import model_args
+
+    tiny = {"train_size": 16, "test_size": 8}
+    cfg = compose_config("dataset=synthetic", "dataset.in_channels=1", "dataset.image_size=28", "model=mlp")
+    bundle = DATASETS.build("synthetic", in_channels=1, image_size=28, mean=[0.5], std=[0.25], **tiny)
+    args = model_args(cfg, bundle)
+    assert (args["num_classes"], args["in_channels"], args["image_size"]) == (10, 1, 28)
+    assert (
+        model_args(compose_config(), DATASETS.build("synthetic", num_classes=100, **tiny))["num_classes"]
+        == 100
+    )
 
 
 def test_debug_profiles_shrink_the_run():

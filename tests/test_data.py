@@ -111,8 +111,6 @@ def test_torchvision_datasets_read_their_real_on_disk_format(tmp_path, name, wri
         root=str(tmp_path),
         download=False,
         verify_checksum=False,
-        num_classes=classes,
-        in_channels=channels,
         image_size=size,
         mean=[0.5] * channels,
         std=[0.25] * channels,
@@ -130,8 +128,6 @@ def test_cifar_checksums_catch_corrupt_files(tmp_path):
             "cifar10",
             root=str(tmp_path),
             download=False,
-            num_classes=10,
-            in_channels=3,
             image_size=32,
             **STATS,
         )
@@ -143,26 +139,9 @@ def test_missing_data_says_what_to_put_where(tmp_path):
             "mnist",
             root=str(tmp_path),
             download=False,
-            num_classes=10,
-            in_channels=1,
             image_size=28,
             mean=[0.5],
             std=[0.25],
-        )
-
-
-def test_class_count_mismatch_is_reported(tmp_path):
-    write_cifar10(tmp_path)
-    with pytest.raises(UserError, match=r"dataset\.num_classes: cifar10 has 10"):
-        DATASETS.build(
-            "cifar10",
-            root=str(tmp_path),
-            download=False,
-            verify_checksum=False,
-            num_classes=12,
-            in_channels=3,
-            image_size=32,
-            **STATS,
         )
 
 
@@ -191,10 +170,7 @@ def test_retry_backs_off_then_succeeds_or_gives_up(monkeypatch):
 
 # ---- imagefolder ---------------------------------------------------------------------------------
 def _folder(root, **kw):
-    from trainer.data.folder import count_classes
-
-    params = {"root": str(root), "num_classes": count_classes(str(root)), "image_size": 16, **kw}
-    return DATASETS.build("imagefolder", **params)
+    return DATASETS.build("imagefolder", **{"root": str(root), "image_size": 16, **kw})
 
 
 def test_imagefolder_reads_png_jpeg_and_webp_resized_and_labelled(tmp_path):
@@ -219,8 +195,6 @@ def test_imagefolder_val_split_test_folder_and_errors(tmp_path):
         _folder(tmp_path)
     bundle = _folder(tmp_path, val_split=0.5)
     assert len(bundle.train) == len(bundle.val) == 9 and len(bundle.test) == 18
-    with pytest.raises(UserError, match=r"dataset\.num_classes: .* has 3 class folders"):
-        DATASETS.build("imagefolder", root=str(tmp_path), num_classes=4, val_split=0.5)
 
 
 def test_imagefolder_skips_or_refuses_unreadable_images(tmp_path, caplog):
@@ -238,19 +212,29 @@ def test_imagefolder_skips_or_refuses_unreadable_images(tmp_path, caplog):
         _folder(tmp_path, on_error="error")
 
 
-def test_imagefolder_class_count_resolver_and_missing_root(tmp_path):
+def test_imagefolder_classes_reach_the_model_from_the_data_and_a_missing_root_is_named(tmp_path):
+    """Nothing is read while the config composes: the classes are counted when the data is built, and
+    the model is given them from there."""
     from conftest import compose_config, write_imagefolder
 
+    from trainer.run.builders import model_args
+
     write_imagefolder(tmp_path)
-    cfg = compose_config("dataset=imagefolder", f"dataset.root={tmp_path}", "model=cnn")
-    assert cfg.dataset.num_classes == 3 and cfg.model.num_classes == 3
+    cfg = compose_config(
+        "dataset=imagefolder", f"dataset.root={tmp_path}", "model=cnn", "dataset.image_size=16"
+    )
+    assert "num_classes" not in cfg.dataset and "num_classes" not in cfg.model
+    bundle = _folder(tmp_path)
+    assert model_args(cfg, bundle)["num_classes"] == 3 and model_args(cfg, bundle)["in_channels"] == 3
     with pytest.raises(UserError, match="has no train/ folder"):
         _folder(tmp_path / "nowhere")
 
 
 # ---- numpy (memory-mapped) -----------------------------------------------------------------------
 def _npy(root, **kw):
-    return DATASETS.build("numpy", **{"root": str(root), "num_classes": 10, "image_size": 32, **kw})
+    return DATASETS.build(
+        "numpy", **{"root": str(root), "num_classes": 10, "image_size": 32, "augment": [], **kw}
+    )
 
 
 def test_numpy_dataset_is_memory_mapped_and_reads_per_sample(tmp_path):

@@ -59,7 +59,9 @@ def test_same_seed_same_batches_and_each_sample_once_per_epoch():
     assert all(torch.equal(x, y) and torch.equal(la, lb) for (x, la), (y, lb) in zip(first, b))
     a.set_epoch(1)
     assert not torch.equal(first[0][0], next(iter(a))[0])
-    plain = DATASETS.build("synthetic", train_size=100, test_size=8, val_split=0.0)  # no augmentation
+    plain = DATASETS.build(
+        "synthetic", train_size=100, test_size=8, val_split=0.0, augment=[]
+    )  # no augmentation
     seen = torch.cat([x for x, _ in _device_batches(plain)])
     reference = torch.stack([plain.train[i][0] for i in range(100)])
     matches = (seen.flatten(1)[:, None, :] == reference.flatten(1)[None, :, :]).all(-1)

@@ -170,20 +170,19 @@ def test_torchrun_refuses_a_multirun(tmp_path):
 def test_a_signal_during_the_stop_all_reduce_is_not_lost(monkeypatch):
     """The signal handler runs while this process waits in the all-reduce, after it sent "no": the
     others' answer must not erase the flag (it did, and a signalled run trained on to its end)."""
-    from types import SimpleNamespace
-
     from trainer.core import distributed
-    from trainer.run.loop import Trainer
+    from trainer.run.health import stop_agreed
+    from trainer.run.signals import Stop
 
-    trainer = SimpleNamespace(stop_signal=None, device=torch.device("cpu"))
+    stop, cpu = Stop(), torch.device("cpu")
 
     def all_reduce_while_signalled(values, op="sum"):
-        trainer.stop_signal = signal.SIGTERM  # what the guard's handler does
+        stop.signum = signal.SIGTERM  # what the stop handler does
         return torch.zeros_like(values)  # every process said "no" before the signal came
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "all_reduce", all_reduce_while_signalled)
-    assert Trainer._stop_agreed(trainer, at_check=True) is False  # not agreed yet: the others go on too
-    assert trainer.stop_signal == signal.SIGTERM  # kept, so the next check stops everyone
+    assert stop_agreed(stop, cpu, at_check=True) is False  # not agreed yet: the others go on too
+    assert stop.signum == signal.SIGTERM  # kept, so the next check stops everyone
     monkeypatch.setattr(distributed, "all_reduce", lambda values, op="sum": values)
-    assert Trainer._stop_agreed(trainer, at_check=True) is True
+    assert stop_agreed(stop, cpu, at_check=True) is True

@@ -28,10 +28,10 @@ BASE = [
 # (overrides, checkpoint.every_n_steps, the step whose save is killed): the checkpoint before it, the
 # one the resume starts from, lies inside epoch 2.
 CASES = {
-    "ema": (["trainer.ema_decay=0.9", "trainer.ema_every=2"], 4, 24),
+    "ema": (["ema.decay=0.9", "ema.every=2"], 4, 24),
     "mixup_and_cutmix": (["task.mixup_alpha=0.4", "task.cutmix_alpha=1.0"], 4, 24),
     "accumulate_grad_batches": (["trainer.accumulate_grad_batches=3"], 3, 9),  # 5 steps an epoch
-    "on_device": (["loader.on_device=true", "trainer.ema_decay=0.9"], 4, 24),
+    "on_device": (["loader.on_device=true", "ema.decay=0.9"], 4, 24),
 }
 
 

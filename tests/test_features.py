@@ -26,7 +26,7 @@ def _user_project(tmp_path, name, body):
     (tmp_path / f"{name}_models.py").write_text(USER_MODULE.format(name=name, body=body))
     (tmp_path / "conf" / "model").mkdir(parents=True)
     (tmp_path / "conf" / "model" / f"{name}.yaml").write_text(
-        f"name: {name}\nhidden: 24\nnum_classes: ${{dataset.num_classes}}\nin_channels: ${{dataset.in_channels}}\n"
+        f"name: {name}\nhidden: 24\n"  # num_classes and in_channels: what the data gives
     )
     return [f"imports=[{name}_models]", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"model={name}"]
 
@@ -138,7 +138,7 @@ def test_max_steps_accumulation_clipping_and_bf16(tmp_path):
         metrics["steps"] == 7 and metrics["epochs"] == 1
     )  # 29 batches / 3 = 10 steps an epoch; stopped at 7
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert state["progress"]["images_trained"] == 21 * 32  # 7 steps of 3 batches
+    assert state["progress"]["samples_trained"] == 21 * 32  # 7 steps of 3 batches
     assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
 
 
@@ -200,7 +200,7 @@ def test_imagefolder_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "frog"] and manifest["input"]["shape"] == [-1, 3, 32, 32]
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]["dataset"]["num_classes"] == 3
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["model_args"]["num_classes"] == 3  # counted
 
 
 def test_on_device_loader_trains_end_to_end(tmp_path):

@@ -27,9 +27,9 @@ def args_for(weights, images, database=None) -> list[str]:
     return [
         "model=timm",
         "model.arch=resnet10t",
-        f"model.checkpoint={weights}",
-        f"model.freeze=[{','.join(FROZEN)}]",
-        "trainer.unfreeze_at_epoch=2",
+        f"finetune.checkpoint={weights}",
+        f"finetune.freeze=[{','.join(FROZEN)}]",
+        "finetune.unfreeze_at_epoch=2",
         "optimizer.lr=0.02",
         "optimizer.head_lr_scale=5",
         "dataset=imagefolder",
@@ -75,9 +75,7 @@ def test_fine_tuning_a_timm_model_resumes_exactly_across_the_unfreeze_in_one_mlf
         "loaded 84 of 86 tensors" in log and "kept new for this dataset's shapes: fc.weight, fc.bias" in log
     )
     # the weights' normalisation (timm's pretrained config); the image size given on the command line kept
-    assert (
-        "model.data_config: dataset.mean=[0.485, 0.456, 0.406] dataset.std=[0.229, 0.224, 0.225], as" in log
-    )
+    assert "preprocessing: mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225], image size 32" in log
     assert load_checkpoint(straight / "checkpoints" / "last.pt")["config"]["dataset"]["image_size"] == 32
     # 8 steps an epoch: at the end of epoch 1 (step 8) the frozen part is the file's, BatchNorm statistics too
     epoch1 = load_checkpoint(straight / "checkpoints" / "step-000000008.pt")
@@ -113,23 +111,23 @@ def test_fine_tuning_a_timm_model_resumes_exactly_across_the_unfreeze_in_one_mlf
             "torchvision typo",
             "model.arch: 'resnet1800' is not a torchvision classification model; did you mean resnet18",
         ),
-        ("another architecture", "model.checkpoint: none of"),
-        ("no such parameter", "model.freeze: no parameter matches ['head.*']; the names look like"),
+        ("another architecture", "finetune.checkpoint: none of"),
+        ("no such parameter", "finetune.freeze: no parameter matches ['head.*']; the names look like"),
     ],
 )
 def test_bad_fine_tuning_input_is_one_line(tmp_path, monkeypatch, capsys, case, needle):
     from trainer.models.small import cnn
 
-    torch.save(cnn(10, 3, width=8).state_dict(), tmp_path / "cnn.pt")
+    torch.save(cnn(num_classes=10, in_channels=3, width=8, dropout=0.0).state_dict(), tmp_path / "cnn.pt")
     model = {
         "timm typo": ["model=timm", "model.arch=resnet1o"],
         "torchvision typo": ["model=torchvision", "model.arch=resnet1800"],
         "another architecture": [
             "model=timm",
             "model.arch=resnet10t",
-            f"model.checkpoint={tmp_path / 'cnn.pt'}",
+            f"finetune.checkpoint={tmp_path / 'cnn.pt'}",
         ],
-        "no such parameter": ["model=cnn", "model.width=8", "model.freeze=[head.*]"],
+        "no such parameter": ["model=cnn", "model.width=8", "finetune.freeze=[head.*]"],
     }[case]
     code, err = refused_in_process(
         monkeypatch,
@@ -144,14 +142,14 @@ def test_bad_fine_tuning_input_is_one_line(tmp_path, monkeypatch, capsys, case, 
 
 
 def test_preprocessing_follows_pretrained_weights_unless_given(compose_cfg):
-    from trainer.models.pretrained import follow_data_config
-
+    """The image datasets' mean, std and size are `${pretrained:...}`: the weights' own when the model
+    asks for pretrained weights (timm's pretrained config, torchvision's weights transforms; in-memory
+    tables, nothing downloaded), a value given on the command line as given."""
     cfg = compose_cfg(
         "model=torchvision", "model.arch=resnet18", "model.weights=IMAGENET1K_V1", "dataset=synthetic"
     )
-    follow_data_config(cfg, {"model.weights"})
     assert list(cfg.dataset.mean) == [0.485, 0.456, 0.406] and list(cfg.dataset.std) == [0.229, 0.224, 0.225]
-    assert cfg.dataset.image_size == 224 and cfg.dataset.augment[0]["size"] == 224  # the random crop follows
+    assert cfg.dataset.image_size == 224  # and the random crop, which takes the image size
     given = compose_cfg(
         "model=timm",
         "model.arch=resnet10t",
@@ -160,21 +158,12 @@ def test_preprocessing_follows_pretrained_weights_unless_given(compose_cfg):
         "dataset.image_size=64",
         "dataset.mean=[0.5,0.5,0.5]",
     )
-    follow_data_config(given, {"dataset.image_size", "dataset.mean"})
     assert given.dataset.image_size == 64 and list(given.dataset.mean) == [0.5] * 3  # given: kept
     assert list(given.dataset.std) == [0.229, 0.224, 0.225]  # not given: timm's
-    for untouched in (
-        compose_cfg("model=timm", "model.arch=resnet10t", "dataset=synthetic"),  # not pretrained
-        compose_cfg(
-            "model=timm",
-            "model.arch=resnet10t",
-            "model.pretrained=true",
-            "dataset=synthetic",
-            "model.data_config=false",
-        ),
-    ):
-        follow_data_config(untouched, set())
-        assert untouched.dataset.image_size == 32 and list(untouched.dataset.std) == [0.25] * 3
+    untouched = compose_cfg("model=timm", "model.arch=resnet10t", "dataset=synthetic")  # not pretrained
+    assert untouched.dataset.image_size == 32 and list(untouched.dataset.std) == [0.25] * 3
+    grey = compose_cfg("model=timm", "model.arch=resnet10t", "model.pretrained=true", "dataset=mnist")
+    assert list(grey.dataset.mean) == [0.1307]  # one channel: the data's own, not the weights' three
 
 
 def test_pretrained_weights_offline_with_an_empty_cache_name_the_folder_to_fill(tmp_path):

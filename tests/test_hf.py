@@ -51,7 +51,7 @@ def test_a_saved_dataset_trains_exactly_like_the_image_folder_it_was_made_from(f
     )
     log = (runs["hf"] / "train.log").read_text()
     assert "train = train (24 rows), val = validation (24 rows), test = test (24 rows)" in log
-    assert b["config"]["dataset"]["num_classes"] == 3  # counted from the ClassLabel when the config resolved
+    assert b["model_args"]["num_classes"] == 3  # counted from the ClassLabel when the data was built
     streamed = tmp_path / "streamed"  # the Arrow files read lazily by two loader workers
     result = run_trainer(
         "dataset=hf",
@@ -130,4 +130,4 @@ def test_a_damaged_arrow_file_is_one_line_naming_it(folders, tmp_path):
     with pytest.raises(
         UserError, match=f"dataset.path: cannot load the folder {copy} \\(OSError: .*; write it again"
     ):
-        DATASETS.build("hf", path=str(copy), num_classes=3, streaming=True, image_size=16)
+        DATASETS.build("hf", path=str(copy), streaming=True, image_size=16)

@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_MODEL, refused_in_process, run_trainer, start_trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.run.metrics import MetricLog
+from trainer.loggers.metric_log import MetricLog
 
 ARGS = [
     "dataset=synthetic",
@@ -93,7 +93,8 @@ def test_every_logger_gets_every_step_once_across_a_stop_and_resume(tmp_path):
     assert process.returncode == 143, stderr
     resumed = run_trainer(*args, f"resume={run_dir}")
     assert resumed.returncode == 0, resumed.stderr
-    # Every logger: the three epochs' steps (18 an epoch: 576 training samples) and the test's, each once, with the same values.
+    # Every logger: the three epochs' steps (18 an epoch: 576 training samples) and the test's, each once,
+    # with the same values.
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     header, table = rows[0].split(","), [dict(zip(rows[0].split(","), r.split(","))) for r in rows[1:]]
     assert [int(r["step"]) for r in table] == [18, 36, 54] and "val/acc" in header and "test/acc" in header
@@ -203,11 +204,11 @@ def test_a_tracker_that_is_not_installed_or_unknown_is_one_line(monkeypatch, cap
 
 
 def test_the_csv_drops_what_a_killed_run_wrote_after_its_checkpoint(tmp_path):
-    from trainer.loggers.csv_file import CSVFile
+    from trainer.core.registry import LOGGERS
 
-    first = CSVFile(tmp_path, None, {}, {})
+    first = LOGGERS.build("csv", run_dir=tmp_path, resume_step=None, state={}, config={})
     first.write({"val/acc": 0.5}, 10)
     first.write({"val/acc": 0.6, "lr": 0.1}, 20)  # then killed; the newest checkpoint is step 10's
-    resumed = CSVFile(tmp_path, 10, {}, {})
+    resumed = LOGGERS.build("csv", run_dir=tmp_path, resume_step=10, state={}, config={})
     resumed.write({"val/acc": 0.7, "lr": 0.1}, 20)
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,val/acc,lr", "10,0.5,", "20,0.7,0.1"]

@@ -70,11 +70,11 @@ def test_step_and_constant():
 
 
 def test_batch_mix_builds_mixup_cutmix_or_nothing():
+    from trainer.core.registry import TASKS
     from trainer.tasks.base import DataInfo
-    from trainer.tasks.classification import Classification
 
-    def task(mixup: float, cutmix: float) -> Classification:
-        built = Classification(mixup_alpha=mixup, cutmix_alpha=cutmix)
+    def task(mixup: float, cutmix: float):
+        built = TASKS.build("classification", mixup_alpha=mixup, cutmix_alpha=cutmix)
         built.bind(DataInfo(target="class", classes=[str(i) for i in range(10)]))
         return built
 

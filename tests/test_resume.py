@@ -219,7 +219,7 @@ def test_a_signal_landing_inside_a_log_write_does_not_write_again():
     logged, and the file's writer refused the reentrant call with a traceback). The signal lands here,
     deterministically, in the middle of an emit; the guard's handler must only set the flag, and the
     "received" line comes at the step boundary, once."""
-    from trainer.run.guard import StopRequested, guarded
+    from trainer.run.signals import StopRequested, stop_on_signals
 
     class Probe(logging.Handler):
         def __init__(self):
@@ -234,25 +234,19 @@ def test_a_signal_landing_inside_a_log_write_does_not_write_again():
             self.lines.append(record.getMessage())
             self.depth -= 1
 
-    class Loop:
-        stop_signal = None
-        progress = type("P", (), {"step": 7})()
-
-        def save_checkpoint(self, wait):
-            return Path("run/checkpoints/step-000000007.pt")
-
-        @guarded
-        def fit(self):
-            logging.getLogger("trainer").info("a line being written")
-            assert self.stop_signal == signal.SIGUSR1
-            raise StopRequested(self.stop_signal)
+    def save(signum):  # what the Trainer does on a stop: say so, save
+        logging.getLogger("trainer").warning(
+            "received %s: stopped at step 7, saving a checkpoint", signal.Signals(signum).name
+        )
 
     probe, logger = Probe(), logging.getLogger("trainer")
     logger.addHandler(probe)
     level, logger.level = logger.level, logging.INFO
     try:
-        with pytest.raises(SystemExit) as exit_:
-            Loop().fit()
+        with pytest.raises(SystemExit) as exit_, stop_on_signals(save) as stop:
+            logger.info("a line being written")
+            assert stop.signum == signal.SIGUSR1
+            raise StopRequested(stop.signum)
     finally:
         logger.removeHandler(probe)
         logger.setLevel(level)

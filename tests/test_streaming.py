@@ -59,10 +59,10 @@ def shards(request, tmp_path_factory) -> Path:
 
 
 def _bundle(root: Path, **kw):
-    common = dict(num_classes=3, image_size=8, mean=[0.0] * 3, std=[1.0] * 3, **{"shuffle_buffer": 10, **kw})
+    common = dict(image_size=8, mean=[0.0] * 3, std=[1.0] * 3, **{"shuffle_buffer": 10, "augment": [], **kw})
     if (root / "dataset_dict.json").is_file():
         return DATASETS.build("hf", path=str(root), streaming=True, **common)
-    return DATASETS.build("streaming", root=str(root), **common)
+    return DATASETS.build("streaming", root=str(root), num_classes=3, **common)
 
 
 def _epoch(

@@ -114,7 +114,7 @@ def test_joblib_runs_jobs_in_parallel_with_capped_threads(tmp_path):
         "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
-        "trainer.threads=1",
+        "process.threads=1",
         *QUICK,
         "optimizer.lr=0.05,0.1",
         f"hydra.sweep.dir={tmp_path}",

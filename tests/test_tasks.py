@@ -12,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_training_state, kill_while_saving, run_trainer
+from conftest import assert_same_training_state, kill_while_saving, refused_in_process, run_trainer
 from PIL import Image
 
-from trainer.config import model_params, params_of
+from trainer.config import params_of
 from trainer.core.checkpoint import load_checkpoint
+from trainer.core.errors import UserError
 from trainer.core.registry import MODELS, TASKS
 from trainer.evaluate import evaluate_run
 from trainer.serving.predictor import Predictor
+from trainer.tasks.abilities import ExportWrapper, TestTimeAugmentation
+from trainer.tasks.metrics import MetricSet
 
 COMMON = ["loader.batch_size=32", "loader.num_workers=0", "trainer.progress_bar=false"]
 # (overrides, the test metric that shows learning, a bar well past chance). Chance: mAP ~0.35 (the
@@ -84,13 +87,14 @@ def test_each_task_learns_and_reports_its_own_metrics(trained):
     _, metric, bar = TASK_RUNS[name]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics[metric] > bar, metrics
-    task = TASKS.get(name)
-    assert {f"test/{k}" for k in task.metrics} <= set(metrics) and "test/acc" not in metrics
+    task = TASKS.build(name)
+    reported = set(task.metrics()) | {"loss"}
+    assert {f"test/{k}" for k in reported} <= set(metrics) and "test/acc" not in metrics
     assert metrics["best"]["monitor"] == f"val/{task.monitor}"  # the task's default monitor
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    assert {f"val/{k}" for k in task.metrics} | {"train/loss"} <= set(events.Tags()["scalars"])
+    assert {f"val/{k}" for k in reported} | {"train/loss"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars(f"val/{task.monitor}")) == 3
 
 
@@ -115,9 +119,12 @@ def eager_model(run_dir: Path) -> tuple[torch.nn.Module, object]:
     task = TASKS.build(cfg.task.name, **params_of(cfg.task))
     task.classes = Predictor(run_dir).classes
     task.load_state_dict(state["task"])
-    model = MODELS.build(cfg.model.name, **model_params(cfg.model))
+    args = dict(state["model_args"])
+    model = MODELS.build(args.pop("name"), **args)
     model.load_state_dict(state["model"])
-    return task.exported(task.evaluated(model)).eval(), task
+    if isinstance(task, TestTimeAugmentation):
+        model = task.evaluated(model)
+    return (task.exported(model) if isinstance(task, ExportWrapper) else model).eval(), task
 
 
 def sample_images(name: str, folder: Path) -> list[Path]:
@@ -324,10 +331,13 @@ def _evaluate_shares(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     found = {}
     for name in NAMES:
-        evaluation = _task(name).evaluation(torch.device("cpu"))
+        task = _task(name)
+        evaluation = MetricSet(task.metrics(), torch.device("cpu"))
         for i, (outputs, targets) in enumerate(_samples(name)):
             if i % world == rank:  # this process's share: unequal in batches and in samples
-                evaluation.update(outputs, (None, targets))
+                evaluation.update(
+                    task, outputs, (None, targets), task.loss(outputs, (None, targets)), len(targets)
+                )
         found[name] = evaluation.compute()
     if rank == 0:
         Path(out).write_text(json.dumps(found))
@@ -349,9 +359,12 @@ def test_two_processes_reduce_every_tasks_metrics_to_the_single_process_values(t
     )
     pair = json.loads(out.read_text())
     for name in NAMES:
-        evaluation = _task(name).evaluation(torch.device("cpu"))
+        task = _task(name)
+        evaluation = MetricSet(task.metrics(), torch.device("cpu"))
         for outputs, targets in _samples(name):
-            evaluation.update(outputs, (None, targets))
+            evaluation.update(
+                task, outputs, (None, targets), task.loss(outputs, (None, targets)), len(targets)
+            )
         single = evaluation.compute()
         assert pair[name].keys() == single.keys(), name
         for key, value in single.items():
@@ -366,17 +379,23 @@ def readme_block(first_line: str) -> str:
     return readme[start : readme.index("```", start)]
 
 
-def test_the_readmes_own_task_trains_resumes_and_predicts(tmp_path):
+def test_the_readmes_own_task_trains_resumes_predicts_and_serves(tmp_path, monkeypatch):
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trainer.serve import ServeSettings, build_app
+
     code = readme_block("# my_tasks.py")
-    assert len(code.strip().splitlines()) < 40  # the promise the README makes
+    assert len(code.strip().splitlines()) <= 20  # the promise the README makes: two methods, twenty lines
     (tmp_path / "my_tasks.py").write_text(code)
     (tmp_path / "my_conf" / "task").mkdir(parents=True)
-    (tmp_path / "my_conf" / "task" / "ordinal.yaml").write_text(readme_block("# my_conf/task/ordinal.yaml"))
+    (tmp_path / "my_conf" / "task" / "focal.yaml").write_text(readme_block("# my_conf/task/focal.yaml"))
     run_dir = tmp_path / "run"
     args = [
         "imports=[my_tasks]",
         f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
-        "task=ordinal",
+        "task=focal",
         "dataset=synthetic",
         "dataset.train_size=512",
         "dataset.test_size=128",
@@ -384,22 +403,37 @@ def test_the_readmes_own_task_trains_resumes_and_predicts(tmp_path):
         "model.width=16",
         *COMMON,
         "trainer.max_epochs=3",
+        "export.formats=[torch_export]",
         f"hydra.run.dir={run_dir}",
     ]
     result = run_trainer(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["best"]["monitor"] == "val/mae" and metrics["test/mae"] < 2.5, (
-        metrics
-    )  # chance: 3.3 classes
+    assert metrics["best"]["monitor"] == "val/f1" and metrics["test/acc"] > 0.3, metrics  # chance: 0.1
     resumed = run_trainer(f"resume={run_dir}", "trainer.max_epochs=4", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 4
     images = sample_images("regression", tmp_path / "images")  # any images: the answer's form is checked
     predicted = run_trainer(
         f"run={run_dir}", f"inputs=[{images[0]}]", "output=jsonl", module="trainer.predict", cwd=tmp_path
     )
     assert predicted.returncode == 0, predicted.stderr
-    assert json.loads(predicted.stdout)["class"].startswith("class_")
+    assert len(json.loads(predicted.stdout)["outputs"]) == 10  # no Answers ability: its raw outputs
+    monkeypatch.syspath_prepend(str(tmp_path))  # the server imports the run's own modules (its imports)
+    monkeypatch.setattr(TASKS, "_builders", dict(TASKS._builders))  # the task leaves with this test
+    try:
+        predictor = Predictor(run_dir)
+    finally:
+        sys.modules.pop("my_tasks", None)
+
+    async def serve() -> None:
+        async with TestClient(TestServer(build_app(predictor, ServeSettings(max_wait_ms=1)))) as client:
+            response = await client.post(
+                "/v1/predict", data=images[0].read_bytes(), headers={"Content-Type": "image/png"}
+            )
+            assert response.status == 200 and len((await response.json())["predictions"][0]["outputs"]) == 10
+
+    asyncio.run(serve())
 
 
 USER_DATASET = '''
@@ -422,7 +456,7 @@ def points(num_classes: int = 3, size: int = 600):
 
 
 @MODELS.register("linear")
-def linear(num_classes: int, features: int = 16):
+def linear(num_classes: int, features: int = 16):  # num_classes: what the data gives
     return torch.nn.Linear(features, num_classes)
 '''
 
@@ -437,7 +471,7 @@ def test_a_tensordataset_without_images_trains_exports_and_serves_json(tmp_path,
     (conf / "dataset").mkdir(parents=True)
     (conf / "model").mkdir()
     (conf / "dataset" / "points.yaml").write_text("name: points\nnum_classes: 3\n")
-    (conf / "model" / "linear.yaml").write_text("name: linear\nnum_classes: ${dataset.num_classes}\n")
+    (conf / "model" / "linear.yaml").write_text("name: linear\n")
     run_dir = tmp_path / "run"
     result = run_trainer(
         "imports=[my_data]",
@@ -510,22 +544,11 @@ def test_a_sweeps_summary_shows_the_tasks_own_metrics(tmp_path):
     assert rows[1].split(",")[4] == "0.93" and (tmp_path / "sweep_summary.png").stat().st_size > 0
 
 
-def _as_before_tasks(config: dict) -> dict:
-    """A config as runs wrote it before tasks: a `loss` section and trainer.tta, no task, no top5."""
-    config = dict(config)
-    task = dict(config.pop("task"))
-    config["loss"] = {key: task[key] for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha")}
-    config["trainer"] = {**config["trainer"], "tta": task["tta"]}
-    config["checkpoint"] = {**config["checkpoint"], "monitor": "val/acc", "mode": "max"}
-    return config
-
-
-def test_a_run_from_before_tasks_still_evaluates_and_resumes(tmp_path):
-    """Its saved config, overrides and checkpoints in the old layout (loss.*, trainer.tta): evaluate reads
-    it as task=classification, and a resume replays `loss.label_smoothing=...` as task.label_smoothing."""
+def test_a_run_from_an_older_version_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """No migration code: a run dir whose config has the sections of an older version (before tasks: a
+    `loss` section; before the recipe: no ema, finetune or process) is refused by resume and evaluate in
+    one line that says so."""
     import yaml
-
-    from trainer.core.checkpoint import save_checkpoint
 
     run_dir = tmp_path / "run"
     args = [
@@ -537,37 +560,15 @@ def test_a_run_from_before_tasks_still_evaluates_and_resumes(tmp_path):
         *COMMON,
         "trainer.max_epochs=1",
         "export.formats=[]",
-        "task.label_smoothing=0.1",
-        "task.tta=flip",
     ]
-    result = run_trainer(*args, f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr
+    assert run_trainer(*args, f"hydra.run.dir={run_dir}").returncode == 0
     saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(_as_before_tasks(saved)))
-    overrides = [
-        o.replace("task.label_smoothing", "loss.label_smoothing").replace("task.tta", "trainer.tta")
-        for o in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    ]
-    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    for name in ("last.pt", "best.pt"):
-        state = load_checkpoint(run_dir / "checkpoints" / name)
-        state["config"] = _as_before_tasks(state["config"])
-        state.pop("task")
-        state["progress"]["epoch_sums"] = [0.0, 0.0, 0.0]  # the old fixed layout
-        save_checkpoint(state, run_dir / "checkpoints" / name)
-    before = json.loads((run_dir / "metrics.json").read_text())
-    evaluated = evaluate_run(run_dir, "best", [])  # under flip TTA, as the run was tested
-    assert evaluated["test/acc"] == pytest.approx(before["test/acc"]) and "test/top5" in evaluated
-    resumed = run_trainer(f"resume={run_dir}", "trainer.max_epochs=2")
-    assert resumed.returncode == 0, resumed.stderr
-    config = load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"]
-    assert config["task"] == {
-        "name": "classification",
-        "label_smoothing": 0.1,
-        "mixup_alpha": 0.0,
-        "cutmix_alpha": 0.0,
-        "tta": "flip",
-    }
+    old = {key: value for key, value in saved.items() if key not in ("ema", "finetune", "process", "task")}
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**old, "loss": {"label_smoothing": 0.1}}))
+    code, err = refused_in_process(monkeypatch, capsys, f"resume={run_dir}")
+    assert code == 2 and err.count("\n") == 1 and "was written by an older version of trainer" in err, err
+    with pytest.raises(UserError, match="was written by an older version of trainer"):
+        evaluate_run(run_dir, "best", [])
 
 
 # ---- the on-disk formats each task reads ------------------------------------------------------------------
@@ -676,7 +677,7 @@ def test_the_tasks_read_their_real_on_disk_formats(tmp_path, case):
     )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert all(np.isfinite(metrics[f"test/{k}"]) for k in TASKS.get(task).metrics)
+    assert all(np.isfinite(metrics[f"test/{k}"]) for k in TASKS.build(task).metrics())
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert manifest["formats"]["torch_export"]["parity"] and manifest["task"]["name"] == task
     if case.startswith("manifest"):

@@ -78,19 +78,25 @@ def test_split_by_file_validates_on_other_files_with_the_training_tokenizer(tmp_
     """dataset.val_root: all of root trains; val_root's text, tokenized with root's own BPE, validates.
     A val folder tokenized with another tokenizer is refused, naming the file to tokenize it with."""
     pytest.importorskip("tokenizers", reason="the text extra is not installed")
+    from trainer import DATASETS
     from trainer.core.errors import UserError
-    from trainer.data.text import text
 
     train_file, val_file = (
         write_corpus(tmp_path / "train.txt", lines=300),
         write_corpus(tmp_path / "val.txt", 60, 1),
     )
     cache = str(tmp_path / "cache")
-    bundle = text(
-        str(train_file), block_size=16, vocab_size=400, tokenizer="bpe", cache=cache, val_root=str(val_file)
+    bundle = DATASETS.build(
+        "text",
+        root=str(train_file),
+        block_size=16,
+        vocab_size=400,
+        tokenizer="bpe",
+        cache=cache,
+        val_root=str(val_file),
     )
-    folder = Path(bundle.extra["tokenizer_dir"])
-    tokenizer = load_tokenizer(bundle.extra["tokenizer"], folder)
+    folder = Path(bundle.text.tokenizer_dir)
+    tokenizer = load_tokenizer(bundle.text.tokenizer, folder)
     train_ids = np.fromfile(folder / "tokens.bin", dtype=bundle.train.dtype)
     assert bundle.train.stop == len(train_ids)  # nothing of the training file is held out
     assert tokenizer.decode(train_ids.tolist()) == train_file.read_text()
@@ -102,8 +108,9 @@ def test_split_by_file_validates_on_other_files_with_the_training_tokenizer(tmp_
     )
     tokenize([str(val_file)], tmp_path / "val_bytes")  # the byte tokenizer: ids that mean other text
     with pytest.raises(UserError, match="dataset.val_root: .* another tokenizer .* --tokenizer-file"):
-        text(
-            str(train_file),
+        DATASETS.build(
+            "text",
+            root=str(train_file),
             block_size=16,
             vocab_size=400,
             tokenizer="bpe",

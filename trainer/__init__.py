@@ -1,6 +1,6 @@
 """A config-driven PyTorch training framework on Hydra."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import importlib
 from typing import Any

@@ -8,12 +8,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from trainer.config import upgrade_legacy, validate
+from trainer.config import register_configs, validate
 from trainer.core.checkpoint import load_checkpoint
 from trainer.core.cli import exit_codes, import_user_modules
+from trainer.core.devices import pick_device
 from trainer.core.errors import UserError
-from trainer.run.devices import AUTOCAST_DTYPES, evaluate_model, pick_device, unwrap
-from trainer.run.setup import build_data, build_model, build_task
+from trainer.run.builders import build_data, build_model, build_task
+from trainer.run.devices import AUTOCAST_DTYPES, evaluate_model
+from trainer.run.resume import refuse_older
+from trainer.tasks.abilities import TestTimeAugmentation
+
+register_configs()  # the config's resolvers, for the run's saved config
 
 
 def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, float]:
@@ -22,25 +27,30 @@ def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, 
         raise UserError(f"run: {run} is not a run dir (no .hydra/config.yaml); give a folder under outputs/")
     if checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint: '{checkpoint}' is not one of best, last")
-    config = upgrade_legacy(OmegaConf.to_container(OmegaConf.load(saved)))  # a run from before tasks, too
-    cfg = OmegaConf.merge(OmegaConf.create(config), OmegaConf.from_dotlist(overrides))
+    config = OmegaConf.load(saved)
+    refuse_older(OmegaConf.to_container(config), str(run))
+    cfg = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
     import_user_modules(list(cfg.imports))
     validate(cfg)
     device = pick_device(cfg.trainer.device)
     state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
-    bundle, loaders = build_data(cfg, device)
-    task = build_task(cfg, bundle, state)
-    model = build_model(cfg, initial_weights=False).to(device)  # the run's own weights are loaded next
-    # What the run tested: the weights' EMA when it kept one (the same architecture), under its TTA.
-    unwrap(model).load_state_dict(state.get("ema") or state["model"])
-    found = evaluate_model(
-        task.evaluated(model),
-        loaders.test,
-        device,
-        AUTOCAST_DTYPES[str(cfg.trainer.precision)],
-        task,
-        cfg.trainer.limit_test_batches,
-    )
+    data = build_data(cfg, device)
+    try:
+        task = build_task(cfg, data.bundle, state.get("task"))
+        # What the run tested: the weights' average when it kept one (the same architecture), under its TTA.
+        model = build_model(cfg, state["model_args"], state.get("ema") or state["model"]).to(device)
+        if isinstance(task, TestTimeAugmentation):
+            model = task.evaluated(model)
+        found = evaluate_model(
+            model,
+            data.loaders.test,
+            device,
+            AUTOCAST_DTYPES[str(cfg.trainer.precision)],
+            task,
+            cfg.trainer.limit_test_batches,
+        )
+    finally:
+        data.loaders.close()
     return {
         **{f"test/{k}": v for k, v in found.items()},
         "checkpoint": checkpoint,

@@ -1,8 +1,8 @@
-"""`python -m trainer.predict run=<run dir> inputs=[a.png,folder/] [format=torch_export] [topk=5] [output=table]`:
-what a finished run's exported model says about image files, preprocessed as the run's evaluation was,
-answered as its task answers (the top-k classes, the labels above task.threshold, values in the
-targets' units, per-class pixel counts and, with masks=<folder>, mask PNGs). A table by default;
-`output=jsonl` prints one JSON object per image."""
+"""`python -m trainer.predict run=<run dir> inputs=[a.png,folder/] [format=torch_export] [topk=5]
+[output=table]`: what a finished run's exported model says about image files, preprocessed as the
+run's evaluation was, answered as its task answers (the top-k classes, the labels above
+task.threshold, values in the targets' units, per-class pixel counts and, with masks=<folder>, mask
+PNGs). A table by default; `output=jsonl` prints one JSON object per image."""
 
 import json
 import logging
@@ -68,7 +68,7 @@ def predict(cfg: PredictConfig) -> list[dict]:
         predictor.answer(predictor.example_outputs, options)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if cfg.masks is not None and not hasattr(predictor.task, "png"):
+    if cfg.masks is not None and not predictor.answers_masks:
         raise UserError(
             f"masks: task={predictor.task.name} answers no masks; masks= is for segmentation runs"
         )
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(0) from None
         if any("error" in r for r in results):
             print(
-                f"error: inputs: {sum('error' in r for r in results)} of {len(results)} images could not be read "
+                f"error: inputs: {sum('error' in r for r in results)} of {len(results)} images could not be "
+                "read "
                 f"(see above)",
                 file=sys.stderr,
             )

@@ -31,6 +31,7 @@ close the idle ones, answer every request whose head has arrived (up to serve.dr
 """
 
 import asyncio
+import functools
 import hashlib
 import logging
 import signal
@@ -127,7 +128,7 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
             return error(503, "the batcher is not running; the server is unhealthy")
         except BatchFailed as e:
             return error(500, str(e))
-        if request.query.get("format") == "png" and hasattr(predictor.task, "png"):
+        if request.query.get("format") == "png" and predictor.answers_masks:
             if len(outputs) != 1:
                 return error(422, "format=png answers one input per request; send one image")
             return web.Response(body=predictor.task.png(outputs)[0], content_type="image/png")
@@ -212,8 +213,18 @@ def build_app(predictor: Predictor, settings: ServeSettings, guard: Any = None):
         ]
     )
     app.cleanup_ctx.append(run_batcher)
-    app["batcher"] = batcher
+    app[batcher_key()] = batcher  # for tests and embedding applications
     return app
+
+
+@functools.cache
+def batcher_key() -> Any:
+    """The application key the batcher is kept under (aiohttp is imported only when serving)."""
+    from aiohttp import web
+
+    from trainer.serving.batcher import Batcher
+
+    return web.AppKey("batcher", Batcher)
 
 
 async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None:

@@ -1,4 +1,4 @@
-"""The shell around a run: exit codes, one-line errors, the argv of a resume, user imports."""
+"""The shell around every command: exit codes, one-line errors, user imports, usage."""
 
 import contextlib
 import importlib
@@ -30,12 +30,18 @@ def _one_line(error: BaseException) -> str:
 
         folder = CONF / group
         options = sorted(p.stem for p in folder.glob("*.yaml"))
-        return f"{group}={wanted}: no such option; choose from {', '.join(options)} (e.g. {group}=[{options[0]}])"
+        choices = ", ".join(options)
+        return f"{group}={wanted}: no such option; choose from {choices} (e.g. {group}=[{options[0]}])"
     cause: BaseException | None = error
     while cause is not None:  # our own message, raised inside a config resolver, says it best
         if isinstance(cause, UserError):
             return str(cause)
         cause = cause.__cause__ or cause.__context__
+    override = re.search(r"Could not override '([^']+)'", str(error))
+    if override:  # Hydra's advice (append it with +) would add a key nothing reads
+        return (
+            f"{override.group(1)}: not a key of the config (nothing reads it); fix the spelling, or drop it"
+        )
     missing = re.search(r"Missing mandatory value: (\S+)", str(error))
     if missing:
         return f"{missing.group(1)}: required and not set; add {missing.group(1)}=... to the command line"
@@ -141,68 +147,6 @@ def import_user_modules(modules: list[str]) -> None:
 
 def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
-
-
-def resume_argv(argv: list[str]) -> list[str]:
-    """`resume=<run dir or checkpoint>` continues that run in its own folder with its own config: the
-    run's saved overrides are replayed under the new ones, and Hydra's run dir is pointed at it."""
-    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
-    if resume in (None, "auto", "null"):
-        return argv
-    target = Path(resume)
-    if not target.exists():
-        raise UserError(f"resume: {resume} does not exist; give a run dir, a checkpoint file, or auto")
-    run_dir = target if target.is_dir() else target.parent.parent
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        if target.is_dir():
-            raise UserError(
-                f"resume: {resume} is not a run dir (no .hydra/overrides.yaml); give the run's folder "
-                f"under outputs/, or a checkpoint file"
-            )
-        return argv  # a checkpoint outside any run: a new run dir, with the config on this command line
-    from omegaconf import OmegaConf
-
-    if any(a in ("-m", "--multirun") for a in argv):
-        raise UserError("resume: resuming one run cannot be combined with -m/--multirun")
-    flags, given = [a for a in argv[1:] if a.startswith("-")], [a for a in argv[1:] if not a.startswith("-")]
-    given_keys = {override_key(a) for a in given} | {"hydra.run.dir"}
-    replayed = [legacy_override(o) for o in OmegaConf.load(saved)]  # a run from before tasks: keys moved
-    replayed = [o for o in replayed if override_key(o) not in given_keys]
-    hydra_saved = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.overrides.hydra
-    replayed += [
-        o for o in hydra_saved if override_key(o) == "hydra.searchpath" and override_key(o) not in given_keys
-    ]
-    return [argv[0], *flags, *replayed, *given, f"hydra.run.dir={run_dir.resolve()}"]
-
-
-# Keys that moved when tasks arrived: a saved run's overrides are translated, a typed one is refused.
-MOVED_KEYS = {
-    "loss.label_smoothing": "task.label_smoothing",
-    "loss.mixup_alpha": "task.mixup_alpha",
-    "loss.cutmix_alpha": "task.cutmix_alpha",
-    "trainer.tta": "task.tta",
-}
-
-
-def legacy_override(override: str) -> str:
-    """A saved override of a moved key, under its new name (`loss.label_smoothing=0.1` ->
-    `task.label_smoothing=0.1`)."""
-    key, sep, value = override.partition("=")
-    prefix = key[: len(key) - len(key.lstrip("+~"))]
-    new = MOVED_KEYS.get(key.lstrip("+~"))
-    return f"{prefix}{new}{sep}{value}" if new else override
-
-
-def refuse_moved_keys(args: list[str]) -> None:
-    """A key that moved (loss.label_smoothing is task.label_smoothing now): its new name, exit 2."""
-    for arg in args:
-        if override_key(arg) in MOVED_KEYS:
-            new = MOVED_KEYS[override_key(arg)]
-            raise UserError(
-                f"{override_key(arg)}: moved to {new} (an option of task=classification); write "
-                f"{new}={arg.partition('=')[2]}"
-            )
 
 
 def usage(conf_dir: Path) -> str:

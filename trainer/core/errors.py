@@ -10,7 +10,7 @@ class UserError(Exception):
 
 
 def not_installed(what: str, module: str, extra: str, hint: str = "") -> str:
-    """`what` (the key or command that chose it) needs `module`: the one line that says which extra to install."""
+    """`what` (the key or command that chose it) needs `module`: the line that says which extra to install."""
     return f'{what}: needs {module}, which is not installed: pip install -e ".[{extra}]"' + (
         f" ({hint})" if hint else ""
     )

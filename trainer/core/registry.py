@@ -1,9 +1,14 @@
 """A registry is a dict from name to builder, filled by a decorator and read by config name; the six
 the framework chooses from are defined here, at the bottom of the import graph.
 
+An entry's parameters have their defaults in one place: its config file, conf/<group>/<name>.yaml (what
+`--cfg job` prints). `build` fills the parameters it is not given from that file, so the Python API
+(`MODELS.build("resnet", num_classes=10)`) builds what the command line builds. A builder's signature
+holds the types and, as `Annotated[type, Check]`, the range each parameter must be in.
+
 Each registry knows the module that registers its built-in entries and imports it on first look-up
-(`names`, `get`, `check`, `build`, `in`): a user's `from trainer.core.registry import MODELS` sees the
-built-ins, and a command that never looks one up (`--help`, `--cfg job`) never imports them."""
+(`names`, `get`, `check`, `build`, `in`): a user's `from trainer import MODELS` sees the built-ins, and
+a command that never looks one up (`--help`, `--cfg job`) never imports them."""
 
 import collections.abc
 import importlib
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from trainer.core.errors import UserError
+from trainer.core.fields import Check
 
 T = TypeVar("T")
 # The config folder: one group folder per registry (conf/model/ for MODELS...), beside the package.
@@ -21,8 +27,9 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 class Registry(Generic[T]):
-    def __init__(self, group: str, builtins: str | None = None) -> None:
+    def __init__(self, group: str, builtins: str | None = None, nested: bool = False) -> None:
         self.group = group  # the config group that chooses from this registry
+        self.nested = nested  # its config files hold the options under the entry's name (logger=[a,b])
         self._builders: dict[str, Callable[..., T]] = {}
         self._builtins = builtins  # the module whose import registers the built-in entries
 
@@ -39,6 +46,8 @@ class Registry(Generic[T]):
                     f"({self._builders[name].__module__} and {builder.__module__})"
                 )
             self._builders[name] = builder
+            if isinstance(builder, type):
+                builder.registered_name = name  # a class knows the name it is chosen by (task=<name>)
             return builder
 
         return add
@@ -60,11 +69,18 @@ class Registry(Generic[T]):
             )
         return self._builders[name]
 
-    def check(self, name: str, params: Mapping[str, Any], provided: tuple[str, ...] = ()) -> None:
-        """Fail now, not an hour in, on a parameter the builder does not take or lacks.
-
-        `provided` names arguments the framework passes itself (the model to an optimizer)."""
-        signature = inspect.signature(self.get(name))
+    def check(
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        provided: tuple[str, ...] = (),
+        optional: tuple[str, ...] = (),
+    ) -> None:
+        """Fail now, not an hour in, on a parameter the builder does not take, lacks, or gets of the wrong
+        type or range. `provided` names arguments the framework passes itself (the model to an optimizer);
+        `optional`, those it passes unless the config gives them (what the data gives a model)."""
+        builder = self.get(name)
+        signature = inspect.signature(builder)
         accepted = [p for p in signature.parameters if p not in provided]
         takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         for key in params:
@@ -73,15 +89,22 @@ class Registry(Generic[T]):
                     f"{self.group}.{key}: not a parameter of {self.group} '{name}'; "
                     f"its parameters are {', '.join(accepted)}"
                 )
-        builder = self.get(name)
-        hints = typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder)
+        hints = typing.get_type_hints(
+            builder.__init__ if isinstance(builder, type) else builder, include_extras=True
+        )
         for key, value in params.items():
-            if key in hints and not _matches(value, hints[key]):
-                raise UserError(f"{self.group}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+            hint, checks = _unannotated(hints.get(key, Any))
+            if not _matches(value, hint):
+                raise UserError(f"{self.group}.{key}: expected {_type_name(hint)}, got {value!r}")
+            for check in checks:
+                if not check(value):
+                    raise UserError(f"{self.group}.{key}: must be {check.needs}, got {value!r}")
+        filled = {**self.defaults(name), **params}  # what build() gives the builder
         for key, p in signature.parameters.items():
             if (
-                key not in params
+                key not in filled
                 and key not in provided
+                and key not in optional
                 and p.default is p.empty
                 and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
             ):
@@ -90,8 +113,47 @@ class Registry(Generic[T]):
                     f"(add {self.group}.{key}=... or put it in conf/{self.group}/{name}.yaml)"
                 )
 
+    def defaults(self, name: str) -> dict[str, Any]:
+        """The entry's parameters as its config file sets them, resolved as far as the file alone allows
+        (`${pretrained:...}` gives its default; a key that needs another group, or a required `???` one,
+        is left out); {} for an entry without a file (a user's own)."""
+        path = CONF / self.group / f"{name}.yaml"
+        if not path.is_file():
+            return {}
+        from omegaconf import OmegaConf
+
+        register_resolvers()
+        loaded = OmegaConf.load(path)
+        section = loaded.get(name) if self.nested else loaded
+        if section is None:
+            return {}
+        wrapper = OmegaConf.create({self.group: section})  # `${dataset.image_size}` resolves inside it
+        found = {}
+        for key in section:
+            try:
+                value = OmegaConf.select(wrapper, f"{self.group}.{key}", throw_on_missing=True)
+            except Exception:  # noqa: BLE001 - required (???), or another group's value: not a default
+                continue
+            if key != "name":
+                found[key] = (
+                    OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                )
+        return found
+
     def build(self, name: str, /, **kwargs: Any) -> T:
-        return self.get(name)(**kwargs)
+        """The entry, built with `kwargs` over the defaults in its config file."""
+        builder = self.get(name)
+        accepted = inspect.signature(builder).parameters
+        filled = {k: v for k, v in self.defaults(name).items() if k in accepted}
+        return builder(**{**filled, **kwargs})
+
+
+def _unannotated(hint: Any) -> tuple[Any, tuple[Check, ...]]:
+    """(the type, the range checks) of a hint that may be `Annotated[type, Check, ...]`."""
+    if typing.get_origin(hint) is typing.Annotated:
+        base, *extras = typing.get_args(hint)
+        return base, tuple(e for e in extras if isinstance(e, Check))
+    return hint, ()
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -99,6 +161,8 @@ def _matches(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint) or hint
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is Any:
+        return True
     if hint is type(None):
         return value is None
     if hint is float:
@@ -114,19 +178,52 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-# Every model's own keys: where its first weights come from, what stays fixed, whose preprocessing it takes
-MODEL_KEYS = ("checkpoint", "freeze", "data_config")
-
-
-def builder_params(model_section: Mapping[str, Any]) -> dict[str, Any]:
-    """A model section (plain: a config's, or a run's saved one) as its builder's parameters: without
-    its name and the keys every model has (trainer.run.setup.build_model reads those)."""
-    return {k: v for k, v in model_section.items() if k not in ("name", *MODEL_KEYS)}
-
-
 MODELS: Registry = Registry("model", builtins="trainer.models")
 DATASETS: Registry = Registry("dataset", builtins="trainer.data")
 OPTIMIZERS: Registry = Registry("optimizer", builtins="trainer.optim")
 SCHEDULERS: Registry = Registry("scheduler", builtins="trainer.optim")
 TASKS: Registry = Registry("task", builtins="trainer.tasks")
-LOGGERS: Registry = Registry("logger", builtins="trainer.loggers")
+LOGGERS: Registry = Registry("logger", builtins="trainer.loggers", nested=True)
+
+
+# model name -> what its pretrained weights expect of their inputs ({"mean", "std", "image_size"}) from its
+# model section: timm's pretrained config, a torchvision weights entry's transforms (trainer/models).
+# In-memory tables of those libraries: nothing is read from disk or the network.
+PREPROCESSING: dict[str, Callable[[Any], dict]] = {}
+
+
+def preprocessing(model: Any, finetune: Any = None) -> dict | None:
+    """What a pretrained model's inputs were (mean, std, image size), when its model section asks for
+    pretrained weights (model.pretrained, model.weights) or it starts from finetune.checkpoint."""
+    if model is None:
+        return None
+    MODELS._load_builtins()
+    if model.get("name") not in PREPROCESSING:
+        return None
+    if not (
+        model.get("pretrained")
+        or model.get("weights")
+        or (finetune is not None and finetune.get("checkpoint"))
+    ):
+        return None
+    return PREPROCESSING[model.name](model) or None
+
+
+def _pretrained(key: str, default: Any, *, _root_: Any) -> Any:
+    """`${pretrained:mean,[0.5,0.5,0.5]}`: what a pretrained model expects (its mean, std or image
+    size), else the default written there. The image datasets' config files use it."""
+    from omegaconf import OmegaConf
+
+    default = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+    value = (preprocessing(_root_.get("model"), _root_.get("finetune")) or {}).get(key, default)
+    if isinstance(default, list) and len(value) != len(
+        default
+    ):  # grey images for an RGB model: the data's own
+        return default
+    return value
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("pretrained", _pretrained, replace=True)

@@ -14,7 +14,7 @@ from trainer.data import (
     textclass,
     vision,
 )
-from trainer.data.arrays import DataBundle
+from trainer.data.arrays import DATA_FACTS, DataBundle, TextInfo
 from trainer.data.loader import Loaders, build_loaders, sample_batch
 
-__all__ = ["DATASETS", "DataBundle", "Loaders", "build_loaders", "sample_batch"]
+__all__ = ["DATA_FACTS", "DATASETS", "DataBundle", "Loaders", "TextInfo", "build_loaders", "sample_batch"]

@@ -2,7 +2,8 @@
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -10,6 +11,30 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from trainer.core.errors import UserError
+from trainer.core.fields import Check, at_least, one_of
+
+
+@dataclass
+class TextInfo:
+    """How a text dataset's inputs are token ids: the tokenizer (its spec and the folder of its files),
+    the model's vocabulary, and how long an input is."""
+
+    tokenizer: dict[str, Any]  # the tokenizer's spec (trainer.text.tokenizers: kind, vocab_size, file)
+    tokenizer_dir: str  # the folder its files are in
+    vocab_size: int  # the model's vocabulary: at least the tokenizer's
+    max_length: int  # tokens per input: a language model's context (block size), a classifier's padded length
+    pad_id: int | None = None  # None: inputs are not padded (a causal model answers at a text's last token)
+    bytes_per_token: float = 1.0  # of the training text, for bits per byte
+
+
+# Parameters many datasets take, with their ranges (checked before any data is read; registry.check).
+ValSplit = Annotated[float, Check(lambda v: 0 <= v < 1, "in [0, 1)")]
+OnError = Annotated[str, one_of("skip", "error")]
+Channels = Annotated[int, one_of(1, 3)]
+Count = Annotated[int, at_least(1)]
+
+# What a dataset tells the model builder (an argument of these names is filled from the data).
+DATA_FACTS = ("num_classes", "in_channels", "image_size", "vocab_size", "block_size", "max_length")
 
 
 @dataclass
@@ -18,12 +43,11 @@ class DataBundle:
 
     Each split is a Dataset of samples the task understands (built-in datasets: (input, target)
     tuples). `target` declares what the targets are: "class" (an int), "labels" (a multi-hot float
-    vector), "values" (floats), "mask" (an H x W tensor of class indices), or a custom task's own word;
-    `classes` names the classes, labels or targets. The image fields are optional: without them the
-    run trains, and only the image-file side of predict and serve (and the TensorBoard preview) is
-    unavailable. A split may offer `preview(n)` (n inputs, for TensorBoard) and `targets()` (every
-    target, read cheaply; tasks that need statistics of the training targets use it). `extra` holds
-    whatever else a task may check: segmentation datasets give "mask_values", {value: first file}."""
+    vector), "values" (floats), "mask" (an H x W tensor of class indices), "tokens", or a custom task's
+    own word; `classes` names the classes, labels or targets. The image fields are optional: without
+    them the run trains, and only the image-file side of predict and serve (and the TensorBoard preview)
+    is unavailable. A split may offer `preview(n)` (n inputs, for TensorBoard) and `targets()` (every
+    target, read cheaply; tasks that need statistics of the training targets use it)."""
 
     train: Dataset
     val: Dataset
@@ -34,7 +58,52 @@ class DataBundle:
     mean: list[float] | None = None
     std: list[float] | None = None
     target: str = "class"
-    extra: dict[str, Any] = field(default_factory=dict)  # what else a task may check (e.g. "mask_values")
+    text: TextInfo | None = None  # text datasets: how texts become token ids
+    mask_values: dict[int, str] = field(default_factory=dict)  # segmentation: each mask value, its first file
+
+    def facts(self) -> dict[str, int]:
+        """What the model builder may take from the data (DATA_FACTS), as far as this dataset has them."""
+        text = self.text
+        found = {
+            "num_classes": len(self.classes) if self.classes else None,
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "vocab_size": text.vocab_size if text else None,
+            "block_size": text.max_length if text else None,
+            "max_length": text.max_length if text else None,
+        }
+        return {key: value for key, value in found.items() if value is not None}
+
+    def preprocessing(self) -> dict[str, Any] | None:
+        """How a raw input becomes this dataset's model input, for predict and serve (or anyone): a text's
+        tokenizer and length, an image file's decoding, resize, crop and normalisation; None for inputs
+        that are neither (then the export takes tensors only)."""
+        if self.text is not None:
+            return {
+                "decode": "text",
+                "tokenizer": self.text.tokenizer,
+                "max_length": self.text.max_length,
+                "pad_id": self.text.pad_id,
+            }
+        if self.image_size is None or self.mean is None or self.in_channels not in (1, 3):
+            return None
+        return {
+            "decode": "RGB" if self.in_channels == 3 else "L",
+            "resize_shorter_side": self.image_size,
+            "center_crop": [self.image_size, self.image_size],
+            "scale": 1 / 255,
+            "mean": self.mean,
+            "std": self.std,
+            "layout": "NCHW",
+            "dtype": "float32",
+        }
+
+    def keep_input_files(self, folder: Path) -> None:
+        """The files `preprocessing` needs (a text dataset's tokenizer), copied into `folder`/tokenizer."""
+        if self.text is not None:
+            from trainer.text.tokenizers import copy_tokenizer
+
+            copy_tokenizer(self.text.tokenizer, Path(self.text.tokenizer_dir), folder / "tokenizer")
 
 
 class ArrayDataset(Dataset):
@@ -92,17 +161,31 @@ class Cutout(torch.nn.Module):
 OUR_TRANSFORMS = {"Cutout": Cutout}  # augment steps that torchvision lacks; applied after Normalize
 
 
+SIZED_STEPS = ("RandomCrop", "CenterCrop", "RandomResizedCrop")  # their `size` is the image size unless given
+
+
+def sized(spec: dict[str, Any], size: int | None) -> dict[str, Any]:
+    """An augment step's options, with a crop's size the image size when the config leaves it out."""
+    if spec.get("name") in SIZED_STEPS and "size" not in spec and size is not None:
+        return {**spec, "size": size}
+    return dict(spec)
+
+
 def build_transform(
-    augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float], resize: int | None
+    augment: Sequence[dict[str, Any]],
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize: int | None,
+    size: int | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """uint8 CHW image -> optional resize -> augmentation steps by name -> float, normalised -> ours
-    (a transforms.v2.Compose)."""
+    (a transforms.v2.Compose). `size`: the image size a crop without a size of its own takes."""
     from torchvision.transforms import v2  # here: registering a dataset must not cost torchvision's import
 
     steps: list[Callable] = [v2.Resize(resize, antialias=True)] if resize else []
     after: list[Callable] = []
     for spec in augment:
-        spec = dict(spec)
+        spec = sized(spec, size or resize)
         name = spec.pop("name", None)
         step = OUR_TRANSFORMS.get(str(name)) or getattr(v2, str(name), None)
         if not (isinstance(step, type) and issubclass(step, (v2.Transform, *OUR_TRANSFORMS.values()))):
@@ -141,8 +224,8 @@ def bundle_from_arrays(
         if len(values) != channels:
             raise UserError(f"dataset.{key}: needs {channels} values (one per channel), got {list(values)}")
     resize = image_size if image_size != native_size else None
-    train_tf = build_transform(augment, mean, std, resize)
-    eval_tf = build_transform([], mean, std, resize)
+    train_tf = build_transform(augment, mean, std, resize, image_size)
+    eval_tf = build_transform([], mean, std, resize, image_size)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
     n_val = int(round(val_split * len(labels)))
     if val_split > 0:

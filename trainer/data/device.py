@@ -3,7 +3,7 @@ permutation, and augmentation runs on whole batches as tensor operations, with n
 
 It reproduces the dataset's own transform (read from its transforms.v2 pipeline): Resize is applied
 once up front, RandomCrop (any padding mode) and RandomHorizontalFlip per sample but batched,
-then scaling and Normalize, then Cutout. Other augmentation steps have no batched version here and are refused.
+then scaling and Normalize, then Cutout. Other augmentation steps have no batched version here: refused.
 Every random draw of an epoch comes from a generator seeded by (seed, epoch) and is indexed by the
 sample's position in the epoch, so the same seed gives the same batches, and a resume can start
 mid-epoch.
@@ -139,7 +139,7 @@ class DeviceBatches:
 
 
 def _inside(index: Tensor, size: int, mode: str) -> Tensor:
-    """Positions outside 0..size-1 mapped to the pixel that padding mode `mode` (torchvision's) copies there."""
+    """Positions outside 0..size-1 mapped to the pixel padding mode `mode` (torchvision's) copies there."""
     if mode == "edge":
         return index.clamp(0, size - 1)
     if mode == "reflect":  # the edge pixel is not repeated: -1 -> 1, size -> size - 2

@@ -15,9 +15,9 @@ import torch
 from tqdm import tqdm
 
 from trainer.core.errors import UserError
-from trainer.core.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_image
+from trainer.core.images import SUFFIXES, ImageError, decode_image
 from trainer.core.registry import DATASETS
-from trainer.data.arrays import DataBundle, bundle_from_arrays
+from trainer.data.arrays import Channels, Count, DataBundle, OnError, ValSplit, bundle_from_arrays
 
 log = logging.getLogger("trainer")
 
@@ -34,11 +34,6 @@ def class_names(root: str | Path) -> list[str]:
     if len(names) < 2:
         raise UserError(f"dataset.root: {train} needs two or more class folders, found {len(names)}")
     return names
-
-
-def count_classes(root: str) -> int:
-    """The `class_count` config resolver: `num_classes: ${class_count:${.root}}`."""
-    return len(class_names(root))
 
 
 def _load_split(
@@ -108,31 +103,19 @@ def decode_all(
 
 @DATASETS.register("imagefolder")
 def imagefolder(
+    *,
     root: str,
-    num_classes: int,
-    image_size: int = 32,
-    in_channels: int = 3,
-    val_split: float = 0.0,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
-    on_error: str = "skip",
-    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    image_size: Count,
+    in_channels: Channels,
+    val_split: ValSplit,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    on_error: OnError,
+    max_image_pixels: Count,
 ) -> DataBundle:
-    if on_error not in ("skip", "error"):
-        raise UserError(f"dataset.on_error: must be one of skip, error, got {on_error!r}")
-    if in_channels not in (1, 3):
-        raise UserError(
-            f"dataset.in_channels: imagefolder decodes to 1 (grey) or 3 (RGB) channels, got {in_channels}"
-        )
+    """The classes are the folders under root/train, sorted."""
     classes = class_names(root)
-    if num_classes != len(classes):
-        raise UserError(
-            f"dataset.num_classes: {Path(root) / 'train'} has {len(classes)} class folders, "
-            f"but the config says {num_classes}"
-        )
-    if max_image_pixels < 1:
-        raise UserError(f"dataset.max_image_pixels: must be 1 or more, got {max_image_pixels}")
     splits = {
         name: _load_split(Path(root) / name, classes, image_size, in_channels, on_error, max_image_pixels)
         for name in ("train", "val", "test")

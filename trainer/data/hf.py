@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.core.errors import UserError, require
-from trainer.core.images import DEFAULT_MAX_PIXELS
 from trainer.core.registry import DATASETS
-from trainer.data.arrays import DataBundle, bundle_from_arrays
+from trainer.data.arrays import DataBundle, ValSplit, bundle_from_arrays
 from trainer.data.folder import decode_all
 from trainer.data.streaming import Shard, check_options, streaming_bundle
 from trainer.data.tables import count_rows, image_bytes, label_index
@@ -94,11 +93,6 @@ def class_names(path: str, label_column: str, split_train: str) -> list[str]:
         f"dataset.label_column: '{label_column}' holds {feature}, not class indices or names; choose "
         f"a column of labels"
     )
-
-
-def count_classes(path: str, label_column: str = "label", split_train: str = "train") -> int:
-    """The `hf_class_count` config resolver."""
-    return len(class_names(path, label_column, split_train))
 
 
 def pick(splits: Any, name: str, key: str, path: str) -> Any:
@@ -204,24 +198,24 @@ def table_shards(split: Any, name: str, columns: tuple[str, str]) -> list[Shard]
 
 @DATASETS.register("hf")
 def hugging_face(
+    *,
     path: str,
-    num_classes: int,
-    image_column: str = "image",
-    label_column: str = "label",
-    split_train: str = "train",
-    split_val: str | None = None,
-    split_test: str | None = None,
-    val_split: float = 0.0,
-    streaming: bool = False,
-    image_size: int = 32,
-    in_channels: int = 3,
-    shuffle_buffer: int = 1000,
-    epoch_length: int | None = None,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
-    on_error: str = "skip",
-    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    image_column: str,
+    label_column: str,
+    split_train: str,
+    split_val: str | None,
+    split_test: str | None,
+    val_split: ValSplit,
+    streaming: bool,
+    image_size: int,
+    in_channels: int,
+    shuffle_buffer: int,
+    epoch_length: int | None,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    on_error: str,
+    max_image_pixels: int,
 ) -> DataBundle:
     check_options(
         shuffle_buffer=shuffle_buffer,
@@ -232,11 +226,6 @@ def hugging_face(
     )
     splits = open_splits(path)
     classes = class_names(path, label_column, split_train)
-    if num_classes != len(classes):
-        raise UserError(
-            f"dataset.num_classes: {path}'s {label_column} has {len(classes)} classes, the config says "
-            f"{num_classes}"
-        )
     chosen = choose_splits(splits, path, split_train, split_val, split_test, val_split)
     for name in chosen.values():
         check_image_column(splits[name], image_column, f"{path}'s {name} split")

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 
 from trainer.core.errors import UserError
-from trainer.core.images import DEFAULT_MAX_PIXELS
 from trainer.core.registry import DATASETS
-from trainer.data.arrays import DataBundle, bundle_from_arrays
+from trainer.data.arrays import DataBundle, ValSplit, bundle_from_arrays
 from trainer.data.folder import decode_files
 from trainer.data.jsonl import json_lines
 
@@ -75,11 +74,6 @@ def label_names(root: str, separator: str = "|") -> list[str]:
             f"e.g. dataset.targets=[age]"
         )
     return sorted({label for row in rows for label in row_labels(row, separator)})
-
-
-def count_outputs(root: str, targets: Sequence[str] | None, separator: str = "|") -> int:
-    """The `manifest_count` config resolver: the labels of a multi-label manifest, or the targets."""
-    return len(targets) if targets else len(label_names(root, separator))
 
 
 def _targets(
@@ -141,18 +135,18 @@ def _load(
 
 @DATASETS.register("manifest")
 def manifest(
+    *,
     root: str,
-    num_classes: int,
-    targets: list[str] | None = None,
-    separator: str = "|",
-    image_size: int = 32,
-    in_channels: int = 3,
-    val_split: float = 0.0,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
-    on_error: str = "skip",
-    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    targets: list[str] | None,
+    separator: str,
+    image_size: int,
+    in_channels: int,
+    val_split: ValSplit,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    on_error: str,
+    max_image_pixels: int,
 ) -> DataBundle:
     if on_error not in ("skip", "error"):
         raise UserError(f"dataset.on_error: must be one of skip, error, got {on_error!r}")
@@ -161,12 +155,7 @@ def manifest(
             f"dataset.in_channels: manifest images decode to 1 (grey) or 3 (RGB) channels, got {in_channels}"
         )
     folder = Path(root)
-    names = list(targets) if targets else label_names(root, separator)
-    if num_classes != len(names):
-        raise UserError(
-            f"dataset.num_classes: the manifest has {len(names)} {'targets' if targets else 'labels'}, "
-            f"but the config says {num_classes}"
-        )
+    names = list(targets) if targets else label_names(root, separator)  # the model's outputs
     splits = {
         split: _load(
             folder, split, names, targets, separator, image_size, in_channels, on_error, max_image_pixels

@@ -17,7 +17,7 @@ import torch
 
 from trainer.core.errors import UserError
 from trainer.core.registry import DATASETS
-from trainer.data.arrays import DataBundle, bundle_from_arrays
+from trainer.data.arrays import DataBundle, ValSplit, bundle_from_arrays
 
 
 def target_kind(labels: np.ndarray) -> str:
@@ -65,15 +65,16 @@ def _open(root: Path, split: str, layout: str, num_classes: int) -> tuple[np.nda
 
 @DATASETS.register("numpy")
 def numpy_arrays(
+    *,
     root: str,
     num_classes: int,
     image_size: int,
-    in_channels: int = 3,
-    layout: str = "NHWC",
-    val_split: float = 0.0,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
+    in_channels: int,
+    layout: str,
+    val_split: ValSplit,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> DataBundle:
     if layout not in ("NHWC", "NCHW"):
         raise UserError(f"dataset.layout: must be NHWC or NCHW, got {layout!r}")

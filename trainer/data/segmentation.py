@@ -20,14 +20,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from trainer.core.errors import UserError
-from trainer.core.images import DEFAULT_MAX_PIXELS, SUFFIXES, ImageError, decode_mask
+from trainer.core.images import SUFFIXES, ImageError, decode_mask
 from trainer.core.registry import DATASETS
-from trainer.data.arrays import DataBundle
+from trainer.data.arrays import DataBundle, sized
 from trainer.data.folder import decode_files
 
 
 def build_joint_transform(
-    augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float], pad_value: int
+    augment: Sequence[dict[str, Any]], mean: Sequence[float], std: Sequence[float], pad_value: int, size: int
 ) -> Any:
     """transforms.v2 steps by name, applied to (image, Mask) together, then scaling and Normalize (which
     touch the image only); steps that pad fill the mask with `pad_value`."""
@@ -36,7 +36,7 @@ def build_joint_transform(
 
     steps: list[Any] = []
     for spec in augment:
-        spec = dict(spec)
+        spec = sized(spec, size)
         name = str(spec.pop("name", None))
         step = getattr(v2, name, None)
         if not (isinstance(step, type) and issubclass(step, v2.Transform)):
@@ -96,8 +96,8 @@ def segmentation_bundle(
     pad_value: int,
     image_size: int,
 ) -> DataBundle:
-    train_tf = build_joint_transform(augment, mean, std, pad_value)
-    eval_tf = build_joint_transform([], mean, std, pad_value)
+    train_tf = build_joint_transform(augment, mean, std, pad_value, image_size)
+    eval_tf = build_joint_transform([], mean, std, pad_value, image_size)
     train, val, test = splits["train"], splits["val"], splits.get("test", splits["val"])
     channels = train[0].shape[1]
     for key, values in (("mean", mean), ("std", std)):
@@ -118,7 +118,7 @@ def segmentation_bundle(
     for _, masks, names in (train, val, test):
         for value, name in mask_values(masks, names).items():
             found.setdefault(value, name)
-    bundle.extra["mask_values"] = found  # checked by task=segmentation against its classes
+    bundle.mask_values = found  # checked by task=segmentation against its classes
     return bundle
 
 
@@ -156,17 +156,18 @@ def _load_split(
 
 @DATASETS.register("segfolder")
 def segfolder(
+    *,
     root: str,
     num_classes: int,
-    class_names: list[str] | None = None,
-    image_size: int = 64,
-    in_channels: int = 3,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
-    pad_value: int = 255,
-    on_error: str = "skip",
-    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    class_names: list[str] | None,
+    image_size: int,
+    in_channels: int,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad_value: int,
+    on_error: str,
+    max_image_pixels: int,
 ) -> DataBundle:
     if on_error not in ("skip", "error"):
         raise UserError(f"dataset.on_error: must be one of skip, error, got {on_error!r}")
@@ -214,18 +215,19 @@ def synthetic_scenes(n: int, image_size: int, noise: float, seed: int) -> tuple[
 
 @DATASETS.register("synthetic_shapes")
 def synthetic_shapes(
-    num_classes: int = 3,
-    in_channels: int = 3,
-    image_size: int = 32,
-    train_size: int = 512,
-    val_size: int = 128,
-    test_size: int = 128,
-    noise: float = 0.1,
-    seed: int = 0,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
-    pad_value: int = 255,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    train_size: int,
+    val_size: int,
+    test_size: int,
+    noise: float,
+    seed: int,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    pad_value: int,
 ) -> DataBundle:
     if num_classes != 3:
         raise UserError(

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from trainer.core.errors import UserError
-from trainer.core.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from trainer.core.images import ImageError, decode_image
 from trainer.core.registry import DATASETS
 from trainer.core.seeding import mix, seeded
 from trainer.data.arrays import DataBundle, build_transform
@@ -154,17 +154,6 @@ def find_shards(root: Path, split: str) -> list[Shard]:
             root,
         )
     return [s for s in shards if s.count > 0]
-
-
-def stream_class_count(root: str) -> int:
-    """The `stream_class_count` config resolver: the number of classes index.json lists."""
-    classes = read_index(Path(root)).get("classes")
-    if not classes:
-        raise UserError(
-            f"dataset.num_classes: {Path(root) / INDEX} lists no classes; set dataset.num_classes=N, "
-            f"or write the shards with python -m trainer.data.shard"
-        )
-    return len(classes)
 
 
 # ---- decoding ---------------------------------------------------------------------------------------
@@ -400,17 +389,18 @@ def check_options(
 
 @DATASETS.register("streaming")
 def streaming(
+    *,
     root: str,
-    num_classes: int,
-    image_size: int = 32,
-    in_channels: int = 3,
-    shuffle_buffer: int = 1000,
-    epoch_length: int | None = None,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
-    on_error: str = "skip",
-    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    num_classes: int | None,
+    image_size: int,
+    in_channels: int,
+    shuffle_buffer: int,
+    epoch_length: int | None,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
+    on_error: str,
+    max_image_pixels: int,
 ) -> DataBundle:
     check_options(
         shuffle_buffer=shuffle_buffer,
@@ -425,8 +415,15 @@ def streaming(
             f"dataset.root: {folder.resolve()} does not exist; write shards there with "
             f"python -m trainer.data.shard <image folder> {root}"
         )
-    classes = read_index(folder).get("classes") or [str(i) for i in range(num_classes)]
-    if len(classes) != num_classes:
+    classes = read_index(folder).get("classes")
+    if not classes and num_classes is None:
+        raise UserError(
+            f"dataset.num_classes: {folder / INDEX} lists no classes; set dataset.num_classes=N, or write "
+            "the "
+            f"shards with python -m trainer.data.shard"
+        )
+    classes = classes or [str(i) for i in range(num_classes)]
+    if num_classes is not None and len(classes) != num_classes:
         raise UserError(
             f"dataset.num_classes: {folder / INDEX} lists {len(classes)} classes, the config says "
             f"{num_classes}"
@@ -480,10 +477,10 @@ def streaming_bundle(
         on_error=on_error,
         max_image_pixels=max_image_pixels,
     )
-    eval_transform = build_transform([], mean, std, None)
+    eval_transform = build_transform([], mean, std, None, image_size)
     train = StreamingSplit(
         splits["train"],
-        transform=build_transform(augment, mean, std, None),
+        transform=build_transform(augment, mean, std, None, image_size),
         epoch_length=epoch_length,
         **common,
     )

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from trainer.core.errors import UserError
 from trainer.core.registry import DATASETS
-from trainer.data.arrays import DataBundle, bundle_from_arrays
+from trainer.data.arrays import DataBundle, ValSplit, bundle_from_arrays
 
 
 def synthetic_images(
@@ -31,17 +31,18 @@ def _check_sizes(**sizes: int) -> None:
 
 @DATASETS.register("synthetic")
 def synthetic(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    image_size: int = 32,
-    train_size: int = 2048,
-    test_size: int = 512,
-    noise: float = 0.25,
-    seed: int = 0,
-    val_split: float = 0.1,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    train_size: int,
+    test_size: int,
+    noise: float,
+    seed: int,
+    val_split: ValSplit,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> DataBundle:
     _check_sizes(train_size=train_size, test_size=test_size, image_size=image_size, in_channels=in_channels)
     if noise < 0:
@@ -83,17 +84,18 @@ def synthetic_labelled(
 
 @DATASETS.register("synthetic_multilabel")
 def synthetic_multilabel(
-    num_classes: int = 6,
-    in_channels: int = 3,
-    image_size: int = 32,
-    train_size: int = 2048,
-    test_size: int = 512,
-    noise: float = 0.15,
-    seed: int = 0,
-    val_split: float = 0.1,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    train_size: int,
+    test_size: int,
+    noise: float,
+    seed: int,
+    val_split: ValSplit,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> DataBundle:
     _check_sizes(
         train_size=train_size,
@@ -140,17 +142,18 @@ def synthetic_measured(
 
 @DATASETS.register("synthetic_regression")
 def synthetic_regression(
-    num_classes: int = 2,
-    in_channels: int = 3,
-    image_size: int = 32,
-    train_size: int = 2048,
-    test_size: int = 512,
-    noise: float = 0.05,
-    seed: int = 0,
-    val_split: float = 0.1,
-    augment: Sequence[dict] = (),
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.25, 0.25, 0.25),
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    train_size: int,
+    test_size: int,
+    noise: float,
+    seed: int,
+    val_split: ValSplit,
+    augment: Sequence[dict],
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> DataBundle:
     _check_sizes(train_size=train_size, test_size=test_size, image_size=image_size, in_channels=in_channels)
     if num_classes != 2:

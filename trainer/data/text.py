@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -21,8 +22,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from trainer.core.errors import UserError
+from trainer.core.fields import at_least
 from trainer.core.registry import DATASETS
-from trainer.data.arrays import DataBundle
+from trainer.data.arrays import DataBundle, TextInfo
 from trainer.data.corpus import INDEX, TOKENS, input_files, tokenize
 
 log = logging.getLogger("trainer")
@@ -97,16 +99,15 @@ def tokenized(root: str, tokenizer: str, vocab_size: int, cache: str, like: Path
 
 @DATASETS.register("text")
 def text(
+    *,
     root: str,
-    block_size: int = 256,
-    vocab_size: int = 256,
-    val_fraction: float = 0.1,
-    tokenizer: str = "byte",
-    cache: str = "data/tokens",
-    val_root: str | None = None,
+    block_size: Annotated[int, at_least(1)],
+    vocab_size: Annotated[int, at_least(1)],
+    val_fraction: float,
+    tokenizer: str,
+    cache: str,
+    val_root: str | None,
 ) -> DataBundle:
-    if block_size < 1:
-        raise UserError(f"dataset.block_size: must be 1 or more, got {block_size}")
     if not val_root and not 0 < val_fraction < 1:
         raise UserError(f"dataset.val_fraction: must be in (0, 1), got {val_fraction}")
     folder = tokenized(root, tokenizer, vocab_size, cache)
@@ -140,13 +141,13 @@ def text(
                 f"{block_size + 1}; lower dataset.block_size, or use a bigger corpus"
             )
     train = TextWindows(folder / TOKENS, index["dtype"], 0, split, block_size, shift=True)
-    extra = {
-        "tokenizer": spec,
-        "tokenizer_dir": str(folder),
-        "block_size": block_size,
-        "vocab_size": vocab_size,
-        "bytes_per_token": index["bytes"] / max(total, 1),
-        # predict/serve: a text's last block_size tokens, unpadded (the answer is at its last token)
-        "text": {"max_length": block_size, "pad_id": None},
-    }
-    return DataBundle(train=train, val=val, test=val, classes=[], target="tokens", extra=extra)
+    # predict/serve read a text's last block_size tokens, unpadded (the answer is at its last token)
+    text = TextInfo(
+        tokenizer=spec,
+        tokenizer_dir=str(folder),
+        vocab_size=vocab_size,
+        max_length=block_size,
+        pad_id=None,
+        bytes_per_token=index["bytes"] / max(total, 1),
+    )
+    return DataBundle(train=train, val=val, test=val, classes=[], target="tokens", text=text)

@@ -10,14 +10,15 @@ which model=text_encoder masks out. Labels are the training file's, sorted.
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch.utils.data import TensorDataset
 
 from trainer.core.errors import UserError
+from trainer.core.fields import at_least
 from trainer.core.registry import DATASETS
-from trainer.data.arrays import DataBundle
+from trainer.data.arrays import DataBundle, TextInfo, ValSplit
 from trainer.data.jsonl import json_lines
 from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
 
@@ -57,11 +58,6 @@ def label_names(root: str) -> list[str]:
     return sorted({label for _, label in read_examples(path)})
 
 
-def count_labels(root: str) -> int:
-    """The `text_class_count` config resolver."""
-    return len(label_names(root))
-
-
 def encode(
     examples: list[tuple[str, str]],
     tokenizer: Tokenizer,
@@ -86,20 +82,17 @@ def encode(
 
 @DATASETS.register("text_classification")
 def text_classification(
+    *,
     root: str,
-    num_classes: int,
-    max_length: int = 128,
-    vocab_size: int = 256,
-    tokenizer: str = "byte",
-    tokenizer_file: str | None = None,
-    val_split: float = 0.0,
+    max_length: Annotated[int, at_least(1)],
+    vocab_size: Annotated[int, at_least(1)],
+    tokenizer: str,
+    tokenizer_file: str | None,
+    val_split: ValSplit,
 ) -> DataBundle:
+    """The classes are the labels of the training file, sorted."""
     folder = Path(root)
     classes = label_names(root)
-    if num_classes != len(classes):
-        raise UserError(
-            f"dataset.num_classes: {folder} has {len(classes)} labels, the config says {num_classes}"
-        )
     if tokenizer == "byte":
         tok: Tokenizer = ByteTokenizer()
         spec_folder = None
@@ -133,16 +126,18 @@ def text_classification(
         "vocab_size": tok.vocab_size,
         **({"file": Path(tokenizer_file).name} if tokenizer_file and tok.kind == "bpe" else {}),
     }
-    extra = {
-        "tokenizer": spec,
-        "tokenizer_dir": str(spec_folder or folder),
-        "text": {"max_length": max_length, "pad_id": vocab_size},
-    }
+    text = TextInfo(
+        tokenizer=spec,
+        tokenizer_dir=str(spec_folder or folder),
+        vocab_size=vocab_size,
+        max_length=max_length,
+        pad_id=vocab_size,
+    )
     return DataBundle(
         train=splits["train"],
         val=splits["val"],
         test=splits.get("test", splits["val"]),
         classes=classes,
         target="class",
-        extra=extra,
+        text=text,
     )

@@ -10,7 +10,7 @@ import torch
 from trainer.core.errors import UserError
 from trainer.core.registry import DATASETS
 from trainer.core.retry import retry
-from trainer.data.arrays import DataBundle, bundle_from_arrays
+from trainer.data.arrays import Count, DataBundle, ValSplit, bundle_from_arrays
 
 if TYPE_CHECKING:
     from torchvision.datasets import VisionDataset
@@ -74,50 +74,39 @@ def _torchvision_dataset(
     *,
     root: str,
     download: bool,
-    val_split: float,
+    val_split: ValSplit,
     augment: Sequence[dict],
     mean: Sequence[float],
     std: Sequence[float],
-    num_classes: int,
-    in_channels: int,
     image_size: int,
     verify_checksum: bool,
 ) -> DataBundle:
     if not verify_checksum and hasattr(cls, "train_list"):
         cls = without_checksums(cls)
     train, test = (_open(name, cls, root, split, download) for split in (True, False))
-    classes = list(train.classes)
-    bundle = bundle_from_arrays(
+    return bundle_from_arrays(
         _arrays(train),
         _arrays(test),
-        classes,
+        list(train.classes),
         val_split=val_split,
         augment=augment,
         mean=mean,
         std=std,
         image_size=image_size,
     )
-    for key, expected, actual in (
-        ("num_classes", len(classes), num_classes),
-        ("in_channels", bundle.in_channels, in_channels),
-    ):
-        if expected != actual:
-            raise UserError(f"dataset.{key}: {name} has {expected}, but the config says {actual}")
-    return bundle
 
 
 def _register(name: str, class_name: str) -> None:
     def build(
+        *,
         root: str,
         mean: Sequence[float],
         std: Sequence[float],
-        num_classes: int,
-        in_channels: int,
-        image_size: int,
-        download: bool = True,
-        val_split: float = 0.0,
-        augment: Sequence[dict] = (),
-        verify_checksum: bool = True,
+        image_size: Count,
+        download: bool,
+        val_split: ValSplit,
+        augment: Sequence[dict],
+        verify_checksum: bool,
     ) -> DataBundle:
         from torchvision import datasets  # here: registering must not cost torchvision's import
 
@@ -130,8 +119,6 @@ def _register(name: str, class_name: str) -> None:
             augment=augment,
             mean=mean,
             std=std,
-            num_classes=num_classes,
-            in_channels=in_channels,
             image_size=image_size,
             verify_checksum=verify_checksum,
         )

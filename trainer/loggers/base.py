@@ -1,4 +1,4 @@
-"""The one small interface every logger keeps (see trainer.run.metrics.MetricLog for when each is called)."""
+"""The one small interface every logger keeps (metric_log.MetricLog says when each is called)."""
 
 from pathlib import Path
 from types import ModuleType

@@ -17,11 +17,12 @@ class CSVFile(Logger):
 
     def __init__(
         self,
+        *,
         run_dir: Path,
         resume_step: int | None,
         state: dict[str, Any],
         config: dict[str, Any],
-        filename: str = "metrics.csv",
+        filename: str,
     ) -> None:
         self.path = run_dir / filename
         self.rows: dict[int, dict[str, float]] = {}

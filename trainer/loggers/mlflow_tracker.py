@@ -19,15 +19,16 @@ class MLflow(Logger):
 
     def __init__(
         self,
+        *,
         run_dir: Path,
         resume_step: int | None,
         state: dict[str, Any],
         config: dict[str, Any],
-        tracking_uri: str = "sqlite:///mlflow.db",
-        experiment: str = "trainer",
-        run_name: str | None = None,
-        artifacts: bool = False,
-        artifact_location: str | None = None,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None,
+        artifacts: bool,
+        artifact_location: str | None,
     ) -> None:
         require_library(MLflow)
         from mlflow.entities import Param, RunStatus

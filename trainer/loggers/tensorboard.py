@@ -12,7 +12,7 @@ class TensorBoard(Logger):
     name = "tensorboard"
 
     def __init__(
-        self, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any]
+        self, *, run_dir: Path, resume_step: int | None, state: dict[str, Any], config: dict[str, Any]
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imports TensorFlow-lite bits: only when used
 

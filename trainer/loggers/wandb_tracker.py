@@ -17,15 +17,16 @@ class WandB(Logger):
 
     def __init__(
         self,
+        *,
         run_dir: Path,
         resume_step: int | None,
         state: dict[str, Any],
         config: dict[str, Any],
-        project: str = "trainer",
-        entity: str | None = None,
-        mode: str = "offline",
-        name: str | None = None,
-        artifacts: bool = False,
+        project: str,
+        entity: str | None,
+        mode: str,
+        name: str | None,
+        artifacts: bool,
     ) -> None:
         wandb = require_library(WandB)
         self.keep_artifacts = artifacts

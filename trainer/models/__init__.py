@@ -1,6 +1,10 @@
-"""MODELS: every entry takes num_classes and in_channels (interpolated from the dataset config)."""
+"""MODELS: each entry takes its own parameters (conf/model/<name>.yaml) and, by name, what the data gives
+(num_classes, in_channels, image_size, vocab_size, block_size, max_length). A model may declare hooks
+for the training run by inheriting trainer.models.hooks.ModelHooks."""
 
+# ruff: noqa: F401  (importing the modules below registers the built-in models)
 from trainer.core.registry import MODELS
-from trainer.models import fastnet, gpt, resnet, segment, small, text_encoder, timm_model, tv  # noqa: F401  (registers the built-in models)
+from trainer.models import fastnet, gpt, resnet, segment, small, text_encoder, timm_model, tv
+from trainer.models.hooks import ModelHooks
 
-__all__ = ["MODELS"]
+__all__ = ["MODELS", "ModelHooks"]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from trainer.core.errors import UserError
 from trainer.core.registry import MODELS
+from trainer.models.hooks import ModelHooks
 
 
 class Whitening(nn.Module):
@@ -57,19 +58,22 @@ def _group(cin: int, cout: int, momentum: float) -> nn.Sequential:
     )
 
 
-class FastNet(nn.Sequential):
+class FastNet(nn.Sequential, ModelHooks):
     whiten_bias_epochs = 0  # 0: the whitening bias trains throughout
 
-    def init_from_data(self, images: Tensor) -> None:
+    def init_from_data(self, inputs: Tensor) -> None:
         if isinstance(self[0], Whitening):
-            self[0].init_from_data(images)
+            self[0].init_from_data(inputs)
 
     def start_epoch(self, epoch: int) -> None:
-        """Called at each training epoch's start (0-based): the whitening bias stops training after
-        `whiten_bias_epochs` epochs. Then no gradient flows into the first layer at all, which also saves
-        the backward pass through it (3% of a step at the record's widths, measured)."""
+        """The whitening bias stops training after `whiten_bias_epochs` epochs. Then no gradient flows
+        into the first layer at all, which also saves the backward pass through it (3% of a step at the
+        record's widths, measured)."""
         if isinstance(self[0], Whitening) and self.whiten_bias_epochs:
             self[0].conv.bias.requires_grad_(epoch < self.whiten_bias_epochs)
+
+    def changes_trained_parameters_until(self) -> int:
+        return self.whiten_bias_epochs if isinstance(self[0], Whitening) else 0
 
 
 class Scale(nn.Module):
@@ -83,13 +87,14 @@ class Scale(nn.Module):
 
 @MODELS.register("fastnet")
 def fastnet(
+    *,
     num_classes: int,
     in_channels: int = 3,
-    widths: tuple[int, ...] = (64, 256, 256),
-    whiten: bool = True,
-    logit_scale: float = 1 / 9,
-    bn_momentum: float = 0.4,
-    whiten_bias_epochs: int = 0,
+    widths: tuple[int, ...],
+    whiten: bool,
+    logit_scale: float,
+    bn_momentum: float,
+    whiten_bias_epochs: int,
 ) -> nn.Module:
     if not widths or min(widths) < 1:
         raise UserError(f"model.widths: needs one or more positive widths, got {list(widths)}")

@@ -130,14 +130,15 @@ class GPT(nn.Module):
 
 @MODELS.register("gpt")
 def gpt(
+    *,
     vocab_size: int,
-    block_size: int = 256,
-    n_layer: int = 6,
-    n_head: int = 6,
-    n_embd: int = 384,
-    dropout: float = 0.0,
-    bias: bool = False,
-    tie_weights: bool = True,
+    block_size: int,
+    n_layer: int,
+    n_head: int,
+    n_embd: int,
+    dropout: float,
+    bias: bool,
+    tie_weights: bool,
 ) -> nn.Module:
     for key, value in (
         ("vocab_size", vocab_size),

@@ -2,55 +2,21 @@
 classifier head left at the dataset's size, and what did not fit said in one line."""
 
 import logging
-from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from trainer.core.errors import UserError
 
 log = logging.getLogger("trainer")
-# model name -> the preprocessing its pretrained weights were trained with, {"mean", "std", "image_size"},
-# from its model section (timm's pretrained config, a torchvision weights entry's transforms)
-DATA_CONFIGS: dict[str, Callable[[DictConfig], dict]] = {}
-
-
-def follow_data_config(cfg: DictConfig, given: Collection[str]) -> None:
-    """With pretrained weights (model.pretrained, model.weights or model.checkpoint) and model.data_config,
-    dataset.mean, dataset.std and dataset.image_size become the weights' own, except those `given` (set on
-    the command line): a pretrained network sees its inputs scaled as in its training."""
-    model = cfg.model
-    source = DATA_CONFIGS.get(model.name)
-    if (
-        source is None
-        or not model.get("data_config", False)
-        or not (model.get("pretrained") or model.get("weights") or model.get("checkpoint"))
-    ):
-        return
-    changed = []
-    for key, value in source(model).items():
-        if key not in cfg.dataset or f"dataset.{key}" in given or cfg.dataset[key] == value:
-            continue
-        if key in ("mean", "std") and len(value) != len(cfg.dataset[key]):  # grey images on an RGB model
-            continue
-        cfg.dataset[key] = value
-        changed.append(f"dataset.{key}={value}")
-    if changed:
-        log.info(
-            "model.data_config: %s, as %s's pretrained weights expect (give them on the command line to "
-            "keep your own, or model.data_config=false)",
-            " ".join(changed),
-            model.arch,
-        )
 
 
 def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file: one of ours ({"model": ...}), a training script's
     ({"state_dict": ...}, as timm writes), or a bare state dict (torchvision's, timm's releases)."""
     if not path.is_file():
-        raise UserError(f"model.checkpoint: {path} is not a file; give a .pt/.pth/.safetensors state dict")
+        raise UserError(f"finetune.checkpoint: {path} is not a file; give a .pt/.pth/.safetensors state dict")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -60,7 +26,7 @@ def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: say which, in one line
         raise UserError(
-            f"model.checkpoint: cannot read {path} as a state dict ({type(e).__name__}: "
+            f"finetune.checkpoint: cannot read {path} as a state dict ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120]})"
         ) from None
     for key in ("model", "state_dict", "model_state_dict"):
@@ -68,7 +34,7 @@ def state_dict_of(path: Path) -> dict[str, torch.Tensor]:
             loaded = loaded[key]
             break
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise UserError(f"model.checkpoint: {path} holds no state dict of tensors")
+        raise UserError(f"finetune.checkpoint: {path} holds no state dict of tensors")
     # Wrappers' prefixes: torch.compile's, DDP's
     return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in loaded.items()}
 
@@ -83,7 +49,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     unexpected = [k for k in given if k not in own]
     if not fitting:
         raise UserError(
-            f"model.checkpoint: none of {path}'s {len(given)} tensors fits this model (it has e.g. "
+            f"finetune.checkpoint: none of {path}'s {len(given)} tensors fits this model (it has e.g. "
             f"{', '.join(list(own)[:3])}; the file e.g. {', '.join(list(given)[:3])}): a state dict for "
             f"another architecture"
         )
@@ -95,7 +61,7 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         parts.append(f"missing (left as initialised): {_names(missing)}")
     if unexpected:
         parts.append(f"unexpected (ignored): {_names(unexpected)}")
-    log.info("model.checkpoint: %s", "; ".join(parts))
+    log.info("finetune.checkpoint: %s", "; ".join(parts))
 
 
 def _names(keys: list[str]) -> str:

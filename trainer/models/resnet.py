@@ -56,7 +56,7 @@ LAYOUTS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (
 
 
 @MODELS.register("resnet")
-def resnet(num_classes: int, in_channels: int = 3, depth: int = 18, width: int = 64) -> nn.Module:
+def resnet(*, num_classes: int, in_channels: int = 3, depth: int, width: int) -> nn.Module:
     if depth not in LAYOUTS:
         raise UserError(f"model.depth: {depth} is not one of {', '.join(map(str, LAYOUTS))}")
     block, counts = LAYOUTS[depth]

@@ -44,7 +44,7 @@ class UNet(nn.Module):
 
 
 @MODELS.register("unet")
-def unet(num_classes: int, in_channels: int = 3, widths: list[int] = (16, 32, 64)) -> nn.Module:  # type: ignore[assignment]
+def unet(*, num_classes: int, in_channels: int = 3, widths: list[int]) -> nn.Module:  # type: ignore[assignment]
     if len(widths) < 2 or min(widths) < 1:
         raise UserError(f"model.widths: needs two or more positive widths, got {list(widths)}")
     return UNet(num_classes, in_channels, list(widths))
@@ -73,9 +73,7 @@ SEGMENTATION_ARCHS = (
 
 
 @MODELS.register("tvseg")
-def torchvision_segmentation(
-    num_classes: int, arch: str = "lraspp_mobilenet_v3_large", in_channels: int = 3
-) -> nn.Module:
+def torchvision_segmentation(*, num_classes: int, arch: str, in_channels: int = 3) -> nn.Module:
     """torchvision's segmentation architectures (FCN, DeepLabV3, LR-ASPP), untrained."""
     if arch not in SEGMENTATION_ARCHS:
         raise UserError(

@@ -11,7 +11,7 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 
 @MODELS.register("cnn")
-def cnn(num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.0) -> nn.Module:
+def cnn(*, num_classes: int, in_channels: int = 3, width: int, dropout: float) -> nn.Module:
     """Three conv-BN-ReLU stages with pooling: learns CIFAR-like data in seconds on a CPU."""
     return nn.Sequential(
         *_conv_bn(in_channels, width),
@@ -28,7 +28,7 @@ def cnn(num_classes: int, in_channels: int = 3, width: int = 32, dropout: float 
 
 @MODELS.register("mlp")
 def mlp(
-    num_classes: int, in_channels: int, image_size: int, hidden: tuple[int, ...] = (512, 256)
+    *, num_classes: int, in_channels: int = 3, image_size: int = 32, hidden: tuple[int, ...]
 ) -> nn.Module:
     if not hidden or min(hidden) < 1:
         raise UserError(f"model.hidden: needs one or more positive layer widths, got {list(hidden)}")

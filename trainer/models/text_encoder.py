@@ -66,13 +66,14 @@ class TextEncoder(nn.Module):
 
 @MODELS.register("text_encoder")
 def text_encoder(
+    *,
     vocab_size: int,
     num_classes: int,
-    max_length: int = 128,
-    n_layer: int = 2,
-    n_head: int = 4,
-    n_embd: int = 128,
-    dropout: float = 0.1,
+    max_length: int,
+    n_layer: int,
+    n_head: int,
+    n_embd: int,
+    dropout: float,
 ) -> nn.Module:
     if n_embd % n_head:
         raise UserError(f"model.n_embd: {n_embd} must be a multiple of model.n_head={n_head}")

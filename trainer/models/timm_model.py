@@ -9,13 +9,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from trainer.core.errors import UserError, require
-from trainer.core.registry import MODELS
-from trainer.models.pretrained import DATA_CONFIGS
+from trainer.core.registry import MODELS, PREPROCESSING
 
 
 @MODELS.register("timm")
 def timm_model(
-    num_classes: int, arch: str, pretrained: bool = False, in_channels: int = 3, drop_rate: float = 0.0
+    *, num_classes: int, arch: str, pretrained: bool, in_channels: int = 3, drop_rate: float
 ) -> nn.Module:
     timm = require("timm", "model=timm", "timm")
     if not timm.is_model(arch):
@@ -42,7 +41,7 @@ def timm_model(
         raise UserError(
             f"model.pretrained: cannot get {arch}'s weights ({type(e).__name__}); offline, fill the cache "
             f"{cache} on a machine with network (or set HF_HUB_CACHE), or give a local file with "
-            f"model.pretrained=false model.checkpoint=<weights.pth|.safetensors>"
+            f"model.pretrained=false finetune.checkpoint=<weights.pth|.safetensors>"
         ) from None
 
 
@@ -59,4 +58,4 @@ def pretrained_data_config(model: DictConfig) -> dict:
     }
 
 
-DATA_CONFIGS["timm"] = pretrained_data_config
+PREPROCESSING["timm"] = pretrained_data_config

@@ -7,8 +7,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from trainer.core.errors import UserError
-from trainer.core.registry import MODELS
-from trainer.models.pretrained import DATA_CONFIGS
+from trainer.core.registry import MODELS, PREPROCESSING
 
 
 class RepeatChannels(nn.Module):
@@ -23,9 +22,7 @@ class RepeatChannels(nn.Module):
 
 
 @MODELS.register("torchvision")
-def torchvision_model(
-    num_classes: int, arch: str, in_channels: int = 3, weights: str | None = None
-) -> nn.Module:
+def torchvision_model(*, num_classes: int, arch: str, in_channels: int = 3, weights: str | None) -> nn.Module:
     """`weights`: a name torchvision knows for `arch` (DEFAULT, IMAGENET1K_V1, ...), fetched through its
     own download and cache (TORCH_HOME); the classifier is then resized to the dataset's classes."""
     import torchvision  # here, not at import: registering the entry must not cost torchvision's import
@@ -62,7 +59,7 @@ def torchvision_model(
             raise UserError(
                 f"model.weights: cannot get {chosen} ({type(e).__name__}); offline, put "
                 f"{Path(chosen.url).name} in {cache} (or set TORCH_HOME), or give a local file with "
-                f"model.checkpoint=<file>"
+                f"finetune.checkpoint=<file>"
             ) from None
         from trainer.models.pretrained import replace_head
 
@@ -71,7 +68,7 @@ def torchvision_model(
 
 
 def weights_data_config(model: DictConfig) -> dict:
-    """The preprocessing of model.weights (DEFAULT's for a model.checkpoint): torchvision's transforms()."""
+    """model.weights' preprocessing (DEFAULT's for a finetune.checkpoint): torchvision's transforms()."""
     import torchvision
 
     try:
@@ -87,4 +84,4 @@ def weights_data_config(model: DictConfig) -> dict:
     }
 
 
-DATA_CONFIGS["torchvision"] = weights_data_config
+PREPROCESSING["torchvision"] = weights_data_config

@@ -4,13 +4,14 @@ Every optimizer strategy splits the parameters so norms, biases and embedding ta
 (decaying them only shrinks a scale, a shift or a lookup and hurts accuracy)."""
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from trainer.core.errors import UserError
+from trainer.core.fields import POSITIVE
 from trainer.core.registry import OPTIMIZERS
 
 log = logging.getLogger("trainer")
@@ -126,16 +127,17 @@ def param_groups(
 
 @OPTIMIZERS.register("sgd")
 def sgd(
+    *,
     model: nn.Module,
-    lr: float,
-    momentum: float = 0.9,
-    nesterov: bool = True,
-    weight_decay: float = 5e-4,
-    decay_norm_and_bias: bool = False,
-    norm_and_bias_lr_scale: float = 1.0,
-    head_lr_scale: float = 1.0,
-    layer_decay: float = 1.0,
-    biases_as_weights: bool = False,
+    lr: Annotated[float, POSITIVE],
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    decay_norm_and_bias: bool,
+    norm_and_bias_lr_scale: float,
+    head_lr_scale: float,
+    layer_decay: float,
+    biases_as_weights: bool,
 ) -> Optimizer:
     """norm_and_bias_lr_scale: a larger rate for the norms and biases (the speed-record recipes use 64);
     with biases_as_weights, for the normalisation layers' parameters only."""
@@ -156,14 +158,15 @@ def sgd(
 
 @OPTIMIZERS.register("adamw")
 def adamw(
+    *,
     model: nn.Module,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.05,
-    decay_norm_and_bias: bool = False,
-    head_lr_scale: float = 1.0,
-    layer_decay: float = 1.0,
+    lr: Annotated[float, POSITIVE],
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    decay_norm_and_bias: bool,
+    head_lr_scale: float,
+    layer_decay: float,
 ) -> Optimizer:
     return torch.optim.AdamW(
         param_groups(
@@ -177,14 +180,15 @@ def adamw(
 
 @OPTIMIZERS.register("adam")
 def adam(
+    *,
     model: nn.Module,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    decay_norm_and_bias: bool = False,
-    head_lr_scale: float = 1.0,
-    layer_decay: float = 1.0,
+    lr: Annotated[float, POSITIVE],
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    decay_norm_and_bias: bool,
+    head_lr_scale: float,
+    layer_decay: float,
 ) -> Optimizer:
     return torch.optim.Adam(
         param_groups(

@@ -29,11 +29,12 @@ def _warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) 
 
 @SCHEDULERS.register("cosine")
 def cosine(
+    *,
     optimizer: Optimizer,
     total_steps: int,
     steps_per_epoch: int,
-    warmup_epochs: float = 0.0,
-    min_lr_ratio: float = 0.0,
+    warmup_epochs: float,
+    min_lr_ratio: float,
 ) -> LambdaLR:
     """Linear warmup from ~0, then cosine decay to min_lr_ratio * lr at the last step."""
     warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
@@ -49,12 +50,13 @@ def cosine(
 
 @SCHEDULERS.register("onecycle")
 def onecycle(
+    *,
     optimizer: Optimizer,
     total_steps: int,
     steps_per_epoch: int,
-    pct_start: float = 0.3,
-    div_factor: float = 25.0,
-    final_div_factor: float = 1e4,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
 ) -> LambdaLR:
     """Leslie Smith's one-cycle learning rate (cosine up to lr, then down), without momentum cycling."""
     if not 0 < pct_start < 1:
@@ -73,12 +75,13 @@ def onecycle(
 
 @SCHEDULERS.register("linear")
 def linear(
+    *,
     optimizer: Optimizer,
     total_steps: int,
     steps_per_epoch: int,
-    warmup_epochs: float = 0.0,
-    final_lr_ratio: float = 0.0,
-    start_lr_ratio: float = 0.0,
+    warmup_epochs: float,
+    final_lr_ratio: float,
+    start_lr_ratio: float,
 ) -> LambdaLR:
     """Linear warmup from start_lr_ratio * lr (0: from ~0), then a straight line down to
     final_lr_ratio * lr at the last step."""
@@ -97,7 +100,7 @@ def linear(
 
 @SCHEDULERS.register("step")
 def step(
-    optimizer: Optimizer, total_steps: int, steps_per_epoch: int, step_epochs: int = 30, gamma: float = 0.1
+    *, optimizer: Optimizer, total_steps: int, steps_per_epoch: int, step_epochs: int, gamma: float
 ) -> LambdaLR:
     """Multiplies the learning rate by gamma every step_epochs epochs."""
     if step_epochs < 1:
@@ -107,7 +110,7 @@ def step(
 
 @SCHEDULERS.register("constant")
 def constant(
-    optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0
+    *, optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_epochs: float
 ) -> LambdaLR:
     warmup = _warmup_steps(warmup_epochs, steps_per_epoch, total_steps)
     return LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else 1.0)

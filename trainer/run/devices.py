@@ -5,32 +5,14 @@ benchmarks."""
 import contextlib
 import itertools
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from trainer.core.errors import UserError
-from trainer.tasks.base import move
-
-if TYPE_CHECKING:
-    from trainer.tasks.base import Task
+from trainer.tasks.base import Task, move
+from trainer.tasks.metrics import MetricSet
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda: no CUDA device is visible here; use trainer.device=auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError(
-            "trainer.device=mps: Apple's MPS is not available here; use trainer.device=auto or cpu"
-        )
-    return torch.device(name)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -45,20 +27,21 @@ def evaluate_model(
     loader: Iterable,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
-    task: "Task",
+    task: Task,
     limit: int | None = None,
     channels_last: bool = False,
 ) -> dict[str, float]:
-    """The task's metrics (with "loss") over the loader's first `limit` batches (all when None), exact
+    """The loss and the task's metrics over the loader's first `limit` batches (all when None), exact
     over the split and every process."""
     model.eval()
-    evaluation = task.evaluation(device)
+    metrics = MetricSet(task.metrics(), device)
     for batch in itertools.islice(loader, limit):
         batch = move(batch, device, channels_last)
         with autocast(device, autocast_dtype):
             outputs = model(task.inputs(batch))
-        evaluation.update(outputs, batch)
-    return evaluation.compute()  # deliberate sync: once per evaluation
+        outputs = outputs.float()
+        metrics.update(task, outputs, batch, task.loss(outputs, batch), task.count(batch))
+    return metrics.compute()  # deliberate sync: once per evaluation
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

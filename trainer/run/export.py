@@ -133,3 +133,46 @@ def export_model(
     }
     write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
+
+
+def export_run(cfg: Any, state: Any, bundle: Any, run_dir: Path) -> dict[str, Any]:
+    """A finished run's export/ folder: the model as tested (its weights' average, under the task's
+    test-time augmentation, wrapped as the task exports it), every format of export.formats on real test
+    inputs, the files its inputs need (a tokenizer), and manifest.json: what predict and serve read."""
+    from trainer.tasks.abilities import ExportWrapper, SequenceInputs, TestTimeAugmentation
+
+    task = state.task
+    model = state.evaluated(plain=True)
+    if isinstance(task, ExportWrapper):
+        model = task.exported(model)
+    inputs = task.inputs(next(iter(state.loaders.test)))[:8].cpu()  # real test inputs
+    bundle.keep_input_files(run_dir / "export")
+    manifest = {
+        "model": cfg.model.name,
+        "checkpoint": "checkpoints/best.pt",
+        "ema": cfg.ema.decay > 0,
+        "tta": task.tta if isinstance(task, TestTimeAugmentation) else "none",
+        "task": {
+            "name": cfg.task.name,
+            "options": dict(state.config["task"]),
+            "classes": task.classes,
+            "state": task.state_dict(),
+        },
+        "imports": list(cfg.imports),
+        "classes": bundle.classes,
+        "image_size": bundle.image_size,
+        "normalization": {"mean": bundle.mean, "std": bundle.std},
+        "preprocess": bundle.preprocessing(),
+    }
+    manifest["task"]["options"].pop("name", None)
+    dims = task.dynamic_dims() if isinstance(task, SequenceInputs) else {}
+    return export_model(
+        model,
+        inputs,
+        run_dir / "export",
+        list(cfg.export.formats),
+        tolerance=cfg.export.tolerance,
+        max_batch=cfg.export.max_batch,
+        dims=dims,
+        metadata=manifest,
+    )

@@ -1,5 +1,5 @@
-"""Fine-tuning: `model.freeze` (parameter-name patterns) keeps parts of a model fixed until
-`trainer.unfreeze_at_epoch`. Frozen parameters stay in the optimizer: with no gradient they are not
+"""Fine-tuning: `finetune.freeze` (parameter-name patterns) keeps parts of a model fixed until
+`finetune.unfreeze_at_epoch`. Frozen parameters stay in the optimizer: with no gradient they are not
 stepped (nor decayed) and have no optimizer state until they train, so the state after the unfreeze
 epoch is the same whether or not a run was resumed in between. BatchNorm layers whose parameters are
 all frozen keep their running statistics (eval mode) while frozen."""
@@ -16,10 +16,6 @@ log = logging.getLogger("trainer")
 
 class Freezer:
     def __init__(self, model: nn.Module, patterns: list[str], unfreeze_at_epoch: int) -> None:
-        if unfreeze_at_epoch < 0:
-            raise UserError(
-                f"trainer.unfreeze_at_epoch: must be 0 (never) or an epoch, got {unfreeze_at_epoch}"
-            )
         self.unfreeze_at_epoch = unfreeze_at_epoch
         named = dict(model.named_parameters())
         self.frozen = [
@@ -27,7 +23,7 @@ class Freezer:
         ]
         if patterns and not self.frozen:
             raise UserError(
-                f"model.freeze: no parameter matches {list(patterns)}; the names look like "
+                f"finetune.freeze: no parameter matches {list(patterns)}; the names look like "
                 f"{', '.join(list(named)[:4])} (patterns are shell-style: 'layer1.*')"
             )
         ids = {id(p) for p in self.frozen}
@@ -41,7 +37,7 @@ class Freezer:
         self.active: bool | None = None
         if self.frozen:
             log.info(
-                "model.freeze: %d of %d parameter tensors fixed%s",
+                "finetune.freeze: %d of %d parameter tensors fixed%s",
                 len(self.frozen),
                 len(named),
                 f" until epoch {unfreeze_at_epoch}" if unfreeze_at_epoch else "",
@@ -59,7 +55,7 @@ class Freezer:
             for p in self.frozen:
                 p.requires_grad_(not active)
             if self.active is not None and not active and not quiet:
-                log.info("model.freeze: epoch %d, every parameter trains from now on", epoch + 1)
+                log.info("finetune.freeze: epoch %d, every parameter trains from now on", epoch + 1)
             self.active = active
         if active:
             for norm in self.norms:

@@ -20,21 +20,28 @@ class Progress:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     batches_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
-    epoch_sums: list[float] = field(default_factory=list)  # loss sum, the task's sums, samples; [] at 0
+    epoch_loss: tuple[float, int] = (0.0, 0)  # the current epoch's loss sum and samples so far
+    epoch_metrics: dict[str, Any] = field(default_factory=dict)  # its training metrics' states so far
     best: float | None = None  # best value of the monitored metric so far
     best_epoch: int = 0
-    images_trained: int = 0
+    samples_trained: int = 0
+    units_trained: int = 0  # in the task's unit (images, tokens)
     train_time_s: float = 0.0
     skipped_batches: int = 0  # non-finite losses skipped with trainer.on_nonfinite=skip_batch
     schedule_start: int = 0  # the step the learning-rate schedule counts from (moved by reset_scheduler)
     metrics: dict[str, float] = field(default_factory=dict)  # the last epoch's report
+    profiled: bool = field(default=False, compare=False)  # trainer.profile's trace is taken once per process
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        state = asdict(self)
+        state.pop("profiled")
+        state["epoch_loss"] = list(self.epoch_loss)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+        self.epoch_loss = tuple(self.epoch_loss)
 
 
 class NonFiniteLoss(UserError):

@@ -1,18 +1,16 @@
-"""Where the time goes: a per-phase timer, and the decorators and iterators that feed it. On a GPU the
-whole phases synchronise (once each) and the per-step sections record CUDA events, so no step waits
-for the device just to be timed."""
+"""Where the time goes: a per-phase timer, written where the work is (`with timer.phase("train"):`,
+`with timer.section("optimizer"):`), and the iterators that feed it. On a GPU the whole phases
+synchronise (once each) and the per-step sections record CUDA events, so no step waits for the device
+just to be timed."""
 
 import contextlib
-import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class PhaseTimer:
@@ -33,6 +31,17 @@ class PhaseTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # deliberate sync: once per timed phase, never per step
         return time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Times a whole phase (an epoch's training, an evaluation) into `name`, and `last[name]`."""
+        start = self.now()
+        try:
+            yield
+        finally:
+            elapsed = self.now() - start
+            self.settle()  # the per-step sections inside it, now that the device has caught up
+            self.add(name, elapsed)
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] += seconds
@@ -78,39 +87,6 @@ class PhaseTimer:
             if parts:
                 rows.append(row("  other", max(seconds - sum(self.seconds[s] for s in parts), 0.0), None))
         return "\n".join(rows)
-
-
-def timed(phase: str) -> Callable[[F], F]:
-    """Times a method into `self.timer` (its total, and `self.timer.last[phase]` for this call); what
-    the method returns passes through untouched."""
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(self, *args, **kwargs):
-            start = self.timer.now()
-            result = fn(self, *args, **kwargs)
-            elapsed = self.timer.now() - start
-            self.timer.settle()  # the per-step sections inside it, now that the device has caught up
-            self.timer.add(phase, elapsed)
-            return result
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-def timed_step(section: str) -> Callable[[F], F]:
-    """Times a method called every step into `self.timer`'s `section`, without a host sync."""
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(self, *args, **kwargs):
-            with self.timer.section(section):
-                return fn(self, *args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 def timed_iter(items: Iterable, timer: PhaseTimer, phase: str = "data wait") -> Iterator:

@@ -1,7 +1,7 @@
-"""Inference from a finished run's exports, shared by `python -m trainer.predict` and `python -m trainer.serve`:
-load one exported format, turn image files into its input exactly as the run's evaluation did (the
-manifest's preprocessing), and answer as the run's task does (the top-k classes, the labels above a
-threshold, values in the targets' units, a mask)."""
+"""Inference from a finished run's exports, shared by `python -m trainer.predict` and
+`python -m trainer.serve`: load one exported format, turn image files into its input exactly as the
+run's evaluation did (the manifest's preprocessing), and answer as the run's task does (the top-k
+classes, the labels above a threshold, values in the targets' units, a mask)."""
 
 import json
 import warnings
@@ -15,6 +15,7 @@ from torch import Tensor
 from trainer.core.cli import import_user_modules
 from trainer.core.errors import UserError
 from trainer.core.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from trainer.tasks.abilities import Answers, MaskAnswers, NamesTokens
 
 if TYPE_CHECKING:
     from trainer.tasks.base import Task
@@ -90,7 +91,7 @@ class Predictor:
             # No pad token: a causal model (a language model) reads each text's last max_length tokens and
             # is answered at its last one; padding after it cannot change that position's outputs.
             self.causal = self.pad_id is None
-            if hasattr(self.task, "use_tokenizer"):
+            if isinstance(self.task, NamesTokens):
                 self.task.use_tokenizer(self.tokenizer)
         elif spec is not None:
             self.channels, self.size = (3 if spec["decode"] == "RGB" else 1), spec["center_crop"][0]
@@ -100,7 +101,7 @@ class Predictor:
             self.normalise = v2.Compose(
                 [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
             )
-        # Outputs of the model's shape for one input (zeros; a dynamic length: 2): options are checked on them.
+        # Outputs of the model's shape for one input (zeros; a dynamic length: 2), to check options on.
         dtype = getattr(torch, self.manifest["input"].get("dtype", "float32"))
         self.example_outputs = self.outputs(
             torch.zeros(1, *(2 if n == -1 else n for n in self.input_shape), dtype=dtype)
@@ -152,15 +153,22 @@ class Predictor:
         return outputs[torch.arange(len(batch)), last].unsqueeze(1)
 
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """One answer per input, as the run's task gives it; ValueError for an option it cannot take."""
-        return self.task.answer(outputs, options)
+        """One answer per input, as the run's task gives it (ValueError for an option it cannot take); a
+        task without the Answers ability answers its raw outputs."""
+        if isinstance(self.task, Answers):
+            return self.task.answer(outputs, options)
+        return [{"outputs": row.tolist()} for row in outputs.float()]
+
+    @property
+    def answers_masks(self) -> bool:
+        return isinstance(self.task, MaskAnswers)
 
 
 def task_of(manifest: dict[str, Any]) -> "Task":
-    """The run's task, rebuilt from the export manifest (a manifest from before tasks: classification)."""
+    """The run's task, rebuilt from the export manifest."""
     from trainer.core.registry import TASKS
 
-    spec = manifest.get("task") or {"name": "classification", "options": {}, "state": {}}
+    spec = manifest["task"]
     task = TASKS.build(spec["name"], **spec.get("options", {}))
     task.classes = list(spec.get("classes", manifest.get("classes", [])))
     task.load_state_dict(spec.get("state") or {})

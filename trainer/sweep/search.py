@@ -5,6 +5,8 @@ import logging
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from trainer.core.errors import UserError
+
 log = logging.getLogger("trainer")
 
 
@@ -15,9 +17,17 @@ def register_resolvers() -> None:
 
 
 def optuna_direction(mode: str | None, monitor: str | None = None, task: str = "classification") -> str:
-    from trainer.config import monitored
+    """The study's direction: the monitored metric's mode (checkpoint.mode, or the metric's own)."""
+    from trainer.core.registry import TASKS
+    from trainer.tasks.base import resolve_monitor
 
-    return "maximize" if monitored(task, monitor, mode)[1] == "max" else "minimize"
+    monitor, mode = resolve_monitor(TASKS.build(task), monitor, mode)
+    if mode is None:
+        raise UserError(
+            f"checkpoint.mode: task={task} cannot name its metrics before it sees the data; set "
+            f"checkpoint.mode=max or min for the search's direction"
+        )
+    return "maximize" if mode == "max" else "minimize"
 
 
 def trial_dirname() -> str:

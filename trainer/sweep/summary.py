@@ -20,9 +20,12 @@ JOB_RECORD = "job.json"
 
 
 def monitor_of(cfg: DictConfig) -> str:
-    from trainer.config import monitored
+    """The job's checkpoint.monitor, or its task's default."""
+    from trainer.config import params_of
+    from trainer.core.registry import TASKS
+    from trainer.tasks.base import resolve_monitor
 
-    return monitored(cfg.task.name, cfg.checkpoint.monitor, cfg.checkpoint.mode)[0]
+    return resolve_monitor(TASKS.build(cfg.task.name, **params_of(cfg.task)), cfg.checkpoint.monitor, None)[0]
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,49 +1,45 @@
-"""`task=classification` (the default): one class per sample, cross-entropy, accuracy (and top-5 with
-more than five classes); label smoothing, MixUp/CutMix and flip TTA are its options."""
+"""`task=classification` (the default): one class per sample, cross-entropy; accuracy, and top-5 accuracy
+with more than five classes (torchmetrics). Label smoothing, MixUp/CutMix and flip TTA are its options."""
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
 
-from trainer.core.errors import UserError
+from trainer.core.fields import Check, at_least
 from trainer.core.registry import TASKS
+from trainer.tasks.abilities import Answers, TestTimeAugmentation
 from trainer.tasks.base import Batch, DataInfo, Task, option
+from trainer.tasks.metrics import Accuracy
+
+MixAlpha = Annotated[float, at_least(0, "off")]
 
 
 @TASKS.register("classification")
-class Classification(Task):
-    name, target, monitor = "classification", "class", "acc"
-    metrics = {"loss": "min", "acc": "max", "top5": "max"}
-    train_metrics = {"acc": "max"}
-    train_sums_size = 1  # correct predictions
+class Classification(Task, Answers, TestTimeAugmentation):
+    target, monitor = "class", "acc"
 
     def __init__(
         self,
-        label_smoothing: float = 0.0,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        tta: str = "none",
+        *,
+        label_smoothing: Annotated[float, Check(lambda v: 0 <= v < 1, "in [0, 1)")],
+        mixup_alpha: MixAlpha,
+        cutmix_alpha: MixAlpha,
+        tta: str,
     ) -> None:
-        super().__init__(tta)
-        for key, value, ok in (
-            ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1),
-            ("mixup_alpha", mixup_alpha, mixup_alpha >= 0),
-            ("cutmix_alpha", cutmix_alpha, cutmix_alpha >= 0),
-        ):
-            if not ok:
-                raise UserError(
-                    f"task.{key}: must be {'in [0, 1)' if key == 'label_smoothing' else '0 (off) or positive'}"
-                    f", got {value}"
-                )
+        super().__init__()
+        self.tta = self.check_tta(tta)
         self.label_smoothing, self.mixup_alpha, self.cutmix_alpha = label_smoothing, mixup_alpha, cutmix_alpha
-        self.batch_mix = None
+        self.batch_mix: Any = None
 
     def bind(self, data: DataInfo) -> None:
         super().bind(data)
         if len(self.classes) < 2:
+            from trainer.core.errors import UserError
+
             raise UserError(
                 f"dataset.num_classes: classification needs 2 or more classes, {data.name} has "
                 f"{len(self.classes)}"
@@ -62,14 +58,19 @@ class Classification(Task):
         ) + ([v2.CutMix(alpha=self.cutmix_alpha, num_classes=num_classes)] if self.cutmix_alpha > 0 else [])
         return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
-    def has_top5(self) -> bool:
-        return len(self.classes) > 5
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return F.cross_entropy(outputs, self.targets(batch), label_smoothing=self.label_smoothing)
 
-    def monitors(self) -> dict[str, str]:
-        found = super().monitors()
-        if self.classes and not self.has_top5():
-            found.pop("val/top5")
+    def metrics(self) -> dict[str, Any]:
+        # Before the data is seen (no classes yet) the names are what counts: top-5 may be reported.
+        classes = len(self.classes) or 6
+        found = {"acc": MulticlassAccuracy(classes, average="micro", validate_args=False)}
+        if classes > 5:
+            found["top5"] = MulticlassAccuracy(classes, top_k=5, average="micro", validate_args=False)
         return found
+
+    def train_metrics(self) -> dict[str, Any]:
+        return {"acc": Accuracy()}
 
     def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
         if outputs.ndim != 2 or outputs.shape[1] != len(self.classes):
@@ -79,39 +80,10 @@ class Classification(Task):
     def mix(self, batch: Batch) -> Batch:
         if self.batch_mix is None:
             return batch
-        return self.with_inputs(batch, *self.batch_mix(self.inputs(batch), self.targets(batch)))
-
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(outputs, self.targets(batch), label_smoothing=self.label_smoothing)
-
-    def train_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return (outputs.detach().argmax(1) == self.targets(batch)).sum()  # 0-d: added into the running sums
-
-    def from_train_sums(self, sums: list[float], count: int) -> dict[str, float]:
-        return {"acc": sums[0] / max(count, 1)}
-
-    def eval_sums_size(self) -> int:
-        return 4
-
-    def eval_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
-        labels, outputs = self.targets(batch), outputs.float()
-        loss = F.cross_entropy(outputs, labels) * len(labels)
-        correct = (outputs.argmax(1) == labels).sum()
-        top5 = (
-            (outputs.topk(5, dim=1).indices == labels[:, None]).any(1).sum() if self.has_top5() else correct
-        )
-        return torch.stack(
-            [loss, correct.float(), top5.float(), torch.tensor(float(len(labels)), device=loss.device)]
-        )
-
-    def from_eval_sums(self, sums: list[float]) -> dict[str, float]:
-        loss, correct, top5, count = sums
-        count = max(count, 1)
-        return {
-            "loss": loss / count,
-            "acc": correct / count,
-            **({"top5": top5 / count} if self.has_top5() else {}),
-        }
+        inputs, targets = self.batch_mix(self.inputs(batch), self.targets(batch))
+        if isinstance(batch, dict):
+            return {**batch, "inputs": inputs, "targets": targets}
+        return type(batch)((inputs, targets, *batch[2:]))
 
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         k = option(options, "topk", 5, int, low=1)

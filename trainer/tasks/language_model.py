@@ -1,6 +1,6 @@
 """`task=language_model`: next-token prediction at every position. Cross-entropy over every token;
-metrics loss, perplexity and bits per byte (the loss in bits, per byte of text: comparable across
-tokenizers), exact over the split from token-level sums. Generation is `python -m trainer.generate`."""
+metrics perplexity and bits per byte (the loss in bits, per byte of text: comparable across tokenizers),
+exact over the split from token-level sums. Generation is `python -m trainer.generate`."""
 
 import math
 from collections.abc import Mapping
@@ -9,63 +9,85 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import Metric
 
-from trainer.core.errors import UserError
 from trainer.core.registry import TASKS
+from trainer.tasks.abilities import Answers, NamesTokens, SequenceInputs
 from trainer.tasks.base import Batch, DataInfo, Task, option
 
 
-@TASKS.register("language_model")
-class LanguageModel(Task):
-    name, target, monitor = "language_model", "tokens", "loss"
-    metrics = {"loss": "min", "perplexity": "min", "bits_per_byte": "min"}
+class NatsPerToken(Metric):
+    """Cross-entropy summed over tokens (float64) and the token count; `compute` gives perplexity, or
+    bits per byte with `bytes_per_token`. Ours, not torchmetrics' Perplexity: the task computes the
+    tokens' cross-entropy once per batch for both metrics (`update(nats, tokens)`), and bits per byte
+    has no torchmetrics counterpart."""
 
-    def __init__(self, tta: str = "none") -> None:
-        if tta != "none":
-            raise UserError(
-                f"task.tta: a language model has no test-time augmentation; set task.tta=none, got {tta!r}"
-            )
-        super().__init__(tta)
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, bytes_per_token: float | None = None) -> None:
+        super().__init__()
+        self.bytes_per_token = bytes_per_token
+        self.add_state("nats", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nats: Tensor, tokens: int) -> None:
+        self.nats += nats.to(self.nats.dtype)
+        self.tokens += tokens
+
+    def compute(self) -> Tensor:
+        loss = self.nats / self.tokens.clamp(min=1)
+        if self.bytes_per_token is None:
+            return loss.clamp(max=700).exp()
+        return loss / math.log(2) / self.bytes_per_token
+
+
+@TASKS.register("language_model")
+class LanguageModel(Task, Answers, SequenceInputs, NamesTokens):
+    target, monitor, unit = "tokens", "loss", "token"
+
+    def __init__(self) -> None:
+        super().__init__()
         self.extra: dict[str, Any] = {}
+        self.tokenizer: Any = None
 
     def bind(self, data: DataInfo) -> None:
         super().bind(data)
+        text = data.text
         self.extra = {
-            key: data.extra[key]
-            for key in ("tokenizer", "block_size", "vocab_size", "bytes_per_token")
-            if key in data.extra
+            "block_size": text.max_length,
+            "vocab_size": text.vocab_size,
+            "bytes_per_token": text.bytes_per_token,
         }
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return F.cross_entropy(outputs.flatten(0, 1), self.targets(batch).flatten())
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "perplexity": NatsPerToken(),
+            "bits_per_byte": NatsPerToken(bytes_per_token=self.extra.get("bytes_per_token", 1.0)),
+        }
+
+    def update(self, metrics: Mapping[str, Any], outputs: Tensor, batch: Batch) -> None:
+        targets = self.targets(batch)
+        nats = F.cross_entropy(outputs.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        for metric in metrics.values():
+            metric.update(nats, targets.numel())
+
+    def units(self, batch: Batch) -> int:
+        return self.targets(batch).numel()
 
     def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
         targets = self.targets(batch)
         vocabulary = int(self.extra.get("vocab_size", 0))
         if outputs.ndim != 3 or outputs.shape[:2] != targets.shape or outputs.shape[-1] < vocabulary:
             return (
-                f"task={self.name} needs [N, {targets.shape[-1]}, {vocabulary or 'vocabulary'}] logits (a score per "
-                f"token of the vocabulary at every position), e.g. from model=gpt"
+                f"task={self.name} needs [N, {targets.shape[-1]}, {vocabulary or 'vocabulary'}] logits (a "
+                "score "
+                f"per token of the vocabulary at every position), e.g. from model=gpt"
             )
         return None
-
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(outputs.flatten(0, 1), self.targets(batch).flatten())
-
-    def eval_sums_size(self) -> int:
-        return 2  # nats summed over every predicted token; tokens
-
-    def eval_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
-        targets = self.targets(batch)
-        nats = F.cross_entropy(outputs.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        return torch.stack([nats, torch.tensor(float(targets.numel()), device=outputs.device)])
-
-    def from_eval_sums(self, sums: list[float]) -> dict[str, float]:
-        nats, tokens = sums[0], max(sums[1], 1)
-        loss = nats / tokens
-        bytes_per_token = self.extra.get("bytes_per_token", 1.0)
-        return {
-            "loss": loss,
-            "perplexity": math.exp(min(loss, 700)),
-            "bits_per_byte": loss / math.log(2) / bytes_per_token,
-        }
 
     def dynamic_dims(self) -> dict[int, tuple[str, int]]:
         """The export takes any sequence length up to the block size, not just the example's."""
@@ -77,8 +99,7 @@ class LanguageModel(Task):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.extra.update(state or {})
 
-    def use_tokenizer(self, tokenizer) -> None:
-        """Answers name each token's text too (predict and serve hand over the run's tokenizer)."""
+    def use_tokenizer(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
 
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -86,7 +107,7 @@ class LanguageModel(Task):
         k = option(options, "topk", 5, int, low=1)
         probabilities = torch.softmax(outputs[:, -1].float(), dim=-1)
         values, ids = probabilities.topk(min(k, probabilities.shape[-1]), dim=-1)
-        tokenizer = getattr(self, "tokenizer", None)
+        tokenizer = self.tokenizer
         return [
             {
                 "next": [

@@ -1,20 +1,24 @@
 """`task=regression`: one or several float targets per sample; MSE, L1 or Huber (`task.loss`); metrics
-MAE, RMSE and R² (each the mean over targets, in the targets' own units).
+MAE, RMSE and R² (each the mean over targets, in the targets' own units; torchmetrics).
 
 Targets are standardised with the training split's mean and standard deviation (`task.standardize`):
 the model learns z-scores, the statistics are saved in every checkpoint and the export manifest, and
 the exported model undoes the standardisation, so predictions come back in the user's units."""
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
 from trainer.core.errors import UserError
+from trainer.core.fields import POSITIVE, one_of
 from trainer.core.registry import TASKS
+from trainer.tasks.abilities import Answers, ExportWrapper, TestTimeAugmentation
 from trainer.tasks.base import Batch, DataInfo, Task
+from trainer.tasks.metrics import MeanAbsoluteError as RunningMeanAbsoluteError
 
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
 
@@ -32,28 +36,31 @@ class Unstandardize(nn.Module):
         return self.model(x) * self.std + self.mean
 
 
+class TargetsRMSE(MeanSquaredError):
+    """Each target's root mean squared error, averaged over the targets."""
+
+    def compute(self) -> Tensor:
+        return super().compute().mean()
+
+
 @TASKS.register("regression")
-class Regression(Task):
-    name, target, monitor = "regression", "values", "rmse"
-    metrics = {"loss": "min", "mae": "min", "rmse": "min", "r2": "max"}
-    train_metrics = {"mae": "min"}
+class Regression(Task, Answers, ExportWrapper, TestTimeAugmentation):
+    target, monitor = "values", "rmse"
 
     def __init__(
-        self, loss: str = "mse", huber_delta: float = 1.0, standardize: bool = True, tta: str = "none"
+        self,
+        *,
+        loss: Annotated[str, one_of(*LOSSES)],
+        huber_delta: Annotated[float, POSITIVE],
+        standardize: bool,
+        tta: str,
     ) -> None:
-        super().__init__(tta)
-        if loss not in LOSSES:
-            raise UserError(f"task.loss: must be one of {', '.join(LOSSES)}, got {loss!r}")
-        if huber_delta <= 0:
-            raise UserError(f"task.huber_delta: must be positive, got {huber_delta}")
+        super().__init__()
+        self.tta = self.check_tta(tta)
         self.loss_name, self.huber_delta, self.standardize = loss, huber_delta, standardize
         self.mean: list[float] = []
         self.std: list[float] = []
         self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
-
-    @property
-    def train_sums_size(self) -> int:  # type: ignore[override]
-        return len(self.classes)  # absolute errors per target
 
     def bind(self, data: DataInfo) -> None:
         super().bind(data)
@@ -71,19 +78,14 @@ class Regression(Task):
         if not bool(targets.isfinite().all()):
             row = int((~targets.isfinite()).any(1).nonzero()[0])
             raise UserError(
-                f"task=regression: training target {row} of {data.name} is NaN or infinite; fix or "
-                f"drop that sample"
+                f"task=regression: training target {row} of {data.name} is NaN or infinite; fix or drop "
+                "that sample"
             )
         if self.standardize:
             std = targets.std(0, unbiased=False) if len(targets) > 1 else torch.ones(targets.shape[1])
             self.mean, self.std = targets.mean(0).tolist(), std.where(std > 0, torch.ones_like(std)).tolist()
         else:
             self.mean, self.std = [0.0] * targets.shape[1], [1.0] * targets.shape[1]
-
-    def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
-        if outputs.ndim not in (1, 2) or outputs.reshape(len(outputs), -1).shape[1] != len(self.classes):
-            return f"task={self.name} needs [N, {len(self.classes)}] values (one per target)"
-        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"mean": self.mean, "std": self.std}
@@ -108,50 +110,32 @@ class Regression(Task):
             return F.huber_loss(outputs, z, delta=self.huber_delta)
         return LOSSES[self.loss_name](outputs, z)
 
-    def _errors(self, outputs: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(predictions, targets) in the targets' units, float32."""
-        outputs = outputs.detach().float()
-        mean, std = self._stats(outputs.device)
-        return outputs * std + mean, self._values(batch, outputs)
-
-    def train_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
-        predicted, actual = self._errors(outputs, batch)
-        return (predicted - actual).abs().sum(0)
-
-    def from_train_sums(self, sums: list[float], count: int) -> dict[str, float]:
-        return {"mae": sum(sums) / max(len(sums), 1) / max(count, 1)}
-
-    def eval_sums_size(self) -> int:
-        return 2 + 4 * len(self.classes)  # loss, samples; per target: |error|, error², y, y²
-
-    def eval_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
-        predicted, actual = self._errors(outputs, batch)
-        loss = self.loss(outputs.float(), batch) * len(actual)
-        error = (predicted - actual).double()
-        actual = actual.double()
-        n = torch.tensor([float(len(actual))], device=outputs.device, dtype=torch.float64)
-        return torch.cat(
-            [
-                loss.double().view(1),
-                n,
-                error.abs().sum(0),
-                (error**2).sum(0),
-                actual.sum(0),
-                (actual**2).sum(0),
-            ]
-        )
-
-    def from_eval_sums(self, sums: list[float]) -> dict[str, float]:
-        loss, count = sums[0], max(sums[1], 1)
-        absolute, squared, total, total_sq = torch.tensor(sums[2:], dtype=torch.float64).view(4, -1)
-        variance = total_sq - total**2 / count  # n x the targets' variance
-        r2 = 1 - squared / variance.where(variance > 0, torch.nan)
+    def metrics(self) -> dict[str, Any]:
+        targets = len(self.classes) or 1
         return {
-            "loss": loss / count,
-            "mae": float((absolute / count).mean()),
-            "rmse": float((squared / count).sqrt().mean()),
-            "r2": float(r2.nanmean()) if bool(r2.isfinite().any()) else 0.0,
+            "mae": MeanAbsoluteError(),
+            "rmse": TargetsRMSE(squared=False, num_outputs=targets),
+            "r2": R2Score(multioutput="uniform_average"),
         }
+
+    def train_metrics(self) -> dict[str, Any]:
+        return {"mae": RunningMeanAbsoluteError()}
+
+    def update(self, metrics: Mapping[str, Any], outputs: Tensor, batch: Batch) -> None:
+        """The metrics see predictions and targets in the targets' units, in float64."""
+        outputs = outputs.double().reshape(len(outputs), -1)
+        mean, std = self._stats(outputs.device)
+        predicted, actual = outputs * std.double() + mean.double(), self._values(batch, outputs)
+        for metric in metrics.values():
+            metric.update(
+                predicted.squeeze(1) if predicted.shape[1] == 1 else predicted,
+                actual.squeeze(1) if actual.shape[1] == 1 else actual,
+            )
+
+    def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
+        if outputs.ndim not in (1, 2) or outputs.reshape(len(outputs), -1).shape[1] != len(self.classes):
+            return f"task={self.name} needs [N, {len(self.classes)}] values (one per target)"
+        return None
 
     def exported(self, model: nn.Module) -> nn.Module:
         return Unstandardize(model, self.mean, self.std)

@@ -1,40 +1,40 @@
 """`task=segmentation`: a class per pixel. Per-pixel cross-entropy that skips `task.ignore_index`; mIoU
-and pixel accuracy from a confusion matrix kept on the device (exact over the split and every process);
-flip TTA flips the prediction back. Predict writes mask PNGs (`masks=<folder>`); serve answers per-class
-pixel counts as JSON, or the mask as a PNG (`?format=png`)."""
+and pixel accuracy (torchmetrics, from a confusion matrix kept on the device; classes neither present
+nor predicted count for nothing); flip TTA flips the prediction back. Predict writes mask PNGs
+(`masks=<folder>`); serve answers per-class pixel counts as JSON, or the mask as a PNG (`?format=png`)."""
 
 import io
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from trainer.core.errors import UserError
+from trainer.core.fields import at_least
 from trainer.core.registry import TASKS
-from trainer.tasks.base import Batch, DataInfo, FlipAverage, Task
+from trainer.tasks.abilities import Answers, MaskAnswers, TestTimeAugmentation
+from trainer.tasks.base import Batch, DataInfo, Task
+from trainer.tasks.metrics import Accuracy
 
 
 @TASKS.register("segmentation")
-class Segmentation(Task):
-    name, target, monitor = "segmentation", "mask", "miou"
-    metrics = {"loss": "min", "miou": "max", "pixel_acc": "max"}
-    train_metrics = {"pixel_acc": "max"}
-    train_sums_size = 2  # right pixels, counted pixels
+class Segmentation(Task, Answers, MaskAnswers, TestTimeAugmentation):
+    target, monitor = "mask", "miou"
+    flip_back = True  # the outputs are masks: the mirror image's prediction is flipped back
 
-    def __init__(self, ignore_index: int = 255, tta: str = "none") -> None:
-        super().__init__(tta)
-        if tta == "flip_translate":  # a shifted mask would have to be shifted back, pixel for pixel
-            raise UserError("task.tta: segmentation averages flips only; set task.tta=flip or none")
-        if ignore_index < 0:
-            raise UserError(f"task.ignore_index: must be 0 or more, got {ignore_index}")
+    def __init__(self, *, ignore_index: Annotated[int, at_least(0)], tta: str) -> None:
+        super().__init__()
+        # a shifted mask would have to be shifted back, pixel for pixel: flips only
+        self.tta = self.check_tta(tta, ("none", "flip"))
         self.ignore_index = ignore_index
 
     def bind(self, data: DataInfo) -> None:
         super().bind(data)
         classes = len(self.classes)
-        for value, where in sorted(data.extra.get("mask_values", {}).items()):
+        for value, where in sorted(data.mask_values.items()):
             if value >= classes and value != self.ignore_index:
                 raise UserError(
                     f"task=segmentation: the mask {where} holds the value {value}, but {data.name} has "
@@ -43,60 +43,30 @@ class Segmentation(Task):
                     f"task.ignore_index={value}"
                 )
 
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return F.cross_entropy(outputs, self.targets(batch), ignore_index=self.ignore_index)
+
+    def metrics(self) -> dict[str, Any]:
+        classes = len(self.classes) or 2
+        return {
+            "miou": MulticlassJaccardIndex(classes, ignore_index=self.ignore_index, validate_args=False),
+            "pixel_acc": MulticlassAccuracy(
+                classes, average="micro", ignore_index=self.ignore_index, validate_args=False
+            ),
+        }
+
+    def train_metrics(self) -> dict[str, Any]:
+        return {"pixel_acc": Accuracy(self.ignore_index)}
+
     def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
         masks = self.targets(batch)
         wanted = [len(masks), len(self.classes), *masks.shape[-2:]]
         if list(outputs.shape) != wanted:
             return (
-                f"task={self.name} needs [N, {len(self.classes)}, {masks.shape[-2]}, {masks.shape[-1]}] logits "
-                f"(a score per class and pixel), e.g. from model=unet or model=tvseg"
+                f"task={self.name} needs [N, {len(self.classes)}, {masks.shape[-2]}, {masks.shape[-1]}] "
+                f"logits (a score per class and pixel), e.g. from model=unet or model=tvseg"
             )
         return None
-
-    def evaluated(self, model: nn.Module) -> nn.Module:
-        return FlipAverage(model, flip_back=True) if self.tta == "flip" else model
-
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(outputs, self.targets(batch), ignore_index=self.ignore_index)
-
-    def _counted(self, outputs: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(predicted, actual) classes of the pixels that count (not ignore_index), flattened."""
-        masks = self.targets(batch)
-        predicted = outputs.detach().argmax(1)
-        keep = masks != self.ignore_index
-        return predicted[keep], masks[keep]
-
-    def train_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
-        predicted, actual = self._counted(outputs, batch)
-        return torch.stack(
-            [(predicted == actual).sum().float(), torch.tensor(float(actual.numel()), device=outputs.device)]
-        )
-
-    def from_train_sums(self, sums: list[float], count: int) -> dict[str, float]:
-        return {"pixel_acc": sums[0] / max(sums[1], 1)}
-
-    def eval_sums_size(self) -> int:
-        return 1 + len(self.classes) ** 2  # the loss summed over counted pixels; the confusion matrix
-
-    def eval_sums(self, outputs: Tensor, batch: Batch) -> Tensor:
-        classes, outputs = len(self.classes), outputs.float()
-        loss = F.cross_entropy(outputs, self.targets(batch), ignore_index=self.ignore_index, reduction="sum")
-        predicted, actual = self._counted(outputs, batch)
-        confusion = torch.bincount(actual * classes + predicted, minlength=classes * classes).float()
-        return torch.cat([loss.view(1), confusion])  # the counted pixels are the confusion matrix's sum
-
-    def from_eval_sums(self, sums: list[float]) -> dict[str, float]:
-        classes = len(self.classes)
-        confusion = torch.tensor(sums[1:], dtype=torch.float64).view(classes, classes)
-        loss = sums[0] / max(float(confusion.sum()), 1)  # per counted pixel, over the whole split
-        right = confusion.diagonal()
-        union = confusion.sum(0) + confusion.sum(1) - right
-        iou = (right / union.clamp(min=1))[union > 0]  # a class neither present nor predicted: no IoU
-        return {
-            "loss": loss,
-            "miou": float(iou.mean()) if len(iou) else 0.0,
-            "pixel_acc": float(right.sum() / confusion.sum().clamp(min=1)),
-        }
 
     def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         classes = outputs.float().argmax(1)

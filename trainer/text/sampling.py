@@ -65,7 +65,7 @@ def generate(
 
 def load_run(run: Path, checkpoint: str) -> tuple[nn.Module, Tokenizer]:
     """(model, tokenizer) of a language-model run: its config and weights, its tokenizer folder."""
-    from trainer.core.registry import MODELS, builder_params
+    from trainer.core.registry import MODELS
 
     if checkpoint not in ("best", "last"):
         raise UserError(f"checkpoint: '{checkpoint}' is not one of best, last")
@@ -80,7 +80,8 @@ def load_run(run: Path, checkpoint: str) -> tuple[nn.Module, Tokenizer]:
         raise UserError(f"run: {run} is a task={task} run; generate needs a task=language_model run")
     import_user_modules(list(config.get("imports", [])))
     state = load_checkpoint(path)
-    model = MODELS.build(config["model"]["name"], **builder_params(config["model"]))
+    args = dict(state["model_args"])  # the model's name, parameters and what the data gave it
+    model = MODELS.build(args.pop("name"), **args)
     model.load_state_dict(state.get("ema") or state["model"])
     spec = json.loads((run / "tokenizer" / "tokenizer_spec.json").read_text())
     return model.eval(), load_tokenizer(spec, run / "tokenizer")

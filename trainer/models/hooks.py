@@ -1,0 +1,31 @@
+"""What a model may tell the training run, by inheriting `ModelHooks` and overriding what applies; the
+run calls a hook only on a model that declares it this way (an `isinstance` check), and a model without
+it needs none of them. Every method has a default that does nothing.
+
+    class FastNet(nn.Sequential, ModelHooks):
+        def init_from_data(self, inputs): ...   # fastnet's whitening layer, from the first batch
+"""
+
+from torch import Tensor, nn
+
+
+class ModelHooks:
+    def init_from_data(self, inputs: Tensor) -> None:
+        """Set up from the first training batch's inputs, before the first step of a fresh run (not on
+        resume: the checkpoint holds the result). With several processes, rank 0's result is broadcast."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called as each training epoch starts (0-based), after train mode is set, and once before the
+        model is wrapped for several processes: what trains in that epoch (requires_grad)."""
+
+    def changes_trained_parameters_until(self) -> int:
+        """The epoch (0-based) before which start_epoch may still change which parameters train; 0 when
+        it never does. DDP fixes the trained parameters when it wraps the model (it would then silently
+        skip the gradient reduction of parameters that start or stop training), so a run with several
+        processes is refused until that epoch."""
+        return 0
+
+    def blocks(self) -> list[nn.Module]:
+        """The model's repeated blocks (a transformer's layers), the units FSDP shards and activation
+        checkpointing wraps; [] when it has none."""
+        return []
