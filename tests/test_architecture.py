@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -77,3 +78,22 @@ def test_the_readmes_config_table_is_the_generated_reference():
     readme = (ROOT / "README.md").read_text()
     start = readme.index("<!-- reference: framework -->\n") + len("<!-- reference: framework -->\n")
     assert readme[start : readme.index("\n<!-- end reference -->", start)] == framework_table()
+
+
+def test_commands_that_train_nothing_do_not_import_the_heavy_libraries():
+    """A config check, predict, serve and generate import no torchmetrics (seconds and hundreds of MB:
+    it loads scipy, matplotlib and transformers), nor transformers itself: only what builds metrics or
+    a model=hf model does. A fresh interpreter, so that nothing this test process imported counts."""
+    code = """
+import sys
+import trainer.predict, trainer.serve, trainer.generate, trainer.tasks, trainer.models, trainer.data
+from trainer.core.registry import MODELS, TASKS
+TASKS.check("classification", {}), MODELS.check("cnn", {}, optional=("num_classes",))
+heavy = ("torchmetrics", "transformers", "scipy", "matplotlib")
+print(sorted(name for name in heavy if name in sys.modules))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -7,13 +7,11 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 
 from trainer.core.fields import Check, at_least
 from trainer.core.registry import TASKS
 from trainer.tasks.abilities import Answers, TestTimeAugmentation
 from trainer.tasks.base import Batch, DataInfo, Task, option
-from trainer.tasks.metrics import Accuracy
 
 MixAlpha = Annotated[float, at_least(0, "off")]
 
@@ -62,6 +60,8 @@ class Classification(Task, Answers, TestTimeAugmentation):
         return F.cross_entropy(outputs, self.targets(batch), label_smoothing=self.label_smoothing)
 
     def metrics(self) -> dict[str, Any]:
+        from torchmetrics.classification import MulticlassAccuracy
+
         # Before the data is seen (no classes yet) the names are what counts: top-5 may be reported.
         classes = len(self.classes) or 6
         found = {"acc": MulticlassAccuracy(classes, average="micro", validate_args=False)}
@@ -70,6 +70,8 @@ class Classification(Task, Answers, TestTimeAugmentation):
         return found
 
     def train_metrics(self) -> dict[str, Any]:
+        from trainer.tasks.metrics import Accuracy
+
         return {"acc": Accuracy()}
 
     def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:

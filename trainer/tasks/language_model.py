@@ -2,44 +2,16 @@
 metrics perplexity and bits per byte (the loss in bits, per byte of text: comparable across tokenizers),
 exact over the split from token-level sums. Generation is `python -m trainer.generate`."""
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
 
 from trainer.core.registry import TASKS
 from trainer.tasks.abilities import Answers, NamesTokens, SequenceInputs
 from trainer.tasks.base import Batch, DataInfo, Task, option
-
-
-class NatsPerToken(Metric):
-    """Cross-entropy summed over tokens (float64) and the token count; `compute` gives perplexity, or
-    bits per byte with `bytes_per_token`. Ours, not torchmetrics' Perplexity: the task computes the
-    tokens' cross-entropy once per batch for both metrics (`update(nats, tokens)`), and bits per byte
-    has no torchmetrics counterpart."""
-
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, bytes_per_token: float | None = None) -> None:
-        super().__init__()
-        self.bytes_per_token = bytes_per_token
-        self.add_state("nats", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("tokens", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, nats: Tensor, tokens: int) -> None:
-        self.nats += nats.to(self.nats.dtype)
-        self.tokens += tokens
-
-    def compute(self) -> Tensor:
-        loss = self.nats / self.tokens.clamp(min=1)
-        if self.bytes_per_token is None:
-            return loss.clamp(max=700).exp()
-        return loss / math.log(2) / self.bytes_per_token
 
 
 @TASKS.register("language_model")
@@ -64,6 +36,8 @@ class LanguageModel(Task, Answers, SequenceInputs, NamesTokens):
         return F.cross_entropy(outputs.flatten(0, 1), self.targets(batch).flatten())
 
     def metrics(self) -> dict[str, Any]:
+        from trainer.tasks.metrics import NatsPerToken
+
         return {
             "perplexity": NatsPerToken(),
             "bits_per_byte": NatsPerToken(bytes_per_token=self.extra.get("bytes_per_token", 1.0)),

@@ -3,6 +3,7 @@ named metric objects (torchmetrics). Updating costs a few small kernels and neve
 is the one sync, and reduces over processes, so a split's value is exact (float64 sums where the device
 has them), not an average of batch averages."""
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.regression import MeanSquaredError
 
 from trainer.core import distributed
 
@@ -141,3 +143,36 @@ class MeanAbsoluteError(RunningRatio):
 
     def counts(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | int]:
         return (outputs - targets).abs().sum(), targets.numel()
+
+
+class NatsPerToken(Metric):
+    """Cross-entropy summed over tokens (float64) and the token count; `compute` gives perplexity, or
+    bits per byte with `bytes_per_token`. Ours, not torchmetrics' Perplexity: the task computes the
+    tokens' cross-entropy once per batch for both metrics (`update(nats, tokens)`), and bits per byte
+    has no torchmetrics counterpart."""
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, bytes_per_token: float | None = None) -> None:
+        super().__init__()
+        self.bytes_per_token = bytes_per_token
+        self.add_state("nats", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nats: Tensor, tokens: int) -> None:
+        self.nats += nats.to(self.nats.dtype)
+        self.tokens += tokens
+
+    def compute(self) -> Tensor:
+        loss = self.nats / self.tokens.clamp(min=1)
+        if self.bytes_per_token is None:
+            return loss.clamp(max=700).exp()
+        return loss / math.log(2) / self.bytes_per_token
+
+
+class TargetsRMSE(MeanSquaredError):
+    """Each target's root mean squared error, averaged over the targets."""
+
+    def compute(self) -> Tensor:
+        return super().compute().mean()

@@ -9,14 +9,12 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MultilabelAveragePrecision, MultilabelExactMatch, MultilabelF1Score
 
 from trainer.core.errors import UserError
 from trainer.core.fields import Check
 from trainer.core.registry import TASKS
 from trainer.tasks.abilities import Answers, TestTimeAugmentation
 from trainer.tasks.base import Batch, DataInfo, Task, option
-from trainer.tasks.metrics import ExactMatch
 
 
 @TASKS.register("multilabel")
@@ -58,6 +56,12 @@ class MultiLabel(Task, Answers, TestTimeAugmentation):
         return F.binary_cross_entropy_with_logits(outputs, targets, pos_weight=self._weights(outputs.device))
 
     def metrics(self) -> dict[str, Any]:
+        from torchmetrics.classification import (
+            MultilabelAveragePrecision,
+            MultilabelExactMatch,
+            MultilabelF1Score,
+        )
+
         labels = len(self.classes) or 2
         return {
             "map": MultilabelAveragePrecision(labels, average="macro", validate_args=False),
@@ -66,6 +70,8 @@ class MultiLabel(Task, Answers, TestTimeAugmentation):
         }
 
     def train_metrics(self) -> dict[str, Any]:
+        from trainer.tasks.metrics import ExactMatch
+
         return {"exact_match": ExactMatch(self.threshold)}
 
     def update(self, metrics: Mapping[str, Any], outputs: Tensor, batch: Batch) -> None:

@@ -11,14 +11,12 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
 from trainer.core.errors import UserError
 from trainer.core.fields import POSITIVE, one_of
 from trainer.core.registry import TASKS
 from trainer.tasks.abilities import Answers, ExportWrapper, TestTimeAugmentation
 from trainer.tasks.base import Batch, DataInfo, Task
-from trainer.tasks.metrics import MeanAbsoluteError as RunningMeanAbsoluteError
 
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.huber_loss}
 
@@ -34,13 +32,6 @@ class Unstandardize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x) * self.std + self.mean
-
-
-class TargetsRMSE(MeanSquaredError):
-    """Each target's root mean squared error, averaged over the targets."""
-
-    def compute(self) -> Tensor:
-        return super().compute().mean()
 
 
 @TASKS.register("regression")
@@ -111,6 +102,10 @@ class Regression(Task, Answers, ExportWrapper, TestTimeAugmentation):
         return LOSSES[self.loss_name](outputs, z)
 
     def metrics(self) -> dict[str, Any]:
+        from torchmetrics.regression import MeanAbsoluteError, R2Score
+
+        from trainer.tasks.metrics import TargetsRMSE
+
         targets = len(self.classes) or 1
         return {
             "mae": MeanAbsoluteError(),
@@ -119,7 +114,9 @@ class Regression(Task, Answers, ExportWrapper, TestTimeAugmentation):
         }
 
     def train_metrics(self) -> dict[str, Any]:
-        return {"mae": RunningMeanAbsoluteError()}
+        from trainer.tasks.metrics import MeanAbsoluteError
+
+        return {"mae": MeanAbsoluteError()}
 
     def update(self, metrics: Mapping[str, Any], outputs: Tensor, batch: Batch) -> None:
         """The metrics see predictions and targets in the targets' units, in float64."""

@@ -10,14 +10,12 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from trainer.core.errors import UserError
 from trainer.core.fields import at_least
 from trainer.core.registry import TASKS
 from trainer.tasks.abilities import Answers, MaskAnswers, TestTimeAugmentation
 from trainer.tasks.base import Batch, DataInfo, Task
-from trainer.tasks.metrics import Accuracy
 
 
 @TASKS.register("segmentation")
@@ -47,6 +45,8 @@ class Segmentation(Task, Answers, MaskAnswers, TestTimeAugmentation):
         return F.cross_entropy(outputs, self.targets(batch), ignore_index=self.ignore_index)
 
     def metrics(self) -> dict[str, Any]:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
         classes = len(self.classes) or 2
         return {
             "miou": MulticlassJaccardIndex(classes, ignore_index=self.ignore_index, validate_args=False),
@@ -56,6 +56,8 @@ class Segmentation(Task, Answers, MaskAnswers, TestTimeAugmentation):
         }
 
     def train_metrics(self) -> dict[str, Any]:
+        from trainer.tasks.metrics import Accuracy
+
         return {"pixel_acc": Accuracy(self.ignore_index)}
 
     def check_outputs(self, outputs: Tensor, batch: Batch) -> str | None:
