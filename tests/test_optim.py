@@ -148,3 +148,26 @@ def test_layer_decay_on_a_timm_model_follows_timms_own_grouping():
         < rate[id(model.fc.weight)]
         == 1.0
     )
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_takes_the_fused_kernel_on_a_cpu_and_follows_the_other_to_the_last_bits(name):
+    """optimizer.fused=null: torch's fused kernel wherever the parameters allow it (here, a CPU); false:
+    one update per tensor. Fifty steps of both from the same start differ by float32 rounding only."""
+
+    def trained(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+        opt = OPTIMIZERS.build(name, model=model, lr=1e-2, weight_decay=0.01, fused=fused)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(50):
+            model(torch.randn(16, 64, generator=generator)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return opt, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    (auto, a), (plain, b) = trained(None), trained(False)
+    assert auto.defaults["fused"] is True and not plain.defaults["fused"]
+    assert not torch.equal(a, b) and torch.allclose(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="optimizer.fused: the fused kernel needs floating-point parameters"):
+        OPTIMIZERS.build(name, model=torch.nn.Linear(2, 2).to(torch.float64).to("meta"), lr=0.1, fused=True)

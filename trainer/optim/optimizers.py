@@ -167,15 +167,12 @@ def adamw(
     decay_norm_and_bias: bool,
     head_lr_scale: float,
     layer_decay: float,
+    fused: bool | None,
 ) -> Optimizer:
-    return torch.optim.AdamW(
-        param_groups(
-            model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale, layer_decay=layer_decay
-        ),
-        lr=lr,
-        betas=tuple(betas),
-        eps=eps,
+    groups = param_groups(
+        model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale, layer_decay=layer_decay
     )
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=use_fused(groups, fused))
 
 
 @OPTIMIZERS.register("adam")
@@ -189,15 +186,29 @@ def adam(
     decay_norm_and_bias: bool,
     head_lr_scale: float,
     layer_decay: float,
+    fused: bool | None,
 ) -> Optimizer:
-    return torch.optim.Adam(
-        param_groups(
-            model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale, layer_decay=layer_decay
-        ),
-        lr=lr,
-        betas=tuple(betas),
-        eps=eps,
+    groups = param_groups(
+        model, weight_decay, decay_norm_and_bias, lr, head_lr_scale=head_lr_scale, layer_decay=layer_decay
     )
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps, fused=use_fused(groups, fused))
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def use_fused(groups: list[dict], fused: bool | None) -> bool | None:
+    """optimizer.fused: torch's fused Adam kernel updates every tensor in one pass (on a CPU, 7x faster
+    than one update per tensor for a 5M-parameter GPT; its rounding differs from the other kernel's in
+    the last bit). null: fused where every parameter is a floating-point tensor on a CPU or CUDA device."""
+    params = [p for group in groups for p in group["params"]]
+    supported = all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+    if fused and not supported:
+        raise UserError(
+            f"optimizer.fused: the fused kernel needs floating-point parameters on "
+            f"{' or '.join(FUSED_DEVICES)}; set optimizer.fused=null"
+        )
+    return (supported and bool(params)) if fused is None else fused or None
 
 
 def load_optimizer_state(optimizer: Optimizer, saved: dict[str, Any]) -> None:
