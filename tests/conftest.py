@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+sys.path.append(str(ROOT / "benchmarks"))  # what tests and benchmarks both build (hf_models.py)
 
 # A run small enough for seconds on two cores, still through every phase.
 TINY_DATA = ["dataset=synthetic", "dataset.train_size=1024", "dataset.test_size=128"]

@@ -88,7 +88,7 @@ def test_commands_that_train_nothing_do_not_import_the_heavy_libraries():
 import sys
 import trainer.predict, trainer.serve, trainer.generate, trainer.tasks, trainer.models, trainer.data
 from trainer.core.registry import MODELS, TASKS
-TASKS.check("classification", {}), MODELS.check("cnn", {}, optional=("num_classes",))
+TASKS.check("classification", {}), MODELS.check("hf", {"pretrained": "gpt2"}, optional=("target",))
 heavy = ("torchmetrics", "transformers", "scipy", "matplotlib")
 print(sorted(name for name in heavy if name in sys.modules))
 """

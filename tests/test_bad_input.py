@@ -18,7 +18,7 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     [
         (
             ["model=resnte"],
-            "model=resnte: no such option; choose one of cnn, fastnet, gpt, mlp, resnet, text_encoder, "
+            "model=resnte: no such option; choose one of cnn, fastnet, gpt, hf, mlp, resnet, text_encoder, "
             "timm, torchvision, tvseg, unet",
         ),
         (

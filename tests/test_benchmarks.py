@@ -227,3 +227,19 @@ def test_gpt_memory_benchmark_trains_on_both_corpora():
         and small["tokens"] == large["tokens"] == 3 * 4 * 16
     )
     assert small["peak_pss_mb"] > 100  # a live torch process with its loader workers
+
+
+@pytest.mark.parametrize("task", ["language_model", "classification"])
+def test_hf_trainer_benchmark_trains_both_sides_on_the_same_steps(task):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    result = run_benchmark(
+        "vs_hf_trainer", "--task", task, "--rounds", "1", "--layers", "1", "--width", "32",
+        "--corpus-bytes", "20000", "--samples", "128", "--block-size", "32", "--batch-size", "8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["benchmark"] == "vs_hf_trainer" and data["task"] == task
+    assert data["steps"]["ours"] == data["steps"]["hf"] > 0  # the same batches, epoch for epoch
+    assert all(0 < loss < 20 for loss in data["val_loss"].values())
+    assert all(mb > 100 for mb in data["peak_mb"].values())  # a live torch process's, in MB

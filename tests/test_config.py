@@ -27,8 +27,15 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
         "language_model": ["dataset=text", "dataset.root=corpus.txt", "model=gpt"],
         "text_classification": [f"dataset.root={tmp_path}", "model=text_encoder"],
         "text_encoder": ["dataset=text_classification", f"dataset.root={tmp_path}"],
-    }
-    extra = required.get(option, []) if group in ("dataset", "experiment", "model", "task") else []
+        "model=hf": [
+            "model.pretrained=gpt2",
+            "dataset=text",
+            "dataset.root=corpus.txt",
+            "task=language_model",
+        ],
+    }  # by option, or by group=option where two groups have an option of that name
+    extra = required.get(f"{group}={option}", required.get(option, []))
+    extra = extra if group in ("dataset", "experiment", "model", "task") else []
     cfg = compose_config(f"{group}={option}", *extra)
     validate(cfg)
     if group in ("model", "dataset", "task", "optimizer", "scheduler"):

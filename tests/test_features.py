@@ -172,7 +172,9 @@ def test_console_script_is_declared_and_answers(tmp_path):
         [script, "--help"], capture_output=True, text=True, timeout=120
     )  # a fresh interpreter
     assert shown.returncode == 0 and "usage: python -m trainer" in shown.stdout
-    assert "model           cnn, fastnet, gpt, mlp, resnet, text_encoder, timm, torchvision" in shown.stdout
+    assert (
+        "model           cnn, fastnet, gpt, hf, mlp, resnet, text_encoder, timm, torchvision" in shown.stdout
+    )
     refused = subprocess.run(
         [script, "trainer.max_epochs=0", f"hydra.run.dir={tmp_path}"],
         capture_output=True,

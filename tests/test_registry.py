@@ -29,7 +29,7 @@ def test_duplicate_name_is_an_error():
 def test_unknown_name_lists_the_choices_and_the_group():
     with pytest.raises(UserError) as e:
         MODELS.build("resnte", num_classes=10)
-    assert "cnn, fastnet, gpt, mlp, resnet, text_encoder, timm, torchvision, tvseg, unet" in str(
+    assert "cnn, fastnet, gpt, hf, mlp, resnet, text_encoder, timm, torchvision, tvseg, unet" in str(
         e.value
     ) and "model=" in str(e.value)
 

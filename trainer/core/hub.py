@@ -8,7 +8,12 @@ import logging
 import os
 import socket
 import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
 from urllib.parse import urlparse
+
+from trainer.core.errors import UserError, require
 
 log = logging.getLogger("trainer")
 TRUE = {"1", "on", "true", "yes"}
@@ -44,3 +49,37 @@ def offline_unless_reachable() -> bool:
         if module in sys.modules:
             setattr(sys.modules[module], name, True)
     return True
+
+
+def cache_folder() -> Path:
+    """Where the hub's libraries keep what they downloaded (HF_HUB_CACHE, else HF_HOME's hub/)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def not_available(key: str, name: str, error: BaseException, local: str = "") -> UserError:
+    """The one line for a hub name that could not be had: offline with an empty cache, or a name the hub
+    does not know."""
+    why = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUE
+    fix = (
+        f"offline: fill the cache {cache_folder()} on a machine with network (or set HF_HUB_CACHE)"
+        if offline
+        else "check the name on huggingface.co"
+    )
+    return UserError(
+        f"{key}: cannot get {name!r} ({why}); {fix}, or give a local folder{f' ({local})' if local else ''}"
+    )
+
+
+def transformers_library(what: str) -> ModuleType:
+    """`transformers` (the `hf` extra), told to keep quiet: its progress bars and advice would fill the
+    run's log; what matters is said by the caller, in one line."""
+    library = require("transformers", what, "hf")
+    library.utils.logging.set_verbosity_error()
+    library.utils.logging.disable_progress_bar()
+    # A renamed property's notice, raised whenever peft or torch.jit.trace reads every attribute of a
+    # model: nothing a user of ours can act on.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    return library

@@ -25,6 +25,7 @@ class TextInfo:
     max_length: int  # tokens per input: a language model's context (block size), a classifier's padded length
     pad_id: int | None = None  # None: inputs are not padded (a causal model answers at a text's last token)
     bytes_per_token: float = 1.0  # of the training text, for bits per byte
+    saved_by: Any = None  # a tokenizer that saves itself (a pretrained one), instead of tokenizer_dir's files
 
 
 # Parameters many datasets take, with their ranges (checked before any data is read; registry.check).
@@ -34,7 +35,17 @@ Channels = Annotated[int, one_of(1, 3)]
 Count = Annotated[int, at_least(1)]
 
 # What a dataset tells the model builder (an argument of these names is filled from the data).
-DATA_FACTS = ("num_classes", "in_channels", "image_size", "vocab_size", "block_size", "max_length")
+DATA_FACTS = (
+    "num_classes",
+    "in_channels",
+    "image_size",
+    "vocab_size",
+    "block_size",
+    "max_length",
+    "pad_id",
+    "target",
+    "classes",
+)
 
 
 @dataclass
@@ -61,7 +72,7 @@ class DataBundle:
     text: TextInfo | None = None  # text datasets: how texts become token ids
     mask_values: dict[int, str] = field(default_factory=dict)  # segmentation: each mask value, its first file
 
-    def facts(self) -> dict[str, int]:
+    def facts(self) -> dict[str, Any]:
         """What the model builder may take from the data (DATA_FACTS), as far as this dataset has them."""
         text = self.text
         found = {
@@ -71,6 +82,9 @@ class DataBundle:
             "vocab_size": text.vocab_size if text else None,
             "block_size": text.max_length if text else None,
             "max_length": text.max_length if text else None,
+            "pad_id": text.pad_id if text else None,
+            "target": self.target,  # what the targets are: "class", "labels", "tokens"...
+            "classes": list(self.classes) or None,  # their names
         }
         return {key: value for key, value in found.items() if value is not None}
 
@@ -101,9 +115,12 @@ class DataBundle:
     def keep_input_files(self, folder: Path) -> None:
         """The files `preprocessing` needs (a text dataset's tokenizer), copied into `folder`/tokenizer."""
         if self.text is not None:
-            from trainer.text.tokenizers import copy_tokenizer
+            from trainer.text.tokenizers import copy_tokenizer, save_tokenizer
 
-            copy_tokenizer(self.text.tokenizer, Path(self.text.tokenizer_dir), folder / "tokenizer")
+            if self.text.saved_by is not None:
+                save_tokenizer(self.text.saved_by, folder / "tokenizer")
+            else:
+                copy_tokenizer(self.text.tokenizer, Path(self.text.tokenizer_dir), folder / "tokenizer")
 
 
 class ArrayDataset(Dataset):

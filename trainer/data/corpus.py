@@ -1,7 +1,9 @@
 """A corpus as one memory-mapped array of token ids (`python -m trainer.data.tokenize` is its command).
 
 Inputs are .txt files, JSONL files (each line an object whose `--field` holds a document), folders
-(searched for both) or globs. The output folder gets tokens.bin (uint16 when the vocabulary fits, else
+(searched for both) or globs. A tokenizer with an end-of-text token (a pretrained model's, `hf:<name>`)
+puts it after every document, so a window that spans two never reads them as one text. The output
+folder gets tokens.bin (uint16 when the vocabulary fits, else
 uint32), index.json (the tokenizer, the dtype, the token count, each document's span, the corpus's
 bytes) and the tokenizer's own file for BPE. Training reads windows of it (dataset=text), so a corpus
 bigger than memory trains with flat memory."""
@@ -16,7 +18,7 @@ import numpy as np
 from trainer.core.atomic import write_text
 from trainer.core.errors import UserError
 from trainer.data.jsonl import json_lines
-from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
+from trainer.text.tokenizers import BPETokenizer, Tokenizer, named_tokenizer
 
 INDEX = "index.json"
 TOKENS = "tokens.bin"
@@ -71,21 +73,20 @@ def tokenize(
     files = input_files(inputs)  # read a document at a time: the corpus need not fit in memory
     out.mkdir(parents=True, exist_ok=True)
     tok: Tokenizer
-    if tokenizer == "byte":
-        tok = ByteTokenizer()
-    elif tokenizer == "bpe":
+    if tokenizer == "bpe":
         tok = (
             BPETokenizer.load(Path(tokenizer_file))
             if tokenizer_file
             else BPETokenizer.train((text for _, text in documents(files, field)), vocab_size)
         )
     else:
-        raise UserError(f"--tokenizer: must be byte or bpe, got {tokenizer!r}")
+        tok = named_tokenizer(tokenizer, vocab_size, special_tokens=False)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     spans, total, corpus_bytes = [], 0, 0
     with open(out / f"{TOKENS}.tmp", "wb") as f:
         for where, text in documents(files, field):
-            ids = np.asarray(tok.encode(text), dtype=dtype)
+            ids = tok.encode(text)
+            ids = np.asarray(ids if tok.eos_id is None else [*ids, tok.eos_id], dtype=dtype)
             ids.tofile(f)
             spans.append([where, total, total + len(ids)])
             total += len(ids)

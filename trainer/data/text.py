@@ -22,10 +22,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from trainer.core.errors import UserError
-from trainer.core.fields import at_least
+from trainer.core.fields import at_least, optional
 from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle, TextInfo
 from trainer.data.corpus import INDEX, TOKENS, input_files, tokenize
+from trainer.text.tokenizers import tokenizer_files
 
 log = logging.getLogger("trainer")
 
@@ -60,20 +61,29 @@ class TextWindows(Dataset):
         return window[:-1], window[1:]
 
 
-def _cache_key(inputs: str, tokenizer: str, vocab_size: int, like: str) -> str:
-    files = input_files([inputs])
-    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha1(json.dumps([stamp, tokenizer, vocab_size, like]).encode()).hexdigest()[:16]
+def _stamp(files: list[Path]) -> list:
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def _cache_key(inputs: str, tokenizer: str, vocab_size: int | None, like: str) -> str:
+    """The cache folder's name: the inputs as they are now, and the tokenizer (a local pretrained one's
+    files as they are now too)."""
+    local = Path(tokenizer.removeprefix("hf:"))
+    tokenizer_files = _stamp(sorted(f for f in local.rglob("*") if f.is_file())) if local.is_dir() else []
+    key = [_stamp(input_files([inputs])), tokenizer, tokenizer_files, vocab_size, like]
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 
 def _tokenizer_identity(folder: Path) -> str:
-    """What makes two folders' token ids mean the same text: the spec, and a BPE's own file."""
+    """What makes two folders' token ids mean the same text: the spec, and the tokenizer's own files."""
     spec = json.loads((folder / INDEX).read_text())["tokenizer"]
-    content = (folder / spec["file"]).read_bytes() if spec.get("file") else b""
+    content = b"".join(f.read_bytes() for f in tokenizer_files(spec, folder))
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode() + content).hexdigest()
 
 
-def tokenized(root: str, tokenizer: str, vocab_size: int, cache: str, like: Path | None = None) -> Path:
+def tokenized(
+    root: str, tokenizer: str, vocab_size: int | None, cache: str, like: Path | None = None
+) -> Path:
     """The folder of token ids for `root`: itself when it is one, else the cache's (made once). With
     `like` (the training corpus's folder), tokenized with that folder's tokenizer."""
     folder = Path(root)
@@ -84,14 +94,14 @@ def tokenized(root: str, tokenizer: str, vocab_size: int, cache: str, like: Path
     if not (target / INDEX).is_file():
         log.info("tokenizing %s (%s) into %s, once", root, tokenizer, target)
         if like is None:
-            tokenize([root], target, tokenizer, vocab_size)
+            tokenize([root], target, tokenizer, vocab_size or 8192)
         else:
             spec = json.loads((like / INDEX).read_text())["tokenizer"]
             tokenize(
                 [root],
                 target,
-                spec["kind"],
-                vocab_size,
+                f"hf:{like / spec['folder']}" if spec["kind"] == "hf" else spec["kind"],
+                vocab_size or spec["vocab_size"],
                 tokenizer_file=str(like / spec["file"]) if spec.get("file") else None,
             )
     return target
@@ -102,7 +112,7 @@ def text(
     *,
     root: str,
     block_size: Annotated[int, at_least(1)],
-    vocab_size: Annotated[int, at_least(1)],
+    vocab_size: Annotated[int | None, optional(at_least(1), "the tokenizer's")],
     val_fraction: float,
     tokenizer: str,
     cache: str,
@@ -113,7 +123,7 @@ def text(
     folder = tokenized(root, tokenizer, vocab_size, cache)
     index = json.loads((folder / INDEX).read_text())
     spec = index["tokenizer"]
-    if spec["vocab_size"] > vocab_size:
+    if vocab_size is not None and spec["vocab_size"] > vocab_size:
         raise UserError(
             f"dataset.vocab_size: the tokenizer of {folder} has {spec['vocab_size']:,} tokens, more than "
             f"dataset.vocab_size={vocab_size:,} (the model's); set dataset.vocab_size={spec['vocab_size']}"
@@ -122,10 +132,14 @@ def text(
     if val_root:  # split by file: all of root trains, val_root validates
         val_folder = tokenized(val_root, tokenizer, vocab_size, cache, like=folder)
         if _tokenizer_identity(val_folder) != _tokenizer_identity(folder):
+            same = (
+                f"--tokenizer hf:{folder / spec['folder']}"
+                if spec["kind"] == "hf"
+                else f"--tokenizer-file {folder / spec.get('file', 'tokenizer.json')}"
+            )
             raise UserError(
                 f"dataset.val_root: {val_folder} was tokenized with another tokenizer than {folder}; "
-                f"tokenize it with --tokenizer-file {folder / spec.get('file', 'tokenizer.json')}, "
-                f"or give the raw text"
+                f"tokenize it with {same}, or give the raw text"
             )
         val_index = json.loads((val_folder / INDEX).read_text())
         split, n_val = total, int(val_index["tokens"])
@@ -145,7 +159,7 @@ def text(
     text = TextInfo(
         tokenizer=spec,
         tokenizer_dir=str(folder),
-        vocab_size=vocab_size,
+        vocab_size=vocab_size or spec["vocab_size"],
         max_length=block_size,
         pad_id=None,
         bytes_per_token=index["bytes"] / max(total, 1),

@@ -3,9 +3,11 @@
     root/train.jsonl ({"text": ..., "label": ...} a line) or root/train.csv (text,label columns),
     root/val.* (or dataset.val_split), root/test.* (optional)
 
-Texts are tokenized once (dataset.tokenizer: byte, or a BPE tokenizer.json in dataset.tokenizer_file),
-cut to dataset.max_length tokens and padded with the id dataset.vocab_size (one past the vocabulary),
-which model=text_encoder masks out. Labels are the training file's, sorted.
+Texts are tokenized once (dataset.tokenizer: byte, a BPE tokenizer.json in dataset.tokenizer_file, or
+hf:<model>, a pretrained model's own, with its special tokens), cut to dataset.max_length tokens and
+padded: with the id dataset.vocab_size (one past the vocabulary), which model=text_encoder masks out, or
+with a pretrained tokenizer's pad token, which model=hf masks out. Labels are the training file's,
+sorted.
 """
 
 import csv
@@ -16,11 +18,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from trainer.core.errors import UserError
-from trainer.core.fields import at_least
+from trainer.core.fields import at_least, optional
 from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle, TextInfo, ValSplit
 from trainer.data.jsonl import json_lines
-from trainer.text.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
+from trainer.text.tokenizers import BPETokenizer, PretrainedTokenizer, Tokenizer, named_tokenizer
 
 
 def split_file(root: Path, split: str) -> Path | None:
@@ -85,7 +87,7 @@ def text_classification(
     *,
     root: str,
     max_length: Annotated[int, at_least(1)],
-    vocab_size: Annotated[int, at_least(1)],
+    vocab_size: Annotated[int | None, optional(at_least(1), "the tokenizer's")],
     tokenizer: str,
     tokenizer_file: str | None,
     val_split: ValSplit,
@@ -93,23 +95,28 @@ def text_classification(
     """The classes are the labels of the training file, sorted."""
     folder = Path(root)
     classes = label_names(root)
-    if tokenizer == "byte":
-        tok: Tokenizer = ByteTokenizer()
-        spec_folder = None
-    elif tokenizer == "bpe" and tokenizer_file:
-        tok, spec_folder = BPETokenizer.load(Path(tokenizer_file)), Path(tokenizer_file).parent
+    spec_folder = None
+    if tokenizer == "bpe" and tokenizer_file:
+        tok: Tokenizer = BPETokenizer.load(Path(tokenizer_file))
+        spec_folder = Path(tokenizer_file).parent
+    elif tokenizer != "bpe":
+        tok = named_tokenizer(tokenizer, vocab_size, special_tokens=True)
     else:
-        raise UserError("dataset.tokenizer: byte, or bpe with dataset.tokenizer_file=<tokenizer.json>")
-    if tok.vocab_size > vocab_size:
+        raise UserError(
+            "dataset.tokenizer: byte, bpe with dataset.tokenizer_file=<tokenizer.json>, or hf:<model>"
+        )
+    if vocab_size is not None and tok.vocab_size > vocab_size:
         raise UserError(
             f"dataset.vocab_size: the tokenizer has {tok.vocab_size:,} tokens, more than "
             f"dataset.vocab_size={vocab_size:,}; set dataset.vocab_size={tok.vocab_size}"
         )
+    vocab_size = vocab_size or tok.vocab_size
+    pad_id = tok.pad_id if isinstance(tok, PretrainedTokenizer) else vocab_size
     splits = {}
     for split in ("train", "val", "test"):
         path = split_file(folder, split)
         if path is not None:
-            splits[split] = encode(read_examples(path), tok, classes, max_length, vocab_size, path)
+            splits[split] = encode(read_examples(path), tok, classes, max_length, pad_id, path)
     if "val" not in splits:
         if not 0 < val_split < 1:
             raise UserError(
@@ -121,17 +128,19 @@ def text_classification(
         n_val = max(1, int(round(val_split * len(labels))))
         splits["val"] = TensorDataset(ids[order[:n_val]], labels[order[:n_val]])
         splits["train"] = TensorDataset(ids[order[n_val:]], labels[order[n_val:]])
-    spec = {
+    pretrained = isinstance(tok, PretrainedTokenizer)
+    spec = tok.spec() if pretrained else {
         "kind": tok.kind,
         "vocab_size": tok.vocab_size,
         **({"file": Path(tokenizer_file).name} if tokenizer_file and tok.kind == "bpe" else {}),
-    }
+    }  # fmt: skip
     text = TextInfo(
         tokenizer=spec,
         tokenizer_dir=str(spec_folder or folder),
         vocab_size=vocab_size,
         max_length=max_length,
-        pad_id=vocab_size,
+        pad_id=pad_id,
+        saved_by=tok if pretrained else None,  # a pretrained tokenizer writes its own folder
     )
     return DataBundle(
         train=splits["train"],

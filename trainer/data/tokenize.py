@@ -1,4 +1,4 @@
-"""`python -m trainer.data.tokenize <inputs...> <out> [--tokenizer byte|bpe] [--vocab-size N]
+"""`python -m trainer.data.tokenize <inputs...> <out> [--tokenizer byte|bpe|hf:<model>] [--vocab-size N]
 [--tokenizer-file tokenizer.json] [--field text]`: a corpus as one memory-mapped array of token ids
 (trainer/data/corpus.py, which the text dataset imports; this module is only the command, so that
 `python -m` finds it not yet imported)."""
@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "paths", nargs="+", help="the inputs (.txt, .jsonl, folders, globs), then the output folder"
     )
-    parser.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
+    parser.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="byte, bpe (trained here), or hf:<folder or hub name> (a pretrained model's own; the hf extra)",
+    )
     parser.add_argument("--vocab-size", type=int, default=8192, help="bpe: the vocabulary to train")
     parser.add_argument("--tokenizer-file", help="bpe: a tokenizer.json to use instead of training one")
     parser.add_argument("--field", default="text", help="JSONL: the key holding each document")

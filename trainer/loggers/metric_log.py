@@ -155,6 +155,8 @@ def _fmt(key: str, value: float) -> str:
         return f"lr {value:.3g}"
     if key == "images_per_sec":
         return f"{value:,.0f} img/s"
+    if key.endswith("s_per_sec"):  # tokens_per_sec, a task's own unit
+        return f"{value:,.0f} {key.removesuffix('s_per_sec')}s/s"
     if key.endswith("time_s"):
         return f"{value:.1f} s"
     return f"{key} {value:.4f}"

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from trainer.core.errors import UserError
+from trainer.core.hooks import ModelHooks
 from trainer.core.registry import MODELS
-from trainer.models.hooks import ModelHooks
 
 
 class Whitening(nn.Module):

@@ -33,6 +33,9 @@ def export_torchscript(
     # silence that one warning here, and nowhere else.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        # A traced branch on a shape stays as traced: what these warn of, the parity check below tests
+        # (another batch size, and another length where the length is dynamic).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.jit.save(torch.jit.trace(model, example), str(path))
         return torch.jit.load(str(path))
 
@@ -139,6 +142,7 @@ def export_run(cfg: Any, state: Any, bundle: Any, run_dir: Path) -> dict[str, An
     """A finished run's export/ folder: the model as tested (its weights' average, under the task's
     test-time augmentation, wrapped as the task exports it), every format of export.formats on real test
     inputs, the files its inputs need (a tokenizer), and manifest.json: what predict and serve read."""
+    from trainer.models import ModelHooks
     from trainer.tasks.abilities import ExportWrapper, SequenceInputs, TestTimeAugmentation
 
     task = state.task
@@ -165,6 +169,9 @@ def export_run(cfg: Any, state: Any, bundle: Any, run_dir: Path) -> dict[str, An
         "preprocess": bundle.preprocessing(),
     }
     manifest["task"]["options"].pop("name", None)
+    base = state.ema.module if state.ema is not None else state.plain
+    if isinstance(base, ModelHooks):  # what the model adds (a pretrained model's save_pretrained folder)
+        manifest.update(base.export_files(run_dir / "export"))
     dims = task.dynamic_dims() if isinstance(task, SequenceInputs) else {}
     return export_model(
         model,

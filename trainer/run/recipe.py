@@ -178,7 +178,14 @@ class Supervised(Recipe):
         if distributed.is_main():
             with trainer.timer.phase("export"):
                 manifest = export_run(cfg, trainer.s, self.data.bundle, self.run_dir)
-            self.export_failures = tuple(fmt for fmt, r in manifest["formats"].items() if "error" in r)
+            failed = tuple(fmt for fmt, r in manifest["formats"].items() if "error" in r)
+            if failed and manifest.get("saved_pretrained"):  # the model's own folder is the deliverable
+                log.warning(
+                    "export: %s failed for this model (see train.log); export/%s (save_pretrained) and the "
+                    "checkpoints are its export", ", ".join(failed), manifest["saved_pretrained"],
+                )  # fmt: skip
+            else:
+                self.export_failures = failed
             trainer.log.write(test, step=trainer.progress.step)
             trainer.log.hparams(hparams(cfg), {k: v for k, v in test.items() if isinstance(v, float)})
         return test

@@ -12,8 +12,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.core.checkpoint import rng_state, set_rng_state
+from trainer.core.hooks import ModelHooks
 from trainer.data import Loaders
-from trainer.models.hooks import ModelHooks
 from trainer.optim import load_optimizer_state, rates_from_config
 from trainer.run.ema import WeightAverage
 from trainer.run.progress import Progress
@@ -50,14 +50,17 @@ class TrainingState:
     def evaluated(self, tta: bool = True, plain: bool = False) -> nn.Module:
         """What is evaluated, tested and exported: the weights' average when there is one, under the
         task's test-time augmentation (unless `tta` is false: validation with trainer.val_tta=false).
-        `plain`: never a compiled or DDP wrapper (for export; with several processes each evaluates its
-        share, and DDP's forward would only add a buffer broadcast)."""
+        `plain`: never a compiled or DDP wrapper, and as the model exports itself (LoRA merged; for the
+        export; with several processes each evaluates its share, and DDP's forward would only add a
+        buffer broadcast)."""
         from trainer.core import distributed
 
         if self.ema is not None:
             model = self.ema.module
         else:
             model = self.plain if plain or distributed.active() else self.model
+        if plain and isinstance(model, ModelHooks):
+            model = model.for_export()
         return self.task.evaluated(model) if tta and isinstance(self.task, TestTimeAugmentation) else model
 
     # ---- checkpoints --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from trainer.core.checkpoint import load_checkpoint
 from trainer.core.cli import import_user_modules
 from trainer.core.errors import UserError
+from trainer.core.hooks import ModelHooks
 from trainer.text.tokenizers import Tokenizer, load_tokenizer
 
 
@@ -83,5 +84,7 @@ def load_run(run: Path, checkpoint: str) -> tuple[nn.Module, Tokenizer]:
     args = dict(state["model_args"])  # the model's name, parameters and what the data gave it
     model = MODELS.build(args.pop("name"), **args)
     model.load_state_dict(state.get("ema") or state["model"])
+    if isinstance(model, ModelHooks):
+        model = model.for_export()  # LoRA's adapters merged: one plain model, faster to run
     spec = json.loads((run / "tokenizer" / "tokenizer_spec.json").read_text())
     return model.eval(), load_tokenizer(spec, run / "tokenizer")

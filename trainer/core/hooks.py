@@ -6,6 +6,9 @@ it needs none of them. Every method has a default that does nothing.
         def init_from_data(self, inputs): ...   # fastnet's whitening layer, from the first batch
 """
 
+from pathlib import Path
+from typing import Any
+
 from torch import Tensor, nn
 
 
@@ -29,3 +32,16 @@ class ModelHooks:
         """The model's repeated blocks (a transformer's layers), the units FSDP shards and activation
         checkpointing wraps; [] when it has none."""
         return []
+
+    def for_export(self) -> nn.Module:
+        """The module the export traces and generation runs (LoRA's adapters merged into the weights, say);
+        the model itself by default."""
+        assert isinstance(self, nn.Module)
+        return self
+
+    def export_files(self, folder: Path) -> dict[str, Any]:
+        """Writes what a consumer wants beside the export's formats into `folder`, and returns the
+        manifest entries that name it; {} by default. A pretrained transformers model writes its
+        save_pretrained folder ({"saved_pretrained": "hf"}): where a format cannot be exported, that
+        folder is the export, and the run does not fail for it."""
+        return {}
