@@ -361,7 +361,9 @@ def test_keep_cpu_memory_stops_freed_tensors_faulting_in_again():
     if answer == "not glibc":
         pytest.skip("not glibc: process.keep_cpu_memory has nothing to set here")
     plain, kept = map(int, answer.split())
-    assert plain > 40_000  # every 4 KiB page of 160 MiB, every step
+    # every 4 KiB page of the two 64 MiB blocks, every step (the 32 MiB one may come from the heap
+    # already: glibc raises its mmap threshold to 32 MiB after the first free; CI measured 32,772)
+    assert plain > 30_000
     assert kept < plain / 20  # the blocks come back from the heap, already in memory (measured: 0)
 
 
