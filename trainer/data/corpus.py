@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.core.atomic import write_text
+from trainer.core.atomic import temporary_name, write_text
 from trainer.core.errors import UserError
 from trainer.data.jsonl import json_lines
 from trainer.text.tokenizers import BPETokenizer, Tokenizer, named_tokenizer
@@ -83,7 +83,8 @@ def tokenize(
         tok = named_tokenizer(tokenizer, vocab_size, special_tokens=False)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     spans, total, corpus_bytes = [], 0, 0
-    with open(out / f"{TOKENS}.tmp", "wb") as f:
+    partial = temporary_name(out / TOKENS)  # this process's: another may tokenize the same corpus at once
+    with open(partial, "wb") as f:
         for where, text in documents(files, field):
             ids = tok.encode(text)
             ids = np.asarray(ids if tok.eos_id is None else [*ids, tok.eos_id], dtype=dtype)
@@ -92,9 +93,9 @@ def tokenize(
             total += len(ids)
             corpus_bytes += len(text.encode("utf-8"))
     if total == 0:
-        (out / f"{TOKENS}.tmp").unlink()
+        partial.unlink()
         raise UserError(f"inputs: the corpus ({len(files)} file(s)) holds no text")
-    (out / f"{TOKENS}.tmp").replace(out / TOKENS)
+    partial.replace(out / TOKENS)
     index = {
         "tokenizer": tok.save(out),
         "dtype": np.dtype(dtype).name,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from trainer.core import distributed
 from trainer.core.errors import UserError
 from trainer.core.fields import at_least, optional
 from trainer.core.registry import DATASETS
@@ -91,7 +92,7 @@ def tokenized(
         return folder
     identity = _tokenizer_identity(like) if like else ""
     target = Path(cache) / _cache_key(root, tokenizer, vocab_size, identity)
-    if not (target / INDEX).is_file():
+    if not (target / INDEX).is_file() and distributed.is_main():  # with torchrun: rank 0, the others wait
         log.info("tokenizing %s (%s) into %s, once", root, tokenizer, target)
         if like is None:
             tokenize([root], target, tokenizer, vocab_size or 8192)
@@ -104,6 +105,7 @@ def tokenized(
                 vocab_size or spec["vocab_size"],
                 tokenizer_file=str(like / spec["file"]) if spec.get("file") else None,
             )
+    distributed.barrier()
     return target
 
 
