@@ -243,3 +243,16 @@ def test_hf_trainer_benchmark_trains_both_sides_on_the_same_steps(task):
     assert data["steps"]["ours"] == data["steps"]["hf"] > 0  # the same batches, epoch for epoch
     assert all(0 < loss < 20 for loss in data["val_loss"].values())
     assert all(mb > 100 for mb in data["peak_mb"].values())  # a live torch process's, in MB
+
+
+def test_sharding_benchmark_measures_both_strategies_on_two_processes():
+    result = run_benchmark("sharding", "--tiny")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["benchmark"] == "sharding" and data["processes"] == 2
+    ddp, fsdp = data["ddp"], data["fsdp"]
+    # the GPT 2 x 32 with vocab 256, block 32: 33,952 parameters (the head tied), float32: 0.13 MB whole
+    assert ddp["parameters_mb"] == pytest.approx(33_952 * 4 / 2**20, rel=0.01)
+    assert ddp["optimizer_mb"] == pytest.approx(2 * ddp["parameters_mb"])  # Adam's two moments
+    assert fsdp["state_mb"] <= 0.6 * ddp["state_mb"]  # the bar; two shards make it 0.5
+    assert ddp["peak_rss_mb"] > 100 and ddp["step_ms"] > 0

@@ -201,6 +201,28 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(hf, tmp_path, lora):
     assert_same_training_state(run_dir, tmp_path / "straight")
 
 
+def test_lora_under_fsdp_trains_what_ddp_trains_and_exports_the_merged_model(hf, tmp_path):
+    """Two processes: the GPT-2's layers sharded (its repeated_blocks), activations recomputed, only the
+    LoRA weights training; the losses are DDP's, and the export is the whole merged model."""
+    from test_fsdp import torchrun
+
+    args = lm_args(
+        hf, "trainer.max_epochs=2", "trainer.limit_train_batches=10", "export.formats=[torch_export]"
+    )
+    for strategy in ("fsdp", "ddp"):
+        result = torchrun(
+            *args, f"trainer.strategy={strategy}", "trainer.activation_checkpointing=true",
+            f"hydra.run.dir={tmp_path / strategy}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (json.loads((tmp_path / s / "metrics.json").read_text()) for s in ("fsdp", "ddp"))
+    assert a["test/loss"] == pytest.approx(b["test/loss"], rel=1e-5) and a["steps"] == b["steps"] == 20
+    manifest = json.loads((tmp_path / "fsdp" / "export" / "manifest.json").read_text())
+    assert manifest["formats"]["torch_export"]["parity"] and manifest["saved_pretrained"] == "hf"
+    best = load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "best.pt")["model"]
+    assert best and all("lora_" in key for key in best)  # the checkpoint holds what trains
+
+
 def test_a_bert_class_model_learns_labelled_sentences_and_predicts_them(hf, tmp_path):
     """Every weight fine-tuned (model.lora=null; the ViT below trains through LoRA): the sentences' label
     is the one word of mood in them."""

@@ -28,7 +28,8 @@ def train(cfg: DictConfig) -> float | None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         from trainer.sweep.jobs import run_sweep_job
 
-        return run_sweep_job(cfg, run)  # a failed job is recorded and the sweep goes on
+        with distributed.submitit_tasks():  # a job of several Slurm tasks: one process group
+            return run_sweep_job(cfg, run)  # a failed job is recorded and the sweep goes on
     # Errors are turned into exit codes here, inside the job: past this point Hydra would add its
     # own report of a failed job to our one-line message.
     with exit_codes():

@@ -73,6 +73,16 @@ class TrainerConfig:
     sync_batchnorm: bool = setting(
         False, "with several processes on GPUs: BatchNorm statistics of the global batch"
     )
+    strategy: str = setting(
+        "auto",
+        "auto or ddp (one process, or DDP under torchrun), fsdp (FSDP2: parameters, gradients and "
+        "optimizer state sharded over the processes; checkpoints with torch.distributed.checkpoint)",
+        one_of("auto", "ddp", "fsdp"),
+    )
+    activation_checkpointing: bool = setting(
+        False, "recompute each block's activations in the backward pass (less memory, more compute)"
+    )
+    cpu_offload: bool = setting(False, "with fsdp on CUDA: the sharded parameters live in CPU memory")
     profile: bool = setting(False, "a torch.profiler trace of a few steps, beside the TensorBoard events")
     profile_steps: int = setting(5, "how many steps the trace records", at_least(1))
 

@@ -86,6 +86,10 @@ class CheckpointWriter:
         if pending is not None:
             pending.result()
 
+    def settle(self) -> None:
+        """The write landed (one writer: rank 0's, so nothing to agree on with the others)."""
+        self.wait()
+
     def _write(self, state: dict[str, Any], step: int, last: bool, best: bool) -> None:
         if last:
             path = save_checkpoint(state, self.folder / "last.pt")

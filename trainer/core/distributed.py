@@ -6,9 +6,11 @@ only warnings, to the console. Everything else reads `rank()` and `world_size()`
 """
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -37,6 +39,35 @@ def init() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     atexit.register(_leave)  # however the process ends: an exit with the group alive can abort in C++
+
+
+@contextlib.contextmanager
+def submitit_tasks() -> Iterator[None]:
+    """A sweep job that submitit runs as several tasks (hydra.launcher.nodes or tasks_per_node above 1,
+    on Slurm or submitit_local) is one torch.distributed job: submitit names each task's rank and the
+    first node, which become the env:// variables torchrun would set. Rank 0 writes the job's records
+    and log; the others log warnings to their own stderr. Anything else: nothing to do."""
+    tasks = 1
+    if not launched() and os.environ.get("SUBMITIT_EXECUTOR"):
+        from submitit import JobEnvironment
+
+        tasks = JobEnvironment().num_tasks
+    if tasks <= 1:
+        yield
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    init()
+    if not is_main():
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)  # rank 0's train.log
+        root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        shutdown()
 
 
 def shutdown() -> None:

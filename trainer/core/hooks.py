@@ -28,10 +28,11 @@ class ModelHooks:
         processes is refused until that epoch."""
         return 0
 
-    def blocks(self) -> list[nn.Module]:
+    def repeated_blocks(self) -> list[nn.Module]:
         """The model's repeated blocks (a transformer's layers), the units FSDP shards and activation
-        checkpointing wraps; [] when it has none."""
-        return []
+        checkpointing wraps. By default the convention of GPT's and timm's models: a `blocks` attribute
+        that is a ModuleList or Sequential; [] when there is none."""
+        return _blocks_attribute(self)
 
     def for_export(self) -> nn.Module:
         """The module the export traces and generation runs (LoRA's adapters merged into the weights, say);
@@ -45,3 +46,19 @@ class ModelHooks:
         save_pretrained folder ({"saved_pretrained": "hf"}): where a format cannot be exported, that
         folder is the export, and the run does not fail for it."""
         return {}
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """A model's repeated blocks: its own answer when it declares ModelHooks, else the `blocks`
+    attribute convention (GPT's, timm's vision transformers')."""
+    return model.repeated_blocks() if isinstance(model, ModelHooks) else _blocks_attribute(model)
+
+
+def _blocks_attribute(model: object) -> list[nn.Module]:
+    blocks = getattr(model, "blocks", None)
+    return list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else []
+
+
+def initialises_from_data(model: nn.Module) -> bool:
+    """Whether the model has its own init_from_data (fastnet's whitening), not the default's nothing."""
+    return isinstance(model, ModelHooks) and type(model).init_from_data is not ModelHooks.init_from_data

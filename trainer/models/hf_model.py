@@ -76,7 +76,7 @@ class HFModel(nn.Module, ModelHooks):
             return Cache(DynamicCache())
 
     # ---- what the run asks of a model -----------------------------------------------------------------
-    def blocks(self) -> list[nn.Module]:
+    def repeated_blocks(self) -> list[nn.Module]:
         """The transformer's layers: the ModuleList as long as the config's layer count."""
         layers = getattr(self.config, "num_hidden_layers", None)
         for module in self.model.modules():
@@ -117,15 +117,19 @@ class HFModel(nn.Module, ModelHooks):
                 del full[key]
         return full
 
-    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        state = state_dict  # torch's name for it: torch.distributed.checkpoint passes it by keyword
         if self.saved is None:
             return super().load_state_dict(state, strict=strict, assign=assign)
-        missing, unexpected = sorted(self.saved - set(state)), sorted(set(state) - self.saved)
+        # The trained weights must be there; frozen ones may be too (FSDP's whole-model loading passes
+        # every weight, the frozen ones as they are), and are then loaded as well.
+        known = set(nn.Module.state_dict(self))
+        missing, unexpected = sorted(self.saved - set(state)), sorted(set(state) - known)
         if strict and (missing or unexpected):
             raise RuntimeError(
                 f"Error(s) in loading state_dict for HFModel: missing {missing[:4]}, "
                 f"unexpected {unexpected[:4]}"
             )
         return super().load_state_dict(
-            {k: v for k, v in state.items() if k in self.saved}, strict=False, assign=assign
+            {k: v for k, v in state.items() if k in known}, strict=False, assign=assign
         )

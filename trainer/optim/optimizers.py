@@ -4,6 +4,7 @@ Every optimizer strategy splits the parameters so norms, biases and embedding ta
 (decaying them only shrinks a scale, a shift or a lookup and hurts accuracy)."""
 
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
@@ -211,11 +212,17 @@ def use_fused(groups: list[dict], fused: bool | None) -> bool | None:
     return (supported and bool(params)) if fused is None else fused or None
 
 
-def load_optimizer_state(optimizer: Optimizer, saved: dict[str, Any]) -> None:
+def load_optimizer_state(
+    optimizer: Optimizer, saved: dict[str, Any] | None, load: Callable[[], None] | None = None
+) -> None:
     """The saved state (momentum, moments) under the configured hyperparameters: an override given on
-    resume is applied, never ignored, and each change is said once."""
+    resume is applied, never ignored, and each change is said once. `load`: how the state gets in
+    instead of optimizer.load_state_dict(saved) (a sharded checkpoint's reader)."""
     configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
+    if load is None:
+        optimizer.load_state_dict(saved)
+    else:
+        load()
     changes = set()
     for group, wanted in zip(optimizer.param_groups, configured):
         for key, value in wanted.items():

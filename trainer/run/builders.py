@@ -14,6 +14,7 @@ from torch import nn
 from trainer.config import params_of
 from trainer.core import distributed
 from trainer.core.errors import UserError
+from trainer.core.hooks import initialises_from_data
 from trainer.core.registry import LOGGERS, TASKS, preprocessing
 from trainer.data import DATA_FACTS, DATASETS, DataBundle, Loaders, build_loaders
 from trainer.loggers.metric_log import MetricLog, NullMetricLog
@@ -155,7 +156,9 @@ def build_freezer(cfg: DictConfig, model: nn.Module, first_epoch: int) -> Any:
     until finetune.unfreeze_at_epoch (the freezer, None when nothing is frozen), and the model's own
     start_epoch hook."""
     f = cfg.finetune
-    refuse_changing_parameters(model, cfg.model.name, f.unfreeze_at_epoch if f.freeze else 0, first_epoch)
+    refuse_changing_parameters(
+        model, cfg.model.name, f.unfreeze_at_epoch if f.freeze else 0, first_epoch, cfg.trainer.strategy
+    )
     freezer = None
     if f.freeze:
         from trainer.run.finetune import Freezer
@@ -167,23 +170,54 @@ def build_freezer(cfg: DictConfig, model: nn.Module, first_epoch: int) -> Any:
     return freezer
 
 
-def wrap(cfg: DictConfig, model: nn.Module, device: torch.device, plan: RunPlan) -> nn.Module:
-    """What steps: the model in DDP with several processes, compiled when trainer.compile asks."""
-    stepped = distributed.wrap(model, device, cfg.trainer.sync_batchnorm)
+def wrap(cfg: DictConfig, model: nn.Module, device: torch.device, plan: RunPlan, sharded: bool) -> nn.Module:
+    """What steps: the model in DDP with several processes (already sharded with fsdp), compiled when
+    trainer.compile asks."""
+    stepped = model if sharded else distributed.wrap(model, device, cfg.trainer.sync_batchnorm)
     return compile_model(stepped, plan.compile_mode) if plan.compile else stepped
 
 
+def shard(cfg: DictConfig, model: nn.Module, ema: WeightAverage | None, device: torch.device) -> bool:
+    """trainer.activation_checkpointing on the model's blocks; trainer.strategy=fsdp: the model and its
+    average sharded over the processes (FSDP2). Returns whether they are."""
+    from trainer.run import sharding
+
+    t = cfg.trainer
+    if t.activation_checkpointing:
+        sharding.checkpoint_activations(model, cfg.model.name)
+    if t.strategy != "fsdp":
+        if t.cpu_offload:
+            raise UserError(
+                "trainer.cpu_offload: offloads FSDP's shards; set trainer.strategy=fsdp, or drop it"
+            )
+        return False
+    if initialises_from_data(model):
+        raise UserError(
+            f"trainer.strategy=fsdp: model={cfg.model.name} initialises itself from the first batch, which "
+            f"sharded weights cannot take; set trainer.strategy=ddp"
+        )
+    for module in [model] if ema is None else [model, ema.module]:
+        sharding.shard(module, device, str(t.precision), t.cpu_offload, cfg.model.name)
+    return True
+
+
 def refuse_changing_parameters(
-    model: nn.Module, model_name: str, unfreeze_at_epoch: int, first_epoch: int
+    model: nn.Module, model_name: str, unfreeze_at_epoch: int, first_epoch: int, strategy: str = "auto"
 ) -> None:
     """DDP fixes the trained parameters when it wraps the model, and would then silently skip the
-    gradient reduction of any that start or stop training: refused while that can still happen."""
-    if not distributed.active():
+    gradient reduction of any that start or stop training (FSDP fixes them when it shards): refused
+    while that can still happen."""
+    if not distributed.active() and strategy != "fsdp":
         return
     if unfreeze_at_epoch:
+        fixes = (
+            "with trainer.strategy=fsdp FSDP fixes the trained parameters when it shards"
+            if strategy == "fsdp"
+            else "with several processes DDP fixes the trained parameters when it wraps"
+        )
         raise UserError(
-            "finetune.unfreeze_at_epoch: with several processes DDP fixes the trained parameters when "
-            "it wraps the model; unfreeze in a resumed run instead (finetune.freeze=[] on resume)"
+            f"finetune.unfreeze_at_epoch: {fixes} the model; unfreeze in a resumed run instead "
+            "(finetune.freeze=[] on resume)"
         )
     if isinstance(model, ModelHooks) and model.changes_trained_parameters_until() > first_epoch:
         raise UserError(

@@ -34,7 +34,8 @@ def check_finite_validation(val: dict[str, float], train: dict[str, float], epoc
 
 
 def check_finite_weights(state: dict[str, Any], step: int) -> None:
-    floats = [t.isfinite().all() for t in state["model"].values() if t.is_floating_point()]
+    tensors = (getattr(t, "_local_tensor", t) for t in state["model"].values())  # a shard: this process's
+    floats = [t.isfinite().all() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if floats and not bool(torch.stack(floats).all()):  # one host sync for the whole model
         raise NonFiniteLoss(
             f"trainer: the weights became NaN or Inf by step {step}; stopped without saving, the "

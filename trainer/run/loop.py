@@ -37,9 +37,17 @@ class Trainer:
         self.stop = Stop()  # the stop signal received (stop_on_signals, while fitting), checked between steps
         self.train_metrics = MetricSet(state.task.train_metrics(), state.device, with_loss=False)
         # Once a checkpoint has landed, the trackers may have the points it covers (MetricLog).
-        self.writer = CheckpointWriter(
-            run_dir / "checkpoints", plan.keep_last, on_saved=metric_log.checkpointed
-        )
+        if state.sharded:  # every process writes its shards (trainer.strategy=fsdp)
+            from trainer.core.sharded_checkpoint import ShardedCheckpointWriter
+            from trainer.run.sharding import checkpoint_group
+
+            self.writer: Any = ShardedCheckpointWriter(
+                run_dir / "checkpoints", plan.keep_last, metric_log.checkpointed, checkpoint_group()
+            )
+        else:
+            self.writer = CheckpointWriter(
+                run_dir / "checkpoints", plan.keep_last, on_saved=metric_log.checkpointed
+            )
 
     def fit(self) -> None:
         p, plan = self.progress, self.plan
@@ -57,6 +65,7 @@ class Trainer:
                     self.save_epoch_checkpoints()
                     if health.stop_agreed(self.stop, self.s.device, at_check=True):
                         raise StopRequested(self.stop.signum)
+                self.writer.settle()  # every process's part of the last checkpoint is written
             finally:
                 self.writer.wait()  # whatever happens, the checkpoint in flight lands before fit returns
 
@@ -134,6 +143,8 @@ class Trainer:
         was skipped) and the outputs, as device tensors: nothing here waits for the device."""
         ddp = getattr(self.s.model, "_orig_mod", self.s.model)  # under torch.compile's wrapper
         accumulating = isinstance(ddp, nn.parallel.DistributedDataParallel) and not step_now
+        if self.s.sharded:  # FSDP: no reduce-scatter until the batch that steps
+            self.s.plain.set_requires_gradient_sync(step_now)
         with ddp.no_sync() if accumulating else contextlib.nullcontext():  # no all-reduce until the step
             with self.timer.section("forward+backward"):
                 loss, outputs = self.forward_backward(self.s.task.mix(batch), weight)
@@ -214,16 +225,17 @@ class Trainer:
 
     def save_checkpoint(self, last: bool = True, best: bool = False, wait: bool = False) -> Path:
         """Copies the state and hands it to the background writer; the time charged to "checkpoint" is
-        what the loop waits for (the copy, and any write still in flight). Rank 0 writes."""
+        what the loop waits for (the copy, and any write still in flight). Rank 0 writes; sharded, every
+        process writes its shards."""
         path = self.run_dir / "checkpoints" / ("last.pt" if last else "best.pt")
-        if not distributed.is_main():
+        if not (distributed.is_main() or self.s.sharded):
             return path
         with self.timer.phase("checkpoint"):
-            state = self.s.state_dict(self.progress, self.log)
+            state = self.s.state_dict(self.progress, self.log, best=best)
             health.check_finite_weights(state, self.progress.step)
-            self.writer.save(state, self.progress.step, last=last, best=best)
+            path = self.writer.save(state, self.progress.step, last=last, best=best) or path
             if wait:
-                self.writer.wait()
+                self.writer.settle()
         return path
 
     def save_on_stop(self, signum: int) -> None:

@@ -16,8 +16,8 @@ from trainer.core import distributed
 from trainer.core.atomic import write_text
 from trainer.core.checkpoint import load_checkpoint, remove_stale_temporaries
 from trainer.core.devices import pick_device
+from trainer.core.hooks import initialises_from_data
 from trainer.data import sample_batch
-from trainer.models import ModelHooks
 from trainer.run import builders
 from trainer.run.export import export_run
 from trainer.run.loop import Trainer
@@ -102,18 +102,20 @@ class Supervised(Recipe):
         plan = RunPlan.resolve(cfg, len(data.loaders.train), task, device)
         if plan.channels_last:  # only when asked: it inspects every parameter (a lazy one cannot answer)
             model = model.to(memory_format=torch.channels_last)
-        optimizer = builders.build_optimizer(cfg, model)
+        ema = builders.build_ema(cfg, model, plan)  # a copy of the whole model, sharded beside it with fsdp
+        sharded = builders.shard(cfg, model, ema, device)  # fsdp; activation checkpointing
+        optimizer = builders.build_optimizer(cfg, model)  # every parameter (of the shards, when sharded)
         progress = resume.part("progress", {})
         freezer = builders.build_freezer(cfg, model, progress.get("epoch", 0))  # before DDP wraps the model
         self.metric_log = builders.build_metric_log(
             cfg, self.run_dir, resume.part("loggers"), progress.get("step")
         )
         state = TrainingState(
-            model=builders.wrap(cfg, model, device, plan), plain=model, optimizer=optimizer,
+            model=builders.wrap(cfg, model, device, plan, sharded), plain=model, optimizer=optimizer,
             scheduler=builders.build_scheduler(cfg, optimizer, plan, resume.part("progress")),
             scaler=torch.amp.GradScaler(device.type, enabled=plan.autocast_dtype is torch.float16),
             loaders=data.loaders, task=task, device=device, config=OmegaConf.to_container(cfg, resolve=True),
-            model_args=model_args, ema=builders.build_ema(cfg, model, plan), freezer=freezer,
+            model_args=model_args, ema=ema, freezer=freezer, sharded=sharded,
         )  # fmt: skip
         self.trainer = Trainer(state, plan, self.run_dir, self.metric_log)
         self.start_or_resume()
@@ -143,7 +145,7 @@ class Supervised(Recipe):
         """A fresh run: a model with a data-dependent initialisation gets the first training batch (every
         process starts from rank 0's); TensorBoard gets a grid of training images."""
         state, bundle = self.trainer.s, self.data.bundle
-        if isinstance(state.plain, ModelHooks):
+        if initialises_from_data(state.plain):
             from trainer.tasks.base import move
 
             batch = move(next(iter(state.loaders.train)), state.device, self.trainer.plan.channels_last)
@@ -167,17 +169,19 @@ class Supervised(Recipe):
         """Tests the best checkpoint (each process its share), and exports it (rank 0)."""
         trainer, cfg = self.trainer, self.cfg
         best = self.run_dir / "checkpoints" / "best.pt"
-        if best.is_file():
-            trainer.s.load_weights(load_checkpoint(best))
+        weights = load_checkpoint(best) if best.is_file() else None
+        if weights is not None:
+            trainer.s.load_weights(weights)
         else:
             log.warning(
                 "no best checkpoint (%s was never finite); testing the last weights", trainer.plan.monitor
             )
         with trainer.timer.phase("eval"):
             test = trainer.evaluate(trainer.s.loaders.test, cfg.trainer.limit_test_batches, "test")
+        exported = self.unsharded(weights) if trainer.s.sharded else trainer.s  # a collective without best.pt
         if distributed.is_main():
             with trainer.timer.phase("export"):
-                manifest = export_run(cfg, trainer.s, self.data.bundle, self.run_dir)
+                manifest = export_run(cfg, exported, self.data.bundle, self.run_dir)
             failed = tuple(fmt for fmt, r in manifest["formats"].items() if "error" in r)
             if failed and manifest.get("saved_pretrained"):  # the model's own folder is the deliverable
                 log.warning(
@@ -189,6 +193,23 @@ class Supervised(Recipe):
             trainer.log.write(test, step=trainer.progress.step)
             trainer.log.hparams(hparams(cfg), {k: v for k, v in test.items() if isinstance(v, float)})
         return test
+
+    def unsharded(self, weights: dict[str, Any] | None) -> TrainingState:
+        """What the export sees under fsdp: the whole model, unsharded, on rank 0 (others: unchanged),
+        from best.pt, or gathered from the shards when there is none (every process calls this)."""
+        from dataclasses import replace
+
+        from trainer.run.sharding import full_model_state
+
+        s = self.trainer.s
+        if weights is None:
+            weights = {"model": full_model_state(s.plain)}
+            weights["ema"] = None if s.ema is None else full_model_state(s.ema.module)
+        if not distributed.is_main():
+            return s
+        chosen = weights["model"] if s.ema is None else weights["ema"]  # what evaluated() gives
+        model = builders.build_model(self.cfg, s.model_args, chosen).to(s.device).eval()
+        return replace(s, model=model, plain=model, ema=None, sharded=False)
 
     def final_metrics(self, test: dict[str, Any], started: float) -> dict[str, Any]:
         p, plan, unit = self.trainer.progress, self.trainer.plan, self.trainer.s.task.unit

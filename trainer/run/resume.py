@@ -40,24 +40,47 @@ class Resume:
     def load(cls, cfg: DictConfig, run_dir: Path) -> "Resume":
         """The state `resume=` points at: a checkpoint file (verified, no fallback), a run dir's newest
         valid checkpoint, or with `auto` this run dir's newest valid checkpoint when there is one."""
-        from trainer.core.checkpoint import load_checkpoint, newest_valid  # torch: only when resuming
+        from trainer.core.checkpoint import load_checkpoint  # torch: only when resuming
+        from trainer.core.sharded_checkpoint import SUFFIX, load_folder
 
         source = cfg.resume
         if source is None:
             return cls()
         if source == "auto":
             try:
-                _, state = newest_valid(run_dir / "checkpoints")
+                state = newest(run_dir / "checkpoints")
             except UserError as e:
                 log.warning("resume=auto: %s; starting fresh", str(e).removeprefix("resume: "))
                 return cls()
+        elif Path(source).is_dir() and Path(source).suffix == SUFFIX:  # one sharded checkpoint
+            state = load_folder(Path(source))
         elif Path(source).is_dir():
-            _, state = newest_valid(Path(source) / "checkpoints")
+            state = newest(Path(source) / "checkpoints")
         else:
             state = load_checkpoint(Path(source))
         refuse_older(state["config"], source)
         check_compatible(state["config"], OmegaConf.to_container(cfg, resolve=True))
         return cls(state, source)
+
+
+def newest(checkpoints: Path) -> dict[str, Any]:
+    """The newest valid checkpoint of a run, single-file (last.pt, step-N.pt, best.pt) or sharded (a
+    step-N-E.dcp folder): a run may have been resumed with another trainer.strategy."""
+    from trainer.core.checkpoint import newest_valid
+    from trainer.core.sharded_checkpoint import has_sharded, newest_valid_folder
+
+    found, problems = [], []
+    for kind, newest_of in (("sharded", newest_valid_folder), ("file", newest_valid)):
+        if kind == "sharded" and not has_sharded(checkpoints):
+            continue
+        try:
+            found.append(newest_of(checkpoints)[1])
+        except UserError as e:
+            problems.append(e)
+    if not found:
+        raise problems[-1]
+    found = [s for s in found if s.get("optimizer", True) is not None] or found  # not an fsdp best.pt
+    return max(found, key=lambda s: (s["progress"]["step"], s["progress"]["epoch"]))
 
 
 def refuse_older(saved: dict[str, Any], source: str) -> None:
@@ -117,7 +140,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     target = Path(resume)
     if not target.exists():
         raise UserError(f"resume: {resume} does not exist; give a run dir, a checkpoint file, or auto")
-    run_dir = target if target.is_dir() else target.parent.parent
+    run_dir = target if target.is_dir() and target.suffix != ".dcp" else target.parent.parent
     saved = run_dir / ".hydra" / "overrides.yaml"
     if not saved.is_file():
         if target.is_dir():

@@ -4,6 +4,7 @@ all becomes a checkpoint's state and back."""
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.core.checkpoint import rng_state, set_rng_state
+from trainer.core.errors import UserError
 from trainer.core.hooks import ModelHooks
 from trainer.data import Loaders
 from trainer.optim import load_optimizer_state, rates_from_config
@@ -37,6 +39,7 @@ class TrainingState:
     model_args: dict[str, Any]  # what the model was built with (its name, parameters and the data's facts)
     ema: WeightAverage | None = None
     freezer: Any = None  # trainer.run.finetune.Freezer: which parameters train in each epoch; None: all
+    sharded: bool = False  # trainer.strategy=fsdp: the model (and average) sharded over the processes
 
     def train_mode(self, epoch: int, quiet: bool = False) -> None:
         """The model as it trains in `epoch` (0-based): train mode, and the parameters that train then
@@ -64,33 +67,62 @@ class TrainingState:
         return self.task.evaluated(model) if tta and isinstance(self.task, TestTimeAugmentation) else model
 
     # ---- checkpoints --------------------------------------------------------------------------------
-    def state_dict(self, progress: Progress, metric_log: Any) -> dict[str, Any]:
+    def state_dict(self, progress: Progress, metric_log: Any, best: bool = False) -> dict[str, Any]:
+        """Everything a checkpoint holds. Sharded: each process's shards of the model, optimizer and
+        average (torch.distributed.checkpoint's state dicts), and for `best` the whole model gathered on
+        rank 0 too (every process calls this then: gathering is a collective)."""
         from trainer import __version__
 
-        return {
-            "model": self.plain.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+        state = {
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": progress.state_dict(),
             "rng": rng_state(),
             "config": self.config,
             "model_args": self.model_args,
-            "ema": None if self.ema is None else self.ema.module.state_dict(),
             "task": self.task.state_dict(),
             "loggers": metric_log.state_dict(),
             "version": __version__,
         }
+        ema = None if self.ema is None else self.ema.module
+        if not self.sharded:
+            return {
+                **state,
+                "model": self.plain.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "ema": None if ema is None else ema.state_dict(),
+            }
+        from trainer.run import sharding
+
+        state.update(sharding.sharded_state(self.plain, self.optimizer, ema))
+        if best:
+            state["full_model"] = sharding.full_model_state(self.plain)
+            state["full_ema"] = None if ema is None else sharding.full_model_state(ema)
+        return state
 
     def load_training(self, state: dict[str, Any], progress: Progress, checkpoint: Any) -> None:
         """Restores a checkpoint's training state (checkpoint.reset_optimizer and reset_scheduler say what
         starts fresh). The current config's optimizer hyperparameters win over the saved ones (with a
         warning when they differ), so an override given on resume is never ignored."""
-        self.load_weights(state)
         progress.load_state_dict(state["progress"])
+        if "sharded" in state:
+            self.load_sharded(state, load_optimizer=not checkpoint.reset_optimizer)
+        else:
+            self.load_weights(state)
+            if state["optimizer"] is None and not checkpoint.reset_optimizer:
+                raise UserError(
+                    "resume: this checkpoint holds no optimizer state (an fsdp run's best.pt: the whole "
+                    "model only); resume from the run dir, or add checkpoint.reset_optimizer=true"
+                )
+            if self.sharded and not checkpoint.reset_optimizer:
+                raise UserError(
+                    "trainer.strategy=fsdp: this checkpoint is a single file (trainer.strategy=auto or ddp), "
+                    "whose optimizer state is not sharded; resume it with trainer.strategy=ddp, or add "
+                    "checkpoint.reset_optimizer=true to go on from its weights"
+                )
         if checkpoint.reset_optimizer:
             log.warning("checkpoint.reset_optimizer: optimizer state (momentum, moments) starts fresh")
-        else:
+        elif "sharded" not in state:
             load_optimizer_state(self.optimizer, state["optimizer"])
         if checkpoint.reset_scheduler:
             progress.schedule_start = progress.step
@@ -101,15 +133,54 @@ class TrainingState:
             self.scheduler.load_state_dict(state["scheduler"])
         rates_from_config(self.scheduler, self.optimizer)
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        if state.get("rng") is not None:
+            set_rng_state(state["rng"])
         log.info(
             "resumed at epoch %d, batch %d, step %d", progress.epoch, progress.batches_in_epoch, progress.step
         )
 
     def load_weights(self, state: dict[str, Any]) -> None:
-        self.plain.load_state_dict(state["model"])
+        """A single-file checkpoint's whole weights (into the shards, when sharded)."""
+
+        def load(module: nn.Module, weights: dict[str, Any]) -> None:
+            if self.sharded:
+                from trainer.run.sharding import load_full_model_state
+
+                load_full_model_state(module, weights)
+            else:
+                module.load_state_dict(weights)
+
+        load(self.plain, state["model"])
         if self.ema is not None:
             if state.get("ema") is None:  # a checkpoint from before ema.decay was set
                 self.ema.reset(self.plain)
             else:
-                self.ema.module.load_state_dict(state["ema"])
+                load(self.ema.module, state["ema"])
+
+    def load_sharded(self, state: dict[str, Any], load_optimizer: bool) -> None:
+        """A sharded checkpoint folder's model, optimizer and average, resharded to this run's processes
+        (or whole, for a run that is not sharded); each process's random generators when the number of
+        processes is the same, so the run continues bit for bit."""
+        from trainer.core import distributed
+        from trainer.core.sharded_checkpoint import rng_of
+        from trainer.run.sharding import load_sharded
+
+        folder, ema = state["sharded"], None if self.ema is None else self.ema.module
+
+        def load(optimizer: bool = True) -> None:
+            load_sharded(folder, self.plain, self.optimizer, ema, optimizer)
+
+        if load_optimizer:
+            load_optimizer_state(self.optimizer, None, load=load)
+        else:
+            load(optimizer=False)
+        state["rng"] = None
+        if state["world_size"] == distributed.world_size():
+            state["rng"] = rng_of(Path(folder), distributed.rank())
+        else:
+            log.warning(
+                "resumed on %d processes a checkpoint written by %d: the weights, optimizer and schedule "
+                "continue, resharded; the random generators start from the seed and the current epoch's "
+                "remaining batches are dealt anew, so the run continues correctly, not bit for bit",
+                distributed.world_size(), state["world_size"],
+            )  # fmt: skip

@@ -10,6 +10,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from trainer.core import distributed
 from trainer.core.errors import UserError
 from trainer.sweep.summary import JOB_RECORD, monitor_of, read_record, refresh_summary, write_json
 
@@ -28,8 +29,7 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) ->
             f"run this sweep with a new hydra.sweep.dir"
         )
         log.error(message)
-        write_json(job_dir / JOB_RECORD, {**previous, "conflict": {"overrides": overrides, "error": message}})
-        refresh_summary(job_dir.parent, monitor_of(cfg))
+        _record(job_dir, {**previous, "conflict": {"overrides": overrides, "error": message}}, cfg)
         return None
     if previous is not None and previous.get("status") == "done" and (job_dir / "metrics.json").is_file():
         log.info("job %s finished in an earlier run of this sweep (metrics.json); skipped", job_dir.name)
@@ -44,7 +44,7 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) ->
         "wall_time_s": (previous or {}).get("wall_time_s", 0.0),
         "runs": (previous or {}).get("runs", 0) + 1,
     }
-    write_json(job_dir / JOB_RECORD, record)
+    _record(job_dir, record, cfg, summary=False)
     started = time.perf_counter()
     try:
         record["best"] = run(cfg)
@@ -66,8 +66,15 @@ def run_sweep_job(cfg: DictConfig, run: Callable[[DictConfig], float | None]) ->
         return None
     finally:
         record["wall_time_s"] += time.perf_counter() - started
+        _record(job_dir, record, cfg)
+
+
+def _record(job_dir: Path, record: dict, cfg: DictConfig, summary: bool = True) -> None:
+    """job.json, and the sweep's summary; by rank 0 alone in a job of several processes."""
+    if distributed.is_main():
         write_json(job_dir / JOB_RECORD, record)
-        refresh_summary(job_dir.parent, monitor_of(cfg))
+        if summary:
+            refresh_summary(job_dir.parent, monitor_of(cfg))
 
 
 def _last_error(job_dir: Path) -> str | None:
