@@ -110,6 +110,28 @@ def test_fsdp_writes_sharded_checkpoints_and_a_whole_best_and_export(runs):
     assert "x 2 processes" in log and log.count("epoch 2 |") == 1
     generated = run_trainer(f"run={run}", "prompt=The", "max_new_tokens=5", module="trainer.generate")
     assert generated.returncode == 0 and generated.stdout.startswith("The"), generated.stderr
+    predicted = run_trainer(f"run={run}", "texts=[The quick]", module="trainer.predict")
+    assert predicted.returncode == 0 and "The quick" in predicted.stdout, predicted.stderr
+    assert_serves(run)
+
+
+def assert_serves(run: Path) -> None:
+    """trainer.serve's app over the FSDP run's export: a generation streamed to its end."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from trainer.serve import ServeSettings, build_app
+    from trainer.serving.predictor import Predictor
+
+    async def ask() -> None:
+        async with TestClient(TestServer(build_app(Predictor(run), ServeSettings()))) as client:
+            response = await client.post("/v1/generate", json={"prompt": "The", "max_new_tokens": 5})
+            assert response.status == 200
+            last = json.loads((await response.text()).strip().splitlines()[-1][len("data: ") :])
+            assert last == {"done": True, "tokens": 5}
+
+    asyncio.run(ask())
 
 
 def test_fsdp_trains_what_ddp_trains(runs):
