@@ -288,6 +288,7 @@ TIMING = {
     "images_per_sec",
     "tokens_per_sec",
     "epoch_time_s",
+    "steps_per_sec",  # recipe=ppo's environment steps
 }
 
 

@@ -18,8 +18,8 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
     [
         (
             ["model=resnte"],
-            "model=resnte: no such option; choose one of cnn, fastnet, gpt, hf, mlp, resnet, text_encoder, "
-            "timm, torchvision, tvseg, unet",
+            "model=resnte: no such option; choose one of actor_critic, cnn, fastnet, gpt, hf, mlp, resnet, "
+            "text_encoder, timm, torchvision, tvseg, unet",
         ),
         (
             ["task=segmentaton"],

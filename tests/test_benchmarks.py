@@ -256,3 +256,14 @@ def test_sharding_benchmark_measures_both_strategies_on_two_processes():
     assert ddp["optimizer_mb"] == pytest.approx(2 * ddp["parameters_mb"])  # Adam's two moments
     assert fsdp["state_mb"] <= 0.6 * ddp["state_mb"]  # the bar; two shards make it 0.5
     assert ddp["peak_rss_mb"] > 100 and ddp["step_ms"] > 0
+
+
+def test_cleanrl_benchmark_trains_both_ppos_for_the_same_steps():
+    pytest.importorskip("gymnasium")
+    result = run_benchmark("vs_cleanrl", "--steps", "4096", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    ours, one_file = data["rounds"][0]["ours"], data["rounds"][0]["one_file"]
+    assert ours["env_steps"] == one_file["env_steps"] == 4096  # 8 rollouts of 4 x 128 on both sides
+    for side in (ours, one_file):
+        assert side["steps_per_sec"] > 100 and 8 <= side["greedy_return"] <= 500  # CartPole's range

@@ -173,7 +173,7 @@ def test_console_script_is_declared_and_answers(tmp_path):
     )  # a fresh interpreter
     assert shown.returncode == 0 and "usage: python -m trainer" in shown.stdout
     assert (
-        "model           cnn, fastnet, gpt, hf, mlp, resnet, text_encoder, timm, torchvision" in shown.stdout
+        "model           actor_critic, cnn, fastnet, gpt, hf, mlp, resnet, text_encoder, timm" in shown.stdout
     )
     refused = subprocess.run(
         [script, "trainer.max_epochs=0", f"hydra.run.dir={tmp_path}"],

@@ -40,9 +40,14 @@ def run(cfg: DictConfig) -> float | None:
     """One run, in the folder Hydra made for it."""
     import_user_modules(list(cfg.imports))
     validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.recipe == "ppo":
+        from trainer.run.ppo import PPO
+
+        return PPO(cfg, run_dir).run()
     from trainer.run.recipe import Supervised
 
-    return Supervised(cfg, Path(HydraConfig.get().runtime.output_dir)).run()
+    return Supervised(cfg, run_dir).run()
 
 
 def main() -> None:

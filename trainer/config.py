@@ -4,6 +4,10 @@ or a wrong type fails while Hydra composes. The swappable parts (model, dataset,
 scheduler, logger) hold the parameters of whichever registry entry is named; their defaults live in
 their config files and their ranges in the entries' signatures, checked in `validate`, still before
 any data is read. Nothing here reads a file or the network while the config composes.
+
+Longer than 300 lines: it is the one place every framework key is written (each section's keys with
+their default, range and meaning), and the validation that reads them; splitting it would scatter the
+reference the README's table is generated from.
 """
 
 import dataclasses
@@ -150,6 +154,32 @@ class EmaConfig:
 
 
 @dataclass
+class PPOConfig:
+    """recipe=ppo: Proximal Policy Optimization's settings, PPO's published defaults for CartPole."""
+
+    total_timesteps: int = setting(
+        500_000, "environment steps to train for, over all environments", at_least(1)
+    )
+    num_steps: int = setting(128, "steps each environment takes per rollout", at_least(1))
+    gamma: float = setting(0.99, "the discount", Check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    gae_lambda: float = setting(0.95, "GAE's lambda", Check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    update_epochs: int = setting(4, "passes over each rollout", at_least(1))
+    num_minibatches: int = setting(4, "minibatches each pass is cut into", at_least(1))
+    clip_coef: float = setting(0.2, "how far the probability ratio may move", at_least(0, "no clipping"))
+    clip_vloss: bool = setting(True, "clip the value loss around the rollout's values too")
+    norm_adv: bool = setting(True, "normalise the advantages in each minibatch")
+    ent_coef: float = setting(0.01, "the entropy bonus's weight", at_least(0))
+    vf_coef: float = setting(0.5, "the value loss's weight", at_least(0))
+    target_kl: Optional[float] = setting(
+        None, "stop a rollout's updates once the approximate KL passes this", optional(at_least(0), "none")
+    )
+    eval_every: int = setting(
+        10, "play eval_episodes greedy episodes every N rollouts (and at the end)", at_least(1)
+    )
+    eval_episodes: int = setting(10, "greedy episodes per evaluation, seeded", at_least(1))
+
+
+@dataclass
 class FinetuneConfig:
     checkpoint: Optional[str] = setting(
         None,
@@ -187,8 +217,15 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    env: Any = None  # recipe=ppo: the environment (env=cartpole), from the ENVS registry
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
+    recipe: str = setting(
+        "supervised",
+        "what trains: supervised (a model on a dataset for a task) or ppo (a policy in an environment)",
+        one_of("supervised", "ppo"),
+    )
     seed: int = setting(42, "initial weights, data order, augmentation")
     resume: Optional[str] = setting(
         None, "a run dir, a checkpoint file, or auto (this run dir's newest, if any)"
@@ -241,7 +278,7 @@ def refuse_unknown_keys(cfg: DictConfig, schema: type | None = None, prefix: str
 def validate(cfg: DictConfig) -> None:
     """Every check that needs more than a type, before any data is read: the registry entries'
     parameters (types and ranges), the framework keys' ranges, the monitor, the loggers."""
-    from trainer.core.registry import DATASETS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS
+    from trainer.core.registry import DATASETS, ENVS, MODELS, OPTIMIZERS, SCHEDULERS, TASKS
 
     refuse_unknown_keys(cfg)
     registries = {
@@ -250,8 +287,13 @@ def validate(cfg: DictConfig) -> None:
         "task": TASKS,
         "optimizer": OPTIMIZERS,
         "scheduler": SCHEDULERS,
+        "env": ENVS,
     }
-    for group, provided in GROUPS.items():
+    rl = cfg.recipe == "ppo"
+    groups = {**GROUPS, "env": ("seed",)} if rl else GROUPS
+    for group, provided in groups.items():
+        if rl and group in ("dataset", "task"):
+            continue  # a policy learns from its environment
         section = cfg[group]
         if not (isinstance(section, DictConfig) and "name" in section):
             raise UserError(
@@ -259,20 +301,21 @@ def validate(cfg: DictConfig) -> None:
             )
         from trainer.data import DATA_FACTS  # what the data gives a model: only known once it is built
 
-        registries[group].check(
-            section.name, params_of(section), provided, DATA_FACTS if group == "model" else ()
-        )
+        facts = ("obs_dim", "n_actions") if rl else DATA_FACTS
+        registries[group].check(section.name, params_of(section), provided, facts if group == "model" else ())
     sections = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)]
     schema = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.masked_copy(cfg, sections))
     )
     for name in sections:
         check_fields(getattr(schema, name), f"{name}.")
+    _check_loggers(cfg)
+    if rl:
+        return
     from trainer.tasks.base import resolve_monitor
 
     task = TASKS.build(cfg.task.name, **params_of(cfg.task))  # its own checks of its options
     resolve_monitor(task, cfg.checkpoint.monitor, cfg.checkpoint.mode)  # what it can tell before the data
-    _check_loggers(cfg)
     if "onnx" in cfg.export.formats:
         import importlib.util
 

@@ -34,6 +34,13 @@ def evaluate_run(run: Path, checkpoint: str, overrides: list[str]) -> dict[str, 
     validate(cfg)
     device = pick_device(cfg.trainer.device)
     state = load_checkpoint(run / "checkpoints" / f"{checkpoint}.pt")
+    if cfg.recipe == "ppo":  # a policy: played on the run's seeded evaluation episodes
+        from trainer.rl.envs import play_greedy
+
+        model = build_model(cfg, state["model_args"], state["model"]).to(device)
+        found = play_greedy(model, cfg.env.id, cfg.ppo.eval_episodes, cfg.seed, device)
+        return {**{f"test/{k}": v for k, v in found.items()}, "checkpoint": checkpoint,
+                "epoch": state["progress"]["epoch"]}  # fmt: skip
     data = build_data(cfg, device)
     try:
         task = build_task(cfg, data.bundle, state.get("task"))

@@ -7,6 +7,7 @@ only warnings, to the console. Everything else reads `rank()` and `world_size()`
 
 import atexit
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -135,6 +136,33 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(c)] for g, c in zip(gathered, counts)])
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """The mean of every process's gradients, in one all-reduce of them all flattened."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = all_reduce(_flatten_dense_tensors(grads)) / world_size()
+    for grad, mean in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(mean)
+
+
+def mean_over_processes(value: torch.Tensor) -> float:
+    return float(all_reduce(value.detach().float().cpu().clone()) / world_size())
+
+
+def gathered(mine: Any) -> list[Any]:
+    """Every process's `mine`, in rank order (on every process); [mine] in one process."""
+    if not active():
+        return [mine]
+    # As torch.save's bytes: all_gather_object's own pickling of tensors fails in torch 2.14
+    # ("UntypedStorage has no attribute dtype"), and these are tensors and plain values only.
+    buffer = io.BytesIO()
+    torch.save(mine, buffer)
+    found: list[Any] = [None] * world_size()
+    dist.all_gather_object(found, buffer.getvalue())
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in found]
 
 
 def barrier() -> None:

@@ -184,6 +184,7 @@ OPTIMIZERS: Registry = Registry("optimizer", builtins="trainer.optim")
 SCHEDULERS: Registry = Registry("scheduler", builtins="trainer.optim")
 TASKS: Registry = Registry("task", builtins="trainer.tasks")
 LOGGERS: Registry = Registry("logger", builtins="trainer.loggers", nested=True)
+ENVS: Registry = Registry("env", builtins="trainer.rl")
 
 
 # model name -> what its pretrained weights expect of their inputs ({"mean", "std", "image_size"}) from its

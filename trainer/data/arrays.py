@@ -34,7 +34,8 @@ OnError = Annotated[str, one_of("skip", "error")]
 Channels = Annotated[int, one_of(1, 3)]
 Count = Annotated[int, at_least(1)]
 
-# What a dataset tells the model builder (an argument of these names is filled from the data).
+# What a dataset tells the model builder (an argument of these names is filled from the data); the last
+# two are what an environment tells a policy (recipe=ppo).
 DATA_FACTS = (
     "num_classes",
     "in_channels",
@@ -45,6 +46,8 @@ DATA_FACTS = (
     "pad_id",
     "target",
     "classes",
+    "obs_dim",
+    "n_actions",
 )
 
 

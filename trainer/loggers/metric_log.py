@@ -159,4 +159,6 @@ def _fmt(key: str, value: float) -> str:
         return f"{value:,.0f} {key.removesuffix('s_per_sec')}s/s"
     if key.endswith("time_s"):
         return f"{value:.1f} s"
+    if isinstance(value, int):  # a count: env_steps
+        return f"{key} {value:,}"
     return f"{key} {value:.4f}"

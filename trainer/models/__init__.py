@@ -5,6 +5,17 @@ for the training run by inheriting trainer.core.hooks.ModelHooks."""
 # ruff: noqa: F401  (importing the modules below registers the built-in models)
 from trainer.core.hooks import ModelHooks
 from trainer.core.registry import MODELS
-from trainer.models import fastnet, gpt, hf, resnet, segment, small, text_encoder, timm_model, tv
+from trainer.models import (
+    actor_critic,
+    fastnet,
+    gpt,
+    hf,
+    resnet,
+    segment,
+    small,
+    text_encoder,
+    timm_model,
+    tv,
+)
 
 __all__ = ["MODELS", "ModelHooks"]

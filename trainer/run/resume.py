@@ -94,20 +94,29 @@ def refuse_older(saved: dict[str, Any], source: str) -> None:
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A checkpoint's model only fits the architecture and data it was trained for; changes to the
-    optimizer or schedule are allowed, and said."""
+    optimizer or schedule are allowed, and said. (recipe=ppo has no dataset or task: an environment.)"""
+    saved, current = (
+        {**config, **{g: config.get(g) or {} for g in ("dataset", "task", "env")}}
+        for config in (saved, current)
+    )
+    if saved.get("recipe") != current.get("recipe"):
+        raise UserError(
+            f"recipe: the checkpoint was trained with recipe={saved.get('recipe')}; resume with it, or "
+            f"start a new run"
+        )
     differences = [
         f"{group}.{key}: {saved[group].get(key)!r} -> {current[group].get(key)!r}"
-        for group in ("model", "dataset")
+        for group in ("model", "dataset", "env")
         for key in sorted(set(saved[group]) | set(current[group]))
         if saved[group].get(key) != current[group].get(key)
         and not (group == "dataset" and key in DATASET_LOCATION_KEYS)
     ]
     if differences:
         raise UserError(
-            f"resume: the checkpoint was trained with another model or dataset ({'; '.join(differences)}); "
-            f"resume with the original settings, or start a new run"
+            f"resume: the checkpoint was trained with another model, dataset or environment "
+            f"({'; '.join(differences)}); resume with the original settings, or start a new run"
         )
-    if saved["task"]["name"] != current["task"]["name"]:
+    if saved["task"].get("name") != current["task"].get("name"):
         raise UserError(
             f"task.name: the checkpoint was trained for task={saved['task']['name']}; resume with "
             f"task={saved['task']['name']}, or start a new run"

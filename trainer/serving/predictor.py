@@ -73,7 +73,9 @@ class Predictor:
             )
         self.format, self.classes = fmt, list(self.manifest["classes"])
         import_user_modules(list(self.manifest.get("imports", [])))  # the run's own task, model...
-        self.task = task_of(self.manifest)
+        self.task: Any = (
+            PolicyAnswers() if self.manifest.get("output") == "action" else task_of(self.manifest)
+        )
         self.model = _load(fmt, run_dir / "export" / self.manifest["formats"][fmt]["file"])
         self.max_image_pixels, self.limit_key = max_image_pixels, limit_key
         self.input_shape = tuple(self.manifest["input"]["shape"][1:])
@@ -162,6 +164,15 @@ class Predictor:
     @property
     def answers_masks(self) -> bool:
         return isinstance(self.task, MaskAnswers)
+
+
+class PolicyAnswers(Answers):
+    """A reinforcement-learning run's export (recipe=ppo) maps observations to the greedy action."""
+
+    name = "policy"
+
+    def answer(self, outputs: Tensor, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return [{"action": int(action)} for action in outputs.reshape(-1).tolist()]
 
 
 def task_of(manifest: dict[str, Any]) -> "Task":

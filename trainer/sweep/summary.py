@@ -20,7 +20,9 @@ JOB_RECORD = "job.json"
 
 
 def monitor_of(cfg: DictConfig) -> str:
-    """The job's checkpoint.monitor, or its task's default."""
+    """The job's checkpoint.monitor, or its task's default (recipe=ppo: the evaluation return)."""
+    if cfg.get("recipe") == "ppo":
+        return cfg.checkpoint.monitor or "eval/return"
     from trainer.config import params_of
     from trainer.core.registry import TASKS
     from trainer.tasks.base import resolve_monitor
