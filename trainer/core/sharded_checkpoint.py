@@ -18,13 +18,12 @@ import logging
 import shutil
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from trainer.core import distributed
 from trainer.core.atomic import write_text
-from trainer.core.checkpoint import load_checkpoint, save_checkpoint, snapshot
+from trainer.core.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint, snapshot
 from trainer.core.errors import UserError
 
 log = logging.getLogger("trainer")
@@ -85,7 +84,7 @@ def is_complete(folder: Path) -> bool:
     return True
 
 
-class ShardedCheckpointWriter:
+class ShardedCheckpointWriter(CheckpointWriter):
     """Writes sharded checkpoints: every process its own files, the shards in the background.
 
     `save` is called by every process at the same points. It returns once the state is staged (copied);
@@ -97,9 +96,8 @@ class ShardedCheckpointWriter:
     def __init__(
         self, folder: Path, keep_last: int, on_saved: Callable[[int], None] | None, group: Any
     ) -> None:
-        self.folder, self.keep_last, self.on_saved, self.group = folder, keep_last, on_saved, group
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending: Future | None = None
+        super().__init__(folder, keep_last, on_saved)  # its thread, and wait(): this process's write landed
+        self.group = group
         self._unsettled: int | None = None  # the step of the last folder not yet agreed complete
 
     def save(self, state: dict[str, Any], step: int, last: bool, best: bool) -> Path:
@@ -140,12 +138,6 @@ class ShardedCheckpointWriter:
     def _finish(future: Any, path: Path, rank: int) -> None:
         future.result()
         write_checksums(path, rank)
-
-    def wait(self) -> None:
-        """This process's write landed (or its error raised); on every path, an error's included."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
 
     def settle(self) -> None:
         """Every process's write landed: rank 0 prunes and reports. Only where every process calls it."""
