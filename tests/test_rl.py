@@ -110,6 +110,29 @@ def test_sigkill_while_saving_then_resume_is_bit_identical(tmp_path):
     assert torch.equal(ours["rng"]["torch"], theirs["rng"]["torch"])  # what the actions are sampled from
 
 
+def test_two_processes_killed_while_saving_resume_each_its_environments_bit_for_bit(tmp_path):
+    """torchrun, 2 processes of 2 environments: rank 0's checkpoint holds both processes' environments
+    and random generators; after a SIGKILL of every process the pair resumes as if never stopped."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m"]
+    args = [*FAST, "env.num_envs=2", "ppo.total_timesteps=15360", "ppo.eval_every=5", "export.formats=[]"]
+    straight = subprocess.run([*torchrun, "trainer", *args, f"hydra.run.dir={tmp_path / 'straight'}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    kill_while_saving(tmp_path / "run", args, 20 * 16, launcher=torchrun)
+    resumed = subprocess.run([*torchrun, "trainer", f"resume={tmp_path / 'run'}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(tmp_path / "run", tmp_path / "straight")
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt")["ranks"] for r in ("run", "straight"))
+    assert len(a) == 2 and all(_same(x["envs"], y["envs"]) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x["rng"]["torch"], y["rng"]["torch"]) for x, y in zip(a, b, strict=True))
+
+
 def test_an_environment_whose_state_cannot_be_saved_restarts_its_episodes_and_says_so(tmp_path):
     """FrozenLake (gymnasium's toy text) is not one whose state the checkpoint captures: the resumed run
     continues the policy and starts fresh seeded episodes, in one warning line."""
