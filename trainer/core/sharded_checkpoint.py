@@ -114,9 +114,8 @@ class ShardedCheckpointWriter(CheckpointWriter):
         )
         rank = distributed.rank()
         path = self.folder / folder_name(step, state["progress"]["epoch"])
-        if last and not (
-            path.exists() and is_complete(path)
-        ):  # the same step and epoch, complete: the same state, kept
+        kept = path.exists() and is_complete(path)  # the same step and epoch, complete: the same state
+        if last and not kept:
             if distributed.is_main() and path.exists():
                 shutil.rmtree(path)  # a folder a killed run left unfinished
             distributed.barrier()
