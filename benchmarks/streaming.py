@@ -76,7 +76,7 @@ def run_one(config: str, root: Path, image_size: int, buffer: int, workers: int,
         augment=augment,
     )
     if config == "in-memory":  # decode everything up front, as the imagefolder dataset does
-        from trainer.data.streaming import iter_shard
+        from trainer.data.shard_format import iter_shard
 
         images, labels = [], []
         for shard in bundle.train.shards:

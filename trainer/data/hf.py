@@ -22,7 +22,8 @@ from trainer.core.errors import UserError, require
 from trainer.core.registry import DATASETS
 from trainer.data.arrays import DataBundle, ValSplit, bundle_from_arrays
 from trainer.data.folder import decode_all
-from trainer.data.streaming import Shard, check_options, streaming_bundle
+from trainer.data.shard_format import Shard
+from trainer.data.streaming import check_options, streaming_bundle
 from trainer.data.tables import count_rows, image_bytes, label_index
 
 log = logging.getLogger("trainer")

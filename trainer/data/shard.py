@@ -25,7 +25,7 @@ from trainer.core.cli import exit_codes
 from trainer.core.errors import UserError
 from trainer.core.images import SUFFIXES
 from trainer.data.folder import class_names
-from trainer.data.streaming import INDEX
+from trainer.data.shard_format import INDEX
 
 
 def list_split(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:

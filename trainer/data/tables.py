@@ -48,7 +48,7 @@ def iter_table_rows(
     wanted: Callable[[int], bool],
     classes: Sequence[str],
 ) -> Iterator[tuple[int, Callable[[], tuple[bytes, int]]]]:
-    """(row, read) for the wanted rows with start <= row < stop, as streaming.iter_shard gives them;
+    """(row, read) for the wanted rows with start <= row < stop, as shard_format.iter_shard gives them;
     `read()` returns (encoded image, label)."""
     import pyarrow as pa
 
