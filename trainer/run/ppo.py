@@ -6,9 +6,8 @@ checkpoints between rollouts, the best checkpoint by the evaluation return, the 
 
     python -m trainer recipe=ppo env=cartpole
 
-Longer than 300 lines: it is the whole recipe, to be read top to bottom like the supervised one and
-its loop together (setup, the rollout, the update, evaluation, checkpoints, the end), and the loss,
-the advantages and the environments are already apart (trainer/rl/).
+The algorithm's parts (the rollout, the advantages, the loss and the update) are trainer/rl/ppo.py;
+the environments trainer/rl/envs.py. Here: setup, the epochs, evaluation, checkpoints, the end.
 """
 
 import logging
@@ -27,7 +26,7 @@ from trainer.core.errors import UserError
 from trainer.core.registry import ENVS, SCHEDULERS
 from trainer.optim import load_optimizer_state
 from trainer.rl.envs import play_greedy
-from trainer.rl.ppo import Rollout, advantages, explained_variance, ppo_loss
+from trainer.rl.ppo import Rollout, collect, update
 from trainer.run import builders, health
 from trainer.run.process import configure_process
 from trainer.run.recipe import Recipe
@@ -65,8 +64,7 @@ class PPO(Recipe):
         self.batch = self.envs.num_envs * p.num_steps  # this process's rollout
         self.world = distributed.world_size()
         self.iterations = p.total_timesteps // (self.batch * self.world)
-        self.minibatch = self.batch // p.num_minibatches
-        if self.iterations < 1 or self.minibatch < 1:
+        if self.iterations < 1 or self.batch < p.num_minibatches:
             raise UserError(
                 f"ppo.total_timesteps: {p.total_timesteps} steps make no rollout of env.num_envs x "
                 f"ppo.num_steps = {self.batch} steps cut into {p.num_minibatches} minibatches; raise it"
@@ -133,63 +131,17 @@ class PPO(Recipe):
                 self.writer.wait()
 
     def collect(self) -> list[tuple[float, int]]:
-        """One rollout: every environment `num_steps` steps under the current policy (sampled actions)."""
-        r, finished = self.rollout, []
-        obs = self.envs.obs
-        with torch.no_grad():
-            for t in range(len(r.obs)):
-                r.obs[t], r.dones[t] = obs, self.next_done
-                on_device = obs.to(self.device)
-                # Logits from a Linear layer are valid by construction: no per-step argument checks.
-                dist = torch.distributions.Categorical(logits=self.model(on_device), validate_args=False)
-                action = dist.sample()
-                r.actions[t], r.logprobs[t] = action.cpu(), dist.log_prob(action).cpu()
-                r.values[t] = self.model.value(on_device).cpu()
-                obs, r.rewards[t], done, ended = self.envs.step(action)
-                self.next_done = done.float()
-                finished += ended
+        """One rollout (trainer/rl/ppo.py); the (return, length) of each episode that ended in it."""
+        self.next_done, finished = collect(self.model, self.envs, self.rollout, self.next_done, self.device)
         return finished
 
     def update(self) -> dict[str, float]:
-        """update_epochs passes over the rollout in shuffled minibatches (the loss: trainer/rl/ppo.py)."""
-        cfg, p, r = self.cfg, self.cfg.ppo, self.rollout
-        with torch.no_grad():
-            next_value = self.model.value(self.envs.obs.to(self.device)).cpu()
-        adv = advantages(r, next_value, self.next_done, p.gamma, p.gae_lambda)
-        returns = adv + r.values
-        flat = [x.reshape(self.batch, *x.shape[2:]).to(self.device)
-                for x in (r.obs, r.actions, r.logprobs, r.values, adv, returns)]  # fmt: skip
-        sums: dict[str, torch.Tensor] = {}
-        updates = 0
-        for _ in range(p.update_epochs):
-            order = torch.randperm(self.batch, device=self.device)
-            for start in range(0, self.batch - self.minibatch + 1, self.minibatch):
-                index = order[start : start + self.minibatch]
-                loss, stats = ppo_loss(
-                    self.model, *(x[index] for x in flat), clip=p.clip_coef, clip_vloss=p.clip_vloss,
-                    norm_adv=p.norm_adv, ent_coef=p.ent_coef, vf_coef=p.vf_coef,
-                )  # fmt: skip
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.world > 1:
-                    distributed.average_gradients(self.model)  # every process steps with the same gradients
-                if cfg.trainer.gradient_clip_val > 0:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.gradient_clip_val)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.progress.step += 1
-                updates += 1
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0) + value
-            if p.target_kl is not None and distributed.mean_over_processes(stats["approx_kl"]) > p.target_kl:
-                break  # a deliberate sync, once a pass, where asked; every process agrees
-        names = sorted(sums)
-        means = distributed.all_reduce(torch.stack([sums[k] for k in names]).cpu()) / (updates * self.world)
-        found = {f"train/{k}": float(v) for k, v in zip(names, means.tolist(), strict=True)}  # one sync
-        found["train/explained_variance"] = distributed.mean_over_processes(
-            torch.tensor(explained_variance(flat[3], flat[5]))
-        )
-        found["lr"] = self.optimizer.param_groups[0]["lr"]
+        """Learn from the rollout (trainer/rl/ppo.py), stepping the optimizer and schedule."""
+        found, steps = update(
+            self.model, self.optimizer, self.scheduler, self.rollout, self.envs.obs, self.next_done,
+            self.cfg.ppo, self.cfg.trainer.gradient_clip_val, self.device,
+        )  # fmt: skip
+        self.progress.step += steps
         if not all(torch.isfinite(torch.tensor(v)) for k, v in found.items() if "variance" not in k):
             raise UserError(
                 f"ppo: the loss became NaN or Inf in rollout {self.progress.epoch + 1}; stopped without "
