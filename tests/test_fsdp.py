@@ -270,6 +270,33 @@ def test_a_single_file_checkpoint_resumes_under_fsdp_only_from_its_weights(runs,
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
 
 
+@pytest.mark.parametrize("checkpointed,precision", [(True, "bf16"), (False, "32")])
+def test_bf16_gathers_in_bf16_and_activation_checkpointing_recomputes_each_block(checkpointed, precision):
+    """trainer.precision=bf16 under fsdp: each block's parameters are gathered in bf16 for its forward,
+    while the shards, and the gradients reduced into them, stay fp32 (FSDP's MixedPrecisionPolicy).
+    trainer.activation_checkpointing: a block runs again in the backward pass, its activations not
+    kept. Against the plain fp32 case without checkpointing."""
+    import torch.distributed as dist
+
+    from trainer.models import MODELS
+    from trainer.run import sharding
+
+    model = MODELS.build("gpt", vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    seen = []  # the dtype of a block's MLP weight each time the MLP runs
+    model.blocks[0].mlp.register_forward_pre_hook(lambda module, args: seen.append(module[0].weight.dtype))
+    try:
+        if checkpointed:
+            sharding.checkpoint_activations(model, "gpt")
+        sharding.shard(model, torch.device("cpu"), precision, False, "gpt")  # FSDP over a group of one
+        model(torch.randint(256, (2, 16))).float().sum().backward()
+        grads, params = {p.grad.dtype for p in model.parameters()}, {p.dtype for p in model.parameters()}
+    finally:
+        dist.destroy_process_group()
+    gathered = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen == [gathered] * (2 if checkpointed else 1)
+    assert grads == params == {torch.float32}
+
+
 def test_fsdp_of_one_process_trains_what_one_process_trains(runs, tmp_path):
     """trainer.strategy=fsdp without torchrun is allowed: FSDP over a group of one (what lets a run
     saved by several processes resume on one)."""

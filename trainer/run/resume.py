@@ -69,9 +69,12 @@ def newest(checkpoints: Path) -> dict[str, Any]:
     from trainer.core.checkpoint import newest_valid
     from trainer.core.sharded_checkpoint import has_sharded, newest_valid_folder
 
+    sharded = has_sharded(checkpoints)
+    # An fsdp run's single files are only best.pt (the whole model, no optimizer state): not read then.
+    files = not sharded or (checkpoints / "last.pt").is_file() or any(checkpoints.glob("step-*.pt"))
     found, problems = [], []
-    for kind, newest_of in (("sharded", newest_valid_folder), ("file", newest_valid)):
-        if kind == "sharded" and not has_sharded(checkpoints):
+    for wanted, newest_of in ((sharded, newest_valid_folder), (files, newest_valid)):
+        if not wanted:
             continue
         try:
             found.append(newest_of(checkpoints)[1])
