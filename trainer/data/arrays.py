@@ -223,7 +223,7 @@ def build_transform(
 
 def bundle_from_arrays(
     train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor] | None,
     classes: list[str],
     *,
     val_split: float,
@@ -237,7 +237,8 @@ def bundle_from_arrays(
 ) -> DataBundle:
     """The validation set is `val` when the data has one; otherwise a `val_split` fraction of train
     (fixed by split_seed, so every run seed validates on the same images), or else the test split.
-    The train transform goes to the training part only."""
+    Data without a test split is tested on its validation images. The train transform goes to the
+    training part only."""
     images, labels = train
     channels, native_size = images.shape[1], images.shape[-1]
     for key, values in (("mean", mean), ("std", std)):
@@ -253,13 +254,18 @@ def bundle_from_arrays(
             raise UserError(f"dataset.val_split: {val_split} of {len(labels)} images leaves an empty split")
         val_set = ArrayDataset(images, labels, order[:n_val].sort().values, eval_tf)
         train_set = ArrayDataset(images, labels, order[n_val:].sort().values, train_tf)
+    elif val is None and test is None:
+        raise UserError(
+            "dataset.val_split: the data has only a training split; hold out part of it for validation, "
+            "e.g. dataset.val_split=0.1"
+        )
     else:
         val_set = ArrayDataset(*(val or test), None, eval_tf)
         train_set = ArrayDataset(images, labels, None, train_tf)
     return DataBundle(
         train=train_set,
         val=val_set,
-        test=ArrayDataset(*test, None, eval_tf),
+        test=ArrayDataset(*test, None, eval_tf) if test is not None else val_set,
         classes=classes,
         in_channels=channels,
         image_size=image_size,
