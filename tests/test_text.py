@@ -185,6 +185,9 @@ def test_generate_prints_the_prompt_and_its_continuation(lm_run):
 def test_a_prompt_keeps_its_spaces_quoted_or_from_a_file(lm_run, tmp_path):
     quoted = run_trainer(f"run={lm_run}", 'prompt="    The "', "max_new_tokens=5", module="trainer.generate")
     assert quoted.returncode == 0 and quoted.stdout.startswith("    The "), quoted.stderr
+    # what a shell passes for prompt="ROMEO:": a colon that OmegaConf would read as a mapping
+    colon = run_trainer(f"run={lm_run}", "prompt=ROMEO:", "max_new_tokens=5", module="trainer.generate")
+    assert colon.returncode == 0 and colon.stdout.startswith("ROMEO:"), colon.stderr
     (tmp_path / "prompt.txt").write_text("  The king\n  ")
     from_file = run_trainer(
         f"run={lm_run}",

@@ -3,8 +3,9 @@
 with its own tokenizer, printed as it is made (trainer/text/sampling.py). The same seed gives the same
 text.
 
-A value on the command line loses its leading and trailing spaces unless it is quoted inside the
-argument: `'prompt="    def "'` keeps them. `prompt_file=<file>` reads the prompt from a file, as it is."""
+The prompt is taken as given, not parsed as a config value (`prompt=ROMEO:` is the text "ROMEO:");
+quotes around the whole of it are dropped, so `prompt="ROMEO:"` and `'prompt="  def "'` work as a
+shell leaves them. `prompt_file=<file>` reads the prompt from a file, as it is."""
 
 import logging
 import sys
@@ -33,13 +34,26 @@ class GenerateConfig:
     cache: bool = True  # the key/value cache (false: recompute the context for every token)
 
 
+def _free_text(key: str, argv: list[str]) -> tuple[list[str], str | None]:
+    """`key=<text>` taken out of argv as it is: OmegaConf would read `ROMEO:` as a mapping."""
+    rest, text = [], None
+    for arg in argv:
+        if not arg.startswith(f"{key}="):
+            rest.append(arg)
+            continue
+        text = arg[len(key) + 1 :]
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            text = text[1:-1]
+    return rest, text
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     with exit_codes():
-        cfg = OmegaConf.merge(
-            OmegaConf.structured(GenerateConfig),
-            OmegaConf.from_dotlist(argv if argv is not None else sys.argv[1:]),
-        )
+        args, prompt = _free_text("prompt", argv if argv is not None else sys.argv[1:])
+        cfg = OmegaConf.merge(OmegaConf.structured(GenerateConfig), OmegaConf.from_dotlist(args))
+        if prompt is not None:
+            cfg.prompt = prompt
         if OmegaConf.is_missing(cfg, "run"):
             raise UserError('run: missing; usage: python -m trainer.generate run=<run dir> prompt="..."')
         cfg = OmegaConf.to_object(cfg)
