@@ -21,6 +21,7 @@ def _main_exit(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str]:
             "model=resnte: no such option; choose one of actor_critic, cnn, fastnet, gpt, hf, mlp, resnet, "
             "text_encoder, timm, torchvision, tvseg, unet",
         ),
+        (["dataset=imagefolder"], "dataset.root: dataset=imagefolder needs it; give dataset.root=<value>"),
         (
             ["task=segmentaton"],
             "task=segmentaton: no such option; choose one of classification, language_model, "

@@ -299,6 +299,9 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(
                 f"{group}: missing; choose one with {group}=<name> ({', '.join(registries[group].names())})"
             )
+        for key in section:
+            if OmegaConf.is_missing(section, key):  # `???` in the group file: no default can do
+                raise UserError(f"{group}.{key}: {group}={section.name} needs it; give {group}.{key}=<value>")
         from trainer.data import DATA_FACTS  # what the data gives a model: only known once it is built
 
         facts = ("obs_dim", "n_actions") if rl else DATA_FACTS
