@@ -197,7 +197,8 @@ def test_imagefolder_val_split_test_folder_and_errors(tmp_path):
     assert len(bundle.train) == len(bundle.val) == 9 and len(bundle.test) == 18
     write_imagefolder(tmp_path / "only_train", splits=("train",))
     bundle = _folder(tmp_path / "only_train", val_split=0.5)
-    assert bundle.test is bundle.val and len(bundle.val) == 9  # no val/, no test/: tested on the held-out part
+    # no val/, no test/: tested on the held-out part
+    assert bundle.test is bundle.val and len(bundle.val) == 9
 
 
 def test_imagefolder_skips_or_refuses_unreadable_images(tmp_path, caplog):
