@@ -15,6 +15,8 @@ _EXPORTS = {
     "TASKS": "trainer.core.registry",
     "Task": "trainer.tasks.base",
     "Trainer": "trainer.run.loop",
+    "compose": "trainer.api",
+    "fit": "trainer.api",
 }
 __all__ = [*_EXPORTS, "__version__"]
 
