@@ -70,14 +70,22 @@ def test_every_default_is_written_in_exactly_one_place():
     assert checked >= 30  # every built-in entry of every registry
 
 
-def test_the_readmes_config_table_is_the_generated_reference():
-    """The README's table of framework keys is `python -m trainer.reference`'s output: generated from
-    the schema, so a default changed in code cannot leave the README behind."""
-    from trainer.reference import framework_table
+def test_the_sites_configuration_reference_is_generated_from_the_schema_and_the_groups():
+    """docs/reference/config.md holds markers that the site's build hook (docs/hooks.py) replaces with
+    `python -m trainer.reference`'s tables: a default changed in code cannot leave the docs behind."""
+    import importlib.util
 
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- reference: framework -->\n") + len("<!-- reference: framework -->\n")
-    assert readme[start : readme.index("\n<!-- end reference -->", start)] == framework_table()
+    from trainer.config import Config
+    from trainer.reference import framework_table, group_tables
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    page = hooks.on_page_markdown((ROOT / "docs" / "reference" / "config.md").read_text())
+    assert framework_table() in page and group_tables() in page and "<!-- reference" not in page
+    for section in dataclasses.fields(Config):
+        for field in dataclasses.fields(section.type) if dataclasses.is_dataclass(section.type) else []:
+            assert f"| `{section.name}.{field.name}` |" in page
 
 
 def test_commands_that_train_nothing_do_not_import_the_heavy_libraries():

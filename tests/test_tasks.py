@@ -373,8 +373,8 @@ def test_two_processes_reduce_every_tasks_metrics_to_the_single_process_values(t
 
 # ---- a task and a dataset of one's own -------------------------------------------------------------------
 def readme_block(first_line: str) -> str:
-    """The README's code block that starts with `first_line` (a file name comment)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The documentation's code block that starts with `first_line` (a file name comment)."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "how-to" / "extend.md").read_text()
     start = readme.index(first_line)
     return readme[start : readme.index("```", start)]
 
