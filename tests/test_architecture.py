@@ -88,6 +88,17 @@ def test_the_sites_configuration_reference_is_generated_from_the_schema_and_the_
             assert f"| `{section.name}.{field.name}` |" in page
 
 
+def test_every_group_key_says_what_it_means():
+    """The reference lists each group file's keys with a meaning: its comment, or the shared one that
+    trainer/reference.py gives keys many dataset files have. A key added without one fails here."""
+    from trainer.reference import group_rows
+
+    groups = ("model", "dataset", "task", "optimizer", "scheduler", "env", "logger")
+    rows = [(group, *row) for group in groups for row in group_rows(group)]
+    assert len(rows) > 200
+    assert [f"{g}={entry}: {key}" for g, entry, key, _, _, meaning in rows if not meaning] == []
+
+
 def test_commands_that_train_nothing_do_not_import_the_heavy_libraries():
     """A config check, predict, serve and generate import no torchmetrics (seconds and hundreds of MB:
     it loads scipy, matplotlib and transformers), nor transformers itself: only what builds metrics or

@@ -49,24 +49,92 @@ def framework_table() -> str:
     return "\n".join(lines)
 
 
-def group_rows(group: str) -> list[tuple[str, str, str, str]]:
-    """(entry, key, default, comment) of every key of every file of a config group."""
+# Keys that many dataset files share: their meaning, said once here instead of in every file. A comment
+# on the key's own line wins.
+SHARED = {
+    "root": "where the data is (torchvision datasets: where it is downloaded to)",
+    "download": "fetch the files when they are not under root (with retries, checksums checked)",
+    "verify_checksum": "check the files' MD5 sums (false: for copies you made yourself)",
+    "in_channels": "image channels: 3 (RGB) or 1 (grey)",
+    "image_size": "the side, in pixels, that images are resized and cropped to",
+    "num_classes": "how many classes (the model's outputs follow)",
+    "val_split": "hold out this fraction of train for validation (0: validate on the val or test split)",
+    "mean": "per-channel mean, subtracted after scaling pixels to [0, 1]",
+    "std": "per-channel standard deviation, divided by after the mean",
+    "augment": "torchvision.transforms.v2 steps by name, for training images only",
+    "train_size": "training samples to make",
+    "val_size": "validation samples to make",
+    "test_size": "test samples to make",
+    "noise": "how much noise is added to the signal",
+    "seed": "the data's own seed: the same data whatever the run's seed",
+    "max_image_pixels": "an image over this many pixels counts as unreadable (read before decoding)",
+    "image_column": "the column that holds the images",
+    "label_column": "the column that holds the labels",
+    "split_train": "the split to train on",
+}
+
+
+def group_rows(group: str) -> list[tuple[str, str, str, str, str]]:
+    """(entry, key, default, valid values, meaning) of every key of every file of a config group; a key
+    nested under a mapping is named with its parent (`lora.r`)."""
     rows = []
     for path in sorted((CONF / group).glob("*.yaml")):
+        parent = None
         for line in path.read_text().splitlines():
-            match = re.match(r"^([a-z_]+): *(.*?)\s*(?:#\s*(.*))?$", line)
-            if match and match.group(1) != "name" and not line.startswith(" "):
-                rows.append((path.stem, match.group(1), match.group(2), match.group(3) or ""))
+            match = re.match(r"^( *)([a-z_]+): *(.*?)\s*(?:#\s*(.*))?$", line)
+            if not match or line.startswith(("#", "name:")):
+                continue
+            indent, key, default, meaning = match.groups()
+            if not indent:
+                parent = key if default in ("", "{}") else None
+                if default == "" and group != "logger":  # a mapping: its keys are listed instead
+                    continue
+            elif parent is None:
+                continue
+            else:
+                key = f"{parent}.{key}"
+            if group == "logger" and not indent:
+                continue  # a logger's file is one mapping under its name
+            meaning = meaning or SHARED.get(key, "")
+            rows.append((path.stem, key, default, _needs(group, path.stem, key), meaning))
     return rows
 
 
-def group_tables(groups: tuple[str, ...] = ("model", "dataset", "task", "optimizer", "scheduler")) -> str:
+def _needs(group: str, entry: str, key: str) -> str:
+    """The valid values of an entry's parameter, from its builder's annotation (type and range)."""
+    from trainer.core import registry
+
+    registries = {r.group: r for r in vars(registry).values() if isinstance(r, registry.Registry)}
+    if group not in registries or entry not in registries[group] or "." in key:
+        return ""
+    return registries[group].parameter_needs(entry, key)
+
+
+def group_tables(
+    groups: tuple[str, ...] = ("model", "dataset", "task", "optimizer", "scheduler", "env", "logger"),
+) -> str:
     parts = []
     for group in groups:
-        parts += [f"### {group}", "", "| entry | key | default | meaning |", "| --- | --- | --- | --- |"]
         parts += [
-            f"| {group}={entry} | `{key}` | `{default}` | {meaning} |"
-            for entry, key, default, meaning in group_rows(group)
+            f"### {group}",
+            "",
+            "| entry | key | default | valid values | meaning |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        parts += [
+            "| "
+            + " | ".join(
+                cell.replace("|", "\\|")
+                for cell in (
+                    f"{group}={entry}",
+                    f"`{key}`",
+                    f"`{default}`" if "|" not in default else default,
+                    needs,
+                    meaning,
+                )
+            )
+            + " |"
+            for entry, key, default, needs, meaning in group_rows(group)
         ]
         parts.append("")
     return "\n".join(parts)

@@ -113,6 +113,17 @@ class Registry(Generic[T]):
                     f"(add {self.group}.{key}=... or put it in conf/{self.group}/{name}.yaml)"
                 )
 
+    def parameter_needs(self, name: str, key: str) -> str:
+        """What a parameter takes, from the builder's annotation: its type and range ('' if unannotated)."""
+        builder = self.get(name)
+        hints = typing.get_type_hints(
+            builder.__init__ if isinstance(builder, type) else builder, include_extras=True
+        )
+        if key not in hints:
+            return ""
+        hint, checks = _unannotated(hints[key])
+        return ", ".join([_type_name(hint).replace(" | ", " or "), *(check.needs for check in checks)])
+
     def defaults(self, name: str) -> dict[str, Any]:
         """The entry's parameters as its config file sets them, resolved as far as the file alone allows
         (`${pretrained:...}` gives its default; a key that needs another group, or a required `???` one,
