@@ -387,7 +387,7 @@ def test_the_readmes_own_task_trains_resumes_predicts_and_serves(tmp_path, monke
     from trainer.serve import ServeSettings, build_app
 
     code = readme_block("# my_tasks.py")
-    assert len(code.strip().splitlines()) <= 20  # the promise the README makes: two methods, twenty lines
+    assert len(code.strip().splitlines()) <= 20  # the promise the docs make: two methods, twenty lines
     (tmp_path / "my_tasks.py").write_text(code)
     (tmp_path / "my_conf" / "task").mkdir(parents=True)
     (tmp_path / "my_conf" / "task" / "focal.yaml").write_text(readme_block("# my_conf/task/focal.yaml"))

@@ -7,7 +7,7 @@ any data is read. Nothing here reads a file or the network while the config comp
 
 Longer than 300 lines: it is the one place every framework key is written (each section's keys with
 their default, range and meaning), and the validation that reads them; splitting it would scatter the
-reference the README's table is generated from.
+reference the documentation's configuration page is generated from.
 """
 
 import dataclasses

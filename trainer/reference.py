@@ -1,7 +1,8 @@
 """`python -m trainer.reference [framework|groups]`: the configuration reference in Markdown, generated
 from the config's single source: the schema's fields (their default, range and meaning, trainer/config.py)
-and every group file's keys (their default and comment, conf/<group>/<name>.yaml). The README's table
-and the documentation's reference pages are this output, so they cannot drift from the code."""
+and every group file's keys (their default and comment, conf/<group>/<name>.yaml; their valid values
+from the entries' annotations). The documentation's configuration reference (docs/reference/config.md)
+is this output, generated when the site builds, so it cannot drift from the code."""
 
 import dataclasses
 import re
