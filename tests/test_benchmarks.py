@@ -15,8 +15,8 @@ from conftest import ROOT
 
 
 def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
-    """As docs/performance.md runs them: `python benchmarks/<name>.py ...` from the repository root (forked from
-    the fork server: its own process, without the imports' cost)."""
+    """As docs/performance.md runs them: `python benchmarks/<name>.py ...` from the repository root
+    (forked from the fork server: its own process, without the imports' cost)."""
     return forkrun.run(f"benchmarks/{name}.py", *args, cwd=ROOT, timeout=300)
 
 

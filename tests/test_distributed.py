@@ -129,9 +129,7 @@ def test_a_group_sigterm_with_loader_workers_checkpoints_and_resumes(tmp_path):
     tree = process_tree(run.pid)
     assert len(tree) >= 5  # torchrun, two processes, their loader workers
     signal_tree(run.pid, signal.SIGTERM)
-    _, stderr = run.communicate(
-        timeout=120
-    )  # torchrun itself exits 1 on SIGTERM (docs/how-to/distributed.md)
+    _, stderr = run.communicate(timeout=120)  # torchrun itself exits 1 on SIGTERM (docs: distributed.md)
     assert "is killed by signal" not in stderr and "saved" in log.read_text().split("received SIGTERM")[-1], (
         stderr
     )

@@ -170,6 +170,6 @@ def usage(conf_dir: Path) -> str:
         "",
         "Show the whole config a command would run with:  python -m trainer --cfg job [overrides]",
         "Hydra's own flags (--multirun, --cfg, --info, ...):  python -m trainer --hydra-help",
-        'Every key: python -m trainer.reference; the guides: docs/ (pip install -e ".[docs]" && mkdocs serve).',
+        "Every key: python -m trainer.reference. The guides: docs/ (mkdocs serve, with the docs extra)",
     ]
     return "\n".join(lines)
