@@ -42,6 +42,7 @@ TINY = TINY_DATA + TINY_MODEL + TINY_RUN
 # The files that take longest go first: `--dist loadfile` hands whole files to the workers in collection
 # order, and a long file handed out last leaves the other worker idle while it runs (~15 s of the suite).
 LONGEST_FIRST = [
+    "test_docs.py",  # every command of the docs, ~4 minutes
     "test_distributed.py",
     "test_sweeps.py",
     "test_tasks.py",

@@ -13,6 +13,9 @@ from torch import Tensor, nn
 
 
 class ModelHooks:
+    """What a model may tell the run about itself: inherit it beside nn.Module and override what
+    applies. Each hook has a default that does nothing special, so a plain nn.Module needs none."""
+
     def init_from_data(self, inputs: Tensor) -> None:
         """Set up from the first training batch's inputs, before the first step of a fresh run (not on
         resume: the checkpoint holds the result). With several processes, rank 0's result is broadcast."""

@@ -27,6 +27,9 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 class Registry(Generic[T]):
+    """Names to builders for one config group: `@MODELS.register("mynet")` adds one, `model=mynet`
+    chooses it, and `build` calls it with its group file's parameters (checked first by `check`)."""
+
     def __init__(self, group: str, builtins: str | None = None, nested: bool = False) -> None:
         self.group = group  # the config group that chooses from this registry
         self.nested = nested  # its config files hold the options under the entry's name (logger=[a,b])
