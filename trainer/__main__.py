@@ -63,7 +63,7 @@ def main() -> None:
 
         sys.argv = resume_argv(sys.argv)
         train()
-        distributed.shutdown()
+        distributed.end_process()
 
 
 if __name__ == "__main__":

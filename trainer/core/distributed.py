@@ -83,6 +83,21 @@ def shutdown() -> None:
     _leave()
 
 
+def end_process() -> None:
+    """The end of a successful `python -m trainer`: `shutdown()`, and a process of several then exits at
+    once (exit code 0), its logs and streams flushed. The interpreter's finalisation is skipped: gloo's
+    threads can still hold finished work with tensors in it (DDP's gradient buckets), and freeing them
+    while the interpreter is torn down aborts the process now and then ("terminate called without an
+    active exception", SIGABRT: pytorch/pytorch#179291), which torchrun reports as a failed run."""
+    several = active()
+    shutdown()
+    if several:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def _leave() -> None:
     if dist.is_available() and dist.is_initialized():
         try:
