@@ -269,6 +269,26 @@ def write_hf_dataset(image_folder: Path, out: Path, num_shards: int = 1) -> Path
     return out
 
 
+def write_segfolder(root: Path, per_split: int = 24) -> Path:
+    """Segmentation data as VOC keeps it: root/<split>/images/*.jpg beside palette PNG masks of class
+    indices (0 background, 1 square, 2 disc; 255, the ignore index, on borders)."""
+    from PIL import Image
+
+    from trainer.data.segmentation import synthetic_scenes
+
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [224, 224, 192] * 253  # index 255: the border colour
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        images, masks = synthetic_scenes(per_split, 48, 0.1, seed)
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / split / "images" / f"{i:03d}.jpg")
+            indexed = Image.fromarray(mask.numpy(), mode="P")
+            indexed.putpalette(palette)
+            indexed.save(root / split / "masks" / f"{i:03d}.png")
+    return root
+
+
 def write_npy(root: Path, n: int = 40, layout: str = "NHWC") -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import forkrun
 import pytest
-from conftest import ROOT, write_cifar10, write_cifar100, write_hf_dataset, write_imagefolder, write_mnist
+from conftest import (
+    ROOT,
+    write_cifar10,
+    write_cifar100,
+    write_hf_dataset,
+    write_imagefolder,
+    write_mnist,
+    write_segfolder,
+)
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(\S.*?)\s*-->")
@@ -155,20 +163,6 @@ def _write_manifests(world: Path) -> None:
                 )
 
 
-def _write_masks(root: Path) -> None:
-    from PIL import Image
-
-    from trainer.data.segmentation import synthetic_scenes
-
-    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
-        images, masks = synthetic_scenes(8, 48, 0.1, seed)
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir()
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / split / "images" / f"{i:03d}.jpg")
-            Image.fromarray(mask.numpy(), mode="L").save(root / split / "masks" / f"{i:03d}.png")
-
-
 def _write_arrays(root: Path, labels: str) -> None:
     import numpy as np
 
@@ -204,7 +198,7 @@ def world(tmp_path_factory) -> Path:
     shutil.copy(world / "input.txt", world / "corpus" / "b.txt")
     _write_reviews(data / "reviews")
     _write_manifests(world)
-    _write_masks(world / "my_masks")
+    write_segfolder(world / "my_masks", per_split=8)
     tiny_gpt2(world / "models" / "gpt2", n_positions=256)
     tiny_bert(
         world / "models" / "bert-base-uncased",
@@ -252,6 +246,8 @@ def shrink(args: list[str], page: Page) -> list[str]:
     if any(a.startswith("--") for a in args):
         return args  # --cfg job, --help: nothing runs
     extra = list(SHRINK)
+    if not any(a.startswith("export.formats=") for a in args):
+        extra.append("export.formats=[torch_export]")  # TorchScript's trace: a second a run, tested elsewhere
     resumed = any(a.startswith("resume=") and a != "resume=auto" for a in args)  # auto may start fresh
     if not resumed and effective_dataset(args) in ("cifar10", "cifar100", "mnist", "fashion_mnist"):
         extra += TORCHVISION_DATA

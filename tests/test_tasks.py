@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_training_state, kill_while_saving, refused_in_process, run_trainer
+from conftest import (
+    assert_same_training_state,
+    kill_while_saving,
+    refused_in_process,
+    run_trainer,
+    write_segfolder,
+)
 from PIL import Image
 
 from trainer.config import params_of
@@ -622,22 +628,7 @@ def _write_numpy(root: Path, kind: str) -> list[str]:
 
 
 def _write_segfolder(root: Path) -> list[str]:
-    from trainer.data.segmentation import synthetic_scenes
-
-    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [
-        224,
-        224,
-        192,
-    ] * 253  # VOC-like: index 255 is the border colour
-    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
-        images, masks = synthetic_scenes(24, 48, 0.1, seed)
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "masks").mkdir()
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / split / "images" / f"{i:03d}.jpg")
-            indexed = Image.fromarray(mask.numpy(), mode="P")
-            indexed.putpalette(palette)
-            indexed.save(root / split / "masks" / f"{i:03d}.png")
+    write_segfolder(root)
     return [
         "dataset=segfolder",
         f"dataset.root={root}",
