@@ -259,16 +259,16 @@ async def serve(predictor: Predictor, settings: ServeSettings, run: str) -> None
             f"serve.port: cannot listen on {settings.host}:{settings.port} ({e.strerror}); choose "
             f"another serve.port, or 0 for any free one"
         ) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before the announcement: a stop from then on drains
+        loop.add_signal_handler(signum, stop.set)
     port = runner.addresses[0][1]
     classes = f", {len(predictor.classes)} classes" if predictor.classes else ""
     print(
         f"serving {run} ({predictor.task.name}, {predictor.format}{classes}) on http://{settings.host}:{port}",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.warning("stopping: answering the requests already received, then exiting")
     await site.stop()  # no new connections
