@@ -251,7 +251,7 @@ class PPO(Recipe):
         with self.timer.phase("eval"):
             test = {f"test/{k}": v for k, v in self.evaluate().items()}
         formats = list(self.cfg.export.formats)
-        if formats:
+        if formats and distributed.is_main():  # one writer: two processes writing model.pt2 corrupt it
             with self.timer.phase("export"):
                 policy = Greedy(self.model).eval().cpu()
                 observations = self.rollout.obs.reshape(self.batch, -1)[:8].clone()
