@@ -22,7 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import forkrun
@@ -225,7 +225,7 @@ class Page:
     sweeps: int = 0
     server: object = None
     port: int = 0
-    log: list[str] = field(default_factory=list)
+    exports: bool = True  # does a command on the page read an export (predict, serve)?
 
     def newest_run(self) -> str:
         return f"outputs/docs/run-{self.runs}"
@@ -247,7 +247,8 @@ def shrink(args: list[str], page: Page) -> list[str]:
         return args  # --cfg job, --help: nothing runs
     extra = list(SHRINK)
     if not any(a.startswith("export.formats=") for a in args):
-        extra.append("export.formats=[torch_export]")  # TorchScript's trace: a second a run, tested elsewhere
+        # tracing costs a second or two a run: only what a command on the page reads (predict, serve)
+        extra.append("export.formats=[torch_export]" if page.exports else "export.formats=[]")
     resumed = any(a.startswith("resume=") and a != "resume=auto" for a in args)  # auto may start fresh
     if not resumed and effective_dataset(args) in ("cifar10", "cifar100", "mnist", "fashion_mnist"):
         extra += TORCHVISION_DATA
@@ -375,7 +376,9 @@ def test_every_command_on_the_page_runs(path, world, tmp_path):
     found = [b for b in blocks(path) if b.lang in RUNNABLE and b.not_run is None]
     if not found:
         pytest.skip("no runnable blocks")
-    page = Page(tmp_path / "page")
+    readers = ("trainer.predict", "trainer.serve")
+    exports = any(reader in b.text for b in found if b.lang == "bash" for reader in readers)
+    page = Page(tmp_path / "page", exports=exports)
     shutil.copytree(world, page.folder, copy_function=os.link)  # hard links: instant, no space
     for block in found:
         run_block(block, page)
