@@ -96,6 +96,13 @@ def test_every_group_key_says_what_it_means():
     groups = ("model", "dataset", "task", "optimizer", "scheduler", "env", "logger")
     rows = [(group, *row) for group in groups for row in group_rows(group)]
     assert len(rows) > 200
+    listed = {(g, entry, key) for g, entry, key, *_ in rows}
+    expected = {
+        ("dataset", "synthetic", "augment"),
+        ("model", "hf", "lora.r"),
+        ("logger", "csv", "csv.filename"),
+    }
+    assert expected <= listed
     assert [f"{g}={entry}: {key}" for g, entry, key, _, _, meaning in rows if not meaning] == []
 
 

@@ -9,7 +9,10 @@ import re
 import sys
 from typing import Any
 
+import yaml
+
 from trainer.config import Config
+from trainer.core import registry as registries
 from trainer.core.registry import CONF
 
 
@@ -76,39 +79,38 @@ SHARED = {
 
 
 def group_rows(group: str) -> list[tuple[str, str, str, str, str]]:
-    """(entry, key, default, valid values, meaning) of every key of every file of a config group; a key
-    nested under a mapping is named with its parent (`lora.r`)."""
+    """(entry, key, default, valid values, meaning) of every key of every file of a config group; the
+    keys of a mapping are named with its own (`lora.r`; a logger's file is one mapping, under its name)."""
+    typed = [r for r in vars(registries).values() if isinstance(r, registries.Registry) and r.group == group]
     rows = []
     for path in sorted((CONF / group).glob("*.yaml")):
-        parent = None
-        for line in path.read_text().splitlines():
-            match = re.match(r"^( *)([a-z_]+): *(.*?)\s*(?:#\s*(.*))?$", line)
-            if not match or line.startswith(("#", "name:")):
+        text = path.read_text()
+        lines, entry = _key_lines(text), yaml.safe_load(text) or {}
+        builder = entry.get("name", path.stem)  # its registry's name for it (env=cartpole: gymnasium)
+        registry = typed[0] if typed and builder in typed[0] else None
+        for key, value in entry.items():
+            if key == "name":
                 continue
-            indent, key, default, meaning = match.groups()
-            if not indent:
-                parent = key if default in ("", "{}") else None
-                if default == "" and group != "logger":  # a mapping: its keys are listed instead
-                    continue
-            elif parent is None:
-                continue
-            else:
-                key = f"{parent}.{key}"
-            if group == "logger" and not indent:
-                continue  # a logger's file is one mapping under its name
-            meaning = meaning or SHARED.get(key, "")
-            rows.append((path.stem, key, default, _needs(group, path.stem, key), meaning))
+            nested = {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+            for name, parsed in nested.items():
+                default, comment = lines[name]
+                default = default or yaml.safe_dump(parsed, default_flow_style=True, width=200).strip()
+                needs = registry.parameter_needs(builder, name) if registry and "." not in name else ""
+                rows.append((path.stem, name, default, needs, comment or SHARED.get(name, "")))
     return rows
 
 
-def _needs(group: str, entry: str, key: str) -> str:
-    """The valid values of an entry's parameter, from its builder's annotation (type and range)."""
-    from trainer.core import registry
-
-    registries = {r.group: r for r in vars(registry).values() if isinstance(r, registry.Registry)}
-    if group not in registries or entry not in registries[group] or "." in key:
-        return ""
-    return registries[group].parameter_needs(entry, key)
+def _key_lines(text: str) -> dict[str, tuple[str, str]]:
+    """Each key's default as written and the comment on its line, by its name (`parent.key` when
+    indented under a mapping): what YAML parsing drops."""
+    found, parent = {}, ""
+    for line in text.splitlines():
+        match = re.match(r"^( *)([a-z_]+): *(.*?)\s*(?:#\s*(.*))?$", line)
+        if match:
+            indent, key, default, comment = match.groups()
+            parent = parent if indent else key
+            found[f"{parent}.{key}" if indent else key] = (default, comment or "")
+    return found
 
 
 def group_tables(
