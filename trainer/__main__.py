@@ -10,9 +10,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from trainer.config import register_configs, validate
+from trainer.config import register_configs
 from trainer.core import distributed
-from trainer.core.cli import exit_codes, import_user_modules, usage
+from trainer.core.cli import exit_codes, usage
 from trainer.core.registry import CONF
 from trainer.sweep.search import register_resolvers
 
@@ -38,16 +38,9 @@ def train(cfg: DictConfig) -> float | None:
 
 def run(cfg: DictConfig) -> float | None:
     """One run, in the folder Hydra made for it."""
-    import_user_modules(list(cfg.imports))
-    validate(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.recipe == "ppo":
-        from trainer.run.ppo import PPO
+    from trainer.run.entry import run_config
 
-        return PPO(cfg, run_dir).run()
-    from trainer.run.recipe import Supervised
-
-    return Supervised(cfg, run_dir).run()
+    return run_config(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 def main() -> None:

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from trainer.config import register_configs, validate
-from trainer.core.cli import import_user_modules
+from trainer.config import register_configs
 from trainer.core.registry import CONF
 from trainer.sweep.search import register_resolvers
 
@@ -33,15 +32,11 @@ def compose(*overrides: str, config_dir: str | Path | None = None) -> DictConfig
 
 
 def fit(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train, test the best checkpoint and export, into `run_dir` (resumed if it holds a checkpoint and
-    `cfg.resume` says so), and return the final metrics (metrics.json)."""
+    """Train, test the best checkpoint and export, into `run_dir` (with `resume=auto` among the overrides,
+    continuing from its newest checkpoint), and return the final metrics (metrics.json)."""
+    from trainer.run.entry import run_config
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    import_user_modules(list(cfg.imports))
-    validate(cfg)
-    if cfg.recipe == "ppo":
-        from trainer.run.ppo import PPO as Recipe
-    else:
-        from trainer.run.recipe import Supervised as Recipe
-    Recipe(cfg, run_dir).run()
+    run_config(cfg, run_dir)
     return json.loads((run_dir / "metrics.json").read_text())
